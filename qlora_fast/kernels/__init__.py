@@ -1,0 +1,1 @@
+"""Triton kernels: one kernel per module, each with its launcher and autotune configs."""

@@ -1,0 +1,77 @@
+"""The tensors that describe one bitsandbytes NF4 weight, as bitsandbytes stores them."""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class NF4Weight:
+    """A `bnb.nn.Params4bit` NF4 weight of logical shape (out_features, in_features).
+
+    Element i of the row-major weight is nibble i of `packed` (even i in the high nibble), scaled by
+    the absmax of block i // blocksize. With double quantization (`nested`), that absmax is itself
+    stored as uint8 codes: absmax[b] = code2[absmax_q[b]] * absmax2[b // blocksize2] + offset.
+    """
+
+    packed: torch.Tensor  # uint8, ceil(numel / 2) bytes
+    absmax: torch.Tensor  # fp32 per block, or uint8 codes when nested
+    code: torch.Tensor  # fp32[16], the NF4 values
+    blocksize: int
+    shape: tuple  # (out_features, in_features)
+    dtype: torch.dtype  # the dtype bitsandbytes dequantizes to
+    absmax2: torch.Tensor | None = None
+    code2: torch.Tensor | None = None
+    offset: torch.Tensor | None = None  # 0-dim fp32 tensor: read on device, never with .item()
+    blocksize2: int = 256
+
+    @property
+    def nested(self) -> bool:
+        return self.absmax2 is not None
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+
+def unsupported_reason(weight) -> str | None:
+    """Why `weight` (a bnb Params4bit) cannot be served as NF4, or None if it can."""
+    state = getattr(weight, "quant_state", None)
+    if state is None:
+        return "weight is not quantized"
+    if getattr(state, "packing_format_for_cpu", False):
+        return "weight repacked by bitsandbytes' CPU inference path"
+    if state.quant_type != "nf4":
+        return f"quant_type {state.quant_type} (only nf4)"
+    if len(state.shape) != 2:
+        return f"weight of {len(state.shape)} dims"
+    if state.nested and state.state2.absmax.dtype != torch.float32:
+        return "nested absmax not float32"
+    return None
+
+
+def nf4_weight_from_bnb(weight) -> NF4Weight:
+    """Reads a `bnb.nn.Params4bit` (NF4, nested or not, any quant_storage) without copying."""
+    state = weight.quant_state
+    packed = weight.data.view(torch.uint8).reshape(-1)  # FSDP-QLoRA stores the bytes as bf16/fp32
+    nested = {}
+    if state.nested:
+        nested = dict(
+            absmax2=state.state2.absmax,
+            code2=state.state2.code,
+            offset=state.offset,
+            blocksize2=state.state2.blocksize,
+        )
+    return NF4Weight(
+        packed=packed,
+        absmax=state.absmax,
+        code=state.code,
+        blocksize=state.blocksize,
+        shape=tuple(state.shape),
+        dtype=state.dtype,
+        **nested,
+    )

@@ -1,0 +1,1 @@
+"""Autograd-level operations built on the kernels."""

@@ -1,0 +1,64 @@
+"""The fused QLoRA linear: y = x @ W^T + s * (x_lora @ A^T) @ B^T (+ bias), W in NF4.
+
+Saves for backward only x_lora and x_lora @ A^T (never a dequantized W); backward computes
+dX = dY @ W + s * (dY @ B) @ A, dA = s * (dY @ B)^T @ x_lora, dB = s * dY^T @ (x_lora @ A^T).
+x_lora is x itself, or dropout(x) when the adapter has dropout.
+"""
+
+import torch
+
+from ..nf4 import NF4Weight
+from .nf4_linear import nf4_linear, nf4_linear_input_grad
+
+
+class LoRANF4LinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, x_lora, lora_a, lora_b, scaling: float, weight: NF4Weight, bias, compute_dtype):
+        out_dtype = x.dtype
+        x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype)
+        xl2 = x2 if x_lora is x else x_lora.reshape(-1, x_lora.shape[-1]).to(compute_dtype)
+        a = lora_a.to(compute_dtype)
+        b = lora_b.to(compute_dtype)
+        y = nf4_linear(x2, weight)
+        if bias is not None:
+            y += bias.to(compute_dtype)
+        xa = xl2 @ a.t()
+        y = torch.addmm(y, xa, b.t(), alpha=scaling)
+
+        ctx.save_for_backward(xl2, xa, a, b)
+        ctx.scaling = scaling
+        ctx.weight = weight
+        ctx.shared_input = x_lora is x
+        ctx.x_meta = (x.shape, x.dtype)
+        ctx.x_lora_meta = (x_lora.shape, x_lora.dtype)
+        ctx.lora_dtypes = (lora_a.dtype, lora_b.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1]).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xl2, xa, a, b = ctx.saved_tensors
+        s = ctx.scaling
+        dy = grad_out.reshape(-1, grad_out.shape[-1]).to(xa.dtype)
+        dy_b = dy @ b  # (tokens, r)
+
+        grad_a = grad_b = grad_x = grad_x_lora = None
+        if ctx.needs_input_grad[2]:
+            grad_a = (dy_b.t() @ xl2).mul_(s).to(ctx.lora_dtypes[0])
+        if ctx.needs_input_grad[3]:
+            grad_b = (dy.t() @ xa).mul_(s).to(ctx.lora_dtypes[1])
+        if ctx.shared_input:
+            if ctx.needs_input_grad[0]:
+                grad_x = torch.addmm(nf4_linear_input_grad(dy, ctx.weight), dy_b, a, alpha=s)
+                grad_x = grad_x.view(ctx.x_meta[0]).to(ctx.x_meta[1])
+        else:
+            if ctx.needs_input_grad[0]:
+                grad_x = nf4_linear_input_grad(dy, ctx.weight).view(ctx.x_meta[0]).to(ctx.x_meta[1])
+            if ctx.needs_input_grad[1]:
+                grad_x_lora = (dy_b @ a).mul_(s).view(ctx.x_lora_meta[0]).to(ctx.x_lora_meta[1])
+        return grad_x, grad_x_lora, grad_a, grad_b, None, None, None, None
+
+
+def lora_nf4_linear(x, x_lora, lora_a, lora_b, scaling, weight: NF4Weight, bias=None, compute_dtype=None):
+    """Autograd entry point; `compute_dtype` defaults to x's dtype."""
+    return LoRANF4LinearFunction.apply(x, x_lora, lora_a, lora_b, scaling, weight, bias,
+                                       compute_dtype or x.dtype)

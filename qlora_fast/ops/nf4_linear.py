@@ -1,0 +1,29 @@
+"""Products with an NF4 weight, choosing per call between in-GEMM dequantization and dequantize + cuBLAS."""
+
+import torch
+
+from ..kernels.nf4_dequantize import nf4_dequantize
+from ..kernels.nf4_matmul import nf4_matmul
+from ..nf4 import NF4Weight
+
+# Up to this many rows (tokens), the in-GEMM kernel beats dequantize + cuBLAS: its time is reading W.
+# Measured by bench/kernels.py (bench/RESULTS.md); CPU (interpreter) runs always take dequantize + matmul.
+FUSED_MAX_ROWS = 16
+
+
+def _use_fused(rows: int, device: torch.device) -> bool:
+    return device.type == "cuda" and rows <= FUSED_MAX_ROWS
+
+
+def nf4_linear(x: torch.Tensor, weight: NF4Weight) -> torch.Tensor:
+    """x @ W^T for a 2-D x in the compute dtype."""
+    if _use_fused(x.shape[0], x.device):
+        return nf4_matmul(x, weight, transpose_weight=True)
+    return x @ nf4_dequantize(weight, x.dtype).t()
+
+
+def nf4_linear_input_grad(grad_out: torch.Tensor, weight: NF4Weight) -> torch.Tensor:
+    """grad_out @ W, the input gradient of x @ W^T."""
+    if _use_fused(grad_out.shape[0], grad_out.device):
+        return nf4_matmul(grad_out, weight, transpose_weight=False)
+    return grad_out @ nf4_dequantize(weight, grad_out.dtype)

@@ -1,0 +1,104 @@
+"""Model surgery: route peft's LoRA-on-bitsandbytes-NF4 layers through the fused kernels, and back."""
+
+import types
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from .nf4 import nf4_weight_from_bnb, unsupported_reason
+from .ops.lora_nf4_linear import lora_nf4_linear
+
+_PATCHED = "_qlora_fast_patched"
+
+
+@dataclass
+class PatchReport:
+    patched: int = 0
+    skipped: Counter = field(default_factory=Counter)  # reason -> number of layers
+
+    def summary(self) -> str:
+        line = f"qlora_fast: patched {self.patched} LoRA NF4 layers"
+        if self.skipped:
+            reasons = "; ".join(f"{n} x {reason}" for reason, n in self.skipped.most_common())
+            line += f", kept {sum(self.skipped.values())} on the stock peft path ({reasons})"
+        return line
+
+
+def _lora_nf4_layers(model: torch.nn.Module):
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLinear4bit)]
+
+
+def _static_skip_reason(layer) -> str | None:
+    """Why this layer can never take the fused path (checked once, at patch time)."""
+    if getattr(layer, "lora_variant", None):
+        kinds = sorted({type(v).__name__.removesuffix("LinearVariant") or "variant" for v in layer.lora_variant.values()})
+        return f"LoRA variant {'/'.join(kinds)} (e.g. DoRA)"
+    if any(layer.use_dora.values()):
+        return "DoRA"
+    if any(b.bias is not None for b in layer.lora_B.values()):
+        return "lora_bias"
+    base = layer.base_layer
+    if base.bias is not None and base.bias.requires_grad:
+        return "trainable base bias"
+    return unsupported_reason(base.weight)
+
+
+def _stock_forward(layer, x, *args, **kwargs):
+    return type(layer).forward(layer, x, *args, **kwargs)
+
+
+@torch.compiler.disable
+def _fused_forward(self, x, *args, **kwargs):
+    """Fused path for one active adapter; any other state (disabled, merged, several adapters,
+    per-sample adapter_names, a weight bitsandbytes repacked for CPU inference) goes through peft's."""
+    adapters = self.active_adapters
+    base = self.base_layer
+    if (args or kwargs or self.disable_adapters or self.merged or len(adapters) != 1
+            or adapters[0] not in self.lora_A or unsupported_reason(base.weight) is not None):
+        return _stock_forward(self, x, *args, **kwargs)
+    name = adapters[0]
+    dropout = self.lora_dropout[name]
+    x_lora = x if isinstance(dropout, torch.nn.Identity) else dropout(x)
+    compute_dtype = base.compute_dtype or x.dtype
+    return lora_nf4_linear(x, x_lora, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
+                           nf4_weight_from_bnb(base.weight), base.bias, compute_dtype)
+
+
+def patch_model(model: torch.nn.Module, verbose: bool = True) -> PatchReport:
+    """Routes every LoRA layer over a bitsandbytes NF4 Linear4bit through the fused Triton path.
+
+    Layers that cannot be served exactly keep peft's forward; one warning line says which and why.
+    Idempotent; `unpatch_model` undoes it. Saving and loading adapters is unchanged (plain peft).
+    """
+    report = PatchReport()
+    for _, layer in _lora_nf4_layers(model):
+        reason = _static_skip_reason(layer)
+        if reason is not None:
+            report.skipped[reason] += 1
+            continue
+        if not getattr(layer, _PATCHED, False):
+            layer.forward = types.MethodType(_fused_forward, layer)
+            setattr(layer, _PATCHED, True)
+        report.patched += 1
+    if verbose and report.skipped:
+        warnings.warn(report.summary(), stacklevel=2)
+    return report
+
+
+def unpatch_model(model: torch.nn.Module) -> int:
+    """Restores peft's forward on every layer patch_model changed; returns how many."""
+    restored = 0
+    for _, layer in _lora_nf4_layers(model):
+        if getattr(layer, _PATCHED, False):
+            del layer.forward
+            delattr(layer, _PATCHED)
+            restored += 1
+    return restored
+
+
+def is_patched(module: torch.nn.Module) -> bool:
+    return getattr(module, _PATCHED, False)
