@@ -61,10 +61,14 @@ def _fused_forward(self, x, *args, **kwargs):
             or adapters[0] not in self.lora_A or unsupported_reason(base.weight) is not None):
         return _stock_forward(self, x, *args, **kwargs)
     name = adapters[0]
+    lora_a = self.lora_A[name].weight
     dropout = self.lora_dropout[name]
-    x_lora = x if isinstance(dropout, torch.nn.Identity) else dropout(x)
+    x_lora = x
+    if not isinstance(dropout, torch.nn.Identity):
+        # Dropout on x in the adapter's dtype, as peft draws it, so both paths drop the same elements.
+        x_lora = dropout(x if torch.is_autocast_enabled() else x.to(lora_a.dtype))
     compute_dtype = base.compute_dtype or x.dtype
-    return lora_nf4_linear(x, x_lora, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
+    return lora_nf4_linear(x, x_lora, lora_a, self.lora_B[name].weight, self.scaling[name],
                            nf4_weight_from_bnb(base.weight), base.bias, compute_dtype)
 
 

@@ -23,20 +23,17 @@ def _config(block_m, block_p, block_r, warps, stages):
 
 _CONFIGS = [
     _config(16, 64, 64, 4, 3),
-    _config(16, 128, 64, 4, 3),
-    _config(32, 64, 128, 4, 3),
-    _config(32, 128, 64, 4, 4),
-    _config(64, 64, 64, 4, 3),
-    _config(64, 128, 64, 8, 3),
+    _config(16, 128, 128, 4, 3),
+    _config(64, 128, 64, 4, 3),
     _config(128, 128, 64, 8, 3),
 ]
 
 
-@triton.autotune(configs=tuning_configs(_CONFIGS), key=["M", "P", "R", "W_STRIDE_R"])
+@triton.autotune(configs=tuning_configs(_CONFIGS), key=["M", "P", "R", "TRANSPOSE_W"])
 @triton.jit
 def _nf4_matmul_kernel(a_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, c_ptr,
-                       M, P, R, stride_am, stride_ar, stride_cm, stride_cp,
-                       W_STRIDE_R: tl.constexpr, W_STRIDE_P: tl.constexpr,
+                       M, P, R, K, stride_am, stride_ar, stride_cm, stride_cp,
+                       TRANSPOSE_W: tl.constexpr,
                        BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
                        SOFTWARE_RTNE: tl.constexpr, UPCAST_DOT: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -60,7 +57,10 @@ def _nf4_matmul_kernel(a_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, cod
         a_mask = (offs_m[:, None] < M) & (offs_r[None, :] < R)
         a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_r[None, :] * stride_ar, mask=a_mask, other=0.0)
         w_mask = (offs_r[:, None] < R) & (offs_p[None, :] < P)
-        flat = offs_r[:, None] * W_STRIDE_R + offs_p[None, :] * W_STRIDE_P
+        if TRANSPOSE_W:  # reduce over the weight's columns k: element (k=r, n=p)
+            flat = offs_p[None, :] * K + offs_r[:, None]
+        else:  # reduce over its rows n: element (n=r, k=p)
+            flat = offs_r[:, None] * K + offs_p[None, :]
         w = nf4_decode_elements(flat, w_mask, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr,
                                 offset_ptr, BLOCKSIZE, BLOCKSIZE2, NESTED)
         w = round_fp32_to(w, dtype, SOFTWARE_RTNE)  # the same rounding as the dequantized weight
@@ -82,14 +82,13 @@ def nf4_matmul(a: torch.Tensor, weight: NF4Weight, transpose_weight: bool = True
         raise ValueError(f"NF4 weight of {weight.numel} elements exceeds 32-bit indexing")
     m = a.shape[0]
     out = torch.empty((m, out_dim), dtype=a.dtype, device=a.device)
-    w_stride_r, w_stride_p = (1, k) if transpose_weight else (k, 1)
     nested = weight.nested
     absmax2, code2, offset = (weight.absmax2, weight.code2, weight.offset) if nested else (weight.absmax,) * 3
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(out_dim, meta["BLOCK_P"]),)
     _nf4_matmul_kernel[grid](
         a, weight.packed, weight.code, weight.absmax, absmax2, code2, offset, out,
-        m, out_dim, reduce_dim, a.stride(0), a.stride(1), out.stride(0), out.stride(1),
-        W_STRIDE_R=w_stride_r, W_STRIDE_P=w_stride_p,
+        m, out_dim, reduce_dim, k, a.stride(0), a.stride(1), out.stride(0), out.stride(1),
+        TRANSPOSE_W=transpose_weight,
         BLOCKSIZE=weight.blocksize, BLOCKSIZE2=weight.blocksize2, NESTED=nested,
         SOFTWARE_RTNE=interpreting(), UPCAST_DOT=interpreting() and a.dtype == torch.bfloat16,
         enable_fp_fusion=False,

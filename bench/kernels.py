@@ -1,0 +1,209 @@
+"""GPU check and timings of the NF4 kernels (run through the device tool; see bench/RESULTS.md).
+
+  python bench/kernels.py --out $OUT/kernels.md
+
+1. correctness on the GPU: dequantize bit-exact with bitsandbytes (odd shapes, nested or not, fp16/bf16),
+   in-GEMM matmul against dequantize + fp32 matmul, fused LoRA layer fwd/bwd against stock peft;
+2. dequantize time: qlora_fast vs bitsandbytes vs peft (vs unsloth's fast_dequantize when installed);
+3. in-GEMM vs dequantize + cuBLAS by token count (sets ops/nf4_linear.py FUSED_MAX_ROWS);
+4. LoRA linear forward+backward: stock peft vs patched, time and peak memory.
+"""
+
+import argparse
+import datetime
+import json
+import time
+
+import torch
+import triton
+from triton.testing import do_bench
+
+import bitsandbytes.functional as F
+from qlora_fast import patch_model
+from qlora_fast.kernels.nf4_dequantize import nf4_dequantize
+from qlora_fast.kernels.nf4_matmul import nf4_matmul
+from qlora_fast.nf4 import nf4_weight_from_bnb
+from qlora_fast.testing import make_lora_nf4_linear, make_nf4_linear
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+DEQUANT_SHAPES = [(4096, 14336), (14336, 4096), (2048, 8192), (1024, 4096)]  # (out, in) = Llama-3 8B/1B MLP
+ODD_SHAPES = [(70, 130), (4097, 515), (14336, 4096)]
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def median_ms(fn):
+    return do_bench(fn, warmup=50, rep=300, return_mode="median")
+
+
+def check_correctness(rows):
+    for (n, k) in ODD_SHAPES:
+        for dname, dtype in DTYPES.items():
+            for nested in (True, False):
+                layer = make_nf4_linear(n, k, dtype, nested, device="cuda")
+                w = nf4_weight_from_bnb(layer.weight)
+                ref = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+                ours = torch.full_like(ref, float("nan"))
+                nf4_dequantize(w, out=ours)
+                x = torch.randn(37, k, device="cuda", dtype=dtype)
+                dy = torch.randn(37, n, device="cuda", dtype=dtype)
+                rows.append({"check": "dequant bit-exact", "shape": f"{n}x{k}", "dtype": dname, "nested": nested,
+                             "ok": bool(torch.equal(ours, ref))})
+                for transpose, a in ((True, x), (False, dy)):
+                    ref_mm = (a.float() @ (ref.float().t() if transpose else ref.float()))
+                    err = rel_err(nf4_matmul(a, w, transpose), ref_mm)
+                    rows.append({"check": f"in-GEMM {'fwd' if transpose else 'bwd'} rel err", "shape": f"{n}x{k}",
+                                 "dtype": dname, "nested": nested, "value": err, "ok": err < 1e-2})
+    for dname, dtype in DTYPES.items():
+        for (n, k) in [(4096, 4096), (333, 1000)][: 1 if dtype == torch.float16 else 2]:
+            for dropout in (0.0, 0.1):
+                rows.append(_check_lora_layer(n, k, dtype, dname, dropout))
+
+
+def _check_lora_layer(n, k, dtype, dname, dropout, device="cuda"):
+    layer = make_lora_nf4_linear(n, k, dtype=dtype, device=device, lora_dropout=dropout)
+    x = torch.randn(4, 300, k, device=device, dtype=dtype, requires_grad=True)
+    gy = torch.randn(4, 300, n, device=device, dtype=dtype)
+
+    def run():
+        x.grad = None
+        layer.zero_grad()
+        torch.manual_seed(1)
+        y = layer(x)
+        y.backward(gy)
+        return y, x.grad, layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad
+
+    stock = [t.clone() for t in run()]
+    patch_model(layer)
+    fused = run()
+    errs = [rel_err(f, s) for f, s in zip(fused, stock)]
+    return {"check": "LoRA layer y/dx/dA/dB rel err vs peft", "shape": f"{n}x{k}", "dtype": dname,
+            "dropout": dropout, "value": [round(e, 5) for e in errs], "ok": max(errs) < 2e-2}
+
+
+def time_dequant(rows):
+    fast_dequantize = _unsloth_fast_dequantize()
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    for (n, k) in DEQUANT_SHAPES:
+        for dname, dtype in DTYPES.items():
+            layer = make_nf4_linear(n, k, dtype, True, device="cuda")
+            p, qs = layer.weight, layer.weight.quant_state
+            w = nf4_weight_from_bnb(p)
+            out = torch.empty((n, k), dtype=dtype, device="cuda")
+            times = {
+                "qlora_fast": median_ms(lambda: nf4_dequantize(w, out=out)),
+                "bnb": median_ms(lambda: F.dequantize_4bit(p.data, qs)),
+                "peft": median_ms(lambda: dequantize_bnb_weight(p, state=None)),
+            }
+            if fast_dequantize is not None:
+                times["unsloth"] = median_ms(lambda: fast_dequantize(p, qs))
+            moved = p.numel() + qs.absmax.numel() + n * k * out.element_size()
+            rows.append({"shape": f"{n}x{k}", "dtype": dname, **{f"{key}_ms": v for key, v in times.items()},
+                         "qlora_fast_GBps": moved / times["qlora_fast"] / 1e6})
+
+
+def _unsloth_fast_dequantize():
+    """unsloth's fast_dequantize when unsloth is installed (WITH_PEERS=1) and imports within 90 s."""
+    import subprocess
+    import sys
+
+    probe = "import unsloth.kernels.utils as u; u.fast_dequantize"
+    try:
+        subprocess.run([sys.executable, "-c", probe], check=True, timeout=90, capture_output=True)
+        from unsloth.kernels.utils import fast_dequantize
+        return fast_dequantize
+    except Exception as exc:
+        print("unsloth not available:", repr(exc)[-300:], flush=True)
+        return None
+
+
+def time_crossover(rows):
+    for (n, k) in [(4096, 4096), (14336, 4096), (4096, 14336)]:
+        layer = make_nf4_linear(n, k, torch.bfloat16, True, device="cuda")
+        w = nf4_weight_from_bnb(layer.weight)
+        for m in (1, 8, 16, 32, 64, 128, 512):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+            rows.append({
+                "shape": f"{n}x{k}", "M": m,
+                "fwd_fused_ms": median_ms(lambda: nf4_matmul(x, w, True)),
+                "fwd_dequant_cublas_ms": median_ms(lambda: x @ nf4_dequantize(w, x.dtype).t()),
+                "bwd_fused_ms": median_ms(lambda: nf4_matmul(dy, w, False)),
+                "bwd_dequant_cublas_ms": median_ms(lambda: dy @ nf4_dequantize(w, dy.dtype)),
+            })
+
+
+def time_lora_layer(rows):
+    for (n, k) in [(14336, 4096), (4096, 14336), (4096, 4096)]:
+        for m in (512, 2048, 8192):
+            layer = make_lora_nf4_linear(n, k, r=16, dtype=torch.bfloat16, device="cuda")
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            gy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+
+            def step():
+                x.grad = None
+                layer.zero_grad(set_to_none=True)
+                layer(x).backward(gy)
+
+            row = {"shape": f"{n}x{k}", "M": m}
+            for name in ("peft", "qlora_fast"):
+                if name == "qlora_fast":
+                    patch_model(layer)
+                step()
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                step()
+                torch.cuda.synchronize()
+                row[f"{name}_peak_MiB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+                row[f"{name}_ms"] = median_ms(step)
+            row["speedup"] = row["peft_ms"] / row["qlora_fast_ms"]
+            rows.append(row)
+
+
+def markdown(title, rows):
+    if not rows:
+        return ""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
+    lines = [f"### {title}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(lines) + "\n\n"
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="kernels.md")
+    parser.add_argument("--skip", nargs="*", default=[], help="sections to skip: correctness dequant crossover lora")
+    args = parser.parse_args()
+    import bitsandbytes, peft
+    header = (f"Date {datetime.date.today()}, GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+              f"triton {triton.__version__}, bitsandbytes {bitsandbytes.__version__}, peft {peft.__version__}\n\n")
+    sections = [("correctness", "Correctness on the GPU", check_correctness),
+                ("dequant", "NF4 dequantize (median ms)", time_dequant),
+                ("crossover", "In-GEMM vs dequantize + cuBLAS (median ms, bf16)", time_crossover),
+                ("lora", "LoRA linear forward+backward, r=16 bf16 (median ms, peak MiB)", time_lora_layer)]
+    report, results = header, {}
+    for key, title, fn in sections:
+        if key in args.skip:
+            continue
+        rows = []
+        started = time.time()
+        fn(rows)
+        print(f"{key}: {time.time() - started:.0f} s", flush=True)
+        results[key] = rows
+        report += markdown(title, rows)
+        print(markdown(title, rows), flush=True)
+    with open(args.out, "w") as f:
+        f.write(report)
+    with open(args.out.replace(".md", ".json"), "w") as f:
+        json.dump(results, f, indent=1)
+    failed = [r for r in results.get("correctness", []) if not r["ok"]]
+    print(f"correctness: {len(failed)} failed" if failed else "correctness: all ok")
+
+
+if __name__ == "__main__":
+    main()
