@@ -1,0 +1,85 @@
+"""Training-step throughput and peak memory: stock peft vs peft + qlora_fast (GPU, via the device tool).
+
+  python bench/train_step.py --shape llama-3-8b --out $OUT/train_step.md
+
+Random-init model of the named shape, quantized to NF4 (double quant, bf16 compute), LoRA r=16 on all
+7 linear projections, gradient checkpointing, AdamW. Both runs in one process from the same LoRA init
+and batches (qlora_fast.harness), so the tokens/s ratio and the loss difference are side by side.
+"""
+
+import argparse
+import datetime
+
+import torch
+import transformers
+import triton
+
+from qlora_fast.harness.compare import compare_stock_and_patched
+from qlora_fast.harness.models import add_lora, quantize_to_nf4_, random_causal_lm
+
+
+def profile_one_step(model, batch, path):
+    """Where the step time goes: the top CUDA kernels of one stock and one patched step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from qlora_fast import patch_model, unpatch_model
+
+    with open(path, "w") as f:
+        for name in ("stock", "qlora_fast"):
+            if name == "qlora_fast":
+                patch_model(model, verbose=False)
+            for _ in range(2):  # warm-up, then profiled
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    model(**{k: v.cuda() for k, v in batch.items()}).loss.backward()
+                    torch.cuda.synchronize()
+            model.zero_grad(set_to_none=True)
+            f.write(f"== {name}, batch {tuple(batch['input_ids'].shape)}\n")
+            f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+            f.write("\n")
+        unpatch_model(model)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="llama-3-8b")
+    parser.add_argument("--sizes", default="1x2048,4x512,4x2048", help="batch x seq, comma-separated")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--out", default="train_step.md")
+    parser.add_argument("--profile", default=None, help="write a torch.profiler table of one step per variant here")
+    args = parser.parse_args()
+
+    model = quantize_to_nf4_(random_causal_lm(args.shape, torch.bfloat16, "cuda"))
+    model.config.use_cache = False
+    model = add_lora(model, r=16, lora_alpha=16, init_b_std=1e-3)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    vocab = model.config.vocab_size
+
+    import bitsandbytes, peft
+    lines = [f"Date {datetime.date.today()}, GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+             f"triton {triton.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
+             f"bitsandbytes {bitsandbytes.__version__}; model {args.shape} (random init, NF4 double quant, bf16), "
+             f"LoRA r=16 all linear, gradient checkpointing, AdamW, {args.steps} steps (first excluded from timing)",
+             "", "| batch x seq | stock tok/s | qlora_fast tok/s | speedup | stock peak GiB | qlora_fast peak GiB "
+             "| max rel loss diff | LoRA weight rel diff | parity |", "|---|---|---|---|---|---|---|---|---|"]
+    for size in args.sizes.split(","):
+        batch, seq = map(int, size.split("x"))
+        g = torch.Generator().manual_seed(batch * seq)
+        batches = [{"input_ids": (ids := torch.randint(0, vocab, (batch, seq), generator=g)), "labels": ids}
+                   for _ in range(args.steps)]
+        c = compare_stock_and_patched(model, batches, torch.bfloat16)
+        lines.append(f"| {size} | {c.stock.tokens_per_second:.0f} | {c.patched.tokens_per_second:.0f} | "
+                     f"{c.speedup:.2f}x | {c.stock.peak_memory_gib:.1f} | {c.patched.peak_memory_gib:.1f} | "
+                     f"{c.max_rel_loss_diff:.2e} | {c.weight_rel_diff:.2e} | {'pass' if c.passed else 'FAIL'} |")
+        print(lines[-1], "losses", [round(x, 4) for x in c.stock.losses], [round(x, 4) for x in c.patched.losses],
+              flush=True)
+        torch.cuda.empty_cache()
+    if args.profile:
+        profile_one_step(model, batches[0], args.profile)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    with open(args.out, "w") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main()

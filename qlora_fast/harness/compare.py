@@ -1,0 +1,134 @@
+"""Run the same training steps on stock peft and on patch_model, and compare losses, speed and memory.
+
+Both runs start from the same LoRA weights, RNG seed and batches, in one process, one after the other.
+"""
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..patch import patch_model, unpatch_model
+
+# Pass/fail tolerance on the per-step loss. The fused path computes the LoRA products in the compute
+# dtype (bf16/fp16) where peft upcasts them to the adapters' fp32; both sum the same terms in a
+# different order. One bf16 rounding is a relative 2^-8 (0.4%); a loss is a mean over thousands of
+# tokens, so its own noise is far smaller, but a few optimizer steps compound the differences in the
+# weights. 1% relative (after up to ~10 steps) separates that noise from real errors: a wrong
+# scaling, a missing LoRA term or a mis-decoded nibble moves the loss by whole percents at step 0.
+LOSS_RTOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+# After training, the LoRA weights of both runs must agree to this relative norm.
+WEIGHT_RTOL = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 5e-2}
+
+
+@dataclass
+class RunStats:
+    losses: list = field(default_factory=list)
+    step_seconds: list = field(default_factory=list)
+    tokens_per_step: int = 0
+    peak_memory_gib: float | None = None
+
+    @property
+    def tokens_per_second(self) -> float:
+        timed = self.step_seconds[1:] or self.step_seconds  # the first step pays compilation and autotuning
+        return self.tokens_per_step * len(timed) / sum(timed)
+
+
+def lora_state(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def _load_lora_state(model, state: dict):
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+def _synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_steps(model, batches: list[dict], lr: float = 1e-4, seed: int = 0) -> RunStats:
+    """AdamW steps on the trainable parameters, one batch each; times and losses of every step."""
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    stats = RunStats(tokens_per_step=int(batches[0]["input_ids"].numel()))
+    torch.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model.train()
+    for batch in batches:
+        _synchronize(device)
+        started = time.perf_counter()
+        loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _synchronize(device)
+        stats.step_seconds.append(time.perf_counter() - started)
+        stats.losses.append(loss.item())
+    if device.type == "cuda":
+        stats.peak_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
+    del optimizer
+    return stats
+
+
+@dataclass
+class Comparison:
+    stock: RunStats
+    patched: RunStats
+    dtype: torch.dtype
+    weight_rel_diff: float
+    patched_layers: int
+
+    @property
+    def max_abs_loss_diff(self) -> float:
+        return max(abs(a - b) for a, b in zip(self.stock.losses, self.patched.losses))
+
+    @property
+    def max_rel_loss_diff(self) -> float:
+        return max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(self.stock.losses, self.patched.losses))
+
+    @property
+    def passed(self) -> bool:
+        return (self.max_rel_loss_diff <= LOSS_RTOL[self.dtype]
+                and self.weight_rel_diff <= WEIGHT_RTOL[self.dtype])
+
+    @property
+    def speedup(self) -> float:
+        return self.patched.tokens_per_second / self.stock.tokens_per_second
+
+    def to_dict(self) -> dict:
+        out = {"stock": asdict(self.stock), "patched": asdict(self.patched)}
+        for run in ("stock", "patched"):
+            out[run]["tokens_per_second"] = getattr(self, run).tokens_per_second
+        out.update(dtype=str(self.dtype).removeprefix("torch."), weight_rel_diff=self.weight_rel_diff,
+                   patched_layers=self.patched_layers, max_abs_loss_diff=self.max_abs_loss_diff,
+                   max_rel_loss_diff=self.max_rel_loss_diff, loss_rtol=LOSS_RTOL[self.dtype],
+                   weight_rtol=WEIGHT_RTOL[self.dtype], speedup=self.speedup, passed=self.passed)
+        return out
+
+
+def compare_stock_and_patched(model, batches: list[dict], dtype: torch.dtype, lr: float = 1e-4,
+                              seed: int = 0) -> Comparison:
+    """Trains `model` (a peft model over NF4 layers, unpatched) on `batches` twice: stock, then patched."""
+    unpatch_model(model)
+    initial = lora_state(model)
+    stock = train_steps(model, batches, lr, seed)
+    stock_final = lora_state(model)
+
+    _load_lora_state(model, initial)
+    report = patch_model(model, verbose=False)
+    try:
+        patched = train_steps(model, batches, lr, seed)
+        patched_final = lora_state(model)
+    finally:
+        unpatch_model(model)
+        _load_lora_state(model, initial)
+
+    num = sum((patched_final[k].double() - stock_final[k].double()).norm() ** 2 for k in stock_final)
+    den = sum(stock_final[k].double().norm() ** 2 for k in stock_final)
+    return Comparison(stock, patched, dtype, float((num / den).sqrt()), report.patched)
