@@ -1,7 +1,8 @@
 """NF4 -> fp16/bf16/fp32 dequantization in one pass, double-quantized absmax decoded on the fly.
 
-Each program reads a run of packed bytes with wide loads, decodes both nibbles, and writes the two
-values interleaved, so reads and writes stay contiguous. Bit-exact with bitsandbytes: the same fp32
+Each program takes a tile of whole quantization blocks: it decodes each block's scale once, reads the
+packed bytes with wide loads, decodes both nibbles and writes the two values interleaved, so reads
+and writes stay contiguous. Bit-exact with bitsandbytes: the same fp32
 products, rounded once to the output dtype.
 """
 
@@ -14,31 +15,32 @@ from ._utils import interpreting, tuning_configs
 from .nf4_decode import nf4_block_scale, round_fp32_to
 
 _CONFIGS = [
-    triton.Config({"BYTES_PER_PROGRAM": 2048}, num_warps=4),
-    triton.Config({"BYTES_PER_PROGRAM": 1024}, num_warps=4),
-    triton.Config({"BYTES_PER_PROGRAM": 4096}, num_warps=8),
-    triton.Config({"BYTES_PER_PROGRAM": 8192}, num_warps=8),
-    triton.Config({"BYTES_PER_PROGRAM": 4096}, num_warps=4),
+    triton.Config({"BLOCKS_PER_PROGRAM": 64}, num_warps=4),
+    triton.Config({"BLOCKS_PER_PROGRAM": 32}, num_warps=4),
+    triton.Config({"BLOCKS_PER_PROGRAM": 128}, num_warps=8),
+    triton.Config({"BLOCKS_PER_PROGRAM": 256}, num_warps=8),
+    triton.Config({"BLOCKS_PER_PROGRAM": 128}, num_warps=4),
 ]
 
 
-@triton.autotune(configs=tuning_configs(_CONFIGS), key=["n_elements", "NESTED"])
+@triton.autotune(configs=tuning_configs(_CONFIGS), key=["n_elements", "NESTED", "BLOCKSIZE"])
 @triton.jit
 def _nf4_dequantize_kernel(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr,
                            n_elements,
                            BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-                           SOFTWARE_RTNE: tl.constexpr, BYTES_PER_PROGRAM: tl.constexpr):
-    pid = tl.program_id(0)
-    byte_idx = pid * BYTES_PER_PROGRAM + tl.arange(0, BYTES_PER_PROGRAM)
-    byte_mask = byte_idx < (n_elements + 1) // 2
-    byte = tl.load(packed_ptr + byte_idx, mask=byte_mask, other=0).to(tl.int32)
-    # Blocks hold an even number of elements, so both nibbles of a byte share one scale.
-    scale = nf4_block_scale(byte_idx // (BLOCKSIZE // 2), byte_mask, absmax_ptr, absmax2_ptr, code2_ptr,
-                            offset_ptr, BLOCKSIZE2, NESTED)
-    high = tl.load(code_ptr + (byte >> 4)) * scale
-    low = tl.load(code_ptr + (byte & 15)) * scale
+                           SOFTWARE_RTNE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr):
+    # A tile of whole quantization blocks: one scale per row, decoded once and broadcast.
+    HALF: tl.constexpr = BLOCKSIZE // 2  # bytes per block
+    block = tl.program_id(0) * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
+    block_mask = block * BLOCKSIZE < n_elements
+    scale = nf4_block_scale(block, block_mask, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                            BLOCKSIZE2, NESTED)
+    byte_idx = block[:, None] * HALF + tl.arange(0, HALF)[None, :]
+    byte = tl.load(packed_ptr + byte_idx, mask=byte_idx < (n_elements + 1) // 2, other=0).to(tl.int32)
+    high = tl.load(code_ptr + (byte >> 4)) * scale[:, None]
+    low = tl.load(code_ptr + (byte & 15)) * scale[:, None]
     values = round_fp32_to(tl.interleave(high, low), out_ptr.dtype.element_ty, SOFTWARE_RTNE)
-    out_idx = pid * (2 * BYTES_PER_PROGRAM) + tl.arange(0, 2 * BYTES_PER_PROGRAM)
+    out_idx = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
     tl.store(out_ptr + out_idx, values, mask=out_idx < n_elements)
 
 
@@ -53,7 +55,8 @@ def nf4_dequantize(weight: NF4Weight, dtype: torch.dtype | None = None, out: tor
         raise ValueError(f"NF4 weight of {weight.numel} elements exceeds 32-bit indexing")
     nested = weight.nested
     absmax2, code2, offset = (weight.absmax2, weight.code2, weight.offset) if nested else (weight.absmax,) * 3
-    grid = lambda meta: (triton.cdiv((weight.numel + 1) // 2, meta["BYTES_PER_PROGRAM"]),)
+    n_blocks = triton.cdiv(weight.numel, weight.blocksize)
+    grid = lambda meta: (triton.cdiv(n_blocks, meta["BLOCKS_PER_PROGRAM"]),)
     _nf4_dequantize_kernel[grid](
         weight.packed, weight.code, weight.absmax, absmax2, code2, offset, out, weight.numel,
         BLOCKSIZE=weight.blocksize, BLOCKSIZE2=weight.blocksize2, NESTED=nested, SOFTWARE_RTNE=interpreting(),

@@ -1,14 +1,17 @@
 """Products with an NF4 weight, choosing per call between in-GEMM dequantization and dequantize + cuBLAS."""
 
+import os
+
 import torch
 
 from ..kernels.nf4_dequantize import nf4_dequantize
 from ..kernels.nf4_matmul import nf4_matmul
 from ..nf4 import NF4Weight
 
-# Up to this many rows (tokens), the in-GEMM kernel beats dequantize + cuBLAS: its time is reading W.
-# Measured by bench/kernels.py (bench/RESULTS.md); CPU (interpreter) runs always take dequantize + matmul.
-FUSED_MAX_ROWS = 16
+# Up to this many rows (tokens), take the in-GEMM kernel instead of dequantize + cuBLAS. bench/kernels.py
+# measured dequantize + cuBLAS faster at every row count from 1 up (bench/RESULTS.md), so the default
+# is 0; QLORA_FAST_FUSED_MAX_ROWS overrides it for experiments. CPU runs always dequantize + matmul.
+FUSED_MAX_ROWS = int(os.environ.get("QLORA_FAST_FUSED_MAX_ROWS", "0"))
 
 
 def _use_fused(rows: int, device: torch.device) -> bool:
