@@ -1,0 +1,60 @@
+import bitsandbytes as bnb
+import bitsandbytes.functional as F
+import pytest
+import torch
+
+from qlora_fast.kernels.nf4_dequantize import nf4_dequantize
+from qlora_fast.nf4 import nf4_weight_from_bnb
+from tests.helpers import reference_dequantize
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+def quantized(shape, dtype, nested, blocksize=64, quant_storage=torch.uint8):
+    weight = torch.randn(*shape, dtype=dtype) * 0.05
+    return bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=nested,
+                             blocksize=blocksize, quant_storage=quant_storage).to("cpu")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("shape", [(64, 128), (128, 192), (70, 130), (33, 67), (1, 1), (3, 5), (257, 64)])
+def test_bit_exact_with_reference_decode(shape, dtype, nested):
+    p = quantized(shape, dtype, nested)
+    out = nf4_dequantize(nf4_weight_from_bnb(p))
+    assert out.dtype == dtype and out.shape == shape
+    assert torch.equal(out, reference_dequantize(p))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("shape", [(64, 128), (96, 320), (200, 64)])
+def test_bit_exact_with_bitsandbytes(shape, dtype, nested):
+    # bitsandbytes' CPU kernel is exact where rows hold whole blocks (the GPU run checks odd shapes).
+    p = quantized(shape, dtype, nested)
+    assert torch.equal(nf4_dequantize(nf4_weight_from_bnb(p)), F.dequantize_4bit(p.data, p.quant_state))
+
+
+@pytest.mark.parametrize("blocksize", [32, 128, 256])
+def test_other_blocksizes(blocksize):
+    p = quantized((48, 100), torch.bfloat16, True, blocksize=blocksize)
+    assert torch.equal(nf4_dequantize(nf4_weight_from_bnb(p)), reference_dequantize(p))
+
+
+def test_quant_storage_bf16_as_fsdp_qlora_stores_it():
+    p = quantized((64, 128), torch.bfloat16, True, quant_storage=torch.bfloat16)
+    assert p.data.dtype == torch.bfloat16
+    assert torch.equal(nf4_dequantize(nf4_weight_from_bnb(p)), reference_dequantize(p))
+
+
+def test_out_buffer_fully_written_and_dtype_override():
+    p = quantized((70, 130), torch.bfloat16, True)
+    out = torch.full((70, 130), float("nan"), dtype=torch.float16)
+    nf4_dequantize(nf4_weight_from_bnb(p), torch.float16, out=out)
+    assert torch.equal(out, reference_dequantize(p, torch.float16))
+
+
+def test_out_buffer_of_wrong_shape_is_refused():
+    p = quantized((8, 64), torch.float16, False)
+    with pytest.raises(ValueError, match="contiguous"):
+        nf4_dequantize(nf4_weight_from_bnb(p), out=torch.empty(64, 8, dtype=torch.float16))

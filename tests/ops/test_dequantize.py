@@ -1,0 +1,29 @@
+import pytest
+import torch
+
+from qlora_fast import dequantize_nf4
+from qlora_fast.testing import make_nf4_linear
+from tests.helpers import reference_dequantize
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_public_dequantize_matches_reference(nested):
+    layer = make_nf4_linear(70, 130, torch.bfloat16, nested)
+    assert torch.equal(dequantize_nf4(layer.weight), reference_dequantize(layer.weight))
+    assert torch.equal(dequantize_nf4(layer.weight.data, layer.weight.quant_state),
+                       reference_dequantize(layer.weight))
+
+
+def test_custom_op_passes_opcheck():
+    w = make_nf4_linear(64, 128, torch.float16, True).weight
+    s = w.quant_state
+    args = (w.data.view(torch.uint8).reshape(-1), s.absmax, s.code, s.state2.absmax, s.state2.code, s.offset,
+            s.blocksize, s.state2.blocksize, [64, 128], torch.float16)
+    torch.library.opcheck(torch.ops.qlora_fast.dequantize_nf4.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_fp4_is_refused_with_a_clear_error():
+    layer = make_nf4_linear(64, 128, torch.float16, True, quant_type="fp4")
+    with pytest.raises(ValueError, match="quant_type fp4"):
+        dequantize_nf4(layer.weight)

@@ -1,0 +1,112 @@
+import warnings
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from qlora_fast import is_patched, patch_model, unpatch_model
+from qlora_fast.harness.models import add_lora, quantize_to_nf4_, random_causal_lm
+from qlora_fast.testing import make_lora_nf4_linear
+from tests.helpers import rel_err
+
+
+def tiny_qlora(shape="tiny-llama", dtype=torch.float32, **lora):
+    model = quantize_to_nf4_(random_causal_lm(shape, dtype), compute_dtype=dtype)
+    return add_lora(model, init_b_std=0.02, **lora)
+
+
+def loss_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("shape", ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gemma"])
+def test_same_loss_and_lora_grads_patched_and_unpatched(shape):
+    model = tiny_qlora(shape).train()
+    ids = torch.randint(0, 512, (2, 24))
+    stock_loss, stock_grads = loss_and_grads(model, ids)
+    report = patch_model(model)
+    assert report.patched == 14 and not report.skipped  # 2 layers x 7 projections
+    fused_loss, fused_grads = loss_and_grads(model, ids)
+    assert fused_loss == pytest.approx(stock_loss, rel=1e-5)
+    assert stock_grads.keys() == fused_grads.keys() and len(stock_grads) == 28
+    for name in stock_grads:
+        assert rel_err(fused_grads[name], stock_grads[name]) < 1e-4, name
+
+
+def test_qwen2_qkv_bias_is_patched():
+    model = tiny_qlora("tiny-qwen2")
+    assert model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.bias is not None
+    assert patch_model(model).patched == 14
+
+
+def test_bf16_loss_parity_with_dropout():
+    model = tiny_qlora(dtype=torch.bfloat16, lora_dropout=0.1).train()
+    ids = torch.randint(0, 512, (2, 24))
+    stock_loss, _ = loss_and_grads(model, ids)
+    patch_model(model)
+    assert loss_and_grads(model, ids)[0] == pytest.approx(stock_loss, rel=1e-2)
+
+
+def test_unpatch_restores_stock_forward_exactly():
+    model = tiny_qlora().train()
+    ids = torch.randint(0, 512, (1, 16))
+    stock = loss_and_grads(model, ids)[0]
+    patch_model(model)
+    patch_model(model)  # idempotent
+    assert unpatch_model(model) == 14
+    assert not any(is_patched(m) for m in model.modules())
+    assert not any("forward" in vars(m) for m in model.modules())
+    assert loss_and_grads(model, ids)[0] == stock
+
+
+def test_dora_layers_stay_stock_with_one_warning_line():
+    model = quantize_to_nf4_(random_causal_lm("tiny-llama", torch.float32), compute_dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True))
+    with pytest.warns(UserWarning) as caught:
+        report = patch_model(model)
+    assert report.patched == 0 and report.skipped == {"LoRA variant Dora (e.g. DoRA)": 4}
+    assert len(caught) == 1 and "\n" not in str(caught[0].message)
+    assert "kept 4 on the stock peft path" in str(caught[0].message)
+
+
+def test_no_warning_when_everything_is_patched():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        patch_model(tiny_qlora())
+
+
+def test_fp4_layer_is_skipped():
+    layer = make_lora_nf4_linear(64, 128, quant_type="fp4")
+    with pytest.warns(UserWarning, match="quant_type fp4"):
+        assert patch_model(layer).patched == 0
+
+
+def test_disabled_adapter_and_merged_state_fall_back_to_peft():
+    model = tiny_qlora().train()
+    ids = torch.randint(0, 512, (1, 16))
+    patch_model(model)
+    with model.disable_adapter():
+        disabled = model(input_ids=ids, labels=ids).loss.item()
+    unpatch_model(model)
+    with model.disable_adapter():
+        assert model(input_ids=ids, labels=ids).loss.item() == disabled
+
+
+def test_second_adapter_is_served_when_active_and_ignored_when_not():
+    model = tiny_qlora().train()
+    model.add_adapter("other", LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B.other" in name:
+                p.normal_(0, 0.05)
+    ids = torch.randint(0, 512, (1, 16))
+    for adapter in ("default", "other"):
+        model.set_adapter(adapter)
+        unpatch_model(model)
+        stock = loss_and_grads(model, ids)[0]
+        patch_model(model)
+        assert loss_and_grads(model, ids)[0] == pytest.approx(stock, rel=1e-5)
