@@ -1,0 +1,1 @@
+"""The `qlora-fast` command line: train, compare, merge, generate."""

@@ -1,0 +1,221 @@
+"""YAML training configs in the axolotl style, validated in full before any model is loaded."""
+
+import difflib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased for the user: which key, what is wrong, how to fix it."""
+
+
+DATASET_TYPES = {"text", "prompt_completion", "chat"}
+DATASET_TYPE_ALIASES = {"messages": "chat", "conversation": "chat", "completion": "text"}
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+@dataclass
+class DatasetSpec:
+    path: str
+    type: str = "text"
+    split: str = "train"
+    name: str | None = None  # a hub dataset's subset
+    text_column: str = "text"
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    messages_column: str = "messages"
+
+    def required_columns(self) -> list[str]:
+        return {"text": [self.text_column], "prompt_completion": [self.prompt_column, self.completion_column],
+                "chat": [self.messages_column]}[self.type]
+
+
+@dataclass
+class TrainConfig:
+    base_model: str
+    datasets: list = field(default_factory=list)
+    output_dir: str = "outputs/qlora"
+    tokenizer: str | None = None
+    # quantization
+    load_in_4bit: bool = True
+    bnb_4bit_quant_type: str = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_compute_dtype: str = "auto"  # auto: bfloat16 where the GPU has it, else float16 / float32 on CPU
+    bnb_4bit_quant_storage: str = "uint8"
+    # adapter
+    adapter: str = "qlora"
+    lora_r: int = 16
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: Any = "all-linear"
+    # data
+    sequence_len: int = 2048
+    packing: bool = False
+    train_on_inputs: bool = False  # False: loss on completions / the last assistant turn only
+    val_set_size: float = 0.0
+    # optimisation
+    micro_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    num_epochs: float = 1.0
+    max_steps: int = -1
+    learning_rate: float = 2e-4
+    lr_scheduler: str = "cosine"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    optimizer: str = "adamw_torch"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    bf16: Any = "auto"
+    fp16: bool = False
+    gradient_checkpointing: bool = True
+    seed: int = 42
+    # bookkeeping
+    logging_steps: int = 1
+    eval_steps: int | None = None
+    save_steps: int | None = None
+    resume_from_checkpoint: Any = None
+    patch: bool = True
+    distributed: str = "none"  # none | ddp | fsdp (launch with `accelerate launch`)
+    source: str | None = field(default=None, repr=False)  # the YAML file read, for relative paths
+
+
+ALIASES = {  # other spellings users bring from axolotl / transformers
+    "sample_packing": "packing", "lr_scheduler_type": "lr_scheduler", "optim": "optimizer",
+    "epochs": "num_epochs", "max_seq_length": "sequence_len",
+}
+SCHEDULERS = {"cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial",
+              "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay"}
+OPTIMIZERS = {"adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit",
+              "adamw_bnb_8bit", "sgd", "adafactor", "lion_8bit", "paged_lion_8bit"}
+DTYPES = {"bfloat16", "float16", "float32", "auto"}
+
+
+def _did_you_mean(key: str, known) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _check_type(key: str, value, expected):
+    ok = {
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "bool": lambda v: isinstance(v, bool),
+        "str": lambda v: isinstance(v, str),
+    }
+    if expected in ok and not ok[expected](value):
+        raise ConfigError(f"config key '{key}' must be {'an' if expected == 'int' else 'a'} {expected}, "
+                          f"got {value!r} ({type(value).__name__})")
+
+
+def _type_name(f) -> str | None:
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+    base = t.split("|")[0].strip()
+    return base if base in ("int", "float", "bool", "str") else None
+
+
+def _parse_dataset(i: int, raw, base_dir: Path) -> DatasetSpec:
+    where = f"datasets[{i}]"
+    if isinstance(raw, str):
+        raw = {"path": raw}
+    if not isinstance(raw, dict) or "path" not in raw:
+        raise ConfigError(f"{where} needs a 'path' (a local JSONL/JSON/parquet/CSV file or a hub dataset name)")
+    known = {f.name for f in fields(DatasetSpec)}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"unknown key '{key}' in {where}{_did_you_mean(key, known)}; "
+                              f"known: {', '.join(sorted(known))}")
+    spec = DatasetSpec(**{k: (str(v) if v is not None else None) for k, v in raw.items()})
+    spec.type = DATASET_TYPE_ALIASES.get(spec.type, spec.type)
+    if spec.type not in DATASET_TYPES:
+        raise ConfigError(f"{where}.type is {raw['type']!r}; use one of: text, prompt_completion, chat (messages)")
+    local = Path(spec.path) if Path(spec.path).is_absolute() else base_dir / spec.path
+    looks_local = Path(spec.path).suffix in LOCAL_FORMATS or spec.path.startswith((".", "/"))
+    if looks_local:
+        if not local.is_file():
+            raise ConfigError(f"{where}.path: no such file: {local}")
+        spec.path = str(local.resolve())
+    return spec
+
+
+def parse_config(raw: dict, source: str | None = None) -> TrainConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError("the config must be a YAML mapping of keys to values")
+    raw = dict(raw)
+    if raw.pop("lora_target_linear", None):
+        raw.setdefault("lora_target_modules", "all-linear")
+    for alias, key in ALIASES.items():
+        if alias in raw:
+            raw[key] = raw.pop(alias)
+    known = {f.name: f for f in fields(TrainConfig) if f.name != "source"}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"unknown config key '{key}'{_did_you_mean(key, known)}")
+    if "base_model" not in raw:
+        raise ConfigError("config key 'base_model' is required (a hub name, a local path, or random:<shape>)")
+    for key, value in raw.items():
+        expected = _type_name(known[key])
+        if value is not None and expected:
+            _check_type(key, value, expected)
+    base_dir = Path(source).resolve().parent if source else Path.cwd()
+    datasets = raw.pop("datasets", None)
+    if not datasets or not isinstance(datasets, list):
+        raise ConfigError("config key 'datasets' must be a non-empty list, e.g. [{path: data.jsonl, type: text}]")
+    cfg = TrainConfig(**raw, source=source)
+    cfg.datasets = [_parse_dataset(i, d, base_dir) for i, d in enumerate(datasets)]
+    _check_values(cfg)
+    return cfg
+
+
+def _check_values(cfg: TrainConfig):
+    def need(cond, msg):
+        if not cond:
+            raise ConfigError(msg)
+
+    need(cfg.adapter in ("qlora", "lora"), f"adapter is {cfg.adapter!r}; qlora_fast trains 'qlora' (or 'lora')")
+    need(cfg.bnb_4bit_quant_type in ("nf4", "fp4"), "bnb_4bit_quant_type must be nf4 or fp4")
+    need(cfg.bnb_4bit_compute_dtype in DTYPES, f"bnb_4bit_compute_dtype must be one of {sorted(DTYPES)}")
+    need(cfg.bnb_4bit_quant_storage in DTYPES - {"auto"} | {"uint8"},
+         "bnb_4bit_quant_storage must be uint8, bfloat16, float16 or float32")
+    need(cfg.lora_r > 0, "lora_r must be positive")
+    need(0.0 <= cfg.lora_dropout < 1.0, "lora_dropout must be in [0, 1)")
+    targets = cfg.lora_target_modules
+    need(targets == "all-linear" or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)),
+         "lora_target_modules must be 'all-linear' or a list of module names, e.g. [q_proj, v_proj]")
+    need(cfg.sequence_len > 0 and cfg.micro_batch_size > 0 and cfg.gradient_accumulation_steps > 0,
+         "sequence_len, micro_batch_size and gradient_accumulation_steps must be positive")
+    need(cfg.max_steps > 0 or cfg.num_epochs > 0, "set num_epochs > 0 or max_steps > 0")
+    need(cfg.learning_rate > 0, "learning_rate must be positive")
+    need(cfg.lr_scheduler in SCHEDULERS, f"lr_scheduler {cfg.lr_scheduler!r} is not one of {sorted(SCHEDULERS)}"
+         + _did_you_mean(cfg.lr_scheduler, SCHEDULERS))
+    need(cfg.optimizer in OPTIMIZERS, f"optimizer {cfg.optimizer!r} is not one of {sorted(OPTIMIZERS)}"
+         + _did_you_mean(cfg.optimizer, OPTIMIZERS))
+    need(cfg.bf16 in (True, False, "auto"), "bf16 must be true, false or auto")
+    need(not (cfg.bf16 is True and cfg.fp16), "bf16 and fp16 are both true: choose one")
+    need(0.0 <= cfg.val_set_size < 1.0 or (float(cfg.val_set_size).is_integer() and cfg.val_set_size >= 1),
+         "val_set_size must be a fraction in [0, 1) or a whole number of examples")
+    need(cfg.distributed in ("none", "ddp", "fsdp"), "distributed must be none, ddp or fsdp")
+    need(not (cfg.distributed == "fsdp" and cfg.bnb_4bit_quant_storage == "uint8"),
+         "distributed: fsdp shards 4-bit weights only with bnb_4bit_quant_storage set to the compute dtype "
+         "(e.g. bfloat16)")
+    need(cfg.load_in_4bit or cfg.adapter == "lora", "load_in_4bit: false needs adapter: lora")
+    need(cfg.logging_steps > 0, "logging_steps must be positive")
+
+
+def load_config(path: str) -> TrainConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    return parse_config(raw, source=str(p))
+
+
+def config_to_dict(cfg: TrainConfig) -> dict:
+    out = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "source"}
+    out["datasets"] = [{k: v for k, v in vars(d).items() if v is not None} for d in cfg.datasets]
+    return out

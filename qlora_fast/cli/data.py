@@ -1,0 +1,69 @@
+"""Datasets from the config, checked and shaped into the records TRL's SFTTrainer takes."""
+
+from pathlib import Path
+
+from .config import LOCAL_FORMATS, ConfigError, DatasetSpec, TrainConfig
+
+
+def _load(spec: DatasetSpec):
+    import datasets
+
+    try:
+        if Path(spec.path).is_file():
+            return datasets.load_dataset(LOCAL_FORMATS[Path(spec.path).suffix], data_files=spec.path,
+                                         split=spec.split)
+        return datasets.load_dataset(spec.path, spec.name, split=spec.split)
+    except (FileNotFoundError, ValueError, ConnectionError) as exc:
+        raise ConfigError(f"cannot load dataset {spec.path!r} (split {spec.split!r}): {exc}") from None
+
+
+def _check_columns(spec: DatasetSpec, ds):
+    for column in spec.required_columns():
+        if column not in ds.column_names:
+            key = {spec.text_column: "text_column", spec.prompt_column: "prompt_column",
+                   spec.completion_column: "completion_column", spec.messages_column: "messages_column"}[column]
+            raise ConfigError(f"dataset {spec.path!r} (type {spec.type}) has no column '{column}'; it has "
+                              f"{ds.column_names}. Set '{key}' in its datasets entry to the right column.")
+
+
+def _to_records(spec: DatasetSpec, ds, train_on_inputs: bool):
+    """text -> {text}; prompt_completion -> {prompt, completion}; chat -> {messages}, or, for loss on the
+    answer only, {prompt: all turns before the last, completion: [last assistant turn]}."""
+    if spec.type == "text":
+        return ds.map(lambda r: {"text": r[spec.text_column]}, remove_columns=ds.column_names)
+    if spec.type == "prompt_completion":
+        return ds.map(lambda r: {"prompt": r[spec.prompt_column], "completion": r[spec.completion_column]},
+                      remove_columns=ds.column_names)
+    if train_on_inputs:
+        return ds.map(lambda r: {"messages": r[spec.messages_column]}, remove_columns=ds.column_names)
+
+    def split_last_turn(r):
+        turns = r[spec.messages_column]
+        if not turns or turns[-1].get("role") != "assistant":
+            raise ConfigError(f"dataset {spec.path!r}: a conversation does not end with an assistant turn; "
+                              "set train_on_inputs: true to train on whole conversations")
+        return {"prompt": turns[:-1], "completion": turns[-1:]}
+
+    return ds.map(split_last_turn, remove_columns=ds.column_names)
+
+
+def load_training_data(cfg: TrainConfig):
+    """(train, eval or None): every dataset loaded, its columns checked, and all concatenated."""
+    import datasets
+
+    parts = []
+    for spec in cfg.datasets:
+        ds = _load(spec)
+        _check_columns(spec, ds)
+        parts.append(_to_records(spec, ds, cfg.train_on_inputs))
+    kinds = {tuple(sorted(p.column_names)) for p in parts}
+    if len(kinds) > 1:
+        raise ConfigError(f"datasets mix record kinds {sorted(kinds)}; use one type for all of them")
+    train = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    if len(train) == 0:
+        raise ConfigError("the datasets hold no examples")
+    if not cfg.val_set_size:
+        return train, None
+    size = int(cfg.val_set_size) if cfg.val_set_size >= 1 else cfg.val_set_size
+    split = train.train_test_split(test_size=size, seed=cfg.seed)
+    return split["train"], split["test"]

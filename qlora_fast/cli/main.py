@@ -1,0 +1,62 @@
+"""Entry point of the `qlora-fast` command."""
+
+import argparse
+import sys
+from importlib import resources
+
+from .config import ConfigError, load_config
+
+
+def default_config_path() -> str:
+    return str(resources.files("qlora_fast") / "configs" / "tiny.yaml")
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="qlora-fast", description="Fast QLoRA fine-tuning (peft + bitsandbytes).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="fine-tune with a YAML config (default: the tiny embedded one)")
+    train.add_argument("config", nargs="?", default=None)
+    compare = sub.add_parser("compare", help="same steps on stock peft and on qlora_fast: losses, speed, memory")
+    compare.add_argument("config", nargs="?", default=None)
+    compare.add_argument("--steps", type=int, default=8)
+    compare.add_argument("--out", default=None, help="report folder (default: <output_dir>/compare)")
+    merge = sub.add_parser("merge", help="merge a trained adapter into the dequantized base model")
+    merge.add_argument("config")
+    merge.add_argument("--adapter", default=None, help="adapter folder (default: the config's output_dir)")
+    merge.add_argument("--out", required=True)
+    generate = sub.add_parser("generate", help="generate from a prompt with the trained adapter")
+    generate.add_argument("config")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--adapter", default=None)
+    generate.add_argument("--max-new-tokens", type=int, default=32)
+    return parser
+
+
+def run(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        cfg = load_config(getattr(args, "config", None) or default_config_path())
+        if args.command == "train":
+            from .train import train
+
+            train(cfg)
+        elif args.command == "compare":
+            from ..harness.run import compare_config
+
+            print(compare_config(cfg, steps=args.steps, out_dir=args.out))
+        elif args.command == "merge":
+            from .merge import merge
+
+            print(f"merged model saved to {merge(cfg, args.adapter, args.out)}")
+        else:
+            from .merge import generate
+
+            print(generate(cfg, args.prompt, args.adapter, args.max_new_tokens))
+    except ConfigError as exc:
+        print(f"qlora-fast: config error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main():
+    sys.exit(run())

@@ -1,0 +1,129 @@
+"""`qlora-fast train`: QLoRA supervised fine-tuning on TRL's SFTTrainer, patched by patch_model."""
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..harness.models import RANDOM_PREFIX, byte_tokenizer, quantize_to_nf4_, random_causal_lm
+from ..patch import patch_model
+from .config import ConfigError, TrainConfig, config_to_dict
+from .data import load_training_data
+
+RESOLVED_CONFIG = "qlora_fast_config.yaml"
+
+
+def precision(cfg: TrainConfig) -> tuple[torch.dtype, bool, bool]:
+    """(compute dtype, bf16, fp16) with 'auto' resolved for this machine."""
+    cuda = torch.cuda.is_available()
+    bf16 = cfg.bf16 if cfg.bf16 != "auto" else (cuda and torch.cuda.is_bf16_supported() and not cfg.fp16)
+    if cfg.bnb_4bit_compute_dtype != "auto":
+        compute = getattr(torch, cfg.bnb_4bit_compute_dtype)
+    else:
+        compute = torch.bfloat16 if bf16 else torch.float16 if cfg.fp16 else torch.float32
+    return compute, bool(bf16), cfg.fp16
+
+
+def _device_map():
+    if not torch.cuda.is_available():
+        return {"": "cpu"}
+    return {"": int(os.environ.get("LOCAL_RANK", 0))}
+
+
+def load_base_model(cfg: TrainConfig, compute_dtype: torch.dtype):
+    """The 4-bit base model and its tokenizer; `random:<shape>` builds a random-init one offline."""
+    if cfg.base_model.startswith(RANDOM_PREFIX):
+        device = _device_map()[""]
+        model = random_causal_lm(cfg.base_model.removeprefix(RANDOM_PREFIX), compute_dtype,
+                                 f"cuda:{device}" if isinstance(device, int) else device, seed=cfg.seed)
+        if cfg.load_in_4bit:
+            quantize_to_nf4_(model, compute_dtype, nested=cfg.bnb_4bit_use_double_quant)
+        return model, byte_tokenizer()
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    quant = None
+    if cfg.load_in_4bit:
+        storage = torch.uint8 if cfg.bnb_4bit_quant_storage == "uint8" else getattr(torch, cfg.bnb_4bit_quant_storage)
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+                                   bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
+                                   bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=storage)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.base_model)
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.base_model, quantization_config=quant, dtype=compute_dtype,
+            device_map=None if cfg.distributed == "fsdp" else _device_map())
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"cannot load base_model {cfg.base_model!r} as a causal LM: {exc}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def add_adapter(cfg: TrainConfig, model):
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.lora_target_modules
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:  # e.g. target modules not found in the model
+        raise ConfigError(f"lora_target_modules {targets!r} do not fit {cfg.base_model!r}: {exc}") from None
+
+
+def sft_arguments(cfg: TrainConfig, bf16: bool, fp16: bool, has_eval: bool, record_kind: set):
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=cfg.output_dir, per_device_train_batch_size=cfg.micro_batch_size,
+        per_device_eval_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, num_train_epochs=cfg.num_epochs,
+        max_steps=cfg.max_steps, learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio or cfg.warmup_steps, optim=cfg.optimizer, weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm, bf16=bf16, fp16=fp16, seed=cfg.seed, data_seed=cfg.seed,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False}, logging_steps=cfg.logging_steps,
+        eval_strategy="steps" if has_eval else "no", eval_steps=cfg.eval_steps or cfg.logging_steps,
+        save_strategy="steps" if cfg.save_steps else "no", save_steps=cfg.save_steps or 500,
+        max_length=cfg.sequence_len, packing=cfg.packing,
+        completion_only_loss=not cfg.train_on_inputs if "prompt" in record_kind else None,
+        report_to="none", use_cpu=not torch.cuda.is_available(),
+        ddp_find_unused_parameters=False if cfg.distributed == "ddp" else None,
+    )
+
+
+def build_trainer(cfg: TrainConfig):
+    """Everything up to the first step: data checked first, then model, adapter, patch and trainer."""
+    from trl import SFTTrainer
+
+    train_data, eval_data = load_training_data(cfg)
+    compute_dtype, bf16, fp16 = precision(cfg)
+    model, tokenizer = load_base_model(cfg, compute_dtype)
+    model = add_adapter(cfg, model)
+    args = sft_arguments(cfg, bf16, fp16, eval_data is not None, set(train_data.column_names))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
+                         processing_class=tokenizer)
+    if cfg.patch:
+        print(patch_model(trainer.model).summary(), flush=True)
+    return trainer
+
+
+def train(cfg: TrainConfig) -> Path:
+    trainer = build_trainer(cfg)
+    resume = cfg.resume_from_checkpoint
+    result = trainer.train(resume_from_checkpoint=resume)
+    out = Path(cfg.output_dir)
+    trainer.save_model(str(out))
+    if trainer.is_world_process_zero():
+        trainer.processing_class.save_pretrained(str(out))
+        (out / RESOLVED_CONFIG).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        history = [h for h in trainer.state.log_history if "loss" in h]
+        summary = {"train_loss": result.training_loss, "steps": result.global_step,
+                   "first_logged_loss": history[0]["loss"] if history else None,
+                   "last_logged_loss": history[-1]["loss"] if history else None,
+                   "runtime_s": result.metrics.get("train_runtime")}
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
+        print(f"saved the LoRA adapter and {RESOLVED_CONFIG} to {out}", flush=True)
+    return out
