@@ -43,7 +43,8 @@ def run(argv=None) -> int:
         elif args.command == "compare":
             from ..harness.run import compare_config
 
-            print(compare_config(cfg, steps=args.steps, out_dir=args.out))
+            if not compare_config(cfg, steps=args.steps, out_dir=args.out).passed:
+                return 1
         elif args.command == "merge":
             from .merge import merge
 
@@ -60,3 +61,7 @@ def run(argv=None) -> int:
 
 def main():
     sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()
