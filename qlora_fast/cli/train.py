@@ -36,8 +36,11 @@ def load_base_model(cfg: TrainConfig, compute_dtype: torch.dtype):
     """The 4-bit base model and its tokenizer; `random:<shape>` builds a random-init one offline."""
     if cfg.base_model.startswith(RANDOM_PREFIX):
         device = _device_map()[""]
-        model = random_causal_lm(cfg.base_model.removeprefix(RANDOM_PREFIX), compute_dtype,
-                                 f"cuda:{device}" if isinstance(device, int) else device, seed=cfg.seed)
+        try:
+            model = random_causal_lm(cfg.base_model.removeprefix(RANDOM_PREFIX), compute_dtype,
+                                     f"cuda:{device}" if isinstance(device, int) else device, seed=cfg.seed)
+        except ValueError as exc:
+            raise ConfigError(f"base_model: {exc}") from None
         if cfg.load_in_4bit:
             quantize_to_nf4_(model, compute_dtype, nested=cfg.bnb_4bit_use_double_quant)
         return model, byte_tokenizer()

@@ -1,0 +1,92 @@
+import pytest
+
+from qlora_fast.cli.config import ConfigError, load_config, parse_config
+from qlora_fast.cli.main import default_config_path, run
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n')
+    return path
+
+
+def config(data_file, **overrides):
+    raw = {"base_model": "random:tiny-llama", "datasets": [{"path": str(data_file), "type": "prompt_completion"}]}
+    raw.update(overrides)
+    return raw
+
+
+def test_default_config_parses_and_resolves_shipped_data():
+    cfg = load_config(default_config_path())
+    assert cfg.base_model == "random:tiny-llama"
+    assert cfg.datasets[0].path.endswith("qlora_fast/data/tiny_instructions.jsonl")
+
+
+def test_unknown_key_suggests_the_right_one(data_file):
+    with pytest.raises(ConfigError, match="unknown config key 'learning_rat'.*did you mean 'learning_rate'"):
+        parse_config(config(data_file, learning_rat=1e-4))
+
+
+def test_unknown_dataset_key_is_named(data_file):
+    raw = config(data_file)
+    raw["datasets"][0]["promt_column"] = "q"
+    with pytest.raises(ConfigError, match=r"'promt_column' in datasets\[0\].*did you mean 'prompt_column'"):
+        parse_config(raw)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("lora_r", "16", "'lora_r' must be an int"),
+    ("learning_rate", "fast", "'learning_rate' must be a float"),
+    ("packing", "yes", "'packing' must be a bool"),
+    ("lora_dropout", 1.5, r"lora_dropout must be in \[0, 1\)"),
+    ("optimizer", "adamw", "did you mean"),
+    ("lr_scheduler", "cosin", "did you mean 'cosine'"),
+    ("lora_target_modules", 3, "lora_target_modules must be"),
+    ("distributed", "fsdp", "bnb_4bit_quant_storage"),
+])
+def test_wrong_values_name_the_key(data_file, key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(config(data_file, **{key: value}))
+
+
+def test_bf16_and_fp16_together_are_refused(data_file):
+    with pytest.raises(ConfigError, match="bf16 and fp16 are both true"):
+        parse_config(config(data_file, bf16=True, fp16=True))
+
+
+def test_missing_data_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="no such file: .*missing.jsonl"):
+        parse_config({"base_model": "random:tiny-llama", "datasets": [{"path": str(tmp_path / "missing.jsonl")}]})
+
+
+def test_missing_base_model_and_datasets(data_file):
+    with pytest.raises(ConfigError, match="'base_model' is required"):
+        parse_config({"datasets": [str(data_file)]})
+    with pytest.raises(ConfigError, match="'datasets' must be a non-empty list"):
+        parse_config({"base_model": "x"})
+
+
+def test_axolotl_spellings_are_accepted(data_file):
+    cfg = parse_config(config(data_file, sample_packing=True, lora_target_linear=True, optim="adamw_8bit"))
+    assert cfg.packing and cfg.lora_target_modules == "all-linear" and cfg.optimizer == "adamw_8bit"
+
+
+def test_relative_dataset_paths_follow_the_config_file(tmp_path, data_file):
+    (tmp_path / "cfg.yaml").write_text(f"base_model: random:tiny-llama\ndatasets:\n  - path: {data_file.name}\n")
+    assert load_config(str(tmp_path / "cfg.yaml")).datasets[0].path == str(data_file.resolve())
+
+
+def test_cli_prints_one_clear_line_and_exits_2(tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("base_model: random:tiny-llama\nmicro_batch: 2\ndatasets: [x.jsonl]\n")
+    assert run(["train", str(tmp_path / "bad.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown config key 'micro_batch'" in err and "Traceback" not in err
+
+
+def test_invalid_yaml_and_missing_file(tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("base_model: [unclosed\n")
+    assert run(["train", str(tmp_path / "bad.yaml")]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    assert run(["train", str(tmp_path / "nope.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err

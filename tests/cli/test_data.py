@@ -1,0 +1,49 @@
+import json
+
+import pytest
+
+from qlora_fast.cli.config import ConfigError, parse_config
+from qlora_fast.cli.data import load_training_data
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_missing_column_names_the_key_to_set(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "answer": "a"}])
+    cfg = parse_config({"base_model": "random:tiny-llama", "datasets": [{"path": path, "type": "prompt_completion"}]})
+    with pytest.raises(ConfigError, match="no column 'prompt'.*\\['question', 'answer'\\].*prompt_column"):
+        load_training_data(cfg)
+
+
+def test_column_mapping_and_csv(tmp_path):
+    (tmp_path / "d.csv").write_text("question,answer\nq1,a1\nq2,a2\n")
+    cfg = parse_config({"base_model": "random:tiny-llama", "datasets": [
+        {"path": str(tmp_path / "d.csv"), "type": "prompt_completion", "prompt_column": "question",
+         "completion_column": "answer"}]})
+    train, val = load_training_data(cfg)
+    assert val is None and train[0] == {"prompt": "q1", "completion": "a1"}
+
+
+def test_chat_keeps_loss_on_last_assistant_turn_unless_train_on_inputs(tmp_path):
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": turns}] * 4)
+    spec = [{"path": path, "type": "messages"}]
+    train, _ = load_training_data(parse_config({"base_model": "random:tiny-llama", "datasets": spec}))
+    assert train[0] == {"prompt": turns[:1], "completion": turns[1:]}
+    train, _ = load_training_data(parse_config({"base_model": "random:tiny-llama", "datasets": spec,
+                                                "train_on_inputs": True}))
+    assert train[0] == {"messages": turns}
+
+
+def test_val_split_and_mixed_kinds(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"text": f"t{i}"} for i in range(10)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": "p", "completion": "c"}])
+    train, val = load_training_data(parse_config({"base_model": "random:tiny-llama", "datasets": [a],
+                                                  "val_set_size": 0.2}))
+    assert len(train) == 8 and len(val) == 2
+    with pytest.raises(ConfigError, match="mix record kinds"):
+        load_training_data(parse_config({"base_model": "random:tiny-llama", "datasets": [
+            a, {"path": b, "type": "prompt_completion"}]}))

@@ -1,0 +1,75 @@
+"""The main job end to end on CPU: the tiny default config, patched, kernels in the interpreter."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from peft import PeftModel
+
+from qlora_fast.cli.config import ConfigError, config_to_dict, load_config, parse_config
+from qlora_fast.cli.main import default_config_path, run
+from qlora_fast.cli.train import load_base_model, train
+
+
+def tiny_config(tmp_path, **overrides):
+    raw = config_to_dict(load_config(default_config_path()))
+    raw.update(output_dir=str(tmp_path / "run"), max_steps=4, val_set_size=0.0, logging_steps=1, **overrides)
+    return parse_config(raw)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    cfg = tiny_config(tmp_path_factory.mktemp("e2e"))
+    return cfg, train(cfg)
+
+
+def test_training_saves_a_plain_peft_adapter_and_the_resolved_config(trained):
+    cfg, out = trained
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    saved = yaml.safe_load((out / "qlora_fast_config.yaml").read_text())
+    assert saved["base_model"] == "random:tiny-llama" and saved["max_steps"] == 4
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 4 and summary["last_logged_loss"] < summary["first_logged_loss"]
+
+
+def test_stock_peft_reloads_the_adapter_with_trained_weights(trained):
+    cfg, out = trained
+    base, _ = load_base_model(cfg, torch.float32)
+    model = PeftModel.from_pretrained(base, str(out))
+    b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert len(b) == 14 and any(p.abs().sum() > 0 for p in b)  # B starts at zero: it was trained
+
+
+def test_merge_matches_base_plus_adapter(trained, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg, out = trained
+    assert run(["merge", cfg.source or default_config_path(), "--adapter", str(out), "--out",
+                str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
+    base, _ = load_base_model(cfg, torch.float32)
+    # train mode (no dropout here): in eval mode bitsandbytes' CPU path repacks to bf16 scales, inexactly
+    adapted = PeftModel.from_pretrained(base, str(out)).train()
+    ids = torch.randint(0, 259, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-3, atol=1e-3)
+
+
+def test_generate_prints_text(trained, capsys):
+    cfg, out = trained
+    assert run(["generate", default_config_path(), "--adapter", str(out), "--prompt", "What is 1 plus 1?",
+                "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip() != ""
+
+
+def test_unknown_random_shape_and_missing_model_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="unknown model shape 'nope'"):
+        train(tiny_config(tmp_path, base_model="random:nope"))
+    with pytest.raises(ConfigError, match="cannot load base_model"):
+        train(tiny_config(tmp_path, base_model=str(tmp_path / "no-such-model")))
+
+
+def test_target_modules_that_do_not_exist(tmp_path):
+    with pytest.raises(ConfigError, match="lora_target_modules"):
+        train(tiny_config(tmp_path, lora_target_modules=["not_a_layer"]))

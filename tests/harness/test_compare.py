@@ -1,0 +1,63 @@
+import json
+
+import pytest
+import torch
+
+import qlora_fast.patch
+from qlora_fast.cli.config import config_to_dict, load_config, parse_config
+from qlora_fast.cli.main import default_config_path, run
+from qlora_fast.harness.compare import compare_stock_and_patched
+from qlora_fast.harness.models import add_lora, quantize_to_nf4_, random_causal_lm
+from qlora_fast.harness.report import write_report
+
+
+def tiny_model(dtype):
+    return add_lora(quantize_to_nf4_(random_causal_lm("tiny-llama", dtype), compute_dtype=dtype), init_b_std=0.02)
+
+
+def batches(n=4):
+    ids = [torch.randint(0, 512, (2, 32)) for _ in range(n)]
+    return [{"input_ids": i, "labels": i} for i in ids]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_patched_training_tracks_stock(dtype):
+    result = compare_stock_and_patched(tiny_model(dtype), batches(), dtype, lr=1e-3)
+    assert result.passed, result.to_dict()
+    assert result.patched_layers == 14 and len(result.patched.losses) == 4
+
+
+def test_a_wrong_kernel_is_caught(monkeypatch):
+    real = qlora_fast.patch.lora_nf4_linear
+
+    def doubled_scaling(x, x_lora, a, b, scaling, *rest):
+        return real(x, x_lora, a, b, 2 * scaling, *rest)
+
+    monkeypatch.setattr(qlora_fast.patch, "lora_nf4_linear", doubled_scaling)
+    result = compare_stock_and_patched(tiny_model(torch.float32), batches(), torch.float32, lr=1e-3)
+    assert not result.passed
+
+
+def test_model_is_left_unpatched_with_its_initial_weights():
+    model = tiny_model(torch.float32)
+    before = {n: p.clone() for n, p in model.named_parameters() if p.requires_grad}
+    compare_stock_and_patched(model, batches(2), torch.float32)
+    assert not any("forward" in vars(m) for m in model.modules())
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_report_files(tmp_path):
+    result = compare_stock_and_patched(tiny_model(torch.float32), batches(2), torch.float32)
+    out = write_report(result, str(tmp_path), "tiny")
+    assert json.loads((out / "report.json").read_text())["passed"] is True
+    assert "PASS" in (out / "report.md").read_text()
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_command_on_the_default_config(tmp_path):
+    raw = config_to_dict(load_config(default_config_path()))
+    raw["micro_batch_size"] = 2
+    (tmp_path / "cfg.yaml").write_text(__import__("yaml").safe_dump(raw))
+    assert parse_config(raw).datasets
+    assert run(["compare", str(tmp_path / "cfg.yaml"), "--steps", "3", "--out", str(tmp_path / "cmp")]) == 0
+    assert (tmp_path / "cmp" / "loss.png").is_file()
