@@ -121,10 +121,10 @@ def _unsloth_fast_dequantize():
 
 
 def time_crossover(rows):
-    for (n, k) in [(4096, 4096), (14336, 4096), (4096, 14336)]:
+    for (n, k) in [(4096, 4096), (14336, 4096)]:
         layer = make_nf4_linear(n, k, torch.bfloat16, True, device="cuda")
         w = nf4_weight_from_bnb(layer.weight)
-        for m in (1, 8, 16, 32, 64, 128, 512):
+        for m in (1, 16, 128, 512):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
             rows.append({
