@@ -10,6 +10,11 @@ import torch
 from .nf4 import nf4_weight_from_bnb, unsupported_reason
 from .ops.lora_nf4_linear import lora_nf4_linear
 
+try:
+    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+except ImportError:  # older bitsandbytes
+    fix_4bit_weight_quant_state_from_module = None
+
 _PATCHED = "_qlora_fast_patched"
 
 
@@ -57,6 +62,8 @@ def _fused_forward(self, x, *args, **kwargs):
     per-sample adapter_names, a weight bitsandbytes repacked for CPU inference) goes through peft's."""
     adapters = self.active_adapters
     base = self.base_layer
+    if fix_4bit_weight_quant_state_from_module is not None:  # FSDP hands the weight back without its state
+        fix_4bit_weight_quant_state_from_module(base)
     if (args or kwargs or self.disable_adapters or self.merged or len(adapters) != 1
             or adapters[0] not in self.lora_A or unsupported_reason(base.weight) is not None):
         return _stock_forward(self, x, *args, **kwargs)

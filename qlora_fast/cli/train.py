@@ -126,6 +126,9 @@ def train(cfg: TrainConfig) -> Path:
         summary = {"train_loss": result.training_loss, "steps": result.global_step,
                    "first_logged_loss": history[0]["loss"] if history else None,
                    "last_logged_loss": history[-1]["loss"] if history else None,
+                   "logged_losses": [h["loss"] for h in history],
+                   "world_size": trainer.args.world_size,
+                   "num_tokens": history[-1].get("num_tokens") if history else None,
                    "runtime_s": result.metrics.get("train_runtime")}
         (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
         print(f"saved the LoRA adapter and {RESOLVED_CONFIG} to {out}", flush=True)

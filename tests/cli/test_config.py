@@ -90,3 +90,11 @@ def test_invalid_yaml_and_missing_file(tmp_path, capsys):
     assert "not valid YAML" in capsys.readouterr().err
     assert run(["train", str(tmp_path / "nope.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["llama-3.1-8b-alpaca", "mistral-7b-alpaca", "qwen2.5-7b-ultrachat", "tiny"])
+def test_shipped_recipes_validate(name):
+    from pathlib import Path
+
+    cfg = load_config(str(Path(__file__).parents[2] / "configs" / f"{name}.yaml"))
+    assert cfg.datasets and cfg.lora_target_modules == "all-linear"

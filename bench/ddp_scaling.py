@@ -1,0 +1,68 @@
+"""Data-parallel check on N GPUs (device tool, nvidia-h200-x2): `qlora-fast train` on one GPU with the global
+batch, then with torchrun on N GPUs with 1/N of it each; compares the logged losses and tokens/s.
+
+  python bench/ddp_scaling.py --gpus 2 --out $OUT/ddp.md
+"""
+
+import argparse
+import datetime
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+
+
+def synthetic_corpus(path: Path, n: int = 3000, words: int = 700):
+    rng = random.Random(0)
+    vocab = [f"w{i}" for i in range(5000)]
+    path.write_text("".join(json.dumps({"text": " ".join(rng.choices(vocab, k=words))}) + "\n" for _ in range(n)))
+
+
+def run(cfg: dict, work: Path, name: str, gpus: int) -> dict:
+    cfg = dict(cfg, output_dir=str(work / name), distributed="ddp" if gpus > 1 else "none")
+    (work / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus)] if gpus > 1
+                else [sys.executable])
+    subprocess.run(launcher + ["-m", "qlora_fast.cli.main", "train", str(work / f"{name}.yaml")], check=True,
+                   env=dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1"))
+    return json.loads((work / name / "train_summary.json").read_text())
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--gpus", type=int, default=2)
+    parser.add_argument("--shape", default="llama-3.2-1b")
+    parser.add_argument("--global-batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--out", default="ddp.md")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp())
+    synthetic_corpus(work / "corpus.jsonl")
+    base = dict(base_model=f"random:{args.shape}", datasets=[{"path": str(work / "corpus.jsonl"), "type": "text"}],
+                sequence_len=1024, max_steps=args.steps, learning_rate=2e-4, lr_scheduler="constant",
+                logging_steps=1, gradient_checkpointing=True, bf16=True, seed=0)
+    single = run(dict(base, micro_batch_size=args.global_batch), work, "single", 1)
+    multi = run(dict(base, micro_batch_size=args.global_batch // args.gpus), work, "multi", args.gpus)
+    tps = {k: s["num_tokens"] / s["runtime_s"] for k, s in (("single", single), ("multi", multi))}
+    diffs = [abs(a - b) / a for a, b in zip(single["logged_losses"], multi["logged_losses"])]
+    text = (f"Date {datetime.date.today()}, {args.gpus}x {torch.cuda.get_device_name()}, torch {torch.__version__}; "
+            f"random-init {args.shape}, NF4 + LoRA r=16 all linear, patched, global batch {args.global_batch} x 1024 "
+            f"tokens, {args.steps} steps, gradient checkpointing, bf16\n\n"
+            "| run | tokens/s (whole run) | losses |\n|---|---|---|\n"
+            f"| 1 GPU, micro batch {args.global_batch} | {tps['single']:.0f} | {single['logged_losses']} |\n"
+            f"| {args.gpus} GPUs DDP, micro batch {args.global_batch // args.gpus} | {tps['multi']:.0f} | "
+            f"{multi['logged_losses']} |\n\n"
+            f"Scaling {args.gpus}-GPU / 1-GPU tokens/s: {tps['multi'] / tps['single']:.2f}x; "
+            f"max relative loss difference per step: {max(diffs):.2e}\n")
+    print(text)
+    Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
