@@ -30,7 +30,8 @@ def run(cfg: dict, work: Path, name: str, gpus: int) -> dict:
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus)] if gpus > 1
                 else [sys.executable])
     subprocess.run(launcher + ["-m", "qlora_fast.cli.main", "train", str(work / f"{name}.yaml")], check=True,
-                   env=dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1"))
+                   env=dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
+                            CUDA_VISIBLE_DEVICES=",".join(map(str, range(gpus)))))
     return json.loads((work / name / "train_summary.json").read_text())
 
 

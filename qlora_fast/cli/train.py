@@ -97,6 +97,15 @@ def sft_arguments(cfg: TrainConfig, bf16: bool, fp16: bool, has_eval: bool, reco
     )
 
 
+def _single_process_single_gpu(args):
+    """Without a launcher, train on one GPU: Trainer would wrap the model in nn.DataParallel, which neither
+    4-bit models nor TRL support. Data parallel goes through torchrun / accelerate launch."""
+    if "LOCAL_RANK" not in os.environ and torch.cuda.device_count() > 1:
+        args._n_gpu = 1
+        print(f"qlora-fast: {torch.cuda.device_count()} GPUs visible to one process: training on GPU 0; launch with "
+              "torchrun or accelerate launch (distributed: ddp) to use them all", flush=True)
+
+
 def build_trainer(cfg: TrainConfig):
     """Everything up to the first step: data checked first, then model, adapter, patch and trainer."""
     from trl import SFTTrainer
@@ -106,6 +115,7 @@ def build_trainer(cfg: TrainConfig):
     model, tokenizer = load_base_model(cfg, compute_dtype)
     model = add_adapter(cfg, model)
     args = sft_arguments(cfg, bf16, fp16, eval_data is not None, set(train_data.column_names))
+    _single_process_single_gpu(args)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
                          processing_class=tokenizer)
     if cfg.patch:
