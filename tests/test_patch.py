@@ -110,3 +110,12 @@ def test_second_adapter_is_served_when_active_and_ignored_when_not():
         stock = loss_and_grads(model, ids)[0]
         patch_model(model)
         assert loss_and_grads(model, ids)[0] == pytest.approx(stock, rel=1e-5)
+
+
+def test_patched_model_runs_under_torch_compile():
+    model = tiny_qlora().train()
+    ids = torch.randint(0, 512, (1, 16))
+    stock = model(input_ids=ids, labels=ids).loss
+    patch_model(model)
+    compiled = torch.compile(model, backend="aot_eager")
+    assert compiled(input_ids=ids, labels=ids).loss.item() == pytest.approx(stock.item(), rel=1e-5)

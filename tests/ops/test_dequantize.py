@@ -27,3 +27,9 @@ def test_fp4_is_refused_with_a_clear_error():
     layer = make_nf4_linear(64, 128, torch.float16, True, quant_type="fp4")
     with pytest.raises(ValueError, match="quant_type fp4"):
         dequantize_nf4(layer.weight)
+
+
+def test_dequantize_traces_in_torch_compile_without_graph_breaks():
+    layer = make_nf4_linear(64, 128, torch.bfloat16, True)
+    compiled = torch.compile(lambda: dequantize_nf4(layer.weight) * 2, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(), reference_dequantize(layer.weight) * 2)
