@@ -18,6 +18,9 @@ from qlora_fast.harness.compare import compare_stock_and_patched
 from qlora_fast.harness.models import add_lora, quantize_to_nf4_, random_causal_lm
 
 
+VARIANTS = {"LoRA layers": {"chunked_loss": False}, "LoRA layers + chunked loss": {"chunked_loss": True}}
+
+
 def profile_one_step(model, batch, path):
     """Where the step time goes: the top CUDA kernels of one stock and one patched step."""
     from torch.profiler import ProfilerActivity, profile
@@ -59,20 +62,22 @@ def main():
              f"triton {triton.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
              f"bitsandbytes {bitsandbytes.__version__}; model {args.shape} (random init, NF4 double quant, bf16), "
              f"LoRA r=16 all linear, gradient checkpointing, AdamW, {args.steps} steps (first excluded from timing)",
-             "", "| batch x seq | stock tok/s | qlora_fast tok/s | speedup | stock peak GiB | qlora_fast peak GiB "
-             "| max rel loss diff | LoRA weight rel diff | parity |", "|---|---|---|---|---|---|---|---|---|"]
+             "", "| batch x seq | qlora_fast variant | stock tok/s | qlora_fast tok/s | speedup | stock peak GiB "
+             "| qlora_fast peak GiB | max rel loss diff | LoRA weight rel diff | parity |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for size in args.sizes.split(","):
         batch, seq = map(int, size.split("x"))
         g = torch.Generator().manual_seed(batch * seq)
         batches = [{"input_ids": (ids := torch.randint(0, vocab, (batch, seq), generator=g)), "labels": ids}
                    for _ in range(args.steps)]
-        c = compare_stock_and_patched(model, batches, torch.bfloat16)
-        lines.append(f"| {size} | {c.stock.tokens_per_second:.0f} | {c.patched.tokens_per_second:.0f} | "
-                     f"{c.speedup:.2f}x | {c.stock.peak_memory_gib:.1f} | {c.patched.peak_memory_gib:.1f} | "
-                     f"{c.max_rel_loss_diff:.2e} | {c.weight_rel_diff:.2e} | {'pass' if c.passed else 'FAIL'} |")
-        print(lines[-1], "losses", [round(x, 4) for x in c.stock.losses], [round(x, 4) for x in c.patched.losses],
-              flush=True)
-        torch.cuda.empty_cache()
+        for variant, options in VARIANTS.items():
+            c = compare_stock_and_patched(model, batches, torch.bfloat16, **options)
+            lines.append(f"| {size} | {variant} | {c.stock.tokens_per_second:.0f} | {c.patched.tokens_per_second:.0f} | "
+                         f"{c.speedup:.2f}x | {c.stock.peak_memory_gib:.1f} | {c.patched.peak_memory_gib:.1f} | "
+                         f"{c.max_rel_loss_diff:.2e} | {c.weight_rel_diff:.2e} | {'pass' if c.passed else 'FAIL'} |")
+            print(lines[-1], "losses", [round(x, 4) for x in c.stock.losses],
+                  [round(x, 4) for x in c.patched.losses], flush=True)
+            torch.cuda.empty_cache()
     if args.profile:
         profile_one_step(model, batches[0], args.profile)
     text = "\n".join(lines) + "\n"

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .nf4 import nf4_weight_from_bnb, unsupported_reason
+from .ops.linear_cross_entropy import causal_lm_loss
 from .ops.lora_nf4_linear import lora_nf4_linear
 
 try:
@@ -22,9 +23,12 @@ _PATCHED = "_qlora_fast_patched"
 class PatchReport:
     patched: int = 0
     skipped: Counter = field(default_factory=Counter)  # reason -> number of layers
+    chunked_loss: bool = False
 
     def summary(self) -> str:
         line = f"qlora_fast: patched {self.patched} LoRA NF4 layers"
+        if self.chunked_loss:
+            line += " and the LM loss (chunked, no full logits)"
         if self.skipped:
             reasons = "; ".join(f"{n} x {reason}" for reason, n in self.skipped.most_common())
             line += f", kept {sum(self.skipped.values())} on the stock peft path ({reasons})"
@@ -52,8 +56,34 @@ def _static_skip_reason(layer) -> str | None:
     return unsupported_reason(base.weight)
 
 
+def _replace_forward(module: torch.nn.Module, forward) -> None:
+    """Installs `forward` on this instance, remembering an instance-level forward another library (TRL,
+    accelerate) may have wrapped it with, so that falling back goes through that wrapper."""
+    if getattr(module, _PATCHED, False):
+        return
+    module._qlora_fast_previous_forward = vars(module).get("forward")
+    module.forward = types.MethodType(forward, module)
+    setattr(module, _PATCHED, True)
+
+
+def _restore_forward(module: torch.nn.Module) -> bool:
+    if not getattr(module, _PATCHED, False):
+        return False
+    previous = vars(module).pop("_qlora_fast_previous_forward")
+    del module.forward
+    if previous is not None:
+        module.forward = previous
+    delattr(module, _PATCHED)
+    return True
+
+
+def _previous_forward(module: torch.nn.Module):
+    previous = vars(module).get("_qlora_fast_previous_forward")
+    return previous if previous is not None else types.MethodType(type(module).forward, module)
+
+
 def _stock_forward(layer, x, *args, **kwargs):
-    return type(layer).forward(layer, x, *args, **kwargs)
+    return _previous_forward(layer)(x, *args, **kwargs)
 
 
 @torch.compiler.disable
@@ -79,21 +109,49 @@ def _fused_forward(self, x, *args, **kwargs):
                            nf4_weight_from_bnb(base.weight), base.bias, compute_dtype)
 
 
-def patch_model(model: torch.nn.Module, verbose: bool = True) -> PatchReport:
-    """Routes every LoRA layer over a bitsandbytes NF4 Linear4bit through the fused Triton path.
+def _causal_lm(model: torch.nn.Module):
+    """The transformers *ForCausalLM module inside `model` whose loss can be chunked, or None."""
+    for m in model.modules():
+        head = m._modules.get("lm_head")  # own children only: peft wrappers forward attribute lookups
+        if (type(head) is torch.nn.Linear and "model" in m._modules and hasattr(m, "config")
+                and getattr(m.config, "final_logit_softcapping", None) is None):
+            return m
+    return None
+
+
+def _forward_with_chunked_loss(self, *args, labels=None, **kwargs):
+    """Training forward with labels: the loss from the hidden states, chunk by chunk, and no logits
+    (outputs.logits is None). Evaluation, generation and TRL's own fused head take the stock forward."""
+    if labels is None or args or not self.training or kwargs.get("fused_lm_head") or kwargs.get("return_dict") is False:
+        return _previous_forward(self)(*args, labels=labels, **kwargs)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+    kwargs.pop("logits_to_keep", None)
+    outputs = self.model(**kwargs)
+    loss = causal_lm_loss(outputs.last_hidden_state, self.lm_head.weight, labels, num_items_in_batch)
+    return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
+                                  hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+
+def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool = True) -> PatchReport:
+    """Routes every LoRA layer over a bitsandbytes NF4 Linear4bit through the fused Triton path, and
+    (`chunked_loss`) computes a training forward's loss without materializing the full logits.
 
     Layers that cannot be served exactly keep peft's forward; one warning line says which and why.
     Idempotent; `unpatch_model` undoes it. Saving and loading adapters is unchanged (plain peft).
     """
     report = PatchReport()
+    lm = _causal_lm(model) if chunked_loss else None
+    if lm is not None:
+        _replace_forward(lm, _forward_with_chunked_loss)
+        report.chunked_loss = True
     for _, layer in _lora_nf4_layers(model):
         reason = _static_skip_reason(layer)
         if reason is not None:
             report.skipped[reason] += 1
             continue
-        if not getattr(layer, _PATCHED, False):
-            layer.forward = types.MethodType(_fused_forward, layer)
-            setattr(layer, _PATCHED, True)
+        _replace_forward(layer, _fused_forward)
         report.patched += 1
     if verbose and report.skipped:
         warnings.warn(report.summary(), stacklevel=2)
@@ -101,14 +159,11 @@ def patch_model(model: torch.nn.Module, verbose: bool = True) -> PatchReport:
 
 
 def unpatch_model(model: torch.nn.Module) -> int:
-    """Restores peft's forward on every layer patch_model changed; returns how many."""
-    restored = 0
-    for _, layer in _lora_nf4_layers(model):
-        if getattr(layer, _PATCHED, False):
-            del layer.forward
-            delattr(layer, _PATCHED)
-            restored += 1
-    return restored
+    """Restores the stock forward of every LoRA layer patch_model changed; returns how many."""
+    lm = _causal_lm(model)
+    if lm is not None:
+        _restore_forward(lm)
+    return sum(_restore_forward(layer) for _, layer in _lora_nf4_layers(model))
 
 
 def is_patched(module: torch.nn.Module) -> bool:

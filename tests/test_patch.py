@@ -119,3 +119,52 @@ def test_patched_model_runs_under_torch_compile():
     patch_model(model)
     compiled = torch.compile(model, backend="aot_eager")
     assert compiled(input_ids=ids, labels=ids).loss.item() == pytest.approx(stock.item(), rel=1e-5)
+
+
+def test_chunked_loss_in_training_full_logits_elsewhere():
+    model = tiny_qlora().train()
+    ids = torch.randint(0, 512, (2, 16))
+    report = patch_model(model)
+    assert report.chunked_loss and "LM loss (chunked" in report.summary()
+    assert model(input_ids=ids, labels=ids).logits is None
+    assert model(input_ids=ids).logits.shape == (2, 16, 512)
+    model.eval()
+    assert model(input_ids=ids, labels=ids).logits is not None
+    unpatch_model(model)
+    model.train()
+    assert model(input_ids=ids, labels=ids).logits is not None
+
+
+def test_chunked_loss_can_be_left_out():
+    model = tiny_qlora().train()
+    ids = torch.randint(0, 512, (1, 8))
+    assert not patch_model(model, chunked_loss=False).chunked_loss
+    assert model(input_ids=ids, labels=ids).logits is not None
+
+
+def test_chunked_loss_respects_num_items_in_batch():
+    model = tiny_qlora().train()
+    ids = torch.randint(0, 512, (2, 16))
+    stock = model(input_ids=ids, labels=ids, num_items_in_batch=50).loss
+    patch_model(model)
+    assert model(input_ids=ids, labels=ids, num_items_in_batch=50).loss.item() == pytest.approx(stock.item(), rel=1e-5)
+
+
+def test_an_instance_level_wrapper_from_another_library_is_kept():
+    model = tiny_qlora().train()
+    lm = model.get_base_model()
+    calls = []
+    stock = lm.forward
+
+    def wrapper(*args, **kwargs):
+        calls.append(kwargs.get("fused_lm_head"))
+        kwargs.pop("fused_lm_head", None)
+        return stock(*args, **kwargs)
+
+    lm.forward = wrapper  # as TRL wraps the forward to serve fused_lm_head
+    patch_model(model)
+    ids = torch.randint(0, 512, (1, 8))
+    model(input_ids=ids, labels=ids, fused_lm_head=True)
+    assert calls == [True]
+    unpatch_model(model)
+    assert lm.forward is wrapper

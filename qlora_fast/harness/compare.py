@@ -113,15 +113,16 @@ class Comparison:
 
 
 def compare_stock_and_patched(model, batches: list[dict], dtype: torch.dtype, lr: float = 1e-4,
-                              seed: int = 0) -> Comparison:
-    """Trains `model` (a peft model over NF4 layers, unpatched) on `batches` twice: stock, then patched."""
+                              seed: int = 0, **patch_options) -> Comparison:
+    """Trains `model` (a peft model over NF4 layers, unpatched) on `batches` twice: stock, then patched
+    with `patch_model(model, **patch_options)`."""
     unpatch_model(model)
     initial = lora_state(model)
     stock = train_steps(model, batches, lr, seed)
     stock_final = lora_state(model)
 
     _load_lora_state(model, initial)
-    report = patch_model(model, verbose=False)
+    report = patch_model(model, verbose=False, **patch_options)
     try:
         patched = train_steps(model, batches, lr, seed)
         patched_final = lora_state(model)
