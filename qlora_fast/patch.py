@@ -45,7 +45,7 @@ def _static_skip_reason(layer) -> str | None:
     """Why this layer can never take the fused path (checked once, at patch time)."""
     if getattr(layer, "lora_variant", None):
         kinds = sorted({type(v).__name__.removesuffix("LinearVariant") or "variant" for v in layer.lora_variant.values()})
-        return f"LoRA variant {'/'.join(kinds)} (e.g. DoRA)"
+        return f"LoRA variant {'/'.join(kinds)}"
     if any(layer.use_dora.values()):
         return "DoRA"
     if any(b.bias is not None for b in layer.lora_B.values()):

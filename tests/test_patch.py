@@ -68,7 +68,7 @@ def test_dora_layers_stay_stock_with_one_warning_line():
     model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True))
     with pytest.warns(UserWarning) as caught:
         report = patch_model(model)
-    assert report.patched == 0 and report.skipped == {"LoRA variant Dora (e.g. DoRA)": 4}
+    assert report.patched == 0 and report.skipped == {"LoRA variant Dora": 4}
     assert len(caught) == 1 and "\n" not in str(caught[0].message)
     assert "kept 4 on the stock peft path" in str(caught[0].message)
 
