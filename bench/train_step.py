@@ -16,6 +16,7 @@ import triton
 
 from qlora_fast.harness.compare import compare_stock_and_patched
 from qlora_fast.harness.models import add_lora, quantize_to_nf4_, random_causal_lm
+from qlora_fast.harness.run import random_batches
 
 
 VARIANTS = {"LoRA layers": {"chunked_loss": False}, "LoRA layers + chunked loss": {"chunked_loss": True}}
@@ -66,10 +67,7 @@ def main():
              "| qlora_fast peak GiB | max rel loss diff | LoRA weight rel diff | parity |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for size in args.sizes.split(","):
-        batch, seq = map(int, size.split("x"))
-        g = torch.Generator().manual_seed(batch * seq)
-        batches = [{"input_ids": (ids := torch.randint(0, vocab, (batch, seq), generator=g)), "labels": ids}
-                   for _ in range(args.steps)]
+        batches = random_batches(vocab, size, args.steps)
         for variant, options in VARIANTS.items():
             c = compare_stock_and_patched(model, batches, torch.bfloat16, **options)
             lines.append(f"| {size} | {variant} | {c.stock.tokens_per_second:.0f} | {c.patched.tokens_per_second:.0f} | "

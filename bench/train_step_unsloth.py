@@ -16,6 +16,7 @@ import torch
 
 from qlora_fast.harness.compare import train_steps
 from qlora_fast.harness.models import byte_tokenizer, random_causal_lm
+from qlora_fast.harness.run import random_batches
 
 
 def main():
@@ -44,10 +45,7 @@ def main():
              f"{args.steps} steps (first excluded)", "", "| batch x seq | unsloth tok/s | unsloth peak GiB | losses |",
              "|---|---|---|---|"]
     for size in args.sizes.split(","):
-        batch, seq = map(int, size.split("x"))
-        g = torch.Generator().manual_seed(batch * seq)
-        batches = [{"input_ids": (ids := torch.randint(0, vocab, (batch, seq), generator=g)), "labels": ids}
-                   for _ in range(args.steps)]
+        batches = random_batches(vocab, size, args.steps)
         stats = train_steps(model, batches)
         lines.append(f"| {size} | {stats.tokens_per_second:.0f} | {stats.peak_memory_gib:.1f} | "
                      f"{[round(x, 4) for x in stats.losses]} |")

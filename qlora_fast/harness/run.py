@@ -48,3 +48,11 @@ def compare_config(cfg, steps: int = 8, out_dir: str | None = None) -> Compariso
     print(f"{'PASS' if result.passed else 'FAIL'}: max rel loss diff {result.max_rel_loss_diff:.2e}, "
           f"speedup {result.speedup:.2f}x; report in {out}", flush=True)
     return result
+
+
+def random_batches(vocab_size: int, size: str, steps: int) -> list[dict]:
+    """`steps` batches of random tokens for a "BATCHxSEQ" size, the same for every caller of that size."""
+    batch, seq = map(int, size.split("x"))
+    g = torch.Generator().manual_seed(batch * seq)
+    return [{"input_ids": (ids := torch.randint(0, vocab_size, (batch, seq), generator=g)), "labels": ids}
+            for _ in range(steps)]

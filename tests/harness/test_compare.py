@@ -61,3 +61,12 @@ def test_compare_command_on_the_default_config(tmp_path):
     assert parse_config(raw).datasets
     assert run(["compare", str(tmp_path / "cfg.yaml"), "--steps", "3", "--out", str(tmp_path / "cmp")]) == 0
     assert (tmp_path / "cmp" / "loss.png").is_file()
+
+
+def test_random_batches_are_reproducible_per_size():
+    from qlora_fast.harness.run import random_batches
+
+    a, b = random_batches(100, "2x16", 3), random_batches(100, "2x16", 3)
+    assert len(a) == 3 and a[0]["input_ids"].shape == (2, 16)
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b))
+    assert not torch.equal(a[0]["input_ids"], a[1]["input_ids"])
