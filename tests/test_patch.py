@@ -168,3 +168,14 @@ def test_an_instance_level_wrapper_from_another_library_is_kept():
     assert calls == [True]
     unpatch_model(model)
     assert lm.forward is wrapper
+
+
+def test_mixed_batch_adapter_names_take_peft_path():
+    model = tiny_qlora().eval()  # peft serves adapter_names in inference only
+    model.add_adapter("other", LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    ids = torch.randint(0, 512, (2, 8))
+    names = ["default", "other"]
+    with torch.no_grad():
+        stock = model(input_ids=ids, adapter_names=names).logits
+        patch_model(model)
+        assert torch.equal(model(input_ids=ids, adapter_names=names).logits, stock)
