@@ -71,6 +71,7 @@ class TrainConfig:
     bf16: Any = "auto"
     fp16: bool = False
     gradient_checkpointing: bool = True
+    activation_offloading: bool = False  # TRL's: saved activations to CPU, asynchronously (GPU only)
     seed: int = 42
     # bookkeeping
     logging_steps: int = 1

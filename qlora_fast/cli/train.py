@@ -87,7 +87,8 @@ def sft_arguments(cfg: TrainConfig, bf16: bool, fp16: bool, has_eval: bool, reco
         warmup_steps=cfg.warmup_ratio or cfg.warmup_steps, optim=cfg.optimizer, weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm, bf16=bf16, fp16=fp16, seed=cfg.seed, data_seed=cfg.seed,
         gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False}, logging_steps=cfg.logging_steps,
+        gradient_checkpointing_kwargs={"use_reentrant": False}, activation_offloading=cfg.activation_offloading,
+        logging_steps=cfg.logging_steps,
         eval_strategy="steps" if has_eval else "no", eval_steps=cfg.eval_steps or cfg.logging_steps,
         save_strategy="steps" if cfg.save_steps else "no", save_steps=cfg.save_steps or 500,
         max_length=cfg.sequence_len, packing=cfg.packing,
@@ -110,6 +111,8 @@ def build_trainer(cfg: TrainConfig):
     """Everything up to the first step: data checked first, then model, adapter, patch and trainer."""
     from trl import SFTTrainer
 
+    if cfg.activation_offloading and not torch.cuda.is_available():
+        raise ConfigError("activation_offloading moves activations from the GPU to the CPU: it needs a GPU")
     train_data, eval_data = load_training_data(cfg)
     compute_dtype, bf16, fp16 = precision(cfg)
     model, tokenizer = load_base_model(cfg, compute_dtype)

@@ -70,6 +70,12 @@ def test_unknown_random_shape_and_missing_model_are_clear(tmp_path):
         train(tiny_config(tmp_path, base_model=str(tmp_path / "no-such-model")))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only refusal")
+def test_activation_offloading_without_gpu_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="activation_offloading .* needs a GPU"):
+        train(tiny_config(tmp_path, activation_offloading=True))
+
+
 def test_target_modules_that_do_not_exist(tmp_path):
     with pytest.raises(ConfigError, match="lora_target_modules"):
         train(tiny_config(tmp_path, lora_target_modules=["not_a_layer"]))
