@@ -1,6 +1,7 @@
 """YAML training configs in the axolotl style, validated in full before any model is loaded."""
 
 import difflib
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -112,9 +113,10 @@ def _check_type(key: str, value, expected):
 
 
 def _type_name(f) -> str | None:
-    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
-    base = t.split("|")[0].strip()
-    return base if base in ("int", "float", "bool", "str") else None
+    """The plain type a config field holds (int, float, bool, str), looking through `X | None`."""
+    candidates = [t for t in (typing.get_args(f.type) or (f.type,)) if t is not type(None)]
+    name = getattr(candidates[0], "__name__", "") if len(candidates) == 1 else ""
+    return name if name in ("int", "float", "bool", "str") else None
 
 
 def _parse_dataset(i: int, raw, base_dir: Path) -> DatasetSpec:

@@ -43,6 +43,8 @@ def test_unknown_dataset_key_is_named(data_file):
     ("optimizer", "adamw", "did you mean"),
     ("lr_scheduler", "cosin", "did you mean 'cosine'"),
     ("lora_target_modules", 3, "lora_target_modules must be"),
+    ("eval_steps", "ten", "'eval_steps' must be an int"),
+    ("tokenizer", 5, "'tokenizer' must be a str"),
     ("distributed", "fsdp", "bnb_4bit_quant_storage"),
 ])
 def test_wrong_values_name_the_key(data_file, key, value, message):
