@@ -20,6 +20,8 @@ def _parser():
     compare.add_argument("config", nargs="?", default=None)
     compare.add_argument("--steps", type=int, default=8)
     compare.add_argument("--out", default=None, help="report folder (default: <output_dir>/compare)")
+    compare.add_argument("--timing-rounds", type=int, default=5,
+                         help="stock/patched steps timed alternately after the parity run (0: time the parity run)")
     merge = sub.add_parser("merge", help="merge a trained adapter into the dequantized base model")
     merge.add_argument("config")
     merge.add_argument("--adapter", default=None, help="adapter folder (default: the config's output_dir)")
@@ -43,7 +45,7 @@ def run(argv=None) -> int:
         elif args.command == "compare":
             from ..harness.run import compare_config
 
-            if not compare_config(cfg, steps=args.steps, out_dir=args.out).passed:
+            if not compare_config(cfg, args.steps, args.out, args.timing_rounds).passed:
                 return 1
         elif args.command == "merge":
             from .merge import merge

@@ -3,6 +3,7 @@
 Both runs start from the same LoRA weights, RNG seed and batches, in one process, one after the other.
 """
 
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -76,6 +77,34 @@ def train_steps(model, batches: list[dict], lr: float = 1e-4, seed: int = 0) -> 
     return stats
 
 
+def _forward_backward_seconds(model, batch: dict) -> float:
+    device = next(model.parameters()).device
+    _synchronize(device)
+    started = time.perf_counter()
+    model(**{k: v.to(device) for k, v in batch.items()}).loss.backward()
+    model.zero_grad(set_to_none=True)
+    _synchronize(device)
+    return time.perf_counter() - started
+
+
+def interleaved_step_seconds(model, batch: dict, rounds: int, **patch_options) -> tuple[float, float]:
+    """Median forward+backward seconds of (stock, patched), alternating the two every round, so that a
+    drift of the machine's speed during the measurement hits both alike. One warm-up round first."""
+    times = {"stock": [], "patched": []}
+    try:
+        for round_ in range(rounds + 1):
+            for variant in times:
+                if variant == "patched":
+                    patch_model(model, verbose=False, **patch_options)
+                seconds = _forward_backward_seconds(model, batch)
+                unpatch_model(model)
+                if round_:
+                    times[variant].append(seconds)
+    finally:
+        unpatch_model(model)
+    return statistics.median(times["stock"]), statistics.median(times["patched"])
+
+
 @dataclass
 class Comparison:
     stock: RunStats
@@ -83,6 +112,8 @@ class Comparison:
     dtype: torch.dtype
     weight_rel_diff: float
     patched_layers: int
+    # median step seconds (stock, patched) measured interleaved; None when not asked for
+    interleaved_seconds: tuple | None = None
 
     @property
     def max_abs_loss_diff(self) -> float:
@@ -97,25 +128,32 @@ class Comparison:
         return (self.max_rel_loss_diff <= LOSS_RTOL[self.dtype]
                 and self.weight_rel_diff <= WEIGHT_RTOL[self.dtype])
 
+    def tokens_per_second(self, variant: str) -> float:
+        """'stock' or 'patched' throughput: from the interleaved timing when there is one."""
+        if self.interleaved_seconds:
+            return self.stock.tokens_per_step / self.interleaved_seconds[variant == "patched"]
+        return getattr(self, variant).tokens_per_second
+
     @property
     def speedup(self) -> float:
-        return self.patched.tokens_per_second / self.stock.tokens_per_second
+        return self.tokens_per_second("patched") / self.tokens_per_second("stock")
 
     def to_dict(self) -> dict:
         out = {"stock": asdict(self.stock), "patched": asdict(self.patched)}
         for run in ("stock", "patched"):
-            out[run]["tokens_per_second"] = getattr(self, run).tokens_per_second
+            out[run]["tokens_per_second"] = self.tokens_per_second(run)
         out.update(dtype=str(self.dtype).removeprefix("torch."), weight_rel_diff=self.weight_rel_diff,
                    patched_layers=self.patched_layers, max_abs_loss_diff=self.max_abs_loss_diff,
                    max_rel_loss_diff=self.max_rel_loss_diff, loss_rtol=LOSS_RTOL[self.dtype],
-                   weight_rtol=WEIGHT_RTOL[self.dtype], speedup=self.speedup, passed=self.passed)
+                   weight_rtol=WEIGHT_RTOL[self.dtype], speedup=self.speedup, passed=self.passed,
+                   interleaved_seconds=self.interleaved_seconds)
         return out
 
 
 def compare_stock_and_patched(model, batches: list[dict], dtype: torch.dtype, lr: float = 1e-4,
-                              seed: int = 0, **patch_options) -> Comparison:
+                              seed: int = 0, timing_rounds: int = 0, **patch_options) -> Comparison:
     """Trains `model` (a peft model over NF4 layers, unpatched) on `batches` twice: stock, then patched
-    with `patch_model(model, **patch_options)`."""
+    with `patch_model(model, **patch_options)`; then, with `timing_rounds`, times both interleaved."""
     unpatch_model(model)
     initial = lora_state(model)
     stock = train_steps(model, batches, lr, seed)
@@ -132,4 +170,7 @@ def compare_stock_and_patched(model, batches: list[dict], dtype: torch.dtype, lr
 
     num = sum((patched_final[k].double() - stock_final[k].double()).norm() ** 2 for k in stock_final)
     den = sum(stock_final[k].double().norm() ** 2 for k in stock_final)
-    return Comparison(stock, patched, dtype, float((num / den).sqrt()), report.patched)
+    interleaved = None
+    if timing_rounds:
+        interleaved = interleaved_step_seconds(model, batches[0], timing_rounds, **patch_options)
+    return Comparison(stock, patched, dtype, float((num / den).sqrt()), report.patched, interleaved)

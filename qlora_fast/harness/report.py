@@ -19,6 +19,7 @@ def markdown_report(c: Comparison, title: str) -> str:
     rows = "\n".join(f"| {i} | {a:.6f} | {b:.6f} | {abs(a - b):.2e} |"
                      for i, (a, b) in enumerate(zip(s.losses, p.losses)))
     mem_ratio = (f"{p.peak_memory_gib / s.peak_memory_gib:.2f}x" if s.peak_memory_gib else "n/a")
+    timing = " (median, interleaved)" if c.interleaved_seconds else ""
     return f"""# qlora_fast regression: {title}
 
 **{'PASS' if c.passed else 'FAIL'}**: max relative loss difference {c.max_rel_loss_diff:.2e} (tolerance
@@ -27,7 +28,7 @@ relative (tolerance {c.to_dict()['weight_rtol']:.0e}); {c.patched_layers} layers
 
 | | stock peft | qlora_fast | ratio |
 |---|---|---|---|
-| tokens/s | {s.tokens_per_second:.1f} | {p.tokens_per_second:.1f} | {c.speedup:.2f}x |
+| tokens/s{timing} | {c.tokens_per_second("stock"):.1f} | {c.tokens_per_second("patched"):.1f} | {c.speedup:.2f}x |
 | peak memory GiB | {_fmt_gib(s.peak_memory_gib)} | {_fmt_gib(p.peak_memory_gib)} | {mem_ratio} |
 
 {_CPU_NOTE if s.peak_memory_gib is None else ""}

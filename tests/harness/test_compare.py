@@ -70,3 +70,18 @@ def test_random_batches_are_reproducible_per_size():
     assert len(a) == 3 and a[0]["input_ids"].shape == (2, 16)
     assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b))
     assert not torch.equal(a[0]["input_ids"], a[1]["input_ids"])
+
+
+def test_interleaved_timing_alternates_and_leaves_the_model_unpatched(monkeypatch):
+    import qlora_fast.harness.compare as compare
+
+    model = tiny_model(torch.float32)
+    states = []
+    real = compare._forward_backward_seconds
+    monkeypatch.setattr(compare, "_forward_backward_seconds",
+                        lambda m, b: states.append(any("forward" in vars(x) for x in m.modules())) or real(m, b))
+    result = compare_stock_and_patched(model, batches(2), torch.float32, timing_rounds=3)
+    assert states == [False, True] * 4  # warm-up round + 3 timed rounds
+    stock_s, patched_s = result.interleaved_seconds
+    assert result.speedup == stock_s / patched_s
+    assert not any("forward" in vars(m) for m in model.modules())
