@@ -19,7 +19,8 @@ from qlora_fast.harness.models import add_lora, quantize_to_nf4_, random_causal_
 from qlora_fast.harness.run import random_batches
 
 
-VARIANTS = {"LoRA layers": {"chunked_loss": False}, "LoRA layers + chunked loss": {"chunked_loss": True}}
+VARIANTS = {"LoRA layers": {"chunked_loss": False}, "LoRA layers + chunked loss": {"chunked_loss": True},
+            "+ RMSNorm kernel": {"chunked_loss": True, "rms_norm": True}}
 
 
 def profile_one_step(model, batch, path):

@@ -10,6 +10,7 @@ import torch
 from .nf4 import nf4_weight_from_bnb, unsupported_reason
 from .ops.linear_cross_entropy import causal_lm_loss
 from .ops.lora_nf4_linear import lora_nf4_linear
+from .ops.rms_norm import rms_norm as rms_norm_op
 
 try:
     from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
@@ -24,9 +25,12 @@ class PatchReport:
     patched: int = 0
     skipped: Counter = field(default_factory=Counter)  # reason -> number of layers
     chunked_loss: bool = False
+    rms_norms: int = 0
 
     def summary(self) -> str:
         line = f"qlora_fast: patched {self.patched} LoRA NF4 layers"
+        if self.rms_norms:
+            line += f", {self.rms_norms} RMSNorms"
         if self.chunked_loss:
             line += " and the LM loss (chunked, no full logits)"
         if self.skipped:
@@ -134,14 +138,32 @@ def _forward_with_chunked_loss(self, *args, labels=None, **kwargs):
                                   hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
 
-def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool = True) -> PatchReport:
-    """Routes every LoRA layer over a bitsandbytes NF4 Linear4bit through the fused Triton path, and
-    (`chunked_loss`) computes a training forward's loss without materializing the full logits.
+# RMSNorm classes whose forward is exactly w * round(x * rsqrt(mean(x^2) + eps)); Gemma's (1 + w) is not.
+_LLAMA_STYLE_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}
+
+
+def _rms_norm_forward(self, x):
+    return rms_norm_op(x, self.weight, self.variance_epsilon)
+
+
+def _frozen_llama_style_norms(model: torch.nn.Module):
+    return [m for m in model.modules()
+            if type(m).__name__ in _LLAMA_STYLE_RMS_NORMS and not m.weight.requires_grad]
+
+
+def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool = True,
+                rms_norm: bool = False) -> PatchReport:
+    """Routes every LoRA layer over a bitsandbytes NF4 Linear4bit through the fused Triton path,
+    (`chunked_loss`) computes a training forward's loss without materializing the full logits, and
+    (`rms_norm`, off until measured on a GPU) runs frozen Llama-style RMSNorms on a Triton kernel.
 
     Layers that cannot be served exactly keep peft's forward; one warning line says which and why.
     Idempotent; `unpatch_model` undoes it. Saving and loading adapters is unchanged (plain peft).
     """
     report = PatchReport()
+    for norm in _frozen_llama_style_norms(model) if rms_norm else []:
+        _replace_forward(norm, _rms_norm_forward)
+        report.rms_norms += 1
     lm = _causal_lm(model) if chunked_loss else None
     if lm is not None:
         _replace_forward(lm, _forward_with_chunked_loss)
@@ -163,6 +185,8 @@ def unpatch_model(model: torch.nn.Module) -> int:
     lm = _causal_lm(model)
     if lm is not None:
         _restore_forward(lm)
+    for norm in _frozen_llama_style_norms(model):
+        _restore_forward(norm)
     return sum(_restore_forward(layer) for _, layer in _lora_nf4_layers(model))
 
 

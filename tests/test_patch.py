@@ -179,3 +179,21 @@ def test_mixed_batch_adapter_names_take_peft_path():
         stock = model(input_ids=ids, adapter_names=names).logits
         patch_model(model)
         assert torch.equal(model(input_ids=ids, adapter_names=names).logits, stock)
+
+
+@pytest.mark.parametrize("shape", ["tiny-llama", "tiny-qwen2", "tiny-mistral"])
+def test_rms_norm_option_keeps_loss_and_grads(shape):
+    model = tiny_qlora(shape).train()
+    ids = torch.randint(0, 512, (2, 16))
+    stock_loss, stock_grads = loss_and_grads(model, ids)
+    report = patch_model(model, rms_norm=True)
+    assert report.rms_norms == 5 and "5 RMSNorms" in report.summary()  # 2 layers x 2 + the final norm
+    loss, grads = loss_and_grads(model, ids)
+    assert loss == pytest.approx(stock_loss, rel=1e-5)
+    assert all(rel_err(grads[n], stock_grads[n]) < 1e-4 for n in stock_grads)
+    unpatch_model(model)
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
+def test_gemma_norms_are_left_alone():
+    assert patch_model(tiny_qlora("tiny-gemma"), rms_norm=True).rms_norms == 0
