@@ -12,34 +12,34 @@ from .nf4_decode import round_fp32_to
 
 
 @triton.jit
+def _row_offsets(n_cols, BLOCK: tl.constexpr):
+    """This program's row start, the column indices and their mask."""
+    cols = tl.arange(0, BLOCK)
+    return tl.program_id(0).to(tl.int64) * n_cols, cols, cols < n_cols
+
+
+@triton.jit
 def _rms_norm_forward_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, n_cols, eps,
                              SOFTWARE_RTNE: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    start, cols, mask = _row_offsets(n_cols, BLOCK)
+    x = tl.load(x_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
     normed = round_fp32_to(x * rstd, x_ptr.dtype.element_ty, SOFTWARE_RTNE).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    y = round_fp32_to(w * normed, y_ptr.dtype.element_ty, SOFTWARE_RTNE)
-    tl.store(y_ptr + row * n_cols + cols, y, mask=mask)
-    tl.store(rstd_ptr + row, rstd)
+    tl.store(y_ptr + start + cols, round_fp32_to(w * normed, y_ptr.dtype.element_ty, SOFTWARE_RTNE), mask=mask)
+    tl.store(rstd_ptr + tl.program_id(0), rstd)
 
 
 @triton.jit
 def _rms_norm_backward_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, n_cols,
                               SOFTWARE_RTNE: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    dy = tl.load(dy_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    rstd = tl.load(rstd_ptr + row)
-    g = dy * w
-    normed = x * rstd
+    start, cols, mask = _row_offsets(n_cols, BLOCK)
+    g = (tl.load(dy_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
+         * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32))
+    rstd = tl.load(rstd_ptr + tl.program_id(0))
+    normed = tl.load(x_ptr + start + cols, mask=mask, other=0.0).to(tl.float32) * rstd
     dx = rstd * (g - normed * (tl.sum(g * normed, axis=0) / n_cols))
-    tl.store(dx_ptr + row * n_cols + cols, round_fp32_to(dx, dx_ptr.dtype.element_ty, SOFTWARE_RTNE), mask=mask)
+    tl.store(dx_ptr + start + cols, round_fp32_to(dx, dx_ptr.dtype.element_ty, SOFTWARE_RTNE), mask=mask)
 
 
 def _launch_options(n_cols: int) -> dict:
