@@ -6,7 +6,8 @@
    in-GEMM matmul against dequantize + fp32 matmul, fused LoRA layer fwd/bwd against stock peft;
 2. dequantize time: qlora_fast vs bitsandbytes vs peft (vs unsloth's fast_dequantize when installed);
 3. in-GEMM vs dequantize + cuBLAS by token count (sets ops/nf4_linear.py FUSED_MAX_ROWS);
-4. LoRA linear forward+backward: stock peft vs patched, time and peak memory.
+4. LoRA linear forward+backward: stock peft vs patched, time and peak memory;
+5. RMSNorm forward+backward: transformers' LlamaRMSNorm vs the Triton kernel.
 """
 
 import argparse
@@ -164,6 +165,26 @@ def time_lora_layer(rows):
             rows.append(row)
 
 
+def time_rms_norm(rows):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from qlora_fast.ops.rms_norm import rms_norm
+
+    for tokens in (2048, 8192):
+        norm = LlamaRMSNorm(4096).to("cuda", torch.bfloat16).requires_grad_(False)
+        x = torch.randn(tokens, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        gy = torch.randn_like(x)
+        hf = lambda: norm(x).backward(gy)
+        ours = lambda: rms_norm(x, norm.weight, norm.variance_epsilon).backward(gy)
+        x.grad = None
+        hf()
+        ref = x.grad.clone()
+        x.grad = None
+        ours()
+        rows.append({"tokens x hidden": f"{tokens}x4096", "hf_fwd_bwd_ms": median_ms(hf),
+                     "qlora_fast_fwd_bwd_ms": median_ms(ours), "dx_rel_err": rel_err(x.grad, ref)})
+
+
 def markdown(title, rows):
     if not rows:
         return ""
@@ -177,7 +198,7 @@ def markdown(title, rows):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="kernels.md")
-    parser.add_argument("--skip", nargs="*", default=[], help="sections to skip: correctness dequant crossover lora")
+    parser.add_argument("--skip", nargs="*", default=[], help="sections to skip: correctness dequant crossover lora rmsnorm")
     args = parser.parse_args()
     import bitsandbytes, peft
     header = (f"Date {datetime.date.today()}, GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, "
@@ -185,7 +206,8 @@ def main():
     sections = [("correctness", "Correctness on the GPU", check_correctness),
                 ("dequant", "NF4 dequantize (median ms)", time_dequant),
                 ("crossover", "In-GEMM vs dequantize + cuBLAS (median ms, bf16)", time_crossover),
-                ("lora", "LoRA linear forward+backward, r=16 bf16 (median ms, peak MiB)", time_lora_layer)]
+                ("lora", "LoRA linear forward+backward, r=16 bf16 (median ms, peak MiB)", time_lora_layer),
+                ("rmsnorm", "RMSNorm forward+backward, bf16, frozen weight (median ms)", time_rms_norm)]
     report, results = header, {}
     for key, title, fn in sections:
         if key in args.skip:
