@@ -198,7 +198,8 @@ def markdown(title, rows):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="kernels.md")
-    parser.add_argument("--skip", nargs="*", default=[], help="sections to skip: correctness dequant crossover lora rmsnorm")
+    parser.add_argument("--skip", nargs="*", default=[],
+                        help="sections to skip: correctness dequant crossover lora rmsnorm")
     args = parser.parse_args()
     import bitsandbytes, peft
     header = (f"Date {datetime.date.today()}, GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, "
