@@ -48,7 +48,8 @@ def _lora_nf4_layers(model: torch.nn.Module):
 def _static_skip_reason(layer) -> str | None:
     """Why this layer can never take the fused path (checked once, at patch time)."""
     if getattr(layer, "lora_variant", None):
-        kinds = sorted({type(v).__name__.removesuffix("LinearVariant") or "variant" for v in layer.lora_variant.values()})
+        kinds = sorted({type(v).__name__.removesuffix("LinearVariant") or "variant"
+                        for v in layer.lora_variant.values()})
         return f"LoRA variant {'/'.join(kinds)}"
     if any(layer.use_dora.values()):
         return "DoRA"

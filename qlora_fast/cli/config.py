@@ -185,7 +185,8 @@ def _check_values(cfg: TrainConfig):
     need(cfg.lora_r > 0, "lora_r must be positive")
     need(0.0 <= cfg.lora_dropout < 1.0, "lora_dropout must be in [0, 1)")
     targets = cfg.lora_target_modules
-    need(targets == "all-linear" or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)),
+    names = isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)
+    need(targets == "all-linear" or names,
          "lora_target_modules must be 'all-linear' or a list of module names, e.g. [q_proj, v_proj]")
     need(cfg.sequence_len > 0 and cfg.micro_batch_size > 0 and cfg.gradient_accumulation_steps > 0,
          "sequence_len, micro_batch_size and gradient_accumulation_steps must be positive")

@@ -24,7 +24,8 @@ def markdown_report(c: Comparison, title: str) -> str:
 
 **{'PASS' if c.passed else 'FAIL'}**: max relative loss difference {c.max_rel_loss_diff:.2e} (tolerance
 {c.to_dict()['loss_rtol']:.0e}), LoRA weights after {len(s.losses)} steps differ by {c.weight_rel_diff:.2e}
-relative (tolerance {c.to_dict()['weight_rtol']:.0e}); {c.patched_layers} layers patched; compute dtype {c.to_dict()['dtype']}.
+relative (tolerance {c.to_dict()['weight_rtol']:.0e}); {c.patched_layers} layers patched;
+compute dtype {c.to_dict()['dtype']}.
 
 | | stock peft | qlora_fast | ratio |
 |---|---|---|---|
