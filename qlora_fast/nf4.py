@@ -37,6 +37,14 @@ class NF4Weight:
     def device(self) -> torch.device:
         return self.packed.device
 
+    def kernel_tensors(self) -> tuple:
+        """(packed, code, absmax, absmax2, code2, offset) as the kernels take them. Without double
+        quantization the last three are unread, so absmax stands in for them."""
+        if self.numel >= 2**31:
+            raise ValueError(f"NF4 weight of {self.numel} elements exceeds the kernels' 32-bit indexing")
+        scales = (self.absmax2, self.code2, self.offset) if self.nested else (self.absmax,) * 3
+        return self.packed, self.code, self.absmax, *scales
+
 
 def unsupported_reason(weight) -> str | None:
     """Why `weight` (a bnb Params4bit) cannot be served as NF4, or None if it can."""

@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from .compare import Comparison
+from .compare import LOSS_RTOL, WEIGHT_RTOL, Comparison
 
 
 def _fmt_gib(value):
@@ -23,9 +23,9 @@ def markdown_report(c: Comparison, title: str) -> str:
     return f"""# qlora_fast regression: {title}
 
 **{'PASS' if c.passed else 'FAIL'}**: max relative loss difference {c.max_rel_loss_diff:.2e} (tolerance
-{c.to_dict()['loss_rtol']:.0e}), LoRA weights after {len(s.losses)} steps differ by {c.weight_rel_diff:.2e}
-relative (tolerance {c.to_dict()['weight_rtol']:.0e}); {c.patched_layers} layers patched;
-compute dtype {c.to_dict()['dtype']}.
+{LOSS_RTOL[c.dtype]:.0e}), LoRA weights after {len(s.losses)} steps differ by {c.weight_rel_diff:.2e}
+relative (tolerance {WEIGHT_RTOL[c.dtype]:.0e}); {c.patched_layers} layers patched;
+compute dtype {str(c.dtype).removeprefix('torch.')}.
 
 | | stock peft | qlora_fast | ratio |
 |---|---|---|---|

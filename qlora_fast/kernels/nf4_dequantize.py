@@ -51,15 +51,12 @@ def nf4_dequantize(weight: NF4Weight, dtype: torch.dtype | None = None, out: tor
         out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
     elif out.shape != weight.shape or out.dtype != dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {tuple(weight.shape)} {dtype} tensor")
-    if weight.numel >= 2**31:
-        raise ValueError(f"NF4 weight of {weight.numel} elements exceeds 32-bit indexing")
-    nested = weight.nested
-    absmax2, code2, offset = (weight.absmax2, weight.code2, weight.offset) if nested else (weight.absmax,) * 3
     n_blocks = triton.cdiv(weight.numel, weight.blocksize)
     grid = lambda meta: (triton.cdiv(n_blocks, meta["BLOCKS_PER_PROGRAM"]),)
     _nf4_dequantize_kernel[grid](
-        weight.packed, weight.code, weight.absmax, absmax2, code2, offset, out, weight.numel,
-        BLOCKSIZE=weight.blocksize, BLOCKSIZE2=weight.blocksize2, NESTED=nested, SOFTWARE_RTNE=interpreting(),
+        *weight.kernel_tensors(), out, weight.numel,
+        BLOCKSIZE=weight.blocksize, BLOCKSIZE2=weight.blocksize2, NESTED=weight.nested,
+        SOFTWARE_RTNE=interpreting(),
         enable_fp_fusion=False,
     )
     return out

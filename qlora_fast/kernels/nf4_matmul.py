@@ -78,18 +78,14 @@ def nf4_matmul(a: torch.Tensor, weight: NF4Weight, transpose_weight: bool = True
     reduce_dim, out_dim = (k, n) if transpose_weight else (n, k)
     if a.dim() != 2 or a.shape[1] != reduce_dim:
         raise ValueError(f"expected a 2-D input with {reduce_dim} columns, got {tuple(a.shape)}")
-    if weight.numel >= 2**31:
-        raise ValueError(f"NF4 weight of {weight.numel} elements exceeds 32-bit indexing")
     m = a.shape[0]
     out = torch.empty((m, out_dim), dtype=a.dtype, device=a.device)
-    nested = weight.nested
-    absmax2, code2, offset = (weight.absmax2, weight.code2, weight.offset) if nested else (weight.absmax,) * 3
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(out_dim, meta["BLOCK_P"]),)
     _nf4_matmul_kernel[grid](
-        a, weight.packed, weight.code, weight.absmax, absmax2, code2, offset, out,
+        a, *weight.kernel_tensors(), out,
         m, out_dim, reduce_dim, k, a.stride(0), a.stride(1), out.stride(0), out.stride(1),
         TRANSPOSE_W=transpose_weight,
-        BLOCKSIZE=weight.blocksize, BLOCKSIZE2=weight.blocksize2, NESTED=nested,
+        BLOCKSIZE=weight.blocksize, BLOCKSIZE2=weight.blocksize2, NESTED=weight.nested,
         SOFTWARE_RTNE=interpreting(), UPCAST_DOT=interpreting() and a.dtype == torch.bfloat16,
         enable_fp_fusion=False,
     )
