@@ -10,6 +10,7 @@ import torch
 from .nf4 import nf4_weight_from_bnb, unsupported_reason
 from .ops.linear_cross_entropy import causal_lm_loss
 from .ops.lora_nf4_linear import lora_nf4_linear
+from .ops.lora_nf4_mlp import lora_nf4_mlp
 from .ops.rms_norm import rms_norm as rms_norm_op
 
 try:
@@ -26,9 +27,12 @@ class PatchReport:
     skipped: Counter = field(default_factory=Counter)  # reason -> number of layers
     chunked_loss: bool = False
     rms_norms: int = 0
+    mlps: int = 0
 
     def summary(self) -> str:
         line = f"qlora_fast: patched {self.patched} LoRA NF4 layers"
+        if self.mlps:
+            line += f" ({self.mlps} SwiGLU MLPs fused whole)"
         if self.rms_norms:
             line += f", {self.rms_norms} RMSNorms"
         if self.chunked_loss:
@@ -64,7 +68,7 @@ def _static_skip_reason(layer) -> str | None:
 def _replace_forward(module: torch.nn.Module, forward) -> None:
     """Installs `forward` on this instance, remembering an instance-level forward another library (TRL,
     accelerate) may have wrapped it with, so that falling back goes through that wrapper."""
-    if getattr(module, _PATCHED, False):
+    if is_patched(module):
         return
     module._qlora_fast_previous_forward = vars(module).get("forward")
     module.forward = types.MethodType(forward, module)
@@ -72,7 +76,7 @@ def _replace_forward(module: torch.nn.Module, forward) -> None:
 
 
 def _restore_forward(module: torch.nn.Module) -> bool:
-    if not getattr(module, _PATCHED, False):
+    if not is_patched(module):
         return False
     previous = vars(module).pop("_qlora_fast_previous_forward")
     del module.forward
@@ -91,27 +95,82 @@ def _stock_forward(layer, x, *args, **kwargs):
     return _previous_forward(layer)(x, *args, **kwargs)
 
 
+def _fused_adapter(layer) -> str | None:
+    """The one active adapter the fused path can serve now, or None: disabled, merged, several adapters
+    or a weight bitsandbytes repacked for CPU inference go through peft's forward."""
+    if fix_4bit_weight_quant_state_from_module is not None:  # FSDP hands the weight back without its state
+        fix_4bit_weight_quant_state_from_module(layer.base_layer)
+    adapters = layer.active_adapters
+    if (layer.disable_adapters or layer.merged or len(adapters) != 1 or adapters[0] not in layer.lora_A
+            or unsupported_reason(layer.base_layer.weight) is not None):
+        return None
+    return adapters[0]
+
+
+def _compute_dtype(layer, x):
+    return layer.base_layer.compute_dtype or x.dtype
+
+
 @torch.compiler.disable
 def _fused_forward(self, x, *args, **kwargs):
-    """Fused path for one active adapter; any other state (disabled, merged, several adapters,
-    per-sample adapter_names, a weight bitsandbytes repacked for CPU inference) goes through peft's."""
-    adapters = self.active_adapters
-    base = self.base_layer
-    if fix_4bit_weight_quant_state_from_module is not None:  # FSDP hands the weight back without its state
-        fix_4bit_weight_quant_state_from_module(base)
-    if (args or kwargs or self.disable_adapters or self.merged or len(adapters) != 1
-            or adapters[0] not in self.lora_A or unsupported_reason(base.weight) is not None):
+    """Fused path for one active adapter; extra arguments (per-sample adapter_names) or a state
+    `_fused_adapter` refuses go through peft's forward."""
+    name = None if args or kwargs else _fused_adapter(self)
+    if name is None:
         return _stock_forward(self, x, *args, **kwargs)
-    name = adapters[0]
+    base = self.base_layer
     lora_a = self.lora_A[name].weight
     dropout = self.lora_dropout[name]
     x_lora = x
     if not isinstance(dropout, torch.nn.Identity):
         # Dropout on x in the adapter's dtype, as peft draws it, so both paths drop the same elements.
         x_lora = dropout(x if torch.is_autocast_enabled() else x.to(lora_a.dtype))
-    compute_dtype = base.compute_dtype or x.dtype
     return lora_nf4_linear(x, x_lora, lora_a, self.lora_B[name].weight, self.scaling[name],
-                           nf4_weight_from_bnb(base.weight), base.bias, compute_dtype)
+                           nf4_weight_from_bnb(base.weight), base.bias, _compute_dtype(self, x))
+
+
+# MLP classes whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x)).
+_GATED_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
+_SILU = {"SiLUActivation", "SiLU"}
+_MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def _fusable_mlps(model: torch.nn.Module):
+    """SwiGLU MLPs whose three projections are patchable LoRA NF4 layers without base bias."""
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+    def fusable(proj):
+        return (isinstance(proj, LoraLinear4bit) and proj.base_layer.bias is None
+                and _static_skip_reason(proj) is None)
+
+    return [m for m in model.modules()
+            if type(m).__name__ in _GATED_MLPS and type(getattr(m, "act_fn", None)).__name__ in _SILU
+            and all(fusable(getattr(m, p, None)) for p in _MLP_PROJECTIONS)]
+
+
+def _has_hooks(module) -> bool:
+    """Hooks (peft's per-sample adapter_names, accelerate's offload) run only if the projection is called."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"))
+
+
+def _mlp_projection(layer, name):
+    """(lora_a, lora_b, scaling, NF4Weight) of one projection, as lora_nf4_mlp takes them."""
+    return (layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name],
+            nf4_weight_from_bnb(layer.base_layer.weight))
+
+
+@torch.compiler.disable
+def _fused_mlp_forward(self, x):
+    """The whole SwiGLU MLP in one Function when its three projections can take the fused path with the
+    same adapter and no dropout; otherwise the stock MLP forward (each projection then decides alone)."""
+    projections = [getattr(self, p) for p in _MLP_PROJECTIONS]
+    names = {_fused_adapter(p) for p in projections}
+    name = names.pop() if len(names) == 1 else None
+    if name is None or any(_has_hooks(p) or not isinstance(p.lora_dropout[name], torch.nn.Identity)
+                           for p in projections):
+        return _previous_forward(self)(x)
+    return lora_nf4_mlp(x, *(_mlp_projection(p, name) for p in projections),
+                        compute_dtype=_compute_dtype(projections[0], x))
 
 
 def _causal_lm(model: torch.nn.Module):
@@ -153,8 +212,9 @@ def _frozen_llama_style_norms(model: torch.nn.Module):
 
 
 def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool = True,
-                rms_norm: bool = False) -> PatchReport:
+                fused_mlp: bool = True, rms_norm: bool = False) -> PatchReport:
     """Routes every LoRA layer over a bitsandbytes NF4 Linear4bit through the fused Triton path,
+    (`fused_mlp`) runs each SwiGLU MLP whose three projections are such layers as one autograd Function,
     (`chunked_loss`) computes a training forward's loss without materializing the full logits, and
     (`rms_norm`, off until measured on a GPU) runs frozen Llama-style RMSNorms on a Triton kernel.
 
@@ -176,20 +236,20 @@ def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool
             continue
         _replace_forward(layer, _fused_forward)
         report.patched += 1
+    for mlp in _fusable_mlps(model) if fused_mlp else []:
+        _replace_forward(mlp, _fused_mlp_forward)
+        report.mlps += 1
     if verbose and report.skipped:
         warnings.warn(report.summary(), stacklevel=2)
     return report
 
 
 def unpatch_model(model: torch.nn.Module) -> int:
-    """Restores the stock forward of every LoRA layer patch_model changed; returns how many."""
-    lm = _causal_lm(model)
-    if lm is not None:
-        _restore_forward(lm)
-    for norm in _frozen_llama_style_norms(model):
-        _restore_forward(norm)
-    return sum(_restore_forward(layer) for _, layer in _lora_nf4_layers(model))
+    """Restores every forward patch_model changed; returns how many LoRA layers it restored."""
+    lora_layers = {id(layer) for _, layer in _lora_nf4_layers(model)}
+    return sum(_restore_forward(m) and id(m) in lora_layers for m in list(model.modules()))
 
 
 def is_patched(module: torch.nn.Module) -> bool:
-    return getattr(module, _PATCHED, False)
+    # vars(), not getattr: peft's wrappers forward attribute lookups to the model they wrap
+    return vars(module).get(_PATCHED, False)

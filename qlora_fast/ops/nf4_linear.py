@@ -25,8 +25,10 @@ def nf4_linear(x: torch.Tensor, weight: NF4Weight) -> torch.Tensor:
     return x @ nf4_dequantize(weight, x.dtype).t()
 
 
-def nf4_linear_input_grad(grad_out: torch.Tensor, weight: NF4Weight) -> torch.Tensor:
-    """grad_out @ W, the input gradient of x @ W^T."""
+def nf4_linear_input_grad(grad_out: torch.Tensor, weight: NF4Weight, accumulate: torch.Tensor | None = None):
+    """grad_out @ W, the input gradient of x @ W^T; added in place to `accumulate` when given."""
     if _use_fused(grad_out.shape[0], grad_out.device):
-        return nf4_matmul(grad_out, weight, transpose_weight=False)
-    return grad_out @ nf4_dequantize(weight, grad_out.dtype)
+        grad = nf4_matmul(grad_out, weight, transpose_weight=False)
+        return grad if accumulate is None else accumulate.add_(grad)
+    w = nf4_dequantize(weight, grad_out.dtype)
+    return grad_out @ w if accumulate is None else accumulate.addmm_(grad_out, w)

@@ -1,0 +1,83 @@
+"""The fused QLoRA SwiGLU MLP: down(silu(gate(x)) * up(x)), each projection an NF4 weight plus LoRA, in
+one autograd Function.
+
+Saves x, the gate and up outputs g and u, and the rank-r products x @ A_gate^T, x @ A_up^T and
+h @ A_down^T: never h = silu(g) * u, silu(g) or a dequantized weight. Backward recomputes h inside the
+SwiGLU backward kernel, which overwrites g and u with their gradients, so no (tokens x intermediate)
+tensor is allocated beyond dh. One Function per MLP instead of three LoRA layers and two elementwise ops
+also means fewer host calls per layer, which is what small batches are bound by.
+"""
+
+import torch
+
+from ..kernels.swiglu import swiglu_backward_, swiglu_forward
+from ..nf4 import NF4Weight
+from .nf4_linear import nf4_linear, nf4_linear_input_grad
+
+
+def _lora_project(x2, xa, weight: NF4Weight, lora_b, scaling: float):
+    """x2 @ W^T + s * xa @ B^T, where xa = x2 @ A^T."""
+    return nf4_linear(x2, weight).addmm_(xa, lora_b.t(), alpha=scaling)
+
+
+def _adapter_grads(dy, dy_b, x2, xa, scaling: float, dtypes):
+    """(dA, dB) of one projection: s * (dY @ B)^T @ x and s * dY^T @ (x @ A^T), in the adapters' dtypes."""
+    return (dy_b.t() @ x2).mul_(scaling).to(dtypes[0]), (dy.t() @ xa).mul_(scaling).to(dtypes[1])
+
+
+class LoRANF4MLPFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gate_a, gate_b, up_a, up_b, down_a, down_b, weights, scalings, compute_dtype):
+        w_gate, w_up, w_down = weights
+        s_gate, s_up, s_down = scalings
+        lora = (gate_a, gate_b, up_a, up_b, down_a, down_b)
+        ctx.lora_dtypes = [t.dtype for t in lora]
+        gate_a, gate_b, up_a, up_b, down_a, down_b = lora = [t.to(compute_dtype) for t in lora]
+        x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype)
+
+        xa_gate = x2 @ gate_a.t()
+        xa_up = x2 @ up_a.t()
+        g = _lora_project(x2, xa_gate, w_gate, gate_b, s_gate)
+        u = _lora_project(x2, xa_up, w_up, up_b, s_up)
+        h = swiglu_forward(g, u)
+        ha_down = h @ down_a.t()
+        y = _lora_project(h, ha_down, w_down, down_b, s_down)
+
+        ctx.save_for_backward(x2, xa_gate, xa_up, g, u, ha_down, *lora)
+        ctx.weights, ctx.scalings = weights, scalings
+        ctx.x_meta = (x.shape, x.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, xa_gate, xa_up, g, u, ha_down, gate_a, gate_b, up_a, up_b, down_a, down_b = ctx.saved_tensors
+        w_gate, w_up, w_down = ctx.weights
+        s_gate, s_up, s_down = ctx.scalings
+        dtypes = ctx.lora_dtypes
+        dy = grad_out.reshape(-1, grad_out.shape[-1]).to(x2.dtype)
+
+        dy_b = dy @ down_b
+        dh = nf4_linear_input_grad(dy, w_down).addmm_(dy_b, down_a, alpha=s_down)
+        h, dg, du = swiglu_backward_(dh, g, u)
+        grad_down = _adapter_grads(dy, dy_b, h, ha_down, s_down, dtypes[4:6])
+        del h, dh
+
+        dg_b = dg @ gate_b
+        du_b = du @ up_b
+        grad_gate = _adapter_grads(dg, dg_b, x2, xa_gate, s_gate, dtypes[0:2])
+        grad_up = _adapter_grads(du, du_b, x2, xa_up, s_up, dtypes[2:4])
+
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = nf4_linear_input_grad(du, w_up, accumulate=nf4_linear_input_grad(dg, w_gate))
+            grad_x.addmm_(dg_b, gate_a, alpha=s_gate).addmm_(du_b, up_a, alpha=s_up)
+            grad_x = grad_x.view(ctx.x_meta[0]).to(ctx.x_meta[1])
+        return (grad_x, *grad_gate, *grad_up, *grad_down, None, None, None)
+
+
+def lora_nf4_mlp(x, gate, up, down, compute_dtype=None):
+    """Autograd entry point. gate, up and down are (lora_a, lora_b, scaling, NF4Weight) of each
+    projection; `compute_dtype` defaults to x's dtype."""
+    (gate_a, gate_b, s_gate, w_gate), (up_a, up_b, s_up, w_up), (down_a, down_b, s_down, w_down) = gate, up, down
+    return LoRANF4MLPFunction.apply(x, gate_a, gate_b, up_a, up_b, down_a, down_b, (w_gate, w_up, w_down),
+                                    (s_gate, s_up, s_down), compute_dtype or x.dtype)

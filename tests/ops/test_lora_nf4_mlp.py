@@ -1,0 +1,87 @@
+"""The fused SwiGLU MLP against the stock MLP over peft's LoRA layers, on the same module."""
+
+import pytest
+import torch
+
+from qlora_fast import patch_model, unpatch_model
+from qlora_fast.harness.models import add_lora, quantize_to_nf4_, random_causal_lm
+from tests.helpers import rel_err
+
+# As for one LoRA layer (test_lora_nf4_linear): the fused path keeps the LoRA products in the compute
+# dtype where peft upcasts them to fp32.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def qlora_mlp(dtype, shape="tiny-llama", **lora):
+    model = add_lora(quantize_to_nf4_(random_causal_lm(shape, dtype), compute_dtype=dtype), init_b_std=0.02,
+                     **lora).train()
+    return model, model.base_model.model.model.layers[0].mlp
+
+
+def forward_backward(mlp, x, grad_out):
+    x = x.detach().clone().requires_grad_(True)
+    mlp.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    y = mlp(x)
+    y.backward(grad_out)
+    grads = {n: p.grad for n, p in mlp.named_parameters() if p.grad is not None}
+    return y.detach(), x.grad, grads, type(y.grad_fn).__name__
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", ["tiny-llama", "tiny-qwen2", "tiny-mistral"])
+def test_matches_stock_mlp(dtype, shape):
+    model, mlp = qlora_mlp(dtype, shape)
+    x = torch.randn(2, 9, 64, dtype=dtype)
+    grad_out = torch.randn(2, 9, 64, dtype=dtype)
+    y_ref, dx_ref, grads_ref, _ = forward_backward(mlp, x, grad_out)
+    assert patch_model(model).mlps == 2
+    y, dx, grads, grad_fn = forward_backward(mlp, x, grad_out)
+    assert grad_fn == "LoRANF4MLPFunctionBackward"
+    assert y.dtype == y_ref.dtype and dx.dtype == dx_ref.dtype
+    assert rel_err(y, y_ref) < TOLERANCE[dtype] and rel_err(dx, dx_ref) < TOLERANCE[dtype]
+    assert grads.keys() == grads_ref.keys() and len(grads) == 6  # A and B of gate, up, down
+    for name in grads:
+        assert grads[name].dtype == grads_ref[name].dtype == torch.float32
+        assert rel_err(grads[name], grads_ref[name]) < TOLERANCE[dtype], name
+
+
+def fused_grad_fn(mlp, x):
+    return type(mlp(x).grad_fn).__name__
+
+
+def test_dropout_disabled_adapter_and_hooks_take_the_stock_mlp():
+    model, mlp = qlora_mlp(torch.float32)
+    patch_model(model)
+    x = torch.randn(3, 64, requires_grad=True)
+    assert fused_grad_fn(mlp, x) == "LoRANF4MLPFunctionBackward"
+    with model.disable_adapter():
+        assert fused_grad_fn(mlp, x) != "LoRANF4MLPFunctionBackward"
+    handle = mlp.up_proj.register_forward_hook(lambda *args: None)
+    assert fused_grad_fn(mlp, x) != "LoRANF4MLPFunctionBackward"
+    handle.remove()
+
+    model, mlp = qlora_mlp(torch.float32, lora_dropout=0.1)
+    patch_model(model)
+    assert fused_grad_fn(mlp, x) == "LoRANF4LinearFunctionBackward"  # down_proj alone, fused
+
+
+def test_only_swiglu_mlps_with_all_three_projections_are_fused():
+    model, _ = qlora_mlp(torch.float32, "tiny-gemma")  # GeGLU
+    assert patch_model(model).mlps == 0
+    model, _ = qlora_mlp(torch.float32, target_modules=["gate_proj", "down_proj"])
+    assert patch_model(model).mlps == 0
+    model, _ = qlora_mlp(torch.float32)
+    assert patch_model(model, fused_mlp=False).mlps == 0
+
+
+def test_unpatch_restores_the_mlp():
+    model, mlp = qlora_mlp(torch.float32)
+    patch_model(model)
+    assert unpatch_model(model) == 14
+    assert "forward" not in vars(mlp)
+
+
+def test_summary_names_the_fused_mlps():
+    model, _ = qlora_mlp(torch.float32)
+    assert "(2 SwiGLU MLPs fused whole)" in patch_model(model).summary()
