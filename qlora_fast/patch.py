@@ -9,6 +9,7 @@ import torch
 
 from .nf4 import nf4_weight_from_bnb, unsupported_reason
 from .ops.linear_cross_entropy import causal_lm_loss
+from .ops.offloaded_checkpoint import offloaded_checkpoint
 from .ops.lora_nf4_linear import lora_nf4_linear
 from .ops.lora_nf4_mlp import lora_nf4_mlp
 from .ops.rms_norm import rms_norm as rms_norm_op
@@ -28,6 +29,7 @@ class PatchReport:
     chunked_loss: bool = False
     rms_norms: int = 0
     mlps: int = 0
+    offloaded_checkpoints: bool = False
 
     def summary(self) -> str:
         line = f"qlora_fast: patched {self.patched} LoRA NF4 layers"
@@ -37,6 +39,8 @@ class PatchReport:
             line += f", {self.rms_norms} RMSNorms"
         if self.chunked_loss:
             line += " and the LM loss (chunked, no full logits)"
+        if self.offloaded_checkpoints:
+            line += "; checkpointed layer inputs offloaded to the host"
         if self.skipped:
             reasons = "; ".join(f"{n} x {reason}" for reason, n in self.skipped.most_common())
             line += f", kept {sum(self.skipped.values())} on the stock peft path ({reasons})"
@@ -211,12 +215,53 @@ def _frozen_llama_style_norms(model: torch.nn.Module):
             if type(m).__name__ in _LLAMA_STYLE_RMS_NORMS and not m.weight.requires_grad]
 
 
+_STOCK_CHECKPOINT = "_qlora_fast_stock_checkpoint"
+
+
+def _offload_layer_checkpoints(model: torch.nn.Module) -> None:
+    """Points every module's checkpoint function at offloaded_checkpoint, remembering the stock one."""
+    for m in model.modules():
+        current = vars(m).get("_gradient_checkpointing_func")
+        if current is not None and current is not offloaded_checkpoint:
+            setattr(m, _STOCK_CHECKPOINT, current)
+            m._gradient_checkpointing_func = offloaded_checkpoint
+
+
+def _use_offloaded_checkpoints(model: torch.nn.Module) -> bool:
+    """Offloaded checkpointing for the layers of every transformers model inside `model`, now if
+    checkpointing is on, and whenever it is turned on later (Trainer does so after the user's script)."""
+    from transformers import PreTrainedModel
+
+    pretrained = [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+    for m in pretrained:
+        if "_set_gradient_checkpointing" in vars(m):
+            continue
+        stock_setter = m._set_gradient_checkpointing
+
+        def set_gradient_checkpointing(*args, _stock_setter=stock_setter, _model=m, **kwargs):
+            _stock_setter(*args, **kwargs)
+            _offload_layer_checkpoints(_model)
+
+        m._set_gradient_checkpointing = set_gradient_checkpointing
+        _offload_layer_checkpoints(m)
+    return bool(pretrained)
+
+
+def _restore_checkpoints(model: torch.nn.Module) -> None:
+    for m in model.modules():
+        vars(m).pop("_set_gradient_checkpointing", None)
+        stock = vars(m).pop(_STOCK_CHECKPOINT, None)
+        if stock is not None:
+            m._gradient_checkpointing_func = stock
+
+
 def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool = True,
-                fused_mlp: bool = True, rms_norm: bool = False) -> PatchReport:
+                fused_mlp: bool = True, rms_norm: bool = False, offload_checkpoints: bool = False) -> PatchReport:
     """Routes every LoRA layer over a bitsandbytes NF4 Linear4bit through the fused Triton path,
     (`fused_mlp`) runs each SwiGLU MLP whose three projections are such layers as one autograd Function,
     (`chunked_loss`) computes a training forward's loss without materializing the full logits, and
-    (`rms_norm`, off until measured on a GPU) runs frozen Llama-style RMSNorms on a Triton kernel.
+    (`rms_norm`, off until measured on a GPU) runs frozen Llama-style RMSNorms on a Triton kernel, and
+    (`offload_checkpoints`) keeps gradient checkpointing's per-layer inputs in host memory.
 
     Layers that cannot be served exactly keep peft's forward; one warning line says which and why.
     Idempotent; `unpatch_model` undoes it. Saving and loading adapters is unchanged (plain peft).
@@ -239,6 +284,8 @@ def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool
     for mlp in _fusable_mlps(model) if fused_mlp else []:
         _replace_forward(mlp, _fused_mlp_forward)
         report.mlps += 1
+    if offload_checkpoints:
+        report.offloaded_checkpoints = _use_offloaded_checkpoints(model)
     if verbose and report.skipped:
         warnings.warn(report.summary(), stacklevel=2)
     return report
@@ -246,6 +293,7 @@ def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool
 
 def unpatch_model(model: torch.nn.Module) -> int:
     """Restores every forward patch_model changed; returns how many LoRA layers it restored."""
+    _restore_checkpoints(model)
     lora_layers = {id(layer) for _, layer in _lora_nf4_layers(model)}
     return sum(_restore_forward(m) and id(m) in lora_layers for m in list(model.modules()))
 

@@ -71,7 +71,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     bf16: Any = "auto"
     fp16: bool = False
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: Any = True  # true | false | offload (inputs of checkpointed layers on the host)
     activation_offloading: bool = False  # TRL's: saved activations to CPU, asynchronously (GPU only)
     seed: int = 42
     # bookkeeping
@@ -197,6 +197,9 @@ def _check_values(cfg: TrainConfig):
     need(cfg.optimizer in OPTIMIZERS, f"optimizer {cfg.optimizer!r} is not one of {sorted(OPTIMIZERS)}"
          + _did_you_mean(cfg.optimizer, OPTIMIZERS))
     need(cfg.bf16 in (True, False, "auto"), "bf16 must be true, false or auto")
+    need(cfg.gradient_checkpointing in (True, False, "offload"), "gradient_checkpointing must be true, false or offload")
+    need(cfg.gradient_checkpointing != "offload" or cfg.patch,
+         "gradient_checkpointing: offload is qlora_fast's offloaded checkpointing: it needs patch: true")
     need(not (cfg.bf16 is True and cfg.fp16), "bf16 and fp16 are both true: choose one")
     need(0.0 <= cfg.val_set_size < 1.0 or (float(cfg.val_set_size).is_integer() and cfg.val_set_size >= 1),
          "val_set_size must be a fraction in [0, 1) or a whole number of examples")

@@ -86,7 +86,7 @@ def sft_arguments(cfg: TrainConfig, bf16: bool, fp16: bool, has_eval: bool, reco
         max_steps=cfg.max_steps, learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler,
         warmup_steps=cfg.warmup_ratio or cfg.warmup_steps, optim=cfg.optimizer, weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm, bf16=bf16, fp16=fp16, seed=cfg.seed, data_seed=cfg.seed,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing=bool(cfg.gradient_checkpointing),
         gradient_checkpointing_kwargs={"use_reentrant": False}, activation_offloading=cfg.activation_offloading,
         logging_steps=cfg.logging_steps,
         eval_strategy="steps" if has_eval else "no", eval_steps=cfg.eval_steps or cfg.logging_steps,
@@ -122,7 +122,8 @@ def build_trainer(cfg: TrainConfig):
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
                          processing_class=tokenizer)
     if cfg.patch:
-        print(patch_model(trainer.model).summary(), flush=True)
+        offload = cfg.gradient_checkpointing == "offload"
+        print(patch_model(trainer.model, offload_checkpoints=offload).summary(), flush=True)
     return trainer
 
 

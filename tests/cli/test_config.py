@@ -46,10 +46,17 @@ def test_unknown_dataset_key_is_named(data_file):
     ("eval_steps", "ten", "'eval_steps' must be an int"),
     ("tokenizer", 5, "'tokenizer' must be a str"),
     ("distributed", "fsdp", "bnb_4bit_quant_storage"),
+    ("gradient_checkpointing", "sometimes", "gradient_checkpointing must be true, false or offload"),
 ])
 def test_wrong_values_name_the_key(data_file, key, value, message):
     with pytest.raises(ConfigError, match=message):
         parse_config(config(data_file, **{key: value}))
+
+
+def test_offloaded_checkpointing_needs_the_patch(data_file):
+    assert parse_config(config(data_file, gradient_checkpointing="offload")).gradient_checkpointing == "offload"
+    with pytest.raises(ConfigError, match="offload .* needs patch: true"):
+        parse_config(config(data_file, gradient_checkpointing="offload", patch=False))
 
 
 def test_bf16_and_fp16_together_are_refused(data_file):

@@ -77,6 +77,21 @@ def test_activation_offloading_without_gpu_is_refused(tmp_path):
         train(tiny_config(tmp_path, activation_offloading=True))
 
 
+def test_offloaded_checkpointing_trains_the_same_run(tmp_path, capsys, monkeypatch):
+    from qlora_fast.ops.offloaded_checkpoint import OffloadedCheckpointFunction
+
+    train(tiny_config(tmp_path, output_dir=str(tmp_path / "plain"), max_steps=3))
+    calls = []
+    apply = OffloadedCheckpointFunction.apply
+    monkeypatch.setattr(OffloadedCheckpointFunction, "apply", lambda *a: calls.append(1) or apply(*a))
+    train(tiny_config(tmp_path, output_dir=str(tmp_path / "offload"), max_steps=3, gradient_checkpointing="offload"))
+    assert "checkpointed layer inputs offloaded to the host" in capsys.readouterr().out
+    assert len(calls) == 3 * 2  # every step, both decoder layers
+    plain, offload = (json.loads((tmp_path / run / "train_summary.json").read_text())["logged_losses"]
+                      for run in ("plain", "offload"))
+    assert offload == pytest.approx(plain, rel=1e-5)
+
+
 def test_target_modules_that_do_not_exist(tmp_path):
     with pytest.raises(ConfigError, match="lora_target_modules"):
         train(tiny_config(tmp_path, lora_target_modules=["not_a_layer"]))

@@ -1,0 +1,108 @@
+"""Offloaded checkpointing gives torch's checkpoint gradients (the host round trip itself runs on the GPU
+only: bench/train_step.py's offload variant checks loss parity there)."""
+
+import functools
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from qlora_fast import patch_model, unpatch_model
+from qlora_fast.harness.models import add_lora, quantize_to_nf4_, random_causal_lm
+from qlora_fast.ops.offloaded_checkpoint import OffloadedCheckpointFunction, offloaded_checkpoint
+from tests.helpers import rel_err
+
+
+class Block(torch.nn.Module):
+    """A layer with dropout (the recompute must draw the same mask) and a second tensor argument."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(16, 16)
+        self.dropout = torch.nn.Dropout(0.3)
+
+    def forward(self, x, bias, scale=2.0):
+        return self.dropout(torch.tanh(self.linear(x) + bias)) * scale
+
+
+def grads_through(checkpoint_fn, block, x, bias):
+    x = x.clone().requires_grad_(True)
+    bias = bias.clone().requires_grad_(True)
+    block.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    h = x
+    for _ in range(3):  # a chain, as decoder layers are
+        h = checkpoint_fn(functools.partial(block, scale=0.5), h, bias)
+    h.pow(2).sum().backward()
+    return h.detach(), x.grad, bias.grad, block.linear.weight.grad
+
+
+def test_matches_torch_checkpoint_with_dropout_and_tensor_args():
+    block = Block().train()
+    x, bias = torch.randn(4, 16), torch.randn(16)
+    reference = grads_through(functools.partial(checkpoint, use_reentrant=False), block, x, bias)
+    ours = grads_through(offloaded_checkpoint, block, x, bias)
+    for r, o in zip(reference, ours):
+        torch.testing.assert_close(o, r, rtol=0, atol=0)
+
+
+def test_recompute_keeps_autocast():
+    block = Block().eval()
+    x, bias = torch.randn(4, 16), torch.randn(16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = grads_through(functools.partial(checkpoint, use_reentrant=False), block, x, bias)
+        ours = grads_through(offloaded_checkpoint, block, x, bias)
+    without_autocast = grads_through(offloaded_checkpoint, block, x, bias)
+    assert not torch.equal(ours[3], without_autocast[3])  # bf16 matmuls in the recompute too
+    for r, o in zip(reference[:3], ours[:3]):
+        torch.testing.assert_close(o, r, rtol=0, atol=0)
+    # torch sums the three layers' weight gradients on autocast's one cached bf16 copy of the weight;
+    # each recompute here casts its own, so the sum is taken in fp32: equal up to bf16 rounding.
+    assert rel_err(ours[3], reference[3]) < 1e-2
+
+
+def test_input_without_grad_takes_torch_checkpoint():
+    calls = []
+    original = OffloadedCheckpointFunction.apply
+    OffloadedCheckpointFunction.apply = lambda *a: calls.append(1) or original(*a)
+    try:
+        block = Block()
+        out = offloaded_checkpoint(block, torch.randn(2, 16), torch.zeros(16))
+        out.sum().backward()  # gradients still reach the block's parameters
+    finally:
+        OffloadedCheckpointFunction.apply = original
+    assert not calls and block.linear.weight.grad is not None
+
+
+def loss_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("enable_checkpointing_after_patch", [False, True])
+def test_patch_model_offloads_the_decoder_layers(enable_checkpointing_after_patch):
+    model = add_lora(quantize_to_nf4_(random_causal_lm("tiny-llama", torch.float32), torch.float32),
+                     init_b_std=0.02).train()
+    model.enable_input_require_grads()
+    model.gradient_checkpointing_enable()
+    ids = torch.randint(0, 512, (2, 16))
+    stock_loss, stock_grads = loss_and_grads(model, ids)
+    if enable_checkpointing_after_patch:  # as Trainer does, after the user's script patched the model
+        model.gradient_checkpointing_disable()
+    report = patch_model(model, offload_checkpoints=True)
+    if enable_checkpointing_after_patch:
+        model.gradient_checkpointing_enable()
+    assert report.offloaded_checkpoints and "offloaded to the host" in report.summary()
+    layers = model.base_model.model.model.layers
+    assert all(layer._gradient_checkpointing_func is offloaded_checkpoint for layer in layers)
+
+    loss, grads = loss_and_grads(model, ids)
+    assert loss == pytest.approx(stock_loss, rel=1e-5)
+    assert grads.keys() == stock_grads.keys()
+    assert all(rel_err(grads[n], stock_grads[n]) < 1e-4 for n in grads)
+
+    unpatch_model(model)
+    assert all(layer._gradient_checkpointing_func is not offloaded_checkpoint for layer in layers)
+    assert loss_and_grads(model, ids)[0] == pytest.approx(stock_loss, rel=1e-6)
