@@ -7,7 +7,8 @@
 2. dequantize time: qlora_fast vs bitsandbytes vs peft (vs unsloth's fast_dequantize when installed);
 3. in-GEMM vs dequantize + cuBLAS by token count (sets ops/nf4_linear.py FUSED_MAX_ROWS);
 4. LoRA linear forward+backward: stock peft vs patched, time and peak memory;
-5. RMSNorm forward+backward: transformers' LlamaRMSNorm vs the Triton kernel.
+5. RMSNorm forward+backward: transformers' LlamaRMSNorm vs the Triton kernel;
+6. SwiGLU MLP (gate/up/down LoRA on NF4) forward+backward: stock peft vs the fused MLP Function.
 """
 
 import argparse
@@ -23,8 +24,9 @@ import bitsandbytes.functional as F
 from qlora_fast import patch_model
 from qlora_fast.kernels.nf4_dequantize import nf4_dequantize
 from qlora_fast.kernels.nf4_matmul import nf4_matmul
+from qlora_fast.kernels.swiglu import swiglu_backward_, swiglu_forward
 from qlora_fast.nf4 import nf4_weight_from_bnb
-from qlora_fast.testing import make_lora_nf4_linear, make_nf4_linear
+from qlora_fast.testing import make_lora_nf4_linear, make_lora_nf4_mlp, make_nf4_linear
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 DEQUANT_SHAPES = [(4096, 14336), (14336, 4096), (2048, 8192), (1024, 4096)]  # (out, in) = Llama-3 8B/1B MLP
@@ -61,6 +63,42 @@ def check_correctness(rows):
         for (n, k) in [(4096, 4096), (333, 1000)][: 1 if dtype == torch.float16 else 2]:
             for dropout in (0.0, 0.1):
                 rows.append(_check_lora_layer(n, k, dtype, dname, dropout))
+        rows.append(_check_swiglu(dtype, dname))
+        rows.append(_check_mlp(dtype, dname))
+
+
+def _check_swiglu(dtype, dname, shape=(1000, 1337)):
+    """Bit-exact with torch's silu(g) * u and its autograd gradients on the GPU."""
+    g = (torch.randn(shape, device="cuda") * 3).to(dtype).requires_grad_(True)
+    u = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
+    dh = torch.randn(shape, device="cuda", dtype=dtype)
+    h = torch.nn.functional.silu(g) * u
+    h.backward(dh)
+    ours_h = swiglu_forward(g.detach(), u.detach())
+    h2, dg, du = swiglu_backward_(dh.clone(), g.detach().clone(), u.detach().clone())
+    exact = [bool(torch.equal(a, b)) for a, b in ((ours_h, h), (h2, h), (du, u.grad))]
+    dg_err = rel_err(dg, g.grad)
+    return {"check": "SwiGLU h/h(bwd)/du bit-exact, dg rel err", "shape": "x".join(map(str, shape)), "dtype": dname,
+            "value": [exact, round(dg_err, 6)], "ok": all(exact) and dg_err < 1e-2}
+
+
+def _run_mlp(mlp, x, gy):
+    x.grad = None
+    mlp.zero_grad(set_to_none=True)
+    y = mlp(x)
+    y.backward(gy)
+    return [y, x.grad] + [p.grad for n, p in mlp.named_parameters() if p.grad is not None]
+
+
+def _check_mlp(dtype, dname, hidden=1024, intermediate=3000):
+    mlp = make_lora_nf4_mlp(hidden, intermediate, dtype=dtype, device="cuda")
+    x = torch.randn(4, 300, hidden, device="cuda", dtype=dtype, requires_grad=True)
+    gy = torch.randn_like(x)
+    stock = [t.clone() for t in _run_mlp(mlp, x, gy)]
+    patch_model(mlp)
+    errs = [rel_err(f, s) for f, s in zip(_run_mlp(mlp, x, gy), stock)]
+    return {"check": "SwiGLU MLP y/dx/6 LoRA grads rel err vs peft", "shape": f"{hidden}x{intermediate}",
+            "dtype": dname, "value": [round(e, 5) for e in errs], "ok": len(errs) == 8 and max(errs) < 2e-2}
 
 
 def _check_lora_layer(n, k, dtype, dname, dropout, device="cuda"):
@@ -185,6 +223,28 @@ def time_rms_norm(rows):
                      "qlora_fast_fwd_bwd_ms": median_ms(ours), "dx_rel_err": rel_err(x.grad, ref)})
 
 
+def time_mlp(rows):
+    for m in (512, 2048, 8192):
+        mlp = make_lora_nf4_mlp(4096, 14336, dtype=torch.bfloat16, device="cuda")
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        gy = torch.randn_like(x)
+        row = {"shape": "4096x14336", "M": m}
+        for name in ("peft", "qlora_fast"):
+            if name == "qlora_fast":
+                patch_model(mlp)
+            _run_mlp(mlp, x, gy)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            _run_mlp(mlp, x, gy)
+            torch.cuda.synchronize()
+            row[f"{name}_peak_MiB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            row[f"{name}_ms"] = median_ms(lambda: _run_mlp(mlp, x, gy))
+        row["speedup"] = row["peft_ms"] / row["qlora_fast_ms"]
+        rows.append(row)
+        del mlp
+
+
 def markdown(title, rows):
     if not rows:
         return ""
@@ -199,7 +259,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="kernels.md")
     parser.add_argument("--skip", nargs="*", default=[],
-                        help="sections to skip: correctness dequant crossover lora rmsnorm")
+                        help="sections to skip: correctness dequant crossover lora rmsnorm mlp")
     args = parser.parse_args()
     import bitsandbytes, peft
     header = (f"Date {datetime.date.today()}, GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, "
@@ -208,7 +268,9 @@ def main():
                 ("dequant", "NF4 dequantize (median ms)", time_dequant),
                 ("crossover", "In-GEMM vs dequantize + cuBLAS (median ms, bf16)", time_crossover),
                 ("lora", "LoRA linear forward+backward, r=16 bf16 (median ms, peak MiB)", time_lora_layer),
-                ("rmsnorm", "RMSNorm forward+backward, bf16, frozen weight (median ms)", time_rms_norm)]
+                ("rmsnorm", "RMSNorm forward+backward, bf16, frozen weight (median ms)", time_rms_norm),
+                ("mlp", "SwiGLU MLP forward+backward, LoRA r=16 on NF4 gate/up/down, bf16 (median ms, peak MiB)",
+                 time_mlp)]
     report, results = header, {}
     for key, title, fn in sections:
         if key in args.skip:

@@ -19,8 +19,11 @@ from qlora_fast.harness.models import add_lora, quantize_to_nf4_, random_causal_
 from qlora_fast.harness.run import random_batches
 
 
-VARIANTS = {"LoRA layers": {"chunked_loss": False}, "LoRA layers + chunked loss": {"chunked_loss": True},
-            "+ RMSNorm kernel": {"chunked_loss": True, "rms_norm": True}}
+# Each row adds one patch_model option to the row above; "+ fused MLP" is patch_model's default.
+VARIANTS = {"LoRA layers + chunked loss": {"fused_mlp": False},
+            "+ fused MLP (default)": {},
+            "+ offloaded checkpoints": {"offload_checkpoints": True},
+            "+ RMSNorm kernel": {"offload_checkpoints": True, "rms_norm": True}}
 
 
 def profile_one_step(model, batch, path):

@@ -45,3 +45,23 @@ def make_lora_nf4_linear(out_features: int, in_features: int, r: int = 16, lora_
     with torch.no_grad():
         layer.lora_B["default"].weight.normal_(0, 0.02)
     return layer.to(device).train()
+
+
+def make_lora_nf4_mlp(hidden: int, intermediate: int, r: int = 16, dtype=torch.bfloat16, device="cpu"):
+    """A transformers LlamaMLP with NF4 projections and peft LoRA on all three (fp32 adapters, B random)."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from .harness.models import quantize_to_nf4_
+
+    with torch.device(device):
+        mlp = LlamaMLP(LlamaConfig(hidden_size=hidden, intermediate_size=intermediate)).to(dtype)
+    holder = quantize_to_nf4_(_Holder(mlp), compute_dtype=dtype)
+    inject_adapter_in_model(LoraConfig(r=r, lora_alpha=r, target_modules=["gate_proj", "up_proj", "down_proj"]),
+                            holder)
+    with torch.no_grad():
+        for name, p in mlp.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    return mlp.train()
