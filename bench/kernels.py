@@ -76,10 +76,14 @@ def _check_swiglu(dtype, dname, shape=(1000, 1337)):
     h.backward(dh)
     ours_h = swiglu_forward(g.detach(), u.detach())
     h2, dg, du = swiglu_backward_(dh.clone(), g.detach().clone(), u.detach().clone())
-    exact = [bool(torch.equal(a, b)) for a, b in ((ours_h, h), (h2, h), (du, u.grad))]
-    dg_err = rel_err(dg, g.grad)
-    return {"check": "SwiGLU h/h(bwd)/du bit-exact, dg rel err", "shape": "x".join(map(str, shape)), "dtype": dname,
-            "value": [exact, round(dg_err, 6)], "ok": all(exact) and dg_err < 1e-2}
+    # bf16: bit-exact. fp16 (finer): Triton's exp and CUDA's expf differ in the last bit, which moves a
+    # few roundings by one fp16 ulp. So: the count of differing elements and every tensor's rel err.
+    pairs = ((ours_h, h), (h2, h), (du, u.grad), (dg, g.grad))
+    differing = [int((a != b).sum()) for a, b in pairs]
+    errs = [round(rel_err(a, b), 6) for a, b in pairs]
+    ok = (max(differing[:3]) == 0 and errs[3] < 1e-2) if dtype == torch.bfloat16 else max(errs) < 1e-3
+    return {"check": "SwiGLU h/h(bwd)/du/dg: elements differing from torch, rel err", "shape": "x".join(map(str, shape)),
+            "dtype": dname, "value": [differing, errs], "ok": ok}
 
 
 def _run_mlp(mlp, x, gy):
@@ -219,8 +223,9 @@ def time_rms_norm(rows):
         ref = x.grad.clone()
         x.grad = None
         ours()
+        dx_rel_err = rel_err(x.grad, ref)  # before timing, which accumulates into x.grad
         rows.append({"tokens x hidden": f"{tokens}x4096", "hf_fwd_bwd_ms": median_ms(hf),
-                     "qlora_fast_fwd_bwd_ms": median_ms(ours), "dx_rel_err": rel_err(x.grad, ref)})
+                     "qlora_fast_fwd_bwd_ms": median_ms(ours), "dx_rel_err": dx_rel_err})
 
 
 def time_mlp(rows):
