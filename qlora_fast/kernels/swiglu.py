@@ -1,6 +1,6 @@
 """SwiGLU, h = silu(g) * u, forward and backward, elementwise, with torch's roundings: silu(g) is rounded
-to g's dtype before the product (as `act_fn(gate) * up` computes it in two ops), so the fused MLP matches
-the stock module bit for bit on the GPU.
+to g's dtype before the product (as `act_fn(gate) * up` computes it in two ops). On the GPU this matches
+torch bit for bit in bf16; in fp16 a few elements differ by one ulp (Triton's exp vs CUDA's expf).
 
 The backward kernel works in place on the tensors the fused MLP saved: it reads dh, g and u and overwrites
 them with h (recomputed for the down projection's LoRA gradient), dg and du, so it needs no extra memory.
