@@ -1,5 +1,6 @@
 """Model surgery: route peft's LoRA-on-bitsandbytes-NF4 layers through the fused kernels, and back."""
 
+import os
 import types
 import warnings
 from collections import Counter
@@ -108,7 +109,26 @@ def _fused_adapter(layer) -> str | None:
     if (layer.disable_adapters or layer.merged or len(adapters) != 1 or adapters[0] not in layer.lora_A
             or unsupported_reason(layer.base_layer.weight) is not None):
         return None
+    if not (_gathered(layer.lora_A[adapters[0]].weight) and _gathered(layer.lora_B[adapters[0]].weight)):
+        _warn_once("qlora_fast: FSDP shards the LoRA adapters apart from their layers (peft's wrap policy), "
+                   "so those layers run on peft's path; wrap whole decoder layers to use the fused kernels")
+        return None
     return adapters[0]
+
+
+_warned: set = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def _gathered(weight) -> bool:
+    """False for an adapter weight FSDP holds sharded outside its module's own forward (a DTensor, or
+    FSDP1's flat-parameter placeholder): only calling the module would gather it."""
+    return type(weight).__name__ != "DTensor" and weight.dim() == 2 and weight.numel() > 0
 
 
 def _compute_dtype(layer, x):
@@ -255,13 +275,21 @@ def _restore_checkpoints(model: torch.nn.Module) -> None:
             m._gradient_checkpointing_func = stock
 
 
+def _distributed() -> bool:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size() > 1
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool = True,
-                fused_mlp: bool = True, rms_norm: bool = False, offload_checkpoints: bool = False) -> PatchReport:
+                fused_mlp: bool = True, rms_norm: bool = True,
+                offload_checkpoints: bool | None = None) -> PatchReport:
     """Routes every LoRA layer over a bitsandbytes NF4 Linear4bit through the fused Triton path,
     (`fused_mlp`) runs each SwiGLU MLP whose three projections are such layers as one autograd Function,
     (`chunked_loss`) computes a training forward's loss without materializing the full logits, and
-    (`rms_norm`, off until measured on a GPU) runs frozen Llama-style RMSNorms on a Triton kernel, and
-    (`offload_checkpoints`) keeps gradient checkpointing's per-layer inputs in host memory.
+    (`rms_norm`) runs frozen Llama-style RMSNorms on a Triton kernel, and (`offload_checkpoints`) keeps
+    gradient checkpointing's per-layer inputs in host memory; None (default) offloads in single-process
+    training and leaves distributed runs (DDP, FSDP) to torch's checkpointing unless asked.
 
     Layers that cannot be served exactly keep peft's forward; one warning line says which and why.
     Idempotent; `unpatch_model` undoes it. Saving and loading adapters is unchanged (plain peft).
@@ -284,6 +312,8 @@ def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool
     for mlp in _fusable_mlps(model) if fused_mlp else []:
         _replace_forward(mlp, _fused_mlp_forward)
         report.mlps += 1
+    if offload_checkpoints is None:
+        offload_checkpoints = not _distributed()
     if offload_checkpoints:
         report.offloaded_checkpoints = _use_offloaded_checkpoints(model)
     if verbose and report.skipped:

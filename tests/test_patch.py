@@ -197,3 +197,32 @@ def test_rms_norm_option_keeps_loss_and_grads(shape):
 
 def test_gemma_norms_are_left_alone():
     assert patch_model(tiny_qlora("tiny-gemma"), rms_norm=True).rms_norms == 0
+
+
+def test_adapters_sharded_apart_from_their_layer_take_peft_path_with_one_warning():
+    from qlora_fast import patch as patch_module
+
+    layer = make_lora_nf4_linear(64, 128, dtype=torch.float32)
+    assert patch_module._fused_adapter(layer) == "default"
+    # FSDP1's placeholder for a parameter that lives in another unit's flat parameter
+    layer.lora_A["default"].weight = torch.nn.Parameter(torch.empty(0))
+    patch_module._warned.clear()
+    with pytest.warns(UserWarning, match="FSDP shards the LoRA adapters") as caught:
+        assert patch_module._fused_adapter(layer) is None
+        assert patch_module._fused_adapter(layer) is None
+    assert len(caught) == 1
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32])
+def test_floating_point_quant_storage_as_fsdp_qlora_stores_it(storage):
+    model = quantize_to_nf4_(random_causal_lm("tiny-llama", torch.float32), compute_dtype=torch.float32,
+                             quant_storage=storage)
+    weight = model.model.layers[0].mlp.up_proj.weight
+    assert weight.dtype == storage
+    model = add_lora(model, init_b_std=0.02).train()
+    ids = torch.randint(0, 512, (2, 16))
+    stock_loss, stock_grads = loss_and_grads(model, ids)
+    assert patch_model(model).patched == 14
+    loss, grads = loss_and_grads(model, ids)
+    assert loss == pytest.approx(stock_loss, rel=1e-5)
+    assert all(rel_err(grads[n], stock_grads[n]) < 1e-4 for n in grads)

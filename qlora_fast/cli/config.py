@@ -71,7 +71,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     bf16: Any = "auto"
     fp16: bool = False
-    gradient_checkpointing: Any = True  # true | false | offload (inputs of checkpointed layers on the host)
+    # true | false | offload. Patched, true keeps the checkpointed layers' inputs on the host in
+    # single-process runs; offload does so in distributed runs too.
+    gradient_checkpointing: Any = True
     activation_offloading: bool = False  # TRL's: saved activations to CPU, asynchronously (GPU only)
     seed: int = 42
     # bookkeeping

@@ -1,5 +1,6 @@
 """`qlora-fast train`: QLoRA supervised fine-tuning on TRL's SFTTrainer, patched by patch_model."""
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -32,6 +33,10 @@ def _device_map():
     return {"": int(os.environ.get("LOCAL_RANK", 0))}
 
 
+def _quant_storage(cfg: TrainConfig) -> torch.dtype:
+    return getattr(torch, cfg.bnb_4bit_quant_storage)
+
+
 def load_base_model(cfg: TrainConfig, compute_dtype: torch.dtype):
     """The 4-bit base model and its tokenizer; `random:<shape>` builds a random-init one offline."""
     if cfg.base_model.startswith(RANDOM_PREFIX):
@@ -42,13 +47,14 @@ def load_base_model(cfg: TrainConfig, compute_dtype: torch.dtype):
         except ValueError as exc:
             raise ConfigError(f"base_model: {exc}") from None
         if cfg.load_in_4bit:
-            quantize_to_nf4_(model, compute_dtype, nested=cfg.bnb_4bit_use_double_quant)
+            quantize_to_nf4_(model, compute_dtype, nested=cfg.bnb_4bit_use_double_quant,
+                             quant_storage=_quant_storage(cfg))
         return model, byte_tokenizer()
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     quant = None
     if cfg.load_in_4bit:
-        storage = torch.uint8 if cfg.bnb_4bit_quant_storage == "uint8" else getattr(torch, cfg.bnb_4bit_quant_storage)
+        storage = _quant_storage(cfg)
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
                                    bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
                                    bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=storage)
@@ -95,7 +101,19 @@ def sft_arguments(cfg: TrainConfig, bf16: bool, fp16: bool, has_eval: bool, reco
         completion_only_loss=not cfg.train_on_inputs if "prompt" in record_kind else None,
         report_to="none", use_cpu=not torch.cuda.is_available(),
         ddp_find_unused_parameters=False if cfg.distributed == "ddp" else None,
+        **_fsdp_arguments(cfg),
     )
+
+
+def _fsdp_arguments(cfg: TrainConfig) -> dict:
+    """FSDP2 sharding whole decoder layers (adapters included), so that inside a layer's forward every
+    weight the fused path reads is gathered; the 4-bit weights shard as their floating-point storage."""
+    if cfg.distributed != "fsdp":
+        return {}
+    return {"fsdp": True,
+            "fsdp_config": {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                            "reshard_after_forward": True, "cpu_ram_efficient_loading": False,
+                            "state_dict_type": "FULL_STATE_DICT"}}
 
 
 def _single_process_single_gpu(args):
@@ -113,6 +131,8 @@ def build_trainer(cfg: TrainConfig):
 
     if cfg.activation_offloading and not torch.cuda.is_available():
         raise ConfigError("activation_offloading moves activations from the GPU to the CPU: it needs a GPU")
+    if cfg.distributed == "fsdp" and not torch.cuda.is_available():
+        raise ConfigError("distributed: fsdp shards the model over GPUs and needs them; on CPU use distributed: ddp")
     train_data, eval_data = load_training_data(cfg)
     compute_dtype, bf16, fp16 = precision(cfg)
     model, tokenizer = load_base_model(cfg, compute_dtype)
@@ -122,15 +142,38 @@ def build_trainer(cfg: TrainConfig):
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
                          processing_class=tokenizer)
     if cfg.patch:
-        offload = cfg.gradient_checkpointing == "offload"
+        # true: patch_model's default (offloaded in single-process runs); offload: offloaded everywhere
+        offload = True if cfg.gradient_checkpointing == "offload" else None
         print(patch_model(trainer.model, offload_checkpoints=offload).summary(), flush=True)
     return trainer
+
+
+@contextlib.contextmanager
+def _fsdp_layer_wrapping(cfg: TrainConfig):
+    """Under FSDP, Trainer swaps the wrap policy for peft's, which (for FSDP2) leaves only the root
+    sharded and (for FSDP1) shards each adapter apart from its layer. qlora_fast keeps whole decoder
+    layers as units instead, adapters inside, and sets the mixed-precision dtype to the 4-bit storage
+    dtype as transformers does for hub models."""
+    import transformers.trainer
+
+    stock = transformers.trainer.update_fsdp_plugin_peft
+
+    def keep_layer_policy(model, accelerator):
+        accelerator.state.fsdp_plugin.set_mixed_precision(_quant_storage(cfg), override=True)
+
+    if cfg.distributed == "fsdp":
+        transformers.trainer.update_fsdp_plugin_peft = keep_layer_policy
+    try:
+        yield
+    finally:
+        transformers.trainer.update_fsdp_plugin_peft = stock
 
 
 def train(cfg: TrainConfig) -> Path:
     trainer = build_trainer(cfg)
     resume = cfg.resume_from_checkpoint
-    result = trainer.train(resume_from_checkpoint=resume)
+    with _fsdp_layer_wrapping(cfg):
+        result = trainer.train(resume_from_checkpoint=resume)
     out = Path(cfg.output_dir)
     trainer.save_model(str(out))
     if trainer.is_world_process_zero():
@@ -143,7 +186,9 @@ def train(cfg: TrainConfig) -> Path:
                    "logged_losses": [h["loss"] for h in history],
                    "world_size": trainer.args.world_size,
                    "num_tokens": history[-1].get("num_tokens") if history else None,
-                   "runtime_s": result.metrics.get("train_runtime")}
+                   "runtime_s": result.metrics.get("train_runtime"),
+                   "peak_gpu_memory_gib": (torch.cuda.max_memory_allocated() / 2**30
+                                           if torch.cuda.is_available() else None)}
         (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
         print(f"saved the LoRA adapter and {RESOLVED_CONFIG} to {out}", flush=True)
     return out

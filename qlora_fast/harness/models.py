@@ -44,9 +44,11 @@ def random_causal_lm(shape: str, dtype=torch.bfloat16, device="cpu", seed: int =
 
 
 def quantize_to_nf4_(model: nn.Module, compute_dtype=torch.bfloat16, nested: bool = True,
-                     skip: tuple = ("lm_head",)) -> nn.Module:
+                     skip: tuple = ("lm_head",), quant_storage=torch.uint8) -> nn.Module:
     """Replaces every nn.Linear (but `skip`) by a bitsandbytes NF4 Linear4bit, as
-    `from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True))` would."""
+    `from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True))` would;
+    `quant_storage` (bnb_4bit_quant_storage) is the dtype the packed bytes are stored as (FSDP shards
+    only floating-point storage)."""
     import bitsandbytes as bnb
 
     for name, module in list(model.named_modules()):
@@ -55,9 +57,9 @@ def quantize_to_nf4_(model: nn.Module, compute_dtype=torch.bfloat16, nested: boo
                 continue
             q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                   compute_dtype=compute_dtype, compress_statistics=nested, quant_type="nf4",
-                                  device="meta")
+                                  quant_storage=quant_storage, device="meta")
             q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, compress_statistics=nested,
-                                         quant_type="nf4")
+                                         quant_type="nf4", quant_storage=quant_storage)
             if child.bias is not None:
                 q.bias = nn.Parameter(child.bias.data, requires_grad=False)
             setattr(module, child_name, q.to(child.weight.device))

@@ -14,8 +14,9 @@ from qlora_fast.cli.main import default_config_path
 
 def write_config(path, out, micro_batch_size, distributed):
     raw = config_to_dict(load_config(default_config_path()))
+    # offload: the offloaded checkpoint's backward (reentrant, like torch's) under DDP's gradient hooks
     raw.update(output_dir=str(out), max_steps=3, val_set_size=0.0, logging_steps=1,
-               micro_batch_size=micro_batch_size, distributed=distributed)
+               micro_batch_size=micro_batch_size, distributed=distributed, gradient_checkpointing="offload")
     path.write_text(yaml.safe_dump(raw))
     return str(path)
 

@@ -80,7 +80,7 @@ def test_activation_offloading_without_gpu_is_refused(tmp_path):
 def test_offloaded_checkpointing_trains_the_same_run(tmp_path, capsys, monkeypatch):
     from qlora_fast.ops.offloaded_checkpoint import OffloadedCheckpointFunction
 
-    train(tiny_config(tmp_path, output_dir=str(tmp_path / "plain"), max_steps=3))
+    train(tiny_config(tmp_path, output_dir=str(tmp_path / "plain"), max_steps=3, gradient_checkpointing=False))
     calls = []
     apply = OffloadedCheckpointFunction.apply
     monkeypatch.setattr(OffloadedCheckpointFunction, "apply", lambda *a: calls.append(1) or apply(*a))
@@ -90,6 +90,12 @@ def test_offloaded_checkpointing_trains_the_same_run(tmp_path, capsys, monkeypat
     plain, offload = (json.loads((tmp_path / run / "train_summary.json").read_text())["logged_losses"]
                       for run in ("plain", "offload"))
     assert offload == pytest.approx(plain, rel=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only refusal")
+def test_fsdp_without_gpu_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="fsdp .* needs them; on CPU use distributed: ddp"):
+        train(tiny_config(tmp_path, distributed="fsdp", bnb_4bit_quant_storage="float32"))
 
 
 def test_target_modules_that_do_not_exist(tmp_path):

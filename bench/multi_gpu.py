@@ -1,7 +1,8 @@
-"""Data-parallel check on N GPUs (device tool, nvidia-h200-x2): `qlora-fast train` on one GPU with the global
-batch, then with torchrun on N GPUs with 1/N of it each; compares the logged losses and tokens/s.
+"""Multi-GPU check (device tool, nvidia-h200-x2): `qlora-fast train` on one GPU with the global batch, then
+with torchrun on N GPUs with 1/N of it each, data parallel (ddp) or sharded (fsdp: FSDP2, 4-bit weights
+stored as bf16); compares the logged losses, tokens/s and peak GPU memory (rank 0).
 
-  python bench/ddp_scaling.py --gpus 2 --out $OUT/ddp.md
+  python bench/multi_gpu.py --gpus 2 --mode fsdp --out $OUT/fsdp.md
 """
 
 import argparse
@@ -24,8 +25,8 @@ def synthetic_corpus(path: Path, n: int = 3000, words: int = 700):
     path.write_text("".join(json.dumps({"text": " ".join(rng.choices(vocab, k=words))}) + "\n" for _ in range(n)))
 
 
-def run(cfg: dict, work: Path, name: str, gpus: int) -> dict:
-    cfg = dict(cfg, output_dir=str(work / name), distributed="ddp" if gpus > 1 else "none")
+def run(cfg: dict, work: Path, name: str, gpus: int, mode: str) -> dict:
+    cfg = dict(cfg, output_dir=str(work / name), distributed=mode if gpus > 1 else "none")
     (work / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus)] if gpus > 1
                 else [sys.executable])
@@ -41,24 +42,27 @@ def main():
     parser.add_argument("--shape", default="llama-3.2-1b")
     parser.add_argument("--global-batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--out", default="ddp.md")
+    parser.add_argument("--mode", choices=("ddp", "fsdp"), default="ddp")
+    parser.add_argument("--out", default="multi_gpu.md")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp())
     synthetic_corpus(work / "corpus.jsonl")
     base = dict(base_model=f"random:{args.shape}", datasets=[{"path": str(work / "corpus.jsonl"), "type": "text"}],
                 sequence_len=1024, max_steps=args.steps, learning_rate=2e-4, lr_scheduler="constant",
-                logging_steps=1, gradient_checkpointing=True, bf16=True, seed=0)
-    single = run(dict(base, micro_batch_size=args.global_batch), work, "single", 1)
-    multi = run(dict(base, micro_batch_size=args.global_batch // args.gpus), work, "multi", args.gpus)
+                logging_steps=1, gradient_checkpointing=True, bf16=True, seed=0,
+                bnb_4bit_quant_storage="bfloat16" if args.mode == "fsdp" else "uint8")
+    single = run(dict(base, micro_batch_size=args.global_batch), work, "single", 1, args.mode)
+    multi = run(dict(base, micro_batch_size=args.global_batch // args.gpus), work, "multi", args.gpus, args.mode)
     tps = {k: s["num_tokens"] / s["runtime_s"] for k, s in (("single", single), ("multi", multi))}
     diffs = [abs(a - b) / a for a, b in zip(single["logged_losses"], multi["logged_losses"])]
     text = (f"Date {datetime.date.today()}, {args.gpus}x {torch.cuda.get_device_name()}, torch {torch.__version__}; "
-            f"random-init {args.shape}, NF4 + LoRA r=16 all linear, patched, global batch {args.global_batch} x 1024 "
-            f"tokens, {args.steps} steps, gradient checkpointing, bf16\n\n"
-            "| run | tokens/s (whole run) | losses |\n|---|---|---|\n"
-            f"| 1 GPU, micro batch {args.global_batch} | {tps['single']:.0f} | {single['logged_losses']} |\n"
-            f"| {args.gpus} GPUs DDP, micro batch {args.global_batch // args.gpus} | {tps['multi']:.0f} | "
-            f"{multi['logged_losses']} |\n\n"
+            f"random-init {args.shape}, NF4 (storage {base['bnb_4bit_quant_storage']}) + LoRA r=16 all linear, "
+            f"patched, global batch {args.global_batch} x 1024 tokens, {args.steps} steps, gradient checkpointing, "
+            f"bf16\n\n| run | tokens/s (whole run) | peak GiB (rank 0) | losses |\n|---|---|---|---|\n"
+            f"| 1 GPU, micro batch {args.global_batch} | {tps['single']:.0f} | {single['peak_gpu_memory_gib']:.1f} | "
+            f"{single['logged_losses']} |\n"
+            f"| {args.gpus} GPUs {args.mode.upper()}, micro batch {args.global_batch // args.gpus} | "
+            f"{tps['multi']:.0f} | {multi['peak_gpu_memory_gib']:.1f} | {multi['logged_losses']} |\n\n"
             f"Scaling {args.gpus}-GPU / 1-GPU tokens/s: {tps['multi'] / tps['single']:.2f}x; "
             f"max relative loss difference per step: {max(diffs):.2e}\n")
     print(text)
