@@ -217,8 +217,9 @@ def test_adapters_sharded_apart_from_their_layer_take_peft_path_with_one_warning
 def test_floating_point_quant_storage_as_fsdp_qlora_stores_it(storage):
     model = quantize_to_nf4_(random_causal_lm("tiny-llama", torch.float32), compute_dtype=torch.float32,
                              quant_storage=storage)
-    weight = model.model.layers[0].mlp.up_proj.weight
-    assert weight.dtype == storage
+    layer = model.model.layers[0].mlp.up_proj
+    assert layer.weight.dtype == storage
+    assert layer.quant_state is layer.weight.quant_state  # what FSDP's re-created weight gets back
     model = add_lora(model, init_b_std=0.02).train()
     ids = torch.randint(0, 512, (2, 16))
     stock_loss, stock_grads = loss_and_grads(model, ids)

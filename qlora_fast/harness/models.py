@@ -58,8 +58,10 @@ def quantize_to_nf4_(model: nn.Module, compute_dtype=torch.bfloat16, nested: boo
             q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                   compute_dtype=compute_dtype, compress_statistics=nested, quant_type="nf4",
                                   quant_storage=quant_storage, device="meta")
+            # module=q: the layer keeps the quant state too, so that bitsandbytes can hand it back to a
+            # weight FSDP re-created without it
             q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, compress_statistics=nested,
-                                         quant_type="nf4", quant_storage=quant_storage)
+                                         quant_type="nf4", quant_storage=quant_storage, module=q)
             if child.bias is not None:
                 q.bias = nn.Parameter(child.bias.data, requires_grad=False)
             setattr(module, child_name, q.to(child.weight.device))
