@@ -209,8 +209,10 @@ def _causal_lm(model: torch.nn.Module):
 
 def _forward_with_chunked_loss(self, *args, labels=None, **kwargs):
     """Training forward with labels: the loss from the hidden states, chunk by chunk, and no logits
-    (outputs.logits is None). Evaluation, generation and TRL's own fused head take the stock forward."""
-    if labels is None or args or not self.training or kwargs.get("fused_lm_head") or kwargs.get("return_dict") is False:
+    (outputs.logits is None). Evaluation, generation, TRL's own fused head and an lm_head with hooks
+    (FSDP's, which gather its weight only when it is called) take the stock forward."""
+    if (labels is None or args or not self.training or kwargs.get("fused_lm_head")
+            or kwargs.get("return_dict") is False or _has_hooks(self.lm_head)):
         return _previous_forward(self)(*args, labels=labels, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 

@@ -135,6 +135,15 @@ def test_chunked_loss_in_training_full_logits_elsewhere():
     assert model(input_ids=ids, labels=ids).logits is not None
 
 
+def test_lm_head_with_hooks_keeps_the_stock_loss():
+    model = tiny_qlora().train()
+    patch_model(model)
+    ids = torch.randint(0, 512, (1, 8))
+    calls = []
+    model.base_model.model.lm_head.register_forward_pre_hook(lambda *a: calls.append(1))  # as FSDP's gathers
+    assert model(input_ids=ids, labels=ids).logits is not None and calls == [1]
+
+
 def test_chunked_loss_can_be_left_out():
     model = tiny_qlora().train()
     ids = torch.randint(0, 512, (1, 8))
