@@ -53,12 +53,12 @@ def main():
                 bnb_4bit_quant_storage="bfloat16" if args.mode == "fsdp" else "uint8")
     single = run(dict(base, micro_batch_size=args.global_batch), work, "single", 1, args.mode)
     multi = run(dict(base, micro_batch_size=args.global_batch // args.gpus), work, "multi", args.gpus, args.mode)
-    tps = {k: s["num_tokens"] / s["runtime_s"] for k, s in (("single", single), ("multi", multi))}
+    tps = {k: s["tokens_per_second_after_warmup"] for k, s in (("single", single), ("multi", multi))}
     diffs = [abs(a - b) / a for a, b in zip(single["logged_losses"], multi["logged_losses"])]
     text = (f"Date {datetime.date.today()}, {args.gpus}x {torch.cuda.get_device_name()}, torch {torch.__version__}; "
             f"random-init {args.shape}, NF4 (storage {base['bnb_4bit_quant_storage']}) + LoRA r=16 all linear, "
             f"patched, global batch {args.global_batch} x 1024 tokens, {args.steps} steps, gradient checkpointing, "
-            f"bf16\n\n| run | tokens/s (whole run) | peak GiB (rank 0) | losses |\n|---|---|---|---|\n"
+            f"bf16\n\n| run | tokens/s (after 2 warm-up steps) | peak GiB (rank 0) | losses |\n|---|---|---|---|\n"
             f"| 1 GPU, micro batch {args.global_batch} | {tps['single']:.0f} | {single['peak_gpu_memory_gib']:.1f} | "
             f"{single['logged_losses']} |\n"
             f"| {args.gpus} GPUs {args.mode.upper()}, micro batch {args.global_batch // args.gpus} | "

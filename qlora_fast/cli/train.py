@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -125,6 +126,30 @@ def _single_process_single_gpu(args):
               "torchrun or accelerate launch (distributed: ddp) to use them all", flush=True)
 
 
+WARMUP_LOGS = 2  # logged steps that pay Triton's compilation and autotuning, left out of the throughput
+
+
+def _throughput_callback():
+    """Records (time, tokens seen) at every logged training step, for tokens/s after warm-up."""
+    from transformers import TrainerCallback
+
+    class ThroughputCallback(TrainerCallback):
+        def __init__(self):
+            self.points = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs and logs.get("num_tokens") is not None:
+                self.points.append((time.perf_counter(), float(logs["num_tokens"])))
+
+        def tokens_per_second(self):
+            if len(self.points) <= WARMUP_LOGS + 1:
+                return None
+            (t0, n0), (t1, n1) = self.points[WARMUP_LOGS], self.points[-1]
+            return (n1 - n0) / (t1 - t0)
+
+    return ThroughputCallback()
+
+
 def build_trainer(cfg: TrainConfig):
     """Everything up to the first step: data checked first, then model, adapter, patch and trainer."""
     from trl import SFTTrainer
@@ -140,12 +165,17 @@ def build_trainer(cfg: TrainConfig):
     args = sft_arguments(cfg, bf16, fp16, eval_data is not None, set(train_data.column_names))
     _single_process_single_gpu(args)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
-                         processing_class=tokenizer)
+                         processing_class=tokenizer, callbacks=[_throughput_callback()])
     if cfg.patch:
         # true: patch_model's default (offloaded in single-process runs); offload: offloaded everywhere
         offload = True if cfg.gradient_checkpointing == "offload" else None
         print(patch_model(trainer.model, offload_checkpoints=offload).summary(), flush=True)
     return trainer
+
+
+def _throughput(trainer):
+    timers = [c for c in trainer.callback_handler.callbacks if hasattr(c, "tokens_per_second")]
+    return timers[0].tokens_per_second() if timers else None
 
 
 @contextlib.contextmanager
@@ -187,6 +217,7 @@ def train(cfg: TrainConfig) -> Path:
                    "world_size": trainer.args.world_size,
                    "num_tokens": history[-1].get("num_tokens") if history else None,
                    "runtime_s": result.metrics.get("train_runtime"),
+                   "tokens_per_second_after_warmup": _throughput(trainer),
                    "peak_gpu_memory_gib": (torch.cuda.max_memory_allocated() / 2**30
                                            if torch.cuda.is_available() else None)}
         (out / "train_summary.json").write_text(json.dumps(summary, indent=1))

@@ -32,6 +32,7 @@ def test_training_saves_a_plain_peft_adapter_and_the_resolved_config(trained):
     assert saved["base_model"] == "random:tiny-llama" and saved["max_steps"] == 4
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["steps"] == 4 and summary["last_logged_loss"] < summary["first_logged_loss"]
+    assert summary["tokens_per_second_after_warmup"] > 0  # steps 3 and 4 of 4
 
 
 def test_stock_peft_reloads_the_adapter_with_trained_weights(trained):
