@@ -181,15 +181,17 @@ def _throughput(trainer):
 @contextlib.contextmanager
 def _fsdp_layer_wrapping(cfg: TrainConfig):
     """Under FSDP, Trainer swaps the wrap policy for peft's, which (for FSDP2) leaves only the root
-    sharded and (for FSDP1) shards each adapter apart from its layer. qlora_fast keeps whole decoder
-    layers as units instead, adapters inside, and sets the mixed-precision dtype to the 4-bit storage
-    dtype as transformers does for hub models."""
+    sharded. qlora_fast keeps whole decoder layers as units instead, adapters inside, and its own
+    mixed precision: weights gathered in the 4-bit storage dtype (as transformers sets for hub models),
+    gradients reduced in fp32 and outputs (the loss) left in the dtype the model computes them in."""
     import transformers.trainer
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
     stock = transformers.trainer.update_fsdp_plugin_peft
 
     def keep_layer_policy(model, accelerator):
-        accelerator.state.fsdp_plugin.set_mixed_precision(_quant_storage(cfg), override=True)
+        accelerator.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(
+            param_dtype=_quant_storage(cfg), reduce_dtype=torch.float32)
 
     if cfg.distributed == "fsdp":
         transformers.trainer.update_fsdp_plugin_peft = keep_layer_policy
