@@ -1,6 +1,5 @@
 """`qlora-fast train`: QLoRA supervised fine-tuning on TRL's SFTTrainer, patched by patch_model."""
 
-import contextlib
 import json
 import os
 import time
@@ -106,9 +105,20 @@ def sft_arguments(cfg: TrainConfig, bf16: bool, fp16: bool, has_eval: bool, reco
     )
 
 
+def _fsdp_mixed_precision(trainer, cfg: TrainConfig) -> None:
+    """Weights gathered in the 4-bit storage dtype (as transformers sets for hub QLoRA models), gradients
+    reduced in fp32 and outputs (the loss) left as computed; accelerate's default for bf16 would reduce
+    the LoRA gradients and return the loss in bf16."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    trainer.accelerator.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(
+        param_dtype=_quant_storage(cfg), reduce_dtype=torch.float32)
+
+
 def _fsdp_arguments(cfg: TrainConfig) -> dict:
-    """FSDP2 sharding whole decoder layers (adapters included), so that inside a layer's forward every
-    weight the fused path reads is gathered; the 4-bit weights shard as their floating-point storage."""
+    """FSDP2 sharding whole decoder layers (adapters included: FSDP2 leaves the wrap policy alone, where
+    FSDP1 would take peft's, which wraps adapters apart), so that inside a layer's forward every weight
+    the fused path reads is gathered; the 4-bit weights shard as their floating-point storage."""
     if cfg.distributed != "fsdp":
         return {}
     return {"fsdp": True,
@@ -166,6 +176,8 @@ def build_trainer(cfg: TrainConfig):
     _single_process_single_gpu(args)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
                          processing_class=tokenizer, callbacks=[_throughput_callback()])
+    if cfg.distributed == "fsdp":
+        _fsdp_mixed_precision(trainer, cfg)
     if cfg.patch:
         # true: patch_model's default (offloaded in single-process runs); offload: offloaded everywhere
         offload = True if cfg.gradient_checkpointing == "offload" else None
@@ -178,34 +190,10 @@ def _throughput(trainer):
     return timers[0].tokens_per_second() if timers else None
 
 
-@contextlib.contextmanager
-def _fsdp_layer_wrapping(cfg: TrainConfig):
-    """Under FSDP, Trainer swaps the wrap policy for peft's, which (for FSDP2) leaves only the root
-    sharded. qlora_fast keeps whole decoder layers as units instead, adapters inside, and its own
-    mixed precision: weights gathered in the 4-bit storage dtype (as transformers sets for hub models),
-    gradients reduced in fp32 and outputs (the loss) left in the dtype the model computes them in."""
-    import transformers.trainer
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
-    stock = transformers.trainer.update_fsdp_plugin_peft
-
-    def keep_layer_policy(model, accelerator):
-        accelerator.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(
-            param_dtype=_quant_storage(cfg), reduce_dtype=torch.float32)
-
-    if cfg.distributed == "fsdp":
-        transformers.trainer.update_fsdp_plugin_peft = keep_layer_policy
-    try:
-        yield
-    finally:
-        transformers.trainer.update_fsdp_plugin_peft = stock
-
-
 def train(cfg: TrainConfig) -> Path:
     trainer = build_trainer(cfg)
     resume = cfg.resume_from_checkpoint
-    with _fsdp_layer_wrapping(cfg):
-        result = trainer.train(resume_from_checkpoint=resume)
+    result = trainer.train(resume_from_checkpoint=resume)
     out = Path(cfg.output_dir)
     trainer.save_model(str(out))
     if trainer.is_world_process_zero():
