@@ -43,6 +43,8 @@ def main():
     parser.add_argument("--global-batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--mode", choices=("ddp", "fsdp"), default="ddp")
+    parser.add_argument("--patch", action=argparse.BooleanOptionalAction, default=True,
+                        help="--no-patch: stock peft in both runs, to tell qlora_fast's share of a difference")
     parser.add_argument("--out", default="multi_gpu.md")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp())
@@ -50,14 +52,14 @@ def main():
     base = dict(base_model=f"random:{args.shape}", datasets=[{"path": str(work / "corpus.jsonl"), "type": "text"}],
                 sequence_len=1024, max_steps=args.steps, learning_rate=2e-4, lr_scheduler="constant",
                 logging_steps=1, gradient_checkpointing=True, bf16=True, seed=0,
-                bnb_4bit_quant_storage="bfloat16" if args.mode == "fsdp" else "uint8")
+                bnb_4bit_quant_storage="bfloat16" if args.mode == "fsdp" else "uint8", patch=args.patch)
     single = run(dict(base, micro_batch_size=args.global_batch), work, "single", 1, args.mode)
     multi = run(dict(base, micro_batch_size=args.global_batch // args.gpus), work, "multi", args.gpus, args.mode)
     tps = {k: s["tokens_per_second_after_warmup"] for k, s in (("single", single), ("multi", multi))}
     diffs = [abs(a - b) / a for a, b in zip(single["logged_losses"], multi["logged_losses"])]
     text = (f"Date {datetime.date.today()}, {args.gpus}x {torch.cuda.get_device_name()}, torch {torch.__version__}; "
             f"random-init {args.shape}, NF4 (storage {base['bnb_4bit_quant_storage']}) + LoRA r=16 all linear, "
-            f"patched, global batch {args.global_batch} x 1024 tokens, {args.steps} steps, gradient checkpointing, "
+            f"{'patched' if args.patch else 'stock peft (not patched)'}, global batch {args.global_batch} x 1024 tokens, {args.steps} steps, gradient checkpointing, "
             f"bf16\n\n| run | tokens/s (after 2 warm-up steps) | peak GiB (rank 0) | losses |\n|---|---|---|---|\n"
             f"| 1 GPU, micro batch {args.global_batch} | {tps['single']:.0f} | {single['peak_gpu_memory_gib']:.1f} | "
             f"{single['logged_losses']} |\n"
