@@ -228,6 +228,7 @@ def _forward_with_chunked_loss(self, *args, labels=None, **kwargs):
 _LLAMA_STYLE_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}
 
 
+@torch.compiler.disable
 def _rms_norm_forward(self, x):
     return rms_norm_op(x, self.weight, self.variance_epsilon)
 

@@ -186,7 +186,7 @@ def test_mixed_batch_adapter_names_take_peft_path():
     names = ["default", "other"]
     with torch.no_grad():
         stock = model(input_ids=ids, adapter_names=names).logits
-        patch_model(model)
+        patch_model(model, rms_norm=False)  # the norm kernel sums rows in another order: not bit-equal
         assert torch.equal(model(input_ids=ids, adapter_names=names).logits, stock)
 
 

@@ -12,39 +12,52 @@ from .nf4_decode import round_fp32_to
 
 
 @triton.jit
-def _row_offsets(n_cols, BLOCK: tl.constexpr):
-    """This program's row start, the column indices and their mask."""
+def _row_tile(n_rows, n_cols, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's ROWS rows: their indices, the (ROWS, BLOCK) element offsets and mask."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
-    return tl.program_id(0).to(tl.int64) * n_cols, cols, cols < n_cols
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    return rows, rows[:, None] * n_cols + cols[None, :], mask
 
 
 @triton.jit
-def _rms_norm_forward_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, n_cols, eps,
-                             SOFTWARE_RTNE: tl.constexpr, BLOCK: tl.constexpr):
-    start, cols, mask = _row_offsets(n_cols, BLOCK)
-    x = tl.load(x_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-    normed = round_fp32_to(x * rstd, x_ptr.dtype.element_ty, SOFTWARE_RTNE).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + start + cols, round_fp32_to(w * normed, y_ptr.dtype.element_ty, SOFTWARE_RTNE), mask=mask)
-    tl.store(rstd_ptr + tl.program_id(0), rstd)
+def _rms_norm_forward_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, n_rows, n_cols, eps,
+                             SOFTWARE_RTNE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    rows, offs, mask = _row_tile(n_rows, n_cols, ROWS, BLOCK)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+    normed = round_fp32_to(x * rstd[:, None], x_ptr.dtype.element_ty, SOFTWARE_RTNE).to(tl.float32)
+    cols = tl.arange(0, BLOCK)
+    w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, round_fp32_to(w[None, :] * normed, y_ptr.dtype.element_ty, SOFTWARE_RTNE), mask=mask)
+    tl.store(rstd_ptr + rows, rstd, mask=rows < n_rows)
 
 
 @triton.jit
-def _rms_norm_backward_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, n_cols,
-                              SOFTWARE_RTNE: tl.constexpr, BLOCK: tl.constexpr):
-    start, cols, mask = _row_offsets(n_cols, BLOCK)
-    g = (tl.load(dy_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
-         * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32))
-    rstd = tl.load(rstd_ptr + tl.program_id(0))
-    normed = tl.load(x_ptr + start + cols, mask=mask, other=0.0).to(tl.float32) * rstd
-    dx = rstd * (g - normed * (tl.sum(g * normed, axis=0) / n_cols))
-    tl.store(dx_ptr + start + cols, round_fp32_to(dx, dx_ptr.dtype.element_ty, SOFTWARE_RTNE), mask=mask)
+def _rms_norm_backward_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, n_rows, n_cols,
+                              SOFTWARE_RTNE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    rows, offs, mask = _row_tile(n_rows, n_cols, ROWS, BLOCK)
+    cols = tl.arange(0, BLOCK)
+    w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32) * w[None, :]
+    rstd = tl.load(rstd_ptr + rows, mask=rows < n_rows, other=0.0)
+    normed = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) * rstd[:, None]
+    dx = rstd[:, None] * (g - normed * (tl.sum(g * normed, axis=1) / n_cols)[:, None])
+    tl.store(dx_ptr + offs, round_fp32_to(dx, dx_ptr.dtype.element_ty, SOFTWARE_RTNE), mask=mask)
 
 
-def _launch_options(n_cols: int) -> dict:
+# The CPU interpreter pays per program, not per element: it takes many rows per program. The GPU takes
+# one (a 4096-wide row already fills a program; measured in bench/RESULTS.md).
+_INTERPRETER_TILE = 2**16
+
+
+def _launch(n_rows: int, n_cols: int):
+    """(grid, meta-parameters) for a (n_rows, n_cols) input."""
     block = triton.next_power_of_2(n_cols)
-    return {"BLOCK": block, "num_warps": min(max(block // 256, 1), 16), "SOFTWARE_RTNE": interpreting()}
+    rows = max(1, _INTERPRETER_TILE // block) if interpreting() else 1
+    meta = {"BLOCK": block, "ROWS": rows, "num_warps": min(max(block // 256, 1), 16),
+            "SOFTWARE_RTNE": interpreting()}
+    return (triton.cdiv(n_rows, rows),), meta
 
 
 def rms_norm_forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float):
@@ -52,12 +65,14 @@ def rms_norm_forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float):
     rows, cols = x2d.shape
     y = torch.empty((rows, cols), dtype=torch.promote_types(weight.dtype, x2d.dtype), device=x2d.device)
     rstd = torch.empty(rows, dtype=torch.float32, device=x2d.device)
-    _rms_norm_forward_kernel[(rows,)](x2d, weight, y, rstd, cols, eps, **_launch_options(cols))
+    grid, meta = _launch(rows, cols)
+    _rms_norm_forward_kernel[grid](x2d, weight, y, rstd, rows, cols, eps, **meta)
     return y, rstd
 
 
 def rms_norm_input_grad(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor):
     rows, cols = x2d.shape
     dx = torch.empty_like(x2d)
-    _rms_norm_backward_kernel[(rows,)](dy2d, x2d, weight, rstd, dx, cols, **_launch_options(cols))
+    grid, meta = _launch(rows, cols)
+    _rms_norm_backward_kernel[grid](dy2d, x2d, weight, rstd, dx, rows, cols, **meta)
     return dx

@@ -8,13 +8,13 @@ from tests.helpers import rel_err
 
 @pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                              (torch.float16, torch.float16), (torch.bfloat16, torch.float32)])
-@pytest.mark.parametrize("cols", [64, 100])
-def test_matches_transformers_llama_rms_norm(x_dtype, w_dtype, cols):
+@pytest.mark.parametrize("rows,cols", [(21, 64), (21, 100), (1100, 64)])  # 1100 rows span two programs
+def test_matches_transformers_llama_rms_norm(x_dtype, w_dtype, rows, cols):
     norm = LlamaRMSNorm(cols, eps=1e-5).to(w_dtype).requires_grad_(False)
     with torch.no_grad():
         norm.weight.normal_(1.0, 0.2)
-    x = (torch.randn(3, 7, cols) * 3).to(x_dtype)
-    grad_out = torch.randn(3, 7, cols).to(torch.promote_types(x_dtype, w_dtype))
+    x = (torch.randn(rows, cols) * 3).to(x_dtype)
+    grad_out = torch.randn(rows, cols).to(torch.promote_types(x_dtype, w_dtype))
 
     x_ref = x.clone().requires_grad_(True)
     y_ref = norm(x_ref)
