@@ -1,6 +1,7 @@
 """Model surgery: route peft's LoRA-on-bitsandbytes-NF4 layers through the fused kernels, and back."""
 
 import os
+import sys
 import types
 import warnings
 from collections import Counter
@@ -14,6 +15,7 @@ from .ops.offloaded_checkpoint import offloaded_checkpoint
 from .ops.lora_nf4_linear import lora_nf4_linear
 from .ops.lora_nf4_mlp import lora_nf4_mlp
 from .ops.rms_norm import rms_norm as rms_norm_op
+from .ops.rope import RoPEFunction, fused_rope_applies
 
 try:
     from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
@@ -30,6 +32,7 @@ class PatchReport:
     chunked_loss: bool = False
     rms_norms: int = 0
     mlps: int = 0
+    rope: bool = False
     offloaded_checkpoints: bool = False
 
     def summary(self) -> str:
@@ -38,6 +41,8 @@ class PatchReport:
             line += f" ({self.mlps} SwiGLU MLPs fused whole)"
         if self.rms_norms:
             line += f", {self.rms_norms} RMSNorms"
+        if self.rope:
+            line += ", rotary embeddings"
         if self.chunked_loss:
             line += " and the LM loss (chunked, no full logits)"
         if self.offloaded_checkpoints:
@@ -238,6 +243,46 @@ def _frozen_llama_style_norms(model: torch.nn.Module):
             if type(m).__name__ in _LLAMA_STYLE_RMS_NORMS and not m.weight.requires_grad]
 
 
+# Attention classes whose modeling module applies transformers' standard apply_rotary_pos_emb.
+_ROTARY_ATTENTIONS = {"LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention", "GemmaAttention"}
+
+
+def _rotary_modules(model: torch.nn.Module) -> list:
+    """The modeling modules (transformers.models.llama.modeling_llama, ...) of the model's attentions."""
+    names = {type(m).__module__ for m in model.modules() if type(m).__name__ in _ROTARY_ATTENTIONS}
+    return [sys.modules[n] for n in sorted(names) if hasattr(sys.modules[n], "apply_rotary_pos_emb")]
+
+
+def _fused_rotary(stock):
+    """A drop-in for a modeling module's apply_rotary_pos_emb: the Triton kernel where it is exact."""
+
+    @torch.compiler.disable
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        if not args and fused_rope_applies(q, k, cos, sin, **kwargs):
+            return RoPEFunction.apply(q, k, cos, sin)
+        return stock(q, k, cos, sin, *args, **kwargs)
+
+    apply_rotary_pos_emb.qlora_fast_stock = stock
+    return apply_rotary_pos_emb
+
+
+def _patch_rotary(model: torch.nn.Module) -> bool:
+    """Routes rotary embeddings through the kernel. The function is a module global that attention looks
+    up at call time, so this holds for every model of that architecture in the process, as unsloth's does;
+    the drop-in computes what the stock function does, rounding included."""
+    modules = _rotary_modules(model)
+    for module in modules:
+        if not hasattr(module.apply_rotary_pos_emb, "qlora_fast_stock"):
+            module.apply_rotary_pos_emb = _fused_rotary(module.apply_rotary_pos_emb)
+    return bool(modules)
+
+
+def _restore_rotary(model: torch.nn.Module) -> None:
+    for module in _rotary_modules(model):
+        module.apply_rotary_pos_emb = getattr(module.apply_rotary_pos_emb, "qlora_fast_stock",
+                                              module.apply_rotary_pos_emb)
+
+
 _STOCK_CHECKPOINT = "_qlora_fast_stock_checkpoint"
 
 
@@ -285,12 +330,13 @@ def _distributed() -> bool:
 
 
 def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool = True,
-                fused_mlp: bool = True, rms_norm: bool = True,
+                fused_mlp: bool = True, rms_norm: bool = True, rope: bool = True,
                 offload_checkpoints: bool | None = None) -> PatchReport:
     """Routes every LoRA layer over a bitsandbytes NF4 Linear4bit through the fused Triton path,
     (`fused_mlp`) runs each SwiGLU MLP whose three projections are such layers as one autograd Function,
     (`chunked_loss`) computes a training forward's loss without materializing the full logits, and
-    (`rms_norm`) runs frozen Llama-style RMSNorms on a Triton kernel, and (`offload_checkpoints`) keeps
+    (`rms_norm`) runs frozen Llama-style RMSNorms on a Triton kernel, (`rope`) applies rotary embeddings
+    to q and k in one Triton kernel, and (`offload_checkpoints`) keeps
     gradient checkpointing's per-layer inputs in host memory; None (default) offloads in single-process
     training and leaves distributed runs (DDP, FSDP) to torch's checkpointing unless asked.
 
@@ -315,6 +361,8 @@ def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool
     for mlp in _fusable_mlps(model) if fused_mlp else []:
         _replace_forward(mlp, _fused_mlp_forward)
         report.mlps += 1
+    if rope:
+        report.rope = _patch_rotary(model)
     if offload_checkpoints is None:
         offload_checkpoints = not _distributed()
     if offload_checkpoints:
@@ -327,6 +375,7 @@ def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool
 def unpatch_model(model: torch.nn.Module) -> int:
     """Restores every forward patch_model changed; returns how many LoRA layers it restored."""
     _restore_checkpoints(model)
+    _restore_rotary(model)
     lora_layers = {id(layer) for _, layer in _lora_nf4_layers(model)}
     return sum(_restore_forward(m) and id(m) in lora_layers for m in list(model.modules()))
 

@@ -6,6 +6,7 @@ from peft import LoraConfig, get_peft_model
 
 from qlora_fast import is_patched, patch_model, unpatch_model
 from qlora_fast.harness.models import add_lora, quantize_to_nf4_, random_causal_lm
+from qlora_fast.ops.rope import RoPEFunction
 from qlora_fast.testing import make_lora_nf4_linear
 from tests.helpers import rel_err
 
@@ -236,3 +237,24 @@ def test_floating_point_quant_storage_as_fsdp_qlora_stores_it(storage):
     loss, grads = loss_and_grads(model, ids)
     assert loss == pytest.approx(stock_loss, rel=1e-5)
     assert all(rel_err(grads[n], stock_grads[n]) < 1e-4 for n in grads)
+
+
+def test_rotary_embeddings_are_routed_and_restored():
+    import transformers.models.llama.modeling_llama as modeling
+
+    stock = modeling.apply_rotary_pos_emb
+    model = tiny_qlora().train()
+    report = patch_model(model)
+    assert report.rope and "rotary embeddings" in report.summary()
+    assert modeling.apply_rotary_pos_emb.qlora_fast_stock is stock
+    calls = []
+    original = RoPEFunction.apply
+    RoPEFunction.apply = lambda *a: calls.append(1) or original(*a)
+    try:
+        loss_and_grads(model, torch.randint(0, 512, (1, 8)))
+    finally:
+        RoPEFunction.apply = original
+    assert len(calls) == 2  # one per decoder layer
+    unpatch_model(model)
+    assert modeling.apply_rotary_pos_emb is stock
+    assert patch_model(model, rope=False).rope is False and modeling.apply_rotary_pos_emb is stock

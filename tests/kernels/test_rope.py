@@ -1,0 +1,48 @@
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from qlora_fast.ops.rope import RoPEFunction, fused_rope_applies
+
+
+def inputs(dtype, batch=2, q_heads=4, k_heads=2, seq=37, head_dim=16):
+    """q and k as attention makes them: (batch, seq, heads, dim) projections transposed to (b, h, s, d)."""
+    q = torch.randn(batch, seq, q_heads, head_dim).to(dtype).transpose(1, 2)
+    k = torch.randn(batch, seq, k_heads, head_dim).to(dtype).transpose(1, 2)
+    angles = torch.arange(seq)[:, None] * torch.rand(head_dim // 2)[None, :] * 3
+    angles = torch.cat([angles, angles], dim=-1).expand(batch, seq, head_dim)
+    return q, k, angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def grads(fn, q, k, cos, sin, dq_out, dk_out):
+    q = q.detach().clone().requires_grad_(True)
+    k = k.detach().clone().requires_grad_(True)
+    q_embed, k_embed = fn(q, k, cos, sin)
+    torch.autograd.backward([q_embed, k_embed], [dq_out, dk_out])
+    return q_embed.detach(), k_embed.detach(), q.grad, k.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("q_heads,k_heads,seq", [(4, 2, 37), (3, 1, 5), (8, 8, 300)])  # GQA, odd heads, long
+def test_matches_transformers(dtype, q_heads, k_heads, seq):
+    q, k, cos, sin = inputs(dtype, q_heads=q_heads, k_heads=k_heads, seq=seq)
+    dq_out, dk_out = torch.randn_like(q), torch.randn_like(k)
+    ref = grads(apply_rotary_pos_emb, q, k, cos, sin, dq_out, dk_out)
+    ours = grads(RoPEFunction.apply, q, k, cos, sin, dq_out, dk_out)
+    assert ours[0].stride() == ref[0].stride()  # attention's layout kept
+    for name, r, o in zip(("q", "k", "dq", "dk"), ref, ours):
+        assert o.dtype == r.dtype, name
+        if dtype == torch.float32:
+            torch.testing.assert_close(o, r, msg=name)
+        else:  # the same products rounded at the same points: bit-exact
+            assert torch.equal(o, r), name
+
+
+def test_applies_only_where_exact():
+    q, k, cos, sin = inputs(torch.bfloat16)
+    assert fused_rope_applies(q, k, cos, sin)
+    assert not fused_rope_applies(q, k, cos.float(), sin.float())  # torch would promote to fp32
+    assert not fused_rope_applies(q, k, cos, sin, unsqueeze_dim=2)
+    q3, k3, cos3, sin3 = inputs(torch.bfloat16, head_dim=24)
+    assert not fused_rope_applies(q3, k3, cos3, sin3)
+    assert not fused_rope_applies(q, k, cos.requires_grad_(True), sin)
