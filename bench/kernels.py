@@ -8,7 +8,8 @@
 3. in-GEMM vs dequantize + cuBLAS by token count (sets ops/nf4_linear.py FUSED_MAX_ROWS);
 4. LoRA linear forward+backward: stock peft vs patched, time and peak memory;
 5. RMSNorm forward+backward: transformers' LlamaRMSNorm vs the Triton kernel;
-6. SwiGLU MLP (gate/up/down LoRA on NF4) forward+backward: stock peft vs the fused MLP Function.
+6. SwiGLU MLP (gate/up/down LoRA on NF4) forward+backward: stock peft vs the fused MLP Function;
+7. rotary embedding of q and k forward+backward: transformers' apply_rotary_pos_emb vs the kernel.
 """
 
 import argparse
@@ -250,6 +251,32 @@ def time_mlp(rows):
         del mlp
 
 
+def time_rope(rows):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from qlora_fast.ops.rope import RoPEFunction
+
+    for batch, seq in ((1, 2048), (4, 2048)):  # Llama-3-8B attention: 32 q heads, 8 kv heads, head_dim 128
+        q = torch.randn(batch, seq, 32, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+        k = torch.randn(batch, seq, 8, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+        angles = torch.rand(batch, seq, 128, device="cuda") * 100
+        cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
+        dq, dk = torch.randn_like(q), torch.randn_like(k)
+        q.requires_grad_(True)
+        k.requires_grad_(True)
+
+        def run(fn):
+            q.grad = k.grad = None
+            outs = fn(q, k, cos, sin)
+            torch.autograd.backward(outs, [dq, dk])
+            return [o.detach() for o in outs] + [q.grad, k.grad]
+
+        exact = all(torch.equal(a, b) for a, b in zip(run(RoPEFunction.apply), run(apply_rotary_pos_emb)))
+        rows.append({"batch x seq": f"{batch}x{seq}", "bit-exact q/k/dq/dk": exact,
+                     "hf_fwd_bwd_ms": median_ms(lambda: run(apply_rotary_pos_emb)),
+                     "qlora_fast_fwd_bwd_ms": median_ms(lambda: run(RoPEFunction.apply))})
+
+
 def markdown(title, rows):
     if not rows:
         return ""
@@ -264,7 +291,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="kernels.md")
     parser.add_argument("--skip", nargs="*", default=[],
-                        help="sections to skip: correctness dequant crossover lora rmsnorm mlp")
+                        help="sections to skip: correctness dequant crossover lora rmsnorm mlp rope")
     args = parser.parse_args()
     import bitsandbytes, peft
     header = (f"Date {datetime.date.today()}, GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, "
@@ -275,7 +302,8 @@ def main():
                 ("lora", "LoRA linear forward+backward, r=16 bf16 (median ms, peak MiB)", time_lora_layer),
                 ("rmsnorm", "RMSNorm forward+backward, bf16, frozen weight (median ms)", time_rms_norm),
                 ("mlp", "SwiGLU MLP forward+backward, LoRA r=16 on NF4 gate/up/down, bf16 (median ms, peak MiB)",
-                 time_mlp)]
+                 time_mlp),
+                ("rope", "Rotary embedding of q and k forward+backward, bf16 (median ms)", time_rope)]
     report, results = header, {}
     for key, title, fn in sections:
         if key in args.skip:

@@ -19,11 +19,13 @@ from qlora_fast.harness.models import add_lora, quantize_to_nf4_, random_causal_
 from qlora_fast.harness.run import random_batches
 
 
-# Each row adds one patch_model option to the row above; "+ fused MLP" is patch_model's default.
-VARIANTS = {"LoRA layers + chunked loss": {"fused_mlp": False},
-            "+ fused MLP (default)": {},
-            "+ offloaded checkpoints": {"offload_checkpoints": True},
-            "+ RMSNorm kernel": {"offload_checkpoints": True, "rms_norm": True}}
+# Each row adds one patch_model option to the row above; the last is patch_model's default.
+_OFF = {"fused_mlp": False, "offload_checkpoints": False, "rms_norm": False, "rope": False}
+VARIANTS = {"LoRA layers + chunked loss": _OFF,
+            "+ fused MLP": dict(_OFF, fused_mlp=True),
+            "+ offloaded checkpoints": dict(_OFF, fused_mlp=True, offload_checkpoints=True),
+            "+ RMSNorm kernel": dict(_OFF, fused_mlp=True, offload_checkpoints=True, rms_norm=True),
+            "+ RoPE kernel (default)": {}}
 
 
 def profile_one_step(model, batch, path):
@@ -55,6 +57,7 @@ def main():
     parser.add_argument("--timing-rounds", type=int, default=5, help="interleaved stock/patched timing rounds")
     parser.add_argument("--out", default="train_step.md")
     parser.add_argument("--profile", default=None, help="write a torch.profiler table of one step per variant here")
+    parser.add_argument("--variants", default=None, help="comma-separated names from VARIANTS (default: all)")
     args = parser.parse_args()
 
     model = quantize_to_nf4_(random_causal_lm(args.shape, torch.bfloat16, "cuda"))
@@ -68,17 +71,21 @@ def main():
              f"triton {triton.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
              f"bitsandbytes {bitsandbytes.__version__}; model {args.shape} (random init, NF4 double quant, bf16), "
              f"LoRA r=16 all linear, gradient checkpointing; loss parity over {args.steps} AdamW steps, tokens/s "
-             f"from the median of {args.timing_rounds} interleaved stock/patched forward+backward rounds",
-             "", "| batch x seq | qlora_fast variant | stock tok/s | qlora_fast tok/s | speedup | stock peak GiB "
-             "| qlora_fast peak GiB | max rel loss diff | LoRA weight rel diff | parity |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"from the median of {args.timing_rounds} interleaved stock/patched forward+backward rounds"
+             "; the AdamW column times the loss-parity run's optimizer steps (2 to last), as "
+             "bench/train_step_unsloth.py times unsloth's",
+             "", "| batch x seq | qlora_fast variant | stock tok/s | qlora_fast tok/s | speedup | qlora_fast tok/s "
+             "(AdamW steps) | stock peak GiB | qlora_fast peak GiB | max rel loss diff | LoRA weight rel diff | parity |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    chosen = args.variants.split(",") if args.variants else list(VARIANTS)
     for size in args.sizes.split(","):
         batches = random_batches(vocab, size, args.steps)
-        for variant, options in VARIANTS.items():
-            c = compare_stock_and_patched(model, batches, torch.bfloat16, timing_rounds=args.timing_rounds, **options)
+        for variant in chosen:
+            c = compare_stock_and_patched(model, batches, torch.bfloat16, timing_rounds=args.timing_rounds,
+                                          **VARIANTS[variant])
             lines.append(f"| {size} | {variant} | {c.tokens_per_second('stock'):.0f} | "
                          f"{c.tokens_per_second('patched'):.0f} | "
-                         f"{c.speedup:.2f}x | {c.stock.peak_memory_gib:.1f} | {c.patched.peak_memory_gib:.1f} | "
+                         f"{c.speedup:.2f}x | {c.patched.tokens_per_second:.0f} | {c.stock.peak_memory_gib:.1f} | {c.patched.peak_memory_gib:.1f} | "
                          f"{c.max_rel_loss_diff:.2e} | {c.weight_rel_diff:.2e} | {'pass' if c.passed else 'FAIL'} |")
             print(lines[-1], "losses", [round(x, 4) for x in c.stock.losses],
                   [round(x, 4) for x in c.patched.losses], flush=True)
