@@ -191,6 +191,17 @@ def test_mixed_batch_adapter_names_take_peft_path():
         assert torch.equal(model(input_ids=ids, adapter_names=names).logits, stock)
 
 
+@pytest.mark.parametrize("shape", ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gemma"])
+def test_rope_option_keeps_loss_and_grads(shape):
+    model = tiny_qlora(shape).train()
+    ids = torch.randint(0, 512, (2, 16))
+    stock_loss, stock_grads = loss_and_grads(model, ids)
+    assert patch_model(model, rope=True).rope
+    loss, grads = loss_and_grads(model, ids)
+    assert loss == pytest.approx(stock_loss, rel=1e-5)
+    assert all(rel_err(grads[n], stock_grads[n]) < 1e-4 for n in stock_grads)
+
+
 @pytest.mark.parametrize("shape", ["tiny-llama", "tiny-qwen2", "tiny-mistral"])
 def test_rms_norm_option_keeps_loss_and_grads(shape):
     model = tiny_qlora(shape).train()
@@ -244,7 +255,7 @@ def test_rotary_embeddings_are_routed_and_restored():
 
     stock = modeling.apply_rotary_pos_emb
     model = tiny_qlora().train()
-    report = patch_model(model)
+    report = patch_model(model, rope=True)
     assert report.rope and "rotary embeddings" in report.summary()
     assert modeling.apply_rotary_pos_emb.qlora_fast_stock is stock
     calls = []
@@ -257,4 +268,4 @@ def test_rotary_embeddings_are_routed_and_restored():
     assert len(calls) == 2  # one per decoder layer
     unpatch_model(model)
     assert modeling.apply_rotary_pos_emb is stock
-    assert patch_model(model, rope=False).rope is False and modeling.apply_rotary_pos_emb is stock
+    assert patch_model(model).rope is False and modeling.apply_rotary_pos_emb is stock  # opt-in
