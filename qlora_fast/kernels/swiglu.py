@@ -32,14 +32,18 @@ def _silu_rounded(g, dtype: tl.constexpr, SOFTWARE_RTNE: tl.constexpr):
 
 
 @triton.jit
+def _load_fp32(ptr, offs, mask):
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _swiglu_forward_kernel(g_ptr, u_ptr, h_ptr, n_elements,
                            SOFTWARE_RTNE: tl.constexpr, BLOCK: tl.constexpr):
     offs, mask = _offsets(n_elements, BLOCK)
     dtype: tl.constexpr = h_ptr.dtype.element_ty
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    _, silu = _silu_rounded(g, dtype, SOFTWARE_RTNE)
-    tl.store(h_ptr + offs, round_fp32_to(silu * u, dtype, SOFTWARE_RTNE), mask=mask)
+    _, silu = _silu_rounded(_load_fp32(g_ptr, offs, mask), dtype, SOFTWARE_RTNE)
+    product = silu * _load_fp32(u_ptr, offs, mask)
+    tl.store(h_ptr + offs, round_fp32_to(product, dtype, SOFTWARE_RTNE), mask=mask)
 
 
 @triton.jit
@@ -48,9 +52,7 @@ def _swiglu_backward_kernel(dh_ptr, g_ptr, u_ptr, n_elements,
     # In place: dh_ptr <- h, g_ptr <- dg, u_ptr <- du. Each element is read before it is overwritten.
     offs, mask = _offsets(n_elements, BLOCK)
     dtype: tl.constexpr = dh_ptr.dtype.element_ty
-    dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dh, g, u = _load_fp32(dh_ptr, offs, mask), _load_fp32(g_ptr, offs, mask), _load_fp32(u_ptr, offs, mask)
     sig, silu = _silu_rounded(g, dtype, SOFTWARE_RTNE)
     d_silu = round_fp32_to(dh * u, dtype, SOFTWARE_RTNE).to(tl.float32)
     dg = d_silu * sig * (1.0 + g * (1.0 - sig))
