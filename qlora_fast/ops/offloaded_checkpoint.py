@@ -80,9 +80,8 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
         ctx.copy = _HostCopy(hidden_states)
         ctx.previous_copy = _last_forward_copy
         _last_forward_copy = weakref.ref(ctx.copy)
-        tensor_args = [a if isinstance(a, torch.Tensor) else None for a in args]
-        ctx.save_for_backward(*[a for a in tensor_args if a is not None])
-        ctx.args = [None if isinstance(a, torch.Tensor) else a for a in args]
+        ctx.save_for_backward(*[a for a in args if isinstance(a, torch.Tensor)])
+        ctx.args = [None if isinstance(a, torch.Tensor) else a for a in args]  # None: a saved tensor
         return outputs
 
     @staticmethod
