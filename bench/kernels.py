@@ -103,7 +103,7 @@ def _check_mlp(dtype, dname, hidden=1024, intermediate=3000):
     patch_model(mlp)
     errs = [rel_err(f, s) for f, s in zip(_run_mlp(mlp, x, gy), stock)]
     return {"check": "SwiGLU MLP y/dx/6 LoRA grads rel err vs peft", "shape": f"{hidden}x{intermediate}",
-            "dtype": dname, "value": [round(e, 5) for e in errs], "ok": len(errs) == 8 and max(errs) < 2e-2}
+            "dtype": dname, "value": [f"{e:.2e}" for e in errs], "ok": len(errs) == 8 and max(errs) < 2e-2}
 
 
 def _check_lora_layer(n, k, dtype, dname, dropout, device="cuda"):
@@ -124,7 +124,7 @@ def _check_lora_layer(n, k, dtype, dname, dropout, device="cuda"):
     fused = run()
     errs = [rel_err(f, s) for f, s in zip(fused, stock)]
     return {"check": "LoRA layer y/dx/dA/dB rel err vs peft", "shape": f"{n}x{k}", "dtype": dname,
-            "dropout": dropout, "value": [round(e, 5) for e in errs], "ok": max(errs) < 2e-2}
+            "dropout": dropout, "value": [f"{e:.2e}" for e in errs], "ok": max(errs) < 2e-2}
 
 
 def time_dequant(rows):

@@ -28,27 +28,6 @@ VARIANTS = {"LoRA layers + chunked loss": _OFF,
             "+ RoPE kernel (opt-in)": dict(rope=True)}
 
 
-def profile_one_step(model, batch, path):
-    """Where the step time goes: the top CUDA kernels of one stock and one patched step."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from qlora_fast import patch_model, unpatch_model
-
-    with open(path, "w") as f:
-        for name in ("stock", "qlora_fast"):
-            if name == "qlora_fast":
-                patch_model(model, verbose=False)
-            for _ in range(2):  # warm-up, then profiled
-                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                    model(**{k: v.cuda() for k, v in batch.items()}).loss.backward()
-                    torch.cuda.synchronize()
-            model.zero_grad(set_to_none=True)
-            f.write(f"== {name}, batch {tuple(batch['input_ids'].shape)}\n")
-            f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
-            f.write("\n")
-        unpatch_model(model)
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="llama-3-8b")
@@ -56,7 +35,6 @@ def main():
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--timing-rounds", type=int, default=5, help="interleaved stock/patched timing rounds")
     parser.add_argument("--out", default="train_step.md")
-    parser.add_argument("--profile", default=None, help="write a torch.profiler table of one step per variant here")
     parser.add_argument("--variants", default=None, help="comma-separated names from VARIANTS (default: all)")
     args = parser.parse_args()
 
@@ -90,8 +68,6 @@ def main():
             print(lines[-1], "losses", [round(x, 4) for x in c.stock.losses],
                   [round(x, 4) for x in c.patched.losses], flush=True)
             torch.cuda.empty_cache()
-    if args.profile:
-        profile_one_step(model, batches[0], args.profile)
     text = "\n".join(lines) + "\n"
     print(text)
     with open(args.out, "w") as f:

@@ -11,7 +11,7 @@ import torch
 
 from .nf4 import nf4_weight_from_bnb, unsupported_reason
 from .ops.linear_cross_entropy import causal_lm_loss
-from .ops.offloaded_checkpoint import offloaded_checkpoint
+from .ops.offloaded_checkpoint import offloaded_checkpoint, recomputing
 from .ops.lora_nf4_linear import lora_nf4_linear
 from .ops.lora_nf4_mlp import lora_nf4_mlp
 from .ops.rms_norm import rms_norm as rms_norm_op
@@ -23,6 +23,7 @@ except ImportError:  # older bitsandbytes
     fix_4bit_weight_quant_state_from_module = None
 
 _PATCHED = "_qlora_fast_patched"
+_OUTPUT_ONLY_TO_RESIDUAL = "_qlora_fast_output_only_to_residual"  # see _mark_residual_mlps
 
 
 @dataclass
@@ -89,6 +90,7 @@ def _restore_forward(module: torch.nn.Module) -> bool:
     if not is_patched(module):
         return False
     previous = vars(module).pop("_qlora_fast_previous_forward")
+    vars(module).pop(_OUTPUT_ONLY_TO_RESIDUAL, None)
     del module.forward
     if previous is not None:
         module.forward = previous
@@ -198,8 +200,22 @@ def _fused_mlp_forward(self, x):
     if name is None or any(_has_hooks(p) or not isinstance(p.lora_dropout[name], torch.nn.Identity)
                            for p in projections):
         return _previous_forward(self)(x)
+    output_needed = not (recomputing() and vars(self).get(_OUTPUT_ONLY_TO_RESIDUAL, False))
     return lora_nf4_mlp(x, *(_mlp_projection(p, name) for p in projections),
-                        compute_dtype=_compute_dtype(projections[0], x))
+                        compute_dtype=_compute_dtype(projections[0], x), output_needed=output_needed)
+
+
+# Decoder layers that end in `return residual + self.mlp(...)`: nothing in the layer's backward reads
+# the MLP's output, so a checkpoint's recompute of the layer need not compute it.
+_RESIDUAL_MLP_LAYERS = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"}
+
+
+def _mark_residual_mlps(model: torch.nn.Module) -> None:
+    """Flags fused MLPs whose layer (hook-free: a hook could read the output) just adds their output."""
+    for layer in model.modules():
+        mlp = layer._modules.get("mlp")
+        if type(layer).__name__ in _RESIDUAL_MLP_LAYERS and is_patched(mlp) and not _has_hooks(layer):
+            setattr(mlp, _OUTPUT_ONLY_TO_RESIDUAL, True)
 
 
 def _causal_lm(model: torch.nn.Module):
@@ -361,6 +377,7 @@ def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool
     for mlp in _fusable_mlps(model) if fused_mlp else []:
         _replace_forward(mlp, _fused_mlp_forward)
         report.mlps += 1
+    _mark_residual_mlps(model)
     if rope:
         report.rope = _patch_rotary(model)
     if offload_checkpoints is None:

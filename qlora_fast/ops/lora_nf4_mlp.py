@@ -6,6 +6,10 @@ h @ A_down^T: never h = silu(g) * u, silu(g) or a dequantized weight. Backward r
 SwiGLU backward kernel, which overwrites g and u with their gradients, so no (tokens x intermediate)
 tensor is allocated beyond dh. One Function per MLP instead of three LoRA layers and two elementwise ops
 also means fewer host calls per layer, which is what small batches are bound by.
+
+With `output_needed=False` (a checkpoint's recompute of a layer that only adds the MLP output to its
+residual) forward skips the down projection's GEMM and returns an unwritten tensor: backward needs
+only what forward saves, not y.
 """
 
 import torch
@@ -27,7 +31,8 @@ def _adapter_grads(dy, dy_b, x2, xa, scaling: float, dtypes):
 
 class LoRANF4MLPFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, gate_a, gate_b, up_a, up_b, down_a, down_b, weights, scalings, compute_dtype):
+    def forward(ctx, x, gate_a, gate_b, up_a, up_b, down_a, down_b, weights, scalings, compute_dtype,
+                output_needed=True):
         w_gate, w_up, w_down = weights
         s_gate, s_up, s_down = scalings
         lora = (gate_a, gate_b, up_a, up_b, down_a, down_b)
@@ -41,7 +46,10 @@ class LoRANF4MLPFunction(torch.autograd.Function):
         u = _lora_project(x2, xa_up, w_up, up_b, s_up)
         h = swiglu_forward(g, u)
         ha_down = h @ down_a.t()
-        y = _lora_project(h, ha_down, w_down, down_b, s_down)
+        if output_needed:
+            y = _lora_project(h, ha_down, w_down, down_b, s_down)
+        else:
+            y = x2.new_empty(x2.shape[0], w_down.shape[0])
 
         ctx.save_for_backward(x2, xa_gate, xa_up, g, u, ha_down, *lora)
         ctx.weights, ctx.scalings = weights, scalings
@@ -72,12 +80,12 @@ class LoRANF4MLPFunction(torch.autograd.Function):
             grad_x = nf4_linear_input_grad(du, w_up, accumulate=nf4_linear_input_grad(dg, w_gate))
             grad_x.addmm_(dg_b, gate_a, alpha=s_gate).addmm_(du_b, up_a, alpha=s_up)
             grad_x = grad_x.view(ctx.x_meta[0]).to(ctx.x_meta[1])
-        return (grad_x, *grad_gate, *grad_up, *grad_down, None, None, None)
+        return (grad_x, *grad_gate, *grad_up, *grad_down, None, None, None, None)
 
 
-def lora_nf4_mlp(x, gate, up, down, compute_dtype=None):
+def lora_nf4_mlp(x, gate, up, down, compute_dtype=None, output_needed=True):
     """Autograd entry point. gate, up and down are (lora_a, lora_b, scaling, NF4Weight) of each
     projection; `compute_dtype` defaults to x's dtype."""
     (gate_a, gate_b, s_gate, w_gate), (up_a, up_b, s_up, w_up), (down_a, down_b, s_down, w_down) = gate, up, down
     return LoRANF4MLPFunction.apply(x, gate_a, gate_b, up_a, up_b, down_a, down_b, (w_gate, w_up, w_down),
-                                    (s_gate, s_up, s_down), compute_dtype or x.dtype)
+                                    (s_gate, s_up, s_down), compute_dtype or x.dtype, output_needed)

@@ -7,6 +7,7 @@ copy waits on the compute stream. Recompute then runs as torch's checkpoint does
 masks) and autocast state as the forward.
 """
 
+import threading
 import weakref
 
 import torch
@@ -14,6 +15,13 @@ from torch.utils.checkpoint import checkpoint
 
 _copy_streams: dict = {}
 _last_forward_copy = None  # weakref to the previous layer's _HostCopy, for prefetching in backward
+_recompute_state = threading.local()  # autograd runs each device's backward on its own thread
+
+
+def recomputing() -> bool:
+    """True while an offloaded checkpoint re-runs a layer for its backward. The layer's output values
+    are then never read (backward starts from the output gradients it was handed), only its graph."""
+    return getattr(_recompute_state, "active", False)
 
 
 def _copy_stream(device: torch.device):
@@ -100,7 +108,11 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
             if cuda_devices:
                 torch.cuda.set_rng_state(ctx.rng[1], ctx.device)
             with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=dtype, enabled=enabled):
-                outputs = ctx.run_function(hidden_states, *args)
+                _recompute_state.active = True
+                try:
+                    outputs = ctx.run_function(hidden_states, *args)
+                finally:
+                    _recompute_state.active = False
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         pairs = [(o, g) for o, g in zip(outputs, grad_outputs)
                  if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]

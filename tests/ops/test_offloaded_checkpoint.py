@@ -106,3 +106,29 @@ def test_patch_model_offloads_the_decoder_layers(enable_checkpointing_after_patc
     unpatch_model(model)
     assert all(layer._gradient_checkpointing_func is not offloaded_checkpoint for layer in layers)
     assert loss_and_grads(model, ids)[0] == pytest.approx(stock_loss, rel=1e-6)
+
+
+def test_recompute_skips_the_mlp_output_and_keeps_every_gradient(monkeypatch):
+    import qlora_fast.patch as patch_module
+
+    model = add_lora(quantize_to_nf4_(random_causal_lm("tiny-llama", torch.float32), torch.float32),
+                     init_b_std=0.02).train()
+    model.enable_input_require_grads()
+    model.gradient_checkpointing_enable()
+    patch_model(model, offload_checkpoints=True)
+    calls = []
+    fused = patch_module.lora_nf4_mlp
+    monkeypatch.setattr(patch_module, "lora_nf4_mlp", lambda *a, **kw: calls.append(kw["output_needed"])
+                        or fused(*a, **kw))
+    ids = torch.randint(0, 512, (2, 16))
+    loss, grads = loss_and_grads(model, ids)
+    layers = model.base_model.model.model.layers
+    assert calls == [True] * len(layers) + [False] * len(layers)  # forward, then each recompute
+
+    calls.clear()
+    for layer in layers:
+        delattr(layer.mlp, patch_module._OUTPUT_ONLY_TO_RESIDUAL)
+    full_loss, full_grads = loss_and_grads(model, ids)
+    assert calls == [True] * (2 * len(layers))
+    assert full_loss == loss
+    assert all(torch.equal(grads[n], full_grads[n]) for n in grads)
