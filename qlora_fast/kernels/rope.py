@@ -87,5 +87,6 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(), *cos.stride(),
         BACKWARD=backward, SOFTWARE_RTNE=interpreting(), ROWS=rows, Q_HEADS=q_block, K_HEADS=k_block,
         HALF=head_dim // 2,
+        enable_fp_fusion=False,  # else the compiler fuses a product into the sum as one fma, unrounded
     )
     return q_out, k_out

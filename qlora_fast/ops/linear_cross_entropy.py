@@ -1,43 +1,39 @@
 """Causal-LM loss straight from the last hidden states, a chunk of tokens at a time.
 
-The full logits (tokens x vocab, upcast to fp32: 1 GiB per 2048 tokens of a 128k vocabulary, twice over
-with their gradient) are never held: each chunk's logits give its loss and, at once, its share of the
-hidden-state gradient, which is all backward returns. Matches transformers' ForCausalLMLoss: labels
-shifted left, -100 ignored, sum / num_items_in_batch when given, else the mean over counted tokens.
+The full logits (tokens x vocab: 1 GiB of fp32 per 2048 tokens of a 128k vocabulary, twice over with
+their gradient) are never held. Each chunk's logits, in the model's dtype, go through one Triton kernel
+that writes the chunk's per-token losses and overwrites the logits with their gradient; one matmul then
+gives the chunk's share of the hidden-state gradient, which is all backward returns. Matches
+transformers' ForCausalLMLoss: labels shifted left, -100 ignored, sum / num_items_in_batch when given,
+else the mean over counted tokens.
 """
 
 import torch
 
-IGNORE_INDEX = -100
-CHUNK_ELEMENTS = 2**26  # logits per chunk: 64M fp32 = 256 MiB
+from ..kernels.cross_entropy import IGNORE_INDEX, cross_entropy_grad_
+
+CHUNK_ELEMENTS = 2**25  # logits per chunk: 64 MiB in bf16, the only (chunk x vocab) buffer
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, divisor, chunk_tokens: int):
+        n_tokens = hidden.shape[0]
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk_tokens):
-            h = hidden[start:start + chunk_tokens]
-            t = targets[start:start + chunk_tokens]
-            logits = (h @ weight.t()).float()  # rounded like the model's logits, then upcast as the loss does
-            counted = t != IGNORE_INDEX
-            safe_t = t.masked_fill(~counted, 0)
-            lse = torch.logsumexp(logits, dim=-1)
-            target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)
-            loss += ((lse - target_logit) * counted).sum()
-            # d loss / d logits = softmax - onehot on counted rows, computed in place over the logits
-            grad_logits = logits.sub_(lse[:, None]).exp_()
-            grad_logits.scatter_add_(1, safe_t[:, None], -torch.ones_like(lse[:, None]))
-            grad_logits *= (counted / divisor)[:, None]
-            grad_logits = grad_logits.to(hidden.dtype)
-            grad_hidden[start:start + chunk_tokens] = grad_logits @ weight
+        losses = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
+        logits = hidden.new_empty(min(chunk_tokens, n_tokens), weight.shape[0])
+        for start in range(0, n_tokens, chunk_tokens):
+            end = min(start + chunk_tokens, n_tokens)
+            h = hidden[start:end]
+            chunk_logits = torch.mm(h, weight.t(), out=logits[:end - start])
+            cross_entropy_grad_(chunk_logits, targets[start:end], divisor, losses[start:end])
+            torch.mm(chunk_logits, weight, out=grad_hidden[start:end])
             if grad_weight is not None:
-                grad_weight += (grad_logits.t() @ h).float()
+                grad_weight += (chunk_logits.t() @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
-        return loss / divisor
+        return losses.sum() / divisor
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -46,6 +42,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_w, None, None, None
 
 
+@torch.compiler.disable  # the kernel runs as is; torch.compile traces the model around it
 def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                    num_items_in_batch=None, chunk_tokens: int | None = None) -> torch.Tensor:
     """loss of logits = hidden @ weight^T against labels shifted by one, without materializing the logits."""
@@ -54,6 +51,7 @@ def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     if num_items_in_batch is None:
         divisor = (targets != IGNORE_INDEX).sum().clamp(min=1).float()
     else:
-        divisor = torch.as_tensor(num_items_in_batch, device=hidden.device, dtype=torch.float32)
+        divisor = torch.as_tensor(num_items_in_batch, device=hidden.device, dtype=torch.float32).reshape(())
     chunk = chunk_tokens or max(1, CHUNK_ELEMENTS // weight.shape[0])
-    return LinearCrossEntropyFunction.apply(hidden, weight, targets.to(hidden.device), divisor, chunk)
+    targets = targets.to(hidden.device).contiguous()
+    return LinearCrossEntropyFunction.apply(hidden.contiguous(), weight, targets, divisor, chunk)

@@ -1,0 +1,91 @@
+"""Compiles every kernel for the H100 (sm_90) without a GPU, as the wrappers would launch it.
+
+Run as `python -m tests.kernels.hopper_compile`: each wrapper is called on small CPU tensors with
+Triton's launch replaced by a compile for sm_90 (Triton's compiler and ptxas ship in its wheel); prints,
+as JSON, each compiled kernel's name with the PTX instructions tests check. Nothing is launched.
+"""
+
+import json
+import os
+import re
+from collections import Counter
+
+os.environ["TRITON_INTERPRET"] = "0"  # before the kernels are defined: real JIT functions, not interpreted
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime.autotuner import Autotuner  # noqa: E402
+from triton.runtime.jit import KernelInterface  # noqa: E402
+
+HOPPER = GPUTarget("cuda", 90, 32)
+_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
+_TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64",
+                 torch.int32: "i32", torch.uint8: "u8", torch.int8: "i8"}
+compiled: dict = {}
+
+
+def _arg_type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + _TRITON_TYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2**31 <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no Triton type for {type(value).__name__}")
+
+
+def _compile(fn, args, kwargs):
+    bound = dict(zip(fn.arg_names, args), **{k: v for k, v in kwargs.items() if k not in _OPTIONS})
+    constexprs = {p.name: bound.get(p.name, p.default) for p in fn.params if p.is_constexpr}
+    signature = {name: "constexpr" if name in constexprs else _arg_type(bound[name]) for name in fn.arg_names}
+    options = {k: kwargs[k] for k in _OPTIONS if k in kwargs}
+    kernel = triton.compile(triton.compiler.ASTSource(fn, signature, constexprs), target=HOPPER, options=options)
+    ops = Counter(re.findall(r"^\s*((?:fma|add|sub|mul)\.rn\.[a-z0-9]+|fma\.[a-z0-9.]+)", kernel.asm["ptx"], re.M))
+    compiled.setdefault(fn.__name__, Counter()).update(ops)
+
+
+def _compile_instead_of_launch(self, grid):
+    def launch(*args, **kwargs):
+        if isinstance(self, Autotuner):
+            for config in self.configs:
+                _compile(self.fn, args, {**kwargs, **config.all_kwargs()})
+        else:
+            _compile(self, args, kwargs)
+
+    return launch
+
+
+def main():
+    KernelInterface.__getitem__ = _compile_instead_of_launch
+    from qlora_fast.kernels.cross_entropy import cross_entropy_grad_
+    from qlora_fast.kernels.nf4_dequantize import nf4_dequantize
+    from qlora_fast.kernels.nf4_matmul import nf4_matmul
+    from qlora_fast.kernels.rms_norm import rms_norm_forward, rms_norm_input_grad
+    from qlora_fast.kernels.rope import rope
+    from qlora_fast.kernels.swiglu import swiglu_backward_, swiglu_forward
+    from qlora_fast.nf4 import nf4_weight_from_bnb
+    from qlora_fast.testing import make_nf4_linear
+
+    for dtype in (torch.bfloat16, torch.float16):
+        for nested in (True, False):
+            weight = nf4_weight_from_bnb(make_nf4_linear(64, 128, dtype, nested).weight)
+            nf4_dequantize(weight)
+            nf4_matmul(torch.randn(8, 128, dtype=dtype), weight)
+        x = torch.randn(8, 64, dtype=dtype)
+        y, rstd = rms_norm_forward(x, torch.ones(64, dtype=dtype), 1e-6)
+        rms_norm_input_grad(x, x, torch.ones(64, dtype=dtype), rstd)
+        swiglu_forward(x, x)
+        swiglu_backward_(x.clone(), x.clone(), x.clone())
+        q, k, cos = torch.randn(2, 4, 8, 16, dtype=dtype), torch.randn(2, 2, 8, 16, dtype=dtype), torch.randn(2, 8, 16, dtype=dtype)
+        rope(q, k, cos, cos.clone())
+        rope(q, k, cos, cos.clone(), backward=True)
+        cross_entropy_grad_(torch.randn(4, 100, dtype=dtype), torch.zeros(4, dtype=torch.int64),
+                            torch.ones(()), torch.empty(4))
+    print(json.dumps({name: dict(ops) for name, ops in compiled.items()}))
+
+
+if __name__ == "__main__":
+    main()

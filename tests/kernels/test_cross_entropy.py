@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from qlora_fast.kernels.cross_entropy import IGNORE_INDEX, cross_entropy_grad_
+from tests.helpers import rel_err
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def reference(logits, targets, divisor):
+    """float64 per-row losses and d(sum(losses) / divisor)/d logits."""
+    x = logits.double()
+    counted = targets != IGNORE_INDEX
+    safe = targets.masked_fill(~counted, 0)
+    lse = torch.logsumexp(x, dim=1)
+    losses = (lse - x.gather(1, safe[:, None]).squeeze(1)) * counted
+    grad = torch.softmax(x, dim=1) - torch.nn.functional.one_hot(safe, x.shape[1])
+    return losses, grad * (counted / divisor)[:, None]
+
+
+# 70001 columns: more than one tile per row in the interpreter's 2^16 tiles too, and not a multiple of it.
+@pytest.mark.parametrize("rows,vocab", [(5, 1000), (3, 70001), (130, 37)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_losses_and_in_place_gradient_match_float64(rows, vocab, dtype):
+    logits = (torch.randn(rows, vocab) * 4).to(dtype)
+    targets = torch.randint(0, vocab, (rows,))
+    targets[1] = IGNORE_INDEX
+    divisor = torch.tensor(rows + 3.0)
+    ref_losses, ref_grad = reference(logits, targets, divisor)
+    losses = torch.full((rows,), float("nan"))
+    cross_entropy_grad_(logits, targets, divisor, losses)
+    assert rel_err(losses, ref_losses) < 1e-6
+    assert losses[1] == 0 and torch.all(logits[1] == 0)  # an ignored row: no loss, no gradient
+    assert rel_err(logits, ref_grad) < TOLERANCE[dtype]
+
+
+def test_rows_of_a_wider_buffer():
+    """A chunk of a (rows, vocab) buffer whose row stride is not the vocabulary size."""
+    wide = torch.randn(4, 96)
+    logits = wide[:, :90]
+    targets = torch.tensor([0, 89, 45, 3])
+    untouched = wide[:, 90:].clone()
+    ref_losses, ref_grad = reference(logits, targets, torch.tensor(4.0))
+    losses = torch.empty(4)
+    cross_entropy_grad_(logits, targets, torch.tensor(4.0), losses)
+    assert rel_err(losses, ref_losses) < 1e-6 and rel_err(logits, ref_grad) < 1e-5
+    assert torch.equal(wide[:, 90:], untouched)

@@ -1,0 +1,31 @@
+"""Every kernel compiles for the H100 (sm_90) here, without a GPU, and the PTX keeps the roundings the
+GPU results depend on. The interpreter runs the kernels' arithmetic in CI but not the compiler's rules."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+KERNELS = {"_nf4_dequantize_kernel", "_nf4_matmul_kernel", "_rms_norm_forward_kernel",
+           "_rms_norm_backward_kernel", "_swiglu_forward_kernel", "_swiglu_backward_kernel", "_rope_kernel",
+           "_cross_entropy_kernel"}
+
+
+@pytest.fixture(scope="module")
+def ptx_ops():
+    done = subprocess.run([sys.executable, "-m", "tests.kernels.hopper_compile"], capture_output=True, text=True,
+                          cwd=Path(__file__).parents[2], timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_every_kernel_compiles_for_sm90(ptx_ops):
+    assert set(ptx_ops) == KERNELS
+
+
+@pytest.mark.parametrize("kernel", ["_nf4_dequantize_kernel", "_rope_kernel"])
+def test_bit_exact_kernels_round_every_product(kernel, ptx_ops):
+    """bitsandbytes and torch round a product before adding to it: a fused multiply-add would not."""
+    assert not [op for op in ptx_ops[kernel] if op.startswith("fma")]
