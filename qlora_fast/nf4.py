@@ -83,3 +83,19 @@ def nf4_weight_from_bnb(weight) -> NF4Weight:
         dtype=state.dtype,
         **nested,
     )
+
+
+_CACHE = "_qlora_fast_nf4"
+
+
+def cached_nf4_weight(weight) -> NF4Weight | None:
+    """nf4_weight_from_bnb(weight), or None where `unsupported_reason` refuses it, kept on the weight for
+    as long as its bytes and quant state stay the same objects (FSDP and `.to()` replace them). Saves the
+    per-call checks and dataclass build: a few microseconds, on the host, per layer call."""
+    state = getattr(weight, "quant_state", None)
+    cached = getattr(weight, _CACHE, None)
+    if cached is not None and cached[0] is state and cached[1] == weight.data_ptr():
+        return cached[2]
+    nf4 = None if unsupported_reason(weight) is not None else nf4_weight_from_bnb(weight)
+    setattr(weight, _CACHE, (state, weight.data_ptr(), nf4))
+    return nf4

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .nf4 import nf4_weight_from_bnb, unsupported_reason
+from .nf4 import cached_nf4_weight, unsupported_reason
 from .ops.linear_cross_entropy import causal_lm_loss
 from .ops.offloaded_checkpoint import offloaded_checkpoint, recomputing
 from .ops.lora_nf4_linear import lora_nf4_linear
@@ -114,7 +114,7 @@ def _fused_adapter(layer) -> str | None:
         fix_4bit_weight_quant_state_from_module(layer.base_layer)
     adapters = layer.active_adapters
     if (layer.disable_adapters or layer.merged or len(adapters) != 1 or adapters[0] not in layer.lora_A
-            or unsupported_reason(layer.base_layer.weight) is not None):
+            or cached_nf4_weight(layer.base_layer.weight) is None):
         return None
     if not (_gathered(layer.lora_A[adapters[0]].weight) and _gathered(layer.lora_B[adapters[0]].weight)):
         _warn_once("qlora_fast: FSDP shards the LoRA adapters apart from their layers (peft's wrap policy), "
@@ -157,7 +157,7 @@ def _fused_forward(self, x, *args, **kwargs):
         # Dropout on x in the adapter's dtype, as peft draws it, so both paths drop the same elements.
         x_lora = dropout(x if torch.is_autocast_enabled() else x.to(lora_a.dtype))
     return lora_nf4_linear(x, x_lora, lora_a, self.lora_B[name].weight, self.scaling[name],
-                           nf4_weight_from_bnb(base.weight), base.bias, _compute_dtype(self, x))
+                           cached_nf4_weight(base.weight), base.bias, _compute_dtype(self, x))
 
 
 # MLP classes whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x)).
@@ -187,7 +187,7 @@ def _has_hooks(module) -> bool:
 def _mlp_projection(layer, name):
     """(lora_a, lora_b, scaling, NF4Weight) of one projection, as lora_nf4_mlp takes them."""
     return (layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name],
-            nf4_weight_from_bnb(layer.base_layer.weight))
+            cached_nf4_weight(layer.base_layer.weight))
 
 
 @torch.compiler.disable
