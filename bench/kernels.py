@@ -26,7 +26,7 @@ from triton.testing import do_bench
 
 import bitsandbytes.functional as F
 from qlora_fast import patch_model
-from qlora_fast.kernels.nf4_dequantize import nf4_dequantize
+from qlora_fast.kernels.nf4_dequantize import CANDIDATE_META, nf4_dequantize
 from qlora_fast.kernels.nf4_matmul import nf4_matmul
 from qlora_fast.kernels.swiglu import swiglu_backward_, swiglu_forward
 from qlora_fast.nf4 import nf4_weight_from_bnb
@@ -163,6 +163,8 @@ def time_dequant(rows):
             out = torch.empty((n, k), dtype=dtype, device="cuda")
             times = {
                 "qlora_fast": median_ms(lambda: nf4_dequantize(w, out=out)),
+                **{f"qlora_fast {m['BLOCKS_PER_PROGRAM']}/{m['num_warps']}w":
+                   median_ms(lambda m=m: nf4_dequantize(w, out=out, meta=m)) for m in CANDIDATE_META[1:]},
                 "bnb": median_ms(lambda: F.dequantize_4bit(p.data, qs)),
                 "peft": median_ms(lambda: dequantize_bnb_weight(p, state=None)),
             }

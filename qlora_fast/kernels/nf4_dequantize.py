@@ -11,19 +11,21 @@ import triton
 import triton.language as tl
 
 from ..nf4 import NF4Weight
-from ._utils import interpreting, tuning_configs
+from ._utils import interpreting
 from .nf4_decode import nf4_block_scale, round_fp32_to
 
-_CONFIGS = [
-    triton.Config({"BLOCKS_PER_PROGRAM": 64}, num_warps=4),
-    triton.Config({"BLOCKS_PER_PROGRAM": 32}, num_warps=4),
-    triton.Config({"BLOCKS_PER_PROGRAM": 128}, num_warps=8),
-    triton.Config({"BLOCKS_PER_PROGRAM": 256}, num_warps=8),
-    triton.Config({"BLOCKS_PER_PROGRAM": 128}, num_warps=4),
+# Launch parameters, fixed rather than autotuned: tuning at the first call of each weight shape costs a
+# 256 MB cache-flush buffer while the model's memory is in use (it set the peak of a whole training run)
+# and ~10 us of host time per launch. bench/kernels.py times the candidates; the first is the default.
+CANDIDATE_META = [
+    {"BLOCKS_PER_PROGRAM": 64, "num_warps": 4},
+    {"BLOCKS_PER_PROGRAM": 32, "num_warps": 4},
+    {"BLOCKS_PER_PROGRAM": 128, "num_warps": 8},
+    {"BLOCKS_PER_PROGRAM": 256, "num_warps": 8},
+    {"BLOCKS_PER_PROGRAM": 128, "num_warps": 4},
 ]
 
 
-@triton.autotune(configs=tuning_configs(_CONFIGS), key=["n_elements", "NESTED", "BLOCKSIZE"])
 @triton.jit
 def _nf4_dequantize_kernel(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr,
                            n_elements,
@@ -44,19 +46,21 @@ def _nf4_dequantize_kernel(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_
     tl.store(out_ptr + out_idx, values, mask=out_idx < n_elements)
 
 
-def nf4_dequantize(weight: NF4Weight, dtype: torch.dtype | None = None, out: torch.Tensor | None = None):
-    """The (out_features, in_features) weight in `dtype` (default: the dtype bitsandbytes would give)."""
+def nf4_dequantize(weight: NF4Weight, dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
+                   meta: dict = CANDIDATE_META[0]):
+    """The (out_features, in_features) weight in `dtype` (default: the dtype bitsandbytes would give);
+    `meta`: launch parameters, one of CANDIDATE_META."""
     dtype = dtype or weight.dtype
     if out is None:
         out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
     elif out.shape != weight.shape or out.dtype != dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {tuple(weight.shape)} {dtype} tensor")
     n_blocks = triton.cdiv(weight.numel, weight.blocksize)
-    grid = lambda meta: (triton.cdiv(n_blocks, meta["BLOCKS_PER_PROGRAM"]),)
-    _nf4_dequantize_kernel[grid](
+    _nf4_dequantize_kernel[(triton.cdiv(n_blocks, meta["BLOCKS_PER_PROGRAM"]),)](
         *weight.kernel_tensors(), out, weight.numel,
         BLOCKSIZE=weight.blocksize, BLOCKSIZE2=weight.blocksize2, NESTED=weight.nested,
         SOFTWARE_RTNE=interpreting(),
         enable_fp_fusion=False,
+        **meta,
     )
     return out

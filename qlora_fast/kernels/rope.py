@@ -3,7 +3,7 @@ q * cos and rotate_half(q) * sin are each rounded to q's dtype before their sum,
 `apply_rotary_pos_emb` computes them in separate ops.
 
 q and k are (batch, heads, seq, head_dim) views in any strides (attention transposes them); cos and sin
-are (batch, seq, head_dim). One program per (batch, position) on the GPU rotates every head of q and k
+are (batch or 1, seq, head_dim). One program per (batch, position) on the GPU rotates every head of q and k
 there, reading that position's cos and sin once. Backward is the same rotation with -sin: the transpose of
 x -> x * cos + rotate_half(x) * sin is g -> g * cos + rotate_half(g * sin)^T, rotate_half^T(y) = (y2, -y1).
 """
@@ -75,6 +75,8 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     with `backward`, the input gradients for output gradients q and k instead."""
     batch, q_heads, seq_len, head_dim = q.shape
     k_heads = k.shape[1]
+    if cos.shape[0] == 1:  # one set of positions for the whole batch (no position_ids given)
+        cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
     if head_dim & (head_dim - 1) or cos.shape != (batch, seq_len, head_dim) or sin.stride() != cos.stride():
         raise ValueError(f"rope: head_dim a power of two and cos, sin of shape {(batch, seq_len, head_dim)} "
                          f"with one layout; got head_dim {head_dim}, cos {tuple(cos.shape)}")

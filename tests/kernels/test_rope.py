@@ -46,3 +46,15 @@ def test_applies_only_where_exact():
     q3, k3, cos3, sin3 = inputs(torch.bfloat16, head_dim=24)
     assert not fused_rope_applies(q3, k3, cos3, sin3)
     assert not fused_rope_applies(q, k, cos.requires_grad_(True), sin)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_positions_shared_by_the_batch(dtype):
+    """Without position_ids transformers makes cos and sin of batch 1 for a batch of any size."""
+    q, k, cos, sin = inputs(dtype, batch=3)
+    cos, sin = cos[:1].contiguous(), sin[:1].contiguous()
+    assert fused_rope_applies(q, k, cos, sin)
+    dq_out, dk_out = torch.randn_like(q), torch.randn_like(k)
+    ref = grads(apply_rotary_pos_emb, q, k, cos, sin, dq_out, dk_out)
+    ours = grads(RoPEFunction.apply, q, k, cos, sin, dq_out, dk_out)
+    assert all(torch.equal(o, r) for o, r in zip(ours, ref))
