@@ -8,6 +8,7 @@ x_lora is x itself, or dropout(x) when the adapter has dropout.
 import torch
 
 from ..nf4 import NF4Weight
+from .lora_grads import scaled_mm
 from .nf4_linear import nf4_linear, nf4_linear_input_grad
 
 
@@ -23,7 +24,7 @@ class LoRANF4LinearFunction(torch.autograd.Function):
         if bias is not None:
             y += bias.to(compute_dtype)
         xa = xl2 @ a.t()
-        y = torch.addmm(y, xa, b.t(), alpha=scaling)
+        y.addmm_(xa, b.t(), alpha=scaling)
 
         ctx.save_for_backward(xl2, xa, a, b)
         ctx.scaling = scaling
@@ -43,12 +44,12 @@ class LoRANF4LinearFunction(torch.autograd.Function):
 
         grad_a = grad_b = grad_x = grad_x_lora = None
         if ctx.needs_input_grad[2]:
-            grad_a = (dy_b.t() @ xl2).mul_(s).to(ctx.lora_dtypes[0])
+            grad_a = scaled_mm(dy_b.t(), xl2, s).to(ctx.lora_dtypes[0])
         if ctx.needs_input_grad[3]:
-            grad_b = (dy.t() @ xa).mul_(s).to(ctx.lora_dtypes[1])
+            grad_b = scaled_mm(dy.t(), xa, s).to(ctx.lora_dtypes[1])
         if ctx.shared_input:
             if ctx.needs_input_grad[0]:
-                grad_x = torch.addmm(nf4_linear_input_grad(dy, ctx.weight), dy_b, a, alpha=s)
+                grad_x = nf4_linear_input_grad(dy, ctx.weight).addmm_(dy_b, a, alpha=s)
                 grad_x = grad_x.view(ctx.x_meta[0]).to(ctx.x_meta[1])
         else:
             if ctx.needs_input_grad[0]:

@@ -16,17 +16,13 @@ import torch
 
 from ..kernels.swiglu import swiglu_backward_, swiglu_forward
 from ..nf4 import NF4Weight
+from .lora_grads import lora_grads
 from .nf4_linear import nf4_linear, nf4_linear_input_grad
 
 
 def _lora_project(x2, xa, weight: NF4Weight, lora_b, scaling: float):
     """x2 @ W^T + s * xa @ B^T, where xa = x2 @ A^T."""
     return nf4_linear(x2, weight).addmm_(xa, lora_b.t(), alpha=scaling)
-
-
-def _adapter_grads(dy, dy_b, x2, xa, scaling: float, dtypes):
-    """(dA, dB) of one projection: s * (dY @ B)^T @ x and s * dY^T @ (x @ A^T), in the adapters' dtypes."""
-    return (dy_b.t() @ x2).mul_(scaling).to(dtypes[0]), (dy.t() @ xa).mul_(scaling).to(dtypes[1])
 
 
 class LoRANF4MLPFunction(torch.autograd.Function):
@@ -67,13 +63,13 @@ class LoRANF4MLPFunction(torch.autograd.Function):
         dy_b = dy @ down_b
         dh = nf4_linear_input_grad(dy, w_down).addmm_(dy_b, down_a, alpha=s_down)
         h, dg, du = swiglu_backward_(dh, g, u)
-        grad_down = _adapter_grads(dy, dy_b, h, ha_down, s_down, dtypes[4:6])
+        grad_down = lora_grads(dy, dy_b, h, ha_down, s_down, dtypes[4:6])
         del h, dh
 
         dg_b = dg @ gate_b
         du_b = du @ up_b
-        grad_gate = _adapter_grads(dg, dg_b, x2, xa_gate, s_gate, dtypes[0:2])
-        grad_up = _adapter_grads(du, du_b, x2, xa_up, s_up, dtypes[2:4])
+        grad_gate = lora_grads(dg, dg_b, x2, xa_gate, s_gate, dtypes[0:2])
+        grad_up = lora_grads(du, du_b, x2, xa_up, s_up, dtypes[2:4])
 
         grad_x = None
         if ctx.needs_input_grad[0]:
