@@ -14,6 +14,7 @@ from .ops.linear_cross_entropy import causal_lm_loss
 from .ops.offloaded_checkpoint import offloaded_checkpoint, recomputing
 from .ops.lora_nf4_linear import lora_nf4_linear
 from .ops.lora_nf4_mlp import lora_nf4_mlp
+from .ops.lora_nf4_qkv import lora_nf4_qkv
 from .ops.rms_norm import rms_norm as rms_norm_op
 from .ops.rope import RoPEFunction, fused_rope_applies
 
@@ -24,6 +25,9 @@ except ImportError:  # older bitsandbytes
 
 _PATCHED = "_qlora_fast_patched"
 _OUTPUT_ONLY_TO_RESIDUAL = "_qlora_fast_output_only_to_residual"  # see _mark_residual_mlps
+_KV_SIBLINGS = "_qlora_fast_kv_siblings"  # on a q_proj: its (k_proj, v_proj), see _fused_qkv_forward
+_STASHED = "_qlora_fast_stashed_output"  # on a k_proj / v_proj: (input, output) its q_proj computed
+_PER_MODULE_STATE = (_OUTPUT_ONLY_TO_RESIDUAL, _KV_SIBLINGS, _STASHED)
 
 
 @dataclass
@@ -33,13 +37,16 @@ class PatchReport:
     chunked_loss: bool = False
     rms_norms: int = 0
     mlps: int = 0
+    qkv: int = 0
     rope: bool = False
     offloaded_checkpoints: bool = False
 
     def summary(self) -> str:
         line = f"qlora_fast: patched {self.patched} LoRA NF4 layers"
-        if self.mlps:
-            line += f" ({self.mlps} SwiGLU MLPs fused whole)"
+        fused = [f"{self.mlps} SwiGLU MLPs"] if self.mlps else []
+        fused += [f"{self.qkv} q/k/v triples"] if self.qkv else []
+        if fused:
+            line += f" ({' and '.join(fused)} fused whole)"
         if self.rms_norms:
             line += f", {self.rms_norms} RMSNorms"
         if self.rope:
@@ -90,7 +97,8 @@ def _restore_forward(module: torch.nn.Module) -> bool:
     if not is_patched(module):
         return False
     previous = vars(module).pop("_qlora_fast_previous_forward")
-    vars(module).pop(_OUTPUT_ONLY_TO_RESIDUAL, None)
+    for state in _PER_MODULE_STATE:
+        vars(module).pop(state, None)
     del module.forward
     if previous is not None:
         module.forward = previous
@@ -145,8 +153,18 @@ def _compute_dtype(layer, x):
 @torch.compiler.disable
 def _fused_forward(self, x, *args, **kwargs):
     """Fused path for one active adapter; extra arguments (per-sample adapter_names) or a state
-    `_fused_adapter` refuses go through peft's forward."""
-    name = None if args or kwargs else _fused_adapter(self)
+    `_fused_adapter` refuses go through peft's forward. A k_proj / v_proj returns what its q_proj
+    computed for this same input; a q_proj computes all three when it can."""
+    stashed = vars(self).pop(_STASHED, None)
+    if args or kwargs:
+        return _stock_forward(self, x, *args, **kwargs)
+    if stashed is not None and stashed[0] is x:
+        return stashed[1]
+    siblings = vars(self).get(_KV_SIBLINGS)
+    q = None if siblings is None else _fused_qkv_forward(self, siblings, x)
+    if q is not None:
+        return q
+    name = _fused_adapter(self)
     if name is None:
         return _stock_forward(self, x, *args, **kwargs)
     base = self.base_layer
@@ -166,17 +184,19 @@ _SILU = {"SiLUActivation", "SiLU"}
 _MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
-def _fusable_mlps(model: torch.nn.Module):
-    """SwiGLU MLPs whose three projections are patchable LoRA NF4 layers without base bias."""
+def _fusable(projection) -> bool:
+    """A patchable LoRA NF4 layer without base bias, which one Function over several projections serves."""
     from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
-    def fusable(proj):
-        return (isinstance(proj, LoraLinear4bit) and proj.base_layer.bias is None
-                and _static_skip_reason(proj) is None)
+    return (isinstance(projection, LoraLinear4bit) and projection.base_layer.bias is None
+            and _static_skip_reason(projection) is None)
 
+
+def _fusable_mlps(model: torch.nn.Module):
+    """SwiGLU MLPs whose three projections are patchable LoRA NF4 layers without base bias."""
     return [m for m in model.modules()
             if type(m).__name__ in _GATED_MLPS and type(getattr(m, "act_fn", None)).__name__ in _SILU
-            and all(fusable(getattr(m, p, None)) for p in _MLP_PROJECTIONS)]
+            and all(_fusable(getattr(m, p, None)) for p in _MLP_PROJECTIONS)]
 
 
 def _has_hooks(module) -> bool:
@@ -184,8 +204,8 @@ def _has_hooks(module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"))
 
 
-def _mlp_projection(layer, name):
-    """(lora_a, lora_b, scaling, NF4Weight) of one projection, as lora_nf4_mlp takes them."""
+def _projection_args(layer, name):
+    """(lora_a, lora_b, scaling, NF4Weight) of one projection, as lora_nf4_mlp and lora_nf4_qkv take them."""
     return (layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name],
             cached_nf4_weight(layer.base_layer.weight))
 
@@ -201,7 +221,7 @@ def _fused_mlp_forward(self, x):
                            for p in projections):
         return _previous_forward(self)(x)
     output_needed = not (recomputing() and vars(self).get(_OUTPUT_ONLY_TO_RESIDUAL, False))
-    return lora_nf4_mlp(x, *(_mlp_projection(p, name) for p in projections),
+    return lora_nf4_mlp(x, *(_projection_args(p, name) for p in projections),
                         compute_dtype=_compute_dtype(projections[0], x), output_needed=output_needed)
 
 
@@ -216,6 +236,34 @@ def _mark_residual_mlps(model: torch.nn.Module) -> None:
         mlp = layer._modules.get("mlp")
         if type(layer).__name__ in _RESIDUAL_MLP_LAYERS and is_patched(mlp) and not _has_hooks(layer):
             setattr(mlp, _OUTPUT_ONLY_TO_RESIDUAL, True)
+
+
+# Attention classes whose forward projects one hidden-states tensor with q_proj, k_proj, v_proj, in order.
+_QKV_ATTENTIONS = {"LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention"}
+_QKV_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+
+
+def _fusable_qkv(model: torch.nn.Module):
+    """Attentions whose q, k and v projections are patchable LoRA NF4 layers without base bias."""
+    return [m for m in model.modules()
+            if type(m).__name__ in _QKV_ATTENTIONS and all(_fusable(getattr(m, p, None)) for p in _QKV_PROJECTIONS)]
+
+
+def _fused_qkv_forward(q_proj, siblings, x):
+    """q_proj's output from one Function over the three projections, k's and v's left on their modules
+    for their own calls on this same x; None where the three cannot take it now (then each goes alone)."""
+    projections = (q_proj, *siblings)
+    names = {_fused_adapter(p) for p in projections}
+    name = names.pop() if len(names) == 1 else None
+    if (name is None or any(_has_hooks(p) for p in siblings)
+            or any(not isinstance(p.lora_dropout[name], torch.nn.Identity) for p in projections)
+            or len({_compute_dtype(p, x) for p in projections}) != 1):
+        return None
+    q, k, v = lora_nf4_qkv(x, *(_projection_args(p, name) for p in projections),
+                           compute_dtype=_compute_dtype(q_proj, x))
+    for projection, output in zip(siblings, (k, v)):
+        vars(projection)[_STASHED] = (x, output)
+    return q
 
 
 def _causal_lm(model: torch.nn.Module):
@@ -346,10 +394,11 @@ def _distributed() -> bool:
 
 
 def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool = True,
-                fused_mlp: bool = True, rms_norm: bool = True, rope: bool = False,
+                fused_mlp: bool = True, fused_qkv: bool = True, rms_norm: bool = True, rope: bool = False,
                 offload_checkpoints: bool | None = None) -> PatchReport:
     """Routes every LoRA layer over a bitsandbytes NF4 Linear4bit through the fused Triton path,
     (`fused_mlp`) runs each SwiGLU MLP whose three projections are such layers as one autograd Function,
+    (`fused_qkv`) likewise each attention's q, k and v projections,
     (`chunked_loss`) computes a training forward's loss without materializing the full logits, and
     (`rms_norm`) runs frozen Llama-style RMSNorms on a Triton kernel, (`rope`, off until measured on a GPU)
     applies rotary embeddings to q and k in one Triton kernel, and (`offload_checkpoints`) keeps
@@ -378,6 +427,10 @@ def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool
         _replace_forward(mlp, _fused_mlp_forward)
         report.mlps += 1
     _mark_residual_mlps(model)
+    for attention in _fusable_qkv(model) if fused_qkv else []:
+        q_proj, k_proj, v_proj = (getattr(attention, p) for p in _QKV_PROJECTIONS)
+        vars(q_proj)[_KV_SIBLINGS] = (k_proj, v_proj)  # not setattr: that would register them as children
+        report.qkv += 1
     if rope:
         report.rope = _patch_rotary(model)
     if offload_checkpoints is None:

@@ -269,3 +269,43 @@ def test_rotary_embeddings_are_routed_and_restored():
     unpatch_model(model)
     assert modeling.apply_rotary_pos_emb is stock
     assert patch_model(model).rope is False and modeling.apply_rotary_pos_emb is stock  # opt-in
+
+
+def _qkv_grad_fns(model, ids, projections=("k_proj", "v_proj")):
+    """The grad_fn names of every output of these projections in one forward."""
+    names, handles = [], []
+    for name, module in model.named_modules():
+        if name.endswith(projections):
+            handles.append(module.register_forward_hook(lambda m, i, out: names.append(type(out.grad_fn).__name__)))
+    try:
+        model(input_ids=ids, labels=ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return names
+
+
+@pytest.mark.parametrize("shape", ["tiny-llama", "tiny-mistral"])
+def test_qkv_projections_run_as_one_function(shape):
+    model = tiny_qlora(shape).train()
+    ids = torch.randint(0, 512, (2, 24))
+    stock_loss, stock_grads = loss_and_grads(model, ids)
+    assert patch_model(model).qkv == 2
+    loss, grads = loss_and_grads(model, ids)
+    assert loss == pytest.approx(stock_loss, rel=1e-5)
+    assert all(rel_err(grads[n], stock_grads[n]) < 1e-4 for n in stock_grads)
+    assert not any("_qlora_fast_stashed_output" in vars(m) for m in model.modules())  # every k, v taken
+    assert set(_qkv_grad_fns(model, ids, ("q_proj",))) == {"LoRANF4QKVFunctionBackward"}
+    # with a hook on k_proj / v_proj (which would then see their call, not the fused one) each goes alone
+    assert set(_qkv_grad_fns(model, ids)) == {"LoRANF4LinearFunctionBackward"}
+    unpatch_model(model)
+    assert not any("_qlora_fast_kv_siblings" in vars(m) for m in model.modules())
+
+
+def test_qkv_with_base_bias_or_dropout_takes_three_layers():
+    assert patch_model(tiny_qlora("tiny-qwen2")).qkv == 0  # Qwen2's q/k/v carry a bias
+    model = tiny_qlora(lora_dropout=0.1).train()
+    patch_model(model)
+    ids = torch.randint(0, 512, (1, 16))
+    assert set(_qkv_grad_fns(model, ids)) == {"LoRANF4LinearFunctionBackward"}
+    assert not any("_qlora_fast_stashed_output" in vars(m) for m in model.modules())

@@ -84,4 +84,6 @@ def test_unpatch_restores_the_mlp():
 
 def test_summary_names_the_fused_mlps():
     model, _ = qlora_mlp(torch.float32)
-    assert "(2 SwiGLU MLPs fused whole)" in patch_model(model).summary()
+    assert "(2 SwiGLU MLPs and 2 q/k/v triples fused whole)" in patch_model(model).summary()
+    unpatch_model(model)
+    assert "(2 SwiGLU MLPs fused whole)" in patch_model(model, fused_qkv=False).summary()

@@ -1,0 +1,74 @@
+"""The q, k and v projections of one attention layer, each an NF4 weight plus LoRA, in one autograd Function.
+
+The three weights are dequantized into one stacked (q_out + k_out + v_out, hidden) buffer, so one GEMM
+gives [q | k | v] and one more gives x @ [A_q; A_k; A_v]^T; each LoRA term is added in place into its
+column block. Backward mirrors it: one GEMM for dX through the stacked weight. Against three LoRA layers
+that is fewer launches and one Function instead of three, which is what batches of a few thousand tokens
+are bound by. Saves x, x @ A^T and the compute-dtype adapters; never a dequantized weight.
+"""
+
+import torch
+
+from ..kernels.nf4_dequantize import nf4_dequantize
+from .lora_grads import lora_grads
+
+
+def _dequantize_stacked(weights, dtype: torch.dtype) -> torch.Tensor:
+    """The weights' rows one after another in one (sum of out_features, in_features) tensor."""
+    stacked = torch.empty(sum(w.shape[0] for w in weights), weights[0].shape[1], dtype=dtype,
+                          device=weights[0].device)
+    for weight, rows in zip(weights, stacked.split([w.shape[0] for w in weights])):
+        nf4_dequantize(weight, dtype, out=rows)
+    return stacked
+
+
+class LoRANF4QKVFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, a_q, b_q, a_k, b_k, a_v, b_v, weights, scalings, compute_dtype):
+        lora_a, lora_b = (a_q, a_k, a_v), (b_q, b_k, b_v)
+        ctx.lora_dtypes = [(a.dtype, b.dtype) for a, b in zip(lora_a, lora_b)]
+        ctx.out_features = [w.shape[0] for w in weights]
+        ctx.ranks = [a.shape[0] for a in lora_a]
+        x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype)
+        a_all = torch.cat(lora_a).to(compute_dtype)
+        b_all = [b.to(compute_dtype) for b in lora_b]
+
+        y = x2 @ _dequantize_stacked(weights, compute_dtype).t()
+        xa = x2 @ a_all.t()
+        for y_i, xa_i, b_i, s_i in zip(y.split(ctx.out_features, 1), xa.split(ctx.ranks, 1), b_all, scalings):
+            y_i.addmm_(xa_i, b_i.t(), alpha=s_i)
+
+        ctx.save_for_backward(x2, xa, a_all, *b_all)
+        ctx.weights, ctx.scalings = weights, scalings
+        ctx.x_meta = (x.shape, x.dtype)
+        lead = x.shape[:-1]
+        return tuple(y_i.view(*lead, n).to(x.dtype) for y_i, n in zip(y.split(ctx.out_features, 1),
+                                                                      ctx.out_features))
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k, grad_v):
+        x2, xa, a_all, *b_all = ctx.saved_tensors
+        dy = torch.cat([g.reshape(-1, n) for g, n in zip((grad_q, grad_k, grad_v), ctx.out_features)], 1)
+        dy = dy.to(x2.dtype)
+        adapter_grads, dy_bs = [], []
+        for dy_i, xa_i, b_i, s_i, dtypes in zip(dy.split(ctx.out_features, 1), xa.split(ctx.ranks, 1), b_all,
+                                                ctx.scalings, ctx.lora_dtypes):
+            dy_b = dy_i @ b_i
+            dy_bs.append(dy_b)
+            adapter_grads += lora_grads(dy_i, dy_b, x2, xa_i, s_i, dtypes)
+
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = dy @ _dequantize_stacked(ctx.weights, dy.dtype)
+            for dy_b, a_i, s_i in zip(dy_bs, a_all.split(ctx.ranks), ctx.scalings):
+                grad_x.addmm_(dy_b, a_i, alpha=s_i)
+            grad_x = grad_x.view(ctx.x_meta[0]).to(ctx.x_meta[1])
+        return (grad_x, *adapter_grads, None, None, None)
+
+
+def lora_nf4_qkv(x, q, k, v, compute_dtype=None):
+    """Autograd entry point: (q, k, v) outputs. q, k and v are (lora_a, lora_b, scaling, NF4Weight) of each
+    projection; `compute_dtype` defaults to x's dtype."""
+    (a_q, b_q, s_q, w_q), (a_k, b_k, s_k, w_k), (a_v, b_v, s_v, w_v) = q, k, v
+    return LoRANF4QKVFunction.apply(x, a_q, b_q, a_k, b_k, a_v, b_v, (w_q, w_k, w_v), (s_q, s_k, s_v),
+                                    compute_dtype or x.dtype)

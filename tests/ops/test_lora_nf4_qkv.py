@@ -1,0 +1,59 @@
+"""The fused q/k/v projections against three stock peft LoRA layers on the same weights."""
+
+import pytest
+import torch
+
+from qlora_fast.nf4 import cached_nf4_weight
+from qlora_fast.ops.lora_nf4_qkv import lora_nf4_qkv
+from qlora_fast.testing import make_lora_nf4_linear
+from tests.helpers import rel_err
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def projections(dtype):
+    """GQA-like q, k, v with different ranks and scalings (in_features a multiple of 64, as
+    bitsandbytes' CPU matmul, the reference here, needs)."""
+    return [make_lora_nf4_linear(out, 128, r=r, lora_alpha=alpha, dtype=dtype)
+            for out, r, alpha in ((96, 8, 16), (40, 4, 4), (40, 8, 32))]
+
+
+def run(fn, layers, x, grads_out):
+    x = x.detach().clone().requires_grad_(True)
+    for layer in layers:
+        layer.zero_grad(set_to_none=True)
+    outs = fn(x)
+    torch.autograd.backward(outs, grads_out)
+    adapters = [p.grad for layer in layers for p in (layer.lora_A["default"].weight, layer.lora_B["default"].weight)]
+    return [o.detach() for o in outs], x.grad, adapters
+
+
+def fused(layers):
+    def fn(x):
+        args = [(l.lora_A["default"].weight, l.lora_B["default"].weight, l.scaling["default"],
+                 cached_nf4_weight(l.base_layer.weight)) for l in layers]
+        return lora_nf4_qkv(x, *args)
+    return fn
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_matches_three_peft_layers(dtype):
+    layers = projections(dtype)
+    x = torch.randn(3, 7, 128, dtype=dtype)
+    grads_out = [torch.randn(3, 7, layer.out_features, dtype=dtype) for layer in layers]
+    ref_outs, ref_dx, ref_adapters = run(lambda x: [layer(x) for layer in layers], layers, x, grads_out)
+    outs, dx, adapters = run(fused(layers), layers, x, grads_out)
+    for o, r in zip(outs, ref_outs):
+        assert o.shape == r.shape and o.dtype == r.dtype and rel_err(o, r) < TOLERANCE[dtype]
+    assert rel_err(dx, ref_dx) < TOLERANCE[dtype]
+    for g, r in zip(adapters, ref_adapters):
+        assert g.dtype == r.dtype == torch.float32 and rel_err(g, r) < TOLERANCE[dtype]
+
+
+def test_an_unused_output_gets_no_gradient_trouble():
+    """Attention may leave an output out of the loss (a frozen value path, say): its gradient is zero."""
+    layers = projections(torch.float32)
+    x = torch.randn(2, 5, 128)
+    q, k, v = fused(layers)(x.requires_grad_(True))
+    (q.sum() + k.sum()).backward()
+    assert torch.all(layers[2].lora_A["default"].weight.grad == 0) and x.grad is not None
