@@ -19,7 +19,7 @@ from qlora_fast.harness.models import add_lora, quantize_to_nf4_, random_causal_
 from qlora_fast.harness.run import random_batches
 
 
-# Each row adds one patch_model option to the row above; "+ fused QKV" is patch_model's default.
+# Each row adds one patch_model option to the row above; "+ RoPE kernel" is patch_model's default.
 _OFF = {"fused_mlp": False, "fused_qkv": False, "offload_checkpoints": False, "rms_norm": False, "rope": False}
 _RMS = dict(_OFF, fused_mlp=True, offload_checkpoints=True, rms_norm=True)
 VARIANTS = {"LoRA layers + chunked loss": _OFF,
@@ -27,7 +27,7 @@ VARIANTS = {"LoRA layers + chunked loss": _OFF,
             "+ offloaded checkpoints": dict(_OFF, fused_mlp=True, offload_checkpoints=True),
             "+ RMSNorm kernel": _RMS,
             "+ fused QKV": dict(_RMS, fused_qkv=True),
-            "+ RoPE kernel (opt-in)": dict(rope=True)}
+            "+ RoPE kernel": {}}
 
 
 def main():
@@ -45,12 +45,14 @@ def main():
     model = add_lora(model, r=16, lora_alpha=16, init_b_std=1e-3)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     vocab = model.config.vocab_size
+    adapters = [p for p in model.parameters() if p.requires_grad]
 
     import bitsandbytes, peft
     lines = [f"Date {datetime.date.today()}, GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, "
              f"triton {triton.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
              f"bitsandbytes {bitsandbytes.__version__}; model {args.shape} (random init, NF4 double quant, bf16), "
-             f"LoRA r=16 all linear, gradient checkpointing; loss parity over {args.steps} AdamW steps, tokens/s "
+             f"LoRA r=16 all linear ({sum(p.numel() for p in adapters) / 1e6:.1f}M trainable parameters in "
+             f"{sorted({str(p.dtype) for p in adapters})}), gradient checkpointing; loss parity over {args.steps} AdamW steps, tokens/s "
              f"from the median of {args.timing_rounds} interleaved stock/patched forward+backward rounds"
              "; the AdamW column times the loss-parity run's optimizer steps (2 to last), as "
              "bench/train_step_unsloth.py times unsloth's",

@@ -41,8 +41,10 @@ def main():
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         use_gradient_checkpointing="unsloth", random_state=0)
     vocab = model.config.vocab_size
+    adapters = [p for p in model.parameters() if p.requires_grad]
     lines = [f"unsloth {unsloth.__version__}, {torch.cuda.get_device_name()}, model {args.shape} random init, "
-             f"{args.steps} steps (first excluded)", "", "| batch x seq | unsloth tok/s | unsloth peak GiB | losses |",
+             f"{args.steps} steps (first excluded); trainable: {sum(p.numel() for p in adapters) / 1e6:.1f}M "
+             f"parameters in {sorted({str(p.dtype) for p in adapters})}", "", "| batch x seq | unsloth tok/s | unsloth peak GiB | losses |",
              "|---|---|---|---|"]
     for size in args.sizes.split(","):
         batches = random_batches(vocab, size, args.steps)

@@ -394,13 +394,13 @@ def _distributed() -> bool:
 
 
 def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool = True,
-                fused_mlp: bool = True, fused_qkv: bool = True, rms_norm: bool = True, rope: bool = False,
+                fused_mlp: bool = True, fused_qkv: bool = True, rms_norm: bool = True, rope: bool = True,
                 offload_checkpoints: bool | None = None) -> PatchReport:
     """Routes every LoRA layer over a bitsandbytes NF4 Linear4bit through the fused Triton path,
     (`fused_mlp`) runs each SwiGLU MLP whose three projections are such layers as one autograd Function,
     (`fused_qkv`) likewise each attention's q, k and v projections,
     (`chunked_loss`) computes a training forward's loss without materializing the full logits, and
-    (`rms_norm`) runs frozen Llama-style RMSNorms on a Triton kernel, (`rope`, off until measured on a GPU)
+    (`rms_norm`) runs frozen Llama-style RMSNorms on a Triton kernel, (`rope`)
     applies rotary embeddings to q and k in one Triton kernel, and (`offload_checkpoints`) keeps
     gradient checkpointing's per-layer inputs in host memory; None (default) offloads in single-process
     training and leaves distributed runs (DDP, FSDP) to torch's checkpointing unless asked.

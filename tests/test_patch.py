@@ -255,7 +255,7 @@ def test_rotary_embeddings_are_routed_and_restored():
 
     stock = modeling.apply_rotary_pos_emb
     model = tiny_qlora().train()
-    report = patch_model(model, rope=True)
+    report = patch_model(model)  # on by default
     assert report.rope and "rotary embeddings" in report.summary()
     assert modeling.apply_rotary_pos_emb.qlora_fast_stock is stock
     calls = []
@@ -268,7 +268,7 @@ def test_rotary_embeddings_are_routed_and_restored():
     assert len(calls) == 2  # one per decoder layer
     unpatch_model(model)
     assert modeling.apply_rotary_pos_emb is stock
-    assert patch_model(model).rope is False and modeling.apply_rotary_pos_emb is stock  # opt-in
+    assert patch_model(model, rope=False).rope is False and modeling.apply_rotary_pos_emb is stock
 
 
 def _qkv_grad_fns(model, ids, projections=("k_proj", "v_proj")):
