@@ -2,9 +2,9 @@
 
   python bench/memory_step.py --size 1x2048 --out $OUT/memory
 
-Runs two AdamW steps (so optimizer state exists), records the allocator's history during a third, and
-writes the phase peaks and, at the step's peak, the live allocations grouped by the Python frame in
-qlora_fast / transformers / torch that made them.
+Runs `--warmup` AdamW steps (default 2, so optimizer state exists), records the allocator's history
+during the next, and writes the phase peaks and, at the step's peak, the live allocations grouped by the
+Python frame in qlora_fast / transformers / peft / torch.optim that made them.
 """
 
 import argparse
@@ -59,6 +59,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="llama-3-8b")
     parser.add_argument("--size", default="1x2048")
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", default="memory")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -78,7 +79,7 @@ def main():
         optimizer.zero_grad(set_to_none=True)
         return {"forward": forward, "backward": backward, "adamw": adamw}
 
-    for _ in range(2):
+    for _ in range(args.warmup):
         step()
     static = torch.cuda.memory_allocated() / GIB
     torch.cuda.memory._record_memory_history(max_entries=200000, stacks="python")
@@ -86,10 +87,10 @@ def main():
     snapshot = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
     peak, by_origin = live_at_peak(snapshot)
-    report = {"size": args.size, "allocated between steps GiB": static, "phase peaks GiB": phases,
+    report = {"size": args.size, "warm-up steps": args.warmup, "allocated between steps GiB": static, "phase peaks GiB": phases,
               "replayed peak GiB (blocks allocated during the step)": peak, "live at peak MiB by origin": by_origin}
     print(json.dumps(report, indent=1))
-    with open(os.path.join(args.out, f"memory_{args.size}.json"), "w") as f:
+    with open(os.path.join(args.out, f"memory_{args.size}_warmup{args.warmup}.json"), "w") as f:
         json.dump(report, f, indent=1)
 
 
