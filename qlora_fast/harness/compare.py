@@ -36,7 +36,9 @@ class RunStats:
 
 
 def lora_state(model) -> dict:
-    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+    """A host copy of the trainable weights: kept on the GPU, the copies the comparison holds (initial and
+    stock-final weights) would add to the peak memory measured for the runs."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.named_parameters() if v.requires_grad}
 
 
 def _load_lora_state(model, state: dict):

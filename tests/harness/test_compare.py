@@ -85,3 +85,11 @@ def test_interleaved_timing_alternates_and_leaves_the_model_unpatched(monkeypatc
     stock_s, patched_s = result.interleaved_seconds
     assert result.speedup == pytest.approx(stock_s / patched_s)
     assert not any("forward" in vars(m) for m in model.modules())
+
+
+def test_weight_snapshots_stay_off_the_device_being_measured():
+    from qlora_fast.harness.compare import lora_state
+
+    model = torch.nn.Linear(4, 4)
+    assert all(t.device.type == "cpu" and t.data_ptr() != p.data_ptr()
+               for t, p in zip(lora_state(model).values(), model.parameters()))
