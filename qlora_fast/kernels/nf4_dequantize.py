@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ..nf4 import NF4Weight
-from ._utils import interpreting
+from ._utils import INTERPRETING
 from .nf4_decode import nf4_block_scale, round_fp32_to
 
 # Launch parameters, fixed rather than autotuned: tuning at the first call of each weight shape costs a
@@ -59,7 +59,7 @@ def nf4_dequantize(weight: NF4Weight, dtype: torch.dtype | None = None, out: tor
     _nf4_dequantize_kernel[(triton.cdiv(n_blocks, meta["BLOCKS_PER_PROGRAM"]),)](
         *weight.kernel_tensors(), out, weight.numel,
         BLOCKSIZE=weight.blocksize, BLOCKSIZE2=weight.blocksize2, NESTED=weight.nested,
-        SOFTWARE_RTNE=interpreting(),
+        SOFTWARE_RTNE=INTERPRETING,
         enable_fp_fusion=False,
         **meta,
     )

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ..nf4 import NF4Weight
-from ._utils import interpreting, tuning_configs
+from ._utils import INTERPRETING, tuning_configs
 from .nf4_decode import nf4_decode_elements, round_fp32_to
 
 
@@ -86,7 +86,7 @@ def nf4_matmul(a: torch.Tensor, weight: NF4Weight, transpose_weight: bool = True
         m, out_dim, reduce_dim, k, a.stride(0), a.stride(1), out.stride(0), out.stride(1),
         TRANSPOSE_W=transpose_weight,
         BLOCKSIZE=weight.blocksize, BLOCKSIZE2=weight.blocksize2, NESTED=weight.nested,
-        SOFTWARE_RTNE=interpreting(), UPCAST_DOT=interpreting() and a.dtype == torch.bfloat16,
+        SOFTWARE_RTNE=INTERPRETING, UPCAST_DOT=INTERPRETING and a.dtype == torch.bfloat16,
         enable_fp_fusion=False,
     )
     return out

@@ -3,11 +3,13 @@ y = w * round(x * rsqrt(mean(x^2) + eps)) with the mean in fp32 and the normaliz
 before the weight multiplies it. The weight is frozen (QLoRA trains only adapters), so backward gives dX.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from ._utils import interpreting
+from ._utils import INTERPRETING
 from .nf4_decode import round_fp32_to
 
 
@@ -51,12 +53,13 @@ def _rms_norm_backward_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, n_rows, n_
 _INTERPRETER_TILE = 2**16
 
 
+@functools.lru_cache(maxsize=256)  # the same few shapes every layer: skip recomputing them per launch
 def _launch(n_rows: int, n_cols: int):
     """(grid, meta-parameters) for a (n_rows, n_cols) input."""
     block = triton.next_power_of_2(n_cols)
-    rows = max(1, _INTERPRETER_TILE // block) if interpreting() else 1
+    rows = max(1, _INTERPRETER_TILE // block) if INTERPRETING else 1
     meta = {"BLOCK": block, "ROWS": rows, "num_warps": min(max(block // 256, 1), 16),
-            "SOFTWARE_RTNE": interpreting()}
+            "SOFTWARE_RTNE": INTERPRETING}
     return (triton.cdiv(n_rows, rows),), meta
 
 

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import interpreting
+from ._utils import INTERPRETING
 from .nf4_decode import round_fp32_to
 
 
@@ -83,11 +83,11 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     q_out, k_out = torch.empty_like(q), torch.empty_like(k)
     n_rows = batch * seq_len
     q_block, k_block = triton.next_power_of_2(q_heads), triton.next_power_of_2(k_heads)
-    rows = max(1, _INTERPRETER_TILE // (q_block * head_dim)) if interpreting() else 1
+    rows = max(1, _INTERPRETER_TILE // (q_block * head_dim)) if INTERPRETING else 1
     _rope_kernel[(triton.cdiv(n_rows, rows),)](
         q, k, cos, sin, q_out, k_out, n_rows, seq_len, q_heads, k_heads,
         *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(), *cos.stride(),
-        BACKWARD=backward, SOFTWARE_RTNE=interpreting(), ROWS=rows, Q_HEADS=q_block, K_HEADS=k_block,
+        BACKWARD=backward, SOFTWARE_RTNE=INTERPRETING, ROWS=rows, Q_HEADS=q_block, K_HEADS=k_block,
         HALF=head_dim // 2,
         enable_fp_fusion=False,  # else the compiler fuses a product into the sum as one fma, unrounded
     )

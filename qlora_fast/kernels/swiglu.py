@@ -10,12 +10,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import interpreting
+from ._utils import INTERPRETING
 from .nf4_decode import round_fp32_to
 
 def _block() -> int:
     # The CPU interpreter pays per program, not per element: it takes large blocks.
-    return 2**16 if interpreting() else 1024
+    return 2**16 if INTERPRETING else 1024
 
 
 @triton.jit
@@ -74,7 +74,7 @@ def swiglu_forward(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     h = torch.empty_like(g)
     n = g.numel()
     block = _block()
-    _swiglu_forward_kernel[(triton.cdiv(n, block),)](g, u, h, n, SOFTWARE_RTNE=interpreting(), BLOCK=block)
+    _swiglu_forward_kernel[(triton.cdiv(n, block),)](g, u, h, n, SOFTWARE_RTNE=INTERPRETING, BLOCK=block)
     return h
 
 
@@ -83,7 +83,7 @@ def swiglu_backward_(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor):
     _check(dh, g, u)
     n = g.numel()
     block = _block()
-    _swiglu_backward_kernel[(triton.cdiv(n, block),)](dh, g, u, n, SOFTWARE_RTNE=interpreting(), BLOCK=block)
+    _swiglu_backward_kernel[(triton.cdiv(n, block),)](dh, g, u, n, SOFTWARE_RTNE=INTERPRETING, BLOCK=block)
     for t in (dh, g, u):  # Triton wrote them behind autograd's back: a later reader of the old values fails loudly
         torch.autograd.graph.increment_version(t)
     return dh, g, u
