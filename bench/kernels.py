@@ -338,7 +338,7 @@ def time_loss(rows):
         rows.append(row)
 
 
-def _host_us_per_call(fn, calls=200):
+def host_us_per_call(fn, calls=200):
     """Wall microseconds per call over `calls` back-to-back calls; with tiny inputs the GPU keeps up, so
     this is the host's cost (Python, dispatch, launches)."""
     for _ in range(10):
@@ -357,11 +357,11 @@ def time_host(rows):
     x = torch.randn(16, 64, device="cuda", dtype=torch.bfloat16)
     w = torch.ones(64, device="cuda", dtype=torch.bfloat16)
     small = nf4_weight_from_bnb(make_nf4_linear(64, 64, torch.bfloat16, True, device="cuda").weight)
-    rows.append({"call": "torch.add (one aten launch)", "us": _host_us_per_call(lambda: torch.add(x, 1))})
+    rows.append({"call": "torch.add (one aten launch)", "us": host_us_per_call(lambda: torch.add(x, 1))})
     rows.append({"call": "nf4_dequantize 64x64 (autotuned Triton launch)",
-                 "us": _host_us_per_call(lambda: nf4_dequantize(small))})
+                 "us": host_us_per_call(lambda: nf4_dequantize(small))})
     rows.append({"call": "rms_norm_forward 16x64 (plain Triton launch)",
-                 "us": _host_us_per_call(lambda: rms_norm_forward(x, w, 1e-6))})
+                 "us": host_us_per_call(lambda: rms_norm_forward(x, w, 1e-6))})
     layer = make_lora_nf4_linear(4096, 4096, dtype=torch.bfloat16, device="cuda")
     xl = torch.randn(1, 16, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     mlp = make_lora_nf4_mlp(4096, 14336, dtype=torch.bfloat16, device="cuda")
@@ -370,9 +370,9 @@ def time_host(rows):
             patch_model(layer)
             patch_model(mlp)
         rows.append({"call": f"LoRA layer fwd+bwd, 16 tokens, {name}",
-                     "us": _host_us_per_call(lambda: layer(xl).sum().backward())})
+                     "us": host_us_per_call(lambda: layer(xl).sum().backward())})
         rows.append({"call": f"SwiGLU MLP fwd+bwd, 16 tokens, {name}",
-                     "us": _host_us_per_call(lambda: mlp(xl).sum().backward())})
+                     "us": host_us_per_call(lambda: mlp(xl).sum().backward())})
 
 
 def markdown(title, rows):

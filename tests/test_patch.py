@@ -24,6 +24,18 @@ def loss_and_grads(model, ids):
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def patched_keeps_loss_and_grads(model, ids, **options):
+    """Patches `model` with `options` between a stock and a patched fwd+bwd that must agree (fp32
+    model: 1e-5 on the loss, 1e-4 on every LoRA gradient); returns the PatchReport."""
+    stock_loss, stock_grads = loss_and_grads(model, ids)
+    report = patch_model(model, **options)
+    loss, grads = loss_and_grads(model, ids)
+    assert loss == pytest.approx(stock_loss, rel=1e-5)
+    assert grads.keys() == stock_grads.keys()
+    assert all(rel_err(grads[n], stock_grads[n]) < 1e-4 for n in stock_grads)
+    return report
+
+
 @pytest.mark.parametrize("shape", ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gemma"])
 def test_same_loss_and_lora_grads_patched_and_unpatched(shape):
     model = tiny_qlora(shape).train()
@@ -195,23 +207,15 @@ def test_mixed_batch_adapter_names_take_peft_path():
 def test_rope_option_keeps_loss_and_grads(shape):
     model = tiny_qlora(shape).train()
     ids = torch.randint(0, 512, (2, 16))
-    stock_loss, stock_grads = loss_and_grads(model, ids)
-    assert patch_model(model, rope=True).rope
-    loss, grads = loss_and_grads(model, ids)
-    assert loss == pytest.approx(stock_loss, rel=1e-5)
-    assert all(rel_err(grads[n], stock_grads[n]) < 1e-4 for n in stock_grads)
+    assert patched_keeps_loss_and_grads(model, ids, rope=True).rope
 
 
 @pytest.mark.parametrize("shape", ["tiny-llama", "tiny-qwen2", "tiny-mistral"])
 def test_rms_norm_option_keeps_loss_and_grads(shape):
     model = tiny_qlora(shape).train()
     ids = torch.randint(0, 512, (2, 16))
-    stock_loss, stock_grads = loss_and_grads(model, ids)
-    report = patch_model(model, rms_norm=True)
+    report = patched_keeps_loss_and_grads(model, ids, rms_norm=True)
     assert report.rms_norms == 5 and "5 RMSNorms" in report.summary()  # 2 layers x 2 + the final norm
-    loss, grads = loss_and_grads(model, ids)
-    assert loss == pytest.approx(stock_loss, rel=1e-5)
-    assert all(rel_err(grads[n], stock_grads[n]) < 1e-4 for n in stock_grads)
     unpatch_model(model)
     assert not any("forward" in vars(m) for m in model.modules())
 
@@ -243,11 +247,7 @@ def test_floating_point_quant_storage_as_fsdp_qlora_stores_it(storage):
     assert layer.quant_state is layer.weight.quant_state  # what FSDP's re-created weight gets back
     model = add_lora(model, init_b_std=0.02).train()
     ids = torch.randint(0, 512, (2, 16))
-    stock_loss, stock_grads = loss_and_grads(model, ids)
-    assert patch_model(model).patched == 14
-    loss, grads = loss_and_grads(model, ids)
-    assert loss == pytest.approx(stock_loss, rel=1e-5)
-    assert all(rel_err(grads[n], stock_grads[n]) < 1e-4 for n in grads)
+    assert patched_keeps_loss_and_grads(model, ids).patched == 14
 
 
 def test_rotary_embeddings_are_routed_and_restored():
@@ -289,11 +289,7 @@ def _qkv_grad_fns(model, ids, projections=("k_proj", "v_proj")):
 def test_qkv_projections_run_as_one_function(shape):
     model = tiny_qlora(shape).train()
     ids = torch.randint(0, 512, (2, 24))
-    stock_loss, stock_grads = loss_and_grads(model, ids)
-    assert patch_model(model).qkv == 2
-    loss, grads = loss_and_grads(model, ids)
-    assert loss == pytest.approx(stock_loss, rel=1e-5)
-    assert all(rel_err(grads[n], stock_grads[n]) < 1e-4 for n in stock_grads)
+    assert patched_keeps_loss_and_grads(model, ids).qkv == 2
     assert not any("_qlora_fast_stashed_output" in vars(m) for m in model.modules())  # every k, v taken
     assert set(_qkv_grad_fns(model, ids, ("q_proj",))) == {"LoRANF4QKVFunctionBackward"}
     # with a hook on k_proj / v_proj (which would then see their call, not the fused one) each goes alone
