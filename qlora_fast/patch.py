@@ -235,7 +235,7 @@ def _mark_residual_mlps(model: torch.nn.Module) -> None:
     for layer in model.modules():
         mlp = layer._modules.get("mlp")
         if type(layer).__name__ in _RESIDUAL_MLP_LAYERS and is_patched(mlp) and not _has_hooks(layer):
-            setattr(mlp, _OUTPUT_ONLY_TO_RESIDUAL, True)
+            vars(mlp)[_OUTPUT_ONLY_TO_RESIDUAL] = True
 
 
 # Attention classes whose forward projects one hidden-states tensor with q_proj, k_proj, v_proj, in order.

@@ -44,11 +44,15 @@ def _cross_entropy_kernel(logits_ptr, targets_ptr, loss_ptr, divisor_ptr, n_rows
 
     target = tl.load(targets_ptr + rows, mask=rows < n_rows, other=IGNORE_INDEX)
     counted = target != IGNORE_INDEX
-    target = tl.where(counted, target, 0)
+    # A label outside the vocabulary (a tokenizer larger than the model's embedding) makes that row's
+    # loss and gradient NaN, where torch would raise: never a read past the row, never a quiet number.
+    in_vocab = (target >= 0) & (target < n_cols)
+    target = tl.where(counted & in_vocab, target, 0)
     target_logit = tl.load(logits_ptr + rows * stride + target, mask=rows < n_rows, other=0.0).to(tl.float32)
-    tl.store(loss_ptr + rows, tl.where(counted, lse - target_logit, 0.0), mask=rows < n_rows)
+    row_loss = tl.where(in_vocab, lse - target_logit, float("nan"))
+    tl.store(loss_ptr + rows, tl.where(counted, row_loss, 0.0), mask=rows < n_rows)
 
-    weight = tl.where(counted, 1.0 / tl.load(divisor_ptr), 0.0)
+    weight = tl.where(counted, tl.where(in_vocab, 1.0 / tl.load(divisor_ptr), float("nan")), 0.0)
     for start in range(0, n_cols, BLOCK):
         cols, x = _logit_tile(row_ptr, rows_mask, start, n_cols, BLOCK)
         p = tl.exp(x - lse[:, None])
@@ -66,7 +70,8 @@ _INTERPRETER_TILE = 2**16
 
 def cross_entropy_grad_(logits: torch.Tensor, targets: torch.Tensor, divisor: torch.Tensor,
                         losses: torch.Tensor) -> None:
-    """Writes each row's loss, logsumexp(logits) - logits[target] (0 where target is -100), into the fp32
+    """Writes each row's loss, logsumexp(logits) - logits[target] (0 where target is -100, NaN where it is
+    outside the vocabulary), into the fp32
     `losses`, and overwrites the (rows, vocab) `logits` with the gradient of sum(losses) / divisor;
     `divisor` is a one-element fp32 tensor on the logits' device (read there, never synchronized)."""
     n_rows, n_cols = logits.shape

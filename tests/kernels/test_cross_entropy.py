@@ -45,3 +45,11 @@ def test_rows_of_a_wider_buffer():
     cross_entropy_grad_(logits, targets, torch.tensor(4.0), losses)
     assert rel_err(losses, ref_losses) < 1e-6 and rel_err(logits, ref_grad) < 1e-5
     assert torch.equal(wide[:, 90:], untouched)
+
+
+def test_a_label_outside_the_vocabulary_gives_nan_not_a_number_read_elsewhere():
+    logits = torch.randn(3, 50)
+    losses = torch.empty(3)
+    cross_entropy_grad_(logits, torch.tensor([4, 50, -100]), torch.tensor(2.0), losses)
+    assert torch.isfinite(losses[0]) and torch.isnan(losses[1]) and losses[2] == 0
+    assert torch.isnan(logits[1]).all() and torch.isfinite(logits[0]).all() and torch.all(logits[2] == 0)
