@@ -82,6 +82,12 @@ class TrainConfig:
     save_steps: int | None = None
     resume_from_checkpoint: Any = None
     patch: bool = True
+    # patch_model's options, each on by default (patched runs only)
+    fused_mlp: bool = True
+    fused_qkv: bool = True
+    rope_kernel: bool = True
+    rms_norm_kernel: bool = True
+    chunked_loss: bool = True
     distributed: str = "none"  # none | ddp | fsdp (launch with `accelerate launch`)
     source: str | None = field(default=None, repr=False)  # the YAML file read, for relative paths
 
@@ -89,6 +95,8 @@ class TrainConfig:
 ALIASES = {  # other spellings users bring from axolotl / transformers
     "sample_packing": "packing", "lr_scheduler_type": "lr_scheduler", "optim": "optimizer",
     "epochs": "num_epochs", "max_seq_length": "sequence_len",
+    "lora_mlp_kernel": "fused_mlp", "lora_qkv_kernel": "fused_qkv", "liger_rope": "rope_kernel",
+    "liger_rms_norm": "rms_norm_kernel", "liger_fused_linear_cross_entropy": "chunked_loss",
 }
 SCHEDULERS = {"cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial",
               "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay"}
@@ -228,3 +236,9 @@ def config_to_dict(cfg: TrainConfig) -> dict:
     out = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "source"}
     out["datasets"] = [{k: v for k, v in vars(d).items() if v is not None} for d in cfg.datasets]
     return out
+
+
+def patch_options(cfg: "TrainConfig") -> dict:
+    """patch_model's keyword arguments for this config (checkpoint offloading aside)."""
+    return {"fused_mlp": cfg.fused_mlp, "fused_qkv": cfg.fused_qkv, "rope": cfg.rope_kernel,
+            "rms_norm": cfg.rms_norm_kernel, "chunked_loss": cfg.chunked_loss}

@@ -10,7 +10,7 @@ import yaml
 
 from ..harness.models import RANDOM_PREFIX, byte_tokenizer, quantize_to_nf4_, random_causal_lm
 from ..patch import patch_model
-from .config import ConfigError, TrainConfig, config_to_dict
+from .config import ConfigError, TrainConfig, config_to_dict, patch_options
 from .data import load_training_data
 
 RESOLVED_CONFIG = "qlora_fast_config.yaml"
@@ -181,7 +181,7 @@ def build_trainer(cfg: TrainConfig):
     if cfg.patch:
         # true: patch_model's default (offloaded in single-process runs); offload: offloaded everywhere
         offload = True if cfg.gradient_checkpointing == "offload" else None
-        print(patch_model(trainer.model, offload_checkpoints=offload).summary(), flush=True)
+        print(patch_model(trainer.model, offload_checkpoints=offload, **patch_options(cfg)).summary(), flush=True)
     return trainer
 
 

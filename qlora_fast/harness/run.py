@@ -33,6 +33,7 @@ def token_batches(records, tokenizer, batch_size: int, seq_len: int, steps: int)
 
 
 def compare_config(cfg, steps: int = 8, out_dir: str | None = None, timing_rounds: int = 0) -> Comparison:
+    from ..cli.config import patch_options
     from ..cli.data import load_training_data
     from ..cli.train import add_adapter, load_base_model, precision
 
@@ -44,7 +45,7 @@ def compare_config(cfg, steps: int = 8, out_dir: str | None = None, timing_round
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     batches = token_batches(train_data, tokenizer, cfg.micro_batch_size, cfg.sequence_len, steps)
     result = compare_stock_and_patched(model, batches, compute_dtype, lr=cfg.learning_rate, seed=cfg.seed,
-                                       timing_rounds=timing_rounds)
+                                       timing_rounds=timing_rounds, **patch_options(cfg))
     out = write_report(result, out_dir or str(Path(cfg.output_dir) / "compare"), cfg.base_model)
     print(f"{'PASS' if result.passed else 'FAIL'}: max rel loss diff {result.max_rel_loss_diff:.2e}, "
           f"speedup {result.speedup:.2f}x; report in {out}", flush=True)
