@@ -351,6 +351,20 @@ def host_us_per_call(fn, calls=200):
     return (time.perf_counter() - started) / calls * 1e6
 
 
+def check_lora_grads(rows):
+    """The adapter-gradient GEMM (scale on alpha, fp32 straight out of the GEMM on CUDA) against float64."""
+    from qlora_fast.ops.lora_grads import scaled_mm
+
+    for dname, dtype in DTYPES.items():
+        a, b = torch.randn(16, 3000, device="cuda", dtype=dtype), torch.randn(3000, 4096, device="cuda", dtype=dtype)
+        ref = (a.double() @ b.double()) * 0.5
+        for out_dtype in (torch.float32, dtype):
+            out = scaled_mm(a, b, 0.5, out_dtype)
+            err = rel_err(out, ref)
+            rows.append({"check": "scaled_mm rel err vs float64", "dtype": dname, "out": str(out.dtype),
+                         "value": f"{err:.2e}", "ok": out.dtype == out_dtype and err < (1e-5 if out_dtype == torch.float32 else 1e-2)})
+
+
 def time_host(rows):
     from qlora_fast.kernels.rms_norm import rms_norm_forward
 
@@ -389,7 +403,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="kernels.md")
     parser.add_argument("--skip", nargs="*", default=[],
-                        help="sections to skip: correctness dequant crossover lora rmsnorm mlp rope loss host")
+                        help="sections to skip: correctness dequant crossover lora rmsnorm mlp rope loss host lora_grads")
     args = parser.parse_args()
     import bitsandbytes, peft
     header = (f"Date {datetime.date.today()}, GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, "
@@ -404,7 +418,8 @@ def main():
                 ("rope", "Rotary embedding of q and k forward+backward, bf16 (median ms)", time_rope),
                 ("loss", "LM loss forward+backward, hidden 4096, vocab 128256, bf16 (median ms, peak MiB)",
                  time_loss),
-                ("host", "Host cost per call, tiny inputs (wall us per call, back-to-back)", time_host)]
+                ("host", "Host cost per call, tiny inputs (wall us per call, back-to-back)", time_host),
+                ("lora_grads", "Adapter-gradient GEMM", check_lora_grads)]
     report, results = header, {}
     for key, title, fn in sections:
         if key in args.skip:

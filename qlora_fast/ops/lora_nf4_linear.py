@@ -44,9 +44,9 @@ class LoRANF4LinearFunction(torch.autograd.Function):
 
         grad_a = grad_b = grad_x = grad_x_lora = None
         if ctx.needs_input_grad[2]:
-            grad_a = scaled_mm(dy_b.t(), xl2, s).to(ctx.lora_dtypes[0])
+            grad_a = scaled_mm(dy_b.t(), xl2, s, ctx.lora_dtypes[0])
         if ctx.needs_input_grad[3]:
-            grad_b = scaled_mm(dy.t(), xa, s).to(ctx.lora_dtypes[1])
+            grad_b = scaled_mm(dy.t(), xa, s, ctx.lora_dtypes[1])
         if ctx.shared_input:
             if ctx.needs_input_grad[0]:
                 grad_x = nf4_linear_input_grad(dy, ctx.weight).addmm_(dy_b, a, alpha=s)
