@@ -239,7 +239,8 @@ def _mark_residual_mlps(model: torch.nn.Module) -> None:
 
 
 # Attention classes whose forward projects one hidden-states tensor with q_proj, k_proj, v_proj, in order.
-_QKV_ATTENTIONS = {"LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention"}
+_QKV_ATTENTIONS = {"LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention",
+                   "GemmaAttention"}
 _QKV_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 
 

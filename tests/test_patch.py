@@ -285,7 +285,8 @@ def _qkv_grad_fns(model, ids, projections=("k_proj", "v_proj")):
     return names
 
 
-@pytest.mark.parametrize("shape", ["tiny-llama", "tiny-mistral", "tiny-qwen3"])  # Qwen3: q/k norms after
+# Qwen3 normalizes q and k right after their projections
+@pytest.mark.parametrize("shape", ["tiny-llama", "tiny-mistral", "tiny-qwen3", "tiny-gemma"])
 def test_qkv_projections_run_as_one_function(shape):
     model = tiny_qlora(shape).train()
     ids = torch.randint(0, 512, (2, 24))
