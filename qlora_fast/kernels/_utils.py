@@ -8,6 +8,11 @@ import triton
 # lookup per launch cost a few microseconds of host time each.
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
+# The interpreter pays per program, not per element: the row and elementwise kernels give a program this
+# many elements there (one row or 1024 elements on the GPU). One-row programs made a tiny CPU training
+# step 27 s instead of 1 s.
+INTERPRETER_TILE = 2**16
+
 
 def tuning_configs(configs: list[triton.Config]) -> list[triton.Config]:
     """The configs to autotune over; the interpreter gets only the first, since it would time them all."""

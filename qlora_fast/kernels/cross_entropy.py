@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import INTERPRETING
+from ._utils import INTERPRETER_TILE, INTERPRETING
 from .nf4_decode import round_fp32_to
 
 IGNORE_INDEX = -100
@@ -62,10 +62,8 @@ def _cross_entropy_kernel(logits_ptr, targets_ptr, loss_ptr, divisor_ptr, n_rows
 
 
 # One row per program on the GPU, a 4096-wide tile per step (not tuned: the kernel overwrites its input,
-# so autotuning would need to restore it). The CPU interpreter pays per program, not per element: it
-# takes many rows per program.
+# so autotuning would need to restore it); many rows per program in the interpreter.
 _GPU_META = {"ROWS": 1, "BLOCK": 4096, "num_warps": 8}
-_INTERPRETER_TILE = 2**16
 
 
 def cross_entropy_grad_(logits: torch.Tensor, targets: torch.Tensor, divisor: torch.Tensor,
@@ -79,8 +77,8 @@ def cross_entropy_grad_(logits: torch.Tensor, targets: torch.Tensor, divisor: to
         raise ValueError("cross_entropy_grad_: logits rows must be contiguous")
     meta = _GPU_META
     if INTERPRETING:
-        block = min(triton.next_power_of_2(n_cols), _INTERPRETER_TILE)
-        meta = {"ROWS": max(1, _INTERPRETER_TILE // block), "BLOCK": block}
+        block = min(triton.next_power_of_2(n_cols), INTERPRETER_TILE)
+        meta = {"ROWS": max(1, INTERPRETER_TILE // block), "BLOCK": block}
     _cross_entropy_kernel[(triton.cdiv(n_rows, meta["ROWS"]),)](
         logits, targets, losses, divisor, n_rows, n_cols, logits.stride(0), IGNORE_INDEX=IGNORE_INDEX,
         SOFTWARE_RTNE=INTERPRETING, **meta)

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import INTERPRETING
+from ._utils import INTERPRETER_TILE, INTERPRETING
 from .nf4_decode import round_fp32_to
 
 
@@ -48,16 +48,12 @@ def _rms_norm_backward_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, n_rows, n_
     tl.store(dx_ptr + offs, round_fp32_to(dx, dx_ptr.dtype.element_ty, SOFTWARE_RTNE), mask=mask)
 
 
-# The CPU interpreter pays per program, not per element: it takes many rows per program. The GPU takes
-# one (a 4096-wide row already fills a program; measured in bench/RESULTS.md).
-_INTERPRETER_TILE = 2**16
-
-
 @functools.lru_cache(maxsize=256)  # the same few shapes every layer: skip recomputing them per launch
 def _launch(n_rows: int, n_cols: int):
-    """(grid, meta-parameters) for a (n_rows, n_cols) input."""
+    """(grid, meta-parameters) for a (n_rows, n_cols) input: one row per program on the GPU (a 4096-wide
+    row already fills a program; measured in bench/RESULTS.md), many in the interpreter."""
     block = triton.next_power_of_2(n_cols)
-    rows = max(1, _INTERPRETER_TILE // block) if INTERPRETING else 1
+    rows = max(1, INTERPRETER_TILE // block) if INTERPRETING else 1
     meta = {"BLOCK": block, "ROWS": rows, "num_warps": min(max(block // 256, 1), 16),
             "SOFTWARE_RTNE": INTERPRETING}
     return (triton.cdiv(n_rows, rows),), meta

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import INTERPRETING
+from ._utils import INTERPRETER_TILE, INTERPRETING
 from .nf4_decode import round_fp32_to
 
 
@@ -66,10 +66,6 @@ def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, n_rows, s
                   k_heads, c1, c2, s1, s2, BACKWARD, SOFTWARE_RTNE, K_HEADS, HALF)
 
 
-# The CPU interpreter pays per program, not per element: it rotates many positions per program.
-_INTERPRETER_TILE = 2**16
-
-
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool = False):
     """(q_embed, k_embed) for (batch, heads, seq, head_dim) q and k and (batch, seq, head_dim) cos and sin;
     with `backward`, the input gradients for output gradients q and k instead."""
@@ -83,7 +79,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     q_out, k_out = torch.empty_like(q), torch.empty_like(k)
     n_rows = batch * seq_len
     q_block, k_block = triton.next_power_of_2(q_heads), triton.next_power_of_2(k_heads)
-    rows = max(1, _INTERPRETER_TILE // (q_block * head_dim)) if INTERPRETING else 1
+    rows = max(1, INTERPRETER_TILE // (q_block * head_dim)) if INTERPRETING else 1
     _rope_kernel[(triton.cdiv(n_rows, rows),)](
         q, k, cos, sin, q_out, k_out, n_rows, seq_len, q_heads, k_heads,
         *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(), *cos.stride(),

@@ -10,12 +10,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import INTERPRETING
+from ._utils import INTERPRETER_TILE, INTERPRETING
 from .nf4_decode import round_fp32_to
 
-def _block() -> int:
-    # The CPU interpreter pays per program, not per element: it takes large blocks.
-    return 2**16 if INTERPRETING else 1024
+_BLOCK = INTERPRETER_TILE if INTERPRETING else 1024
 
 
 @triton.jit
@@ -73,8 +71,7 @@ def swiglu_forward(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     _check(g, u)
     h = torch.empty_like(g)
     n = g.numel()
-    block = _block()
-    _swiglu_forward_kernel[(triton.cdiv(n, block),)](g, u, h, n, SOFTWARE_RTNE=INTERPRETING, BLOCK=block)
+    _swiglu_forward_kernel[(triton.cdiv(n, _BLOCK),)](g, u, h, n, SOFTWARE_RTNE=INTERPRETING, BLOCK=_BLOCK)
     return h
 
 
@@ -82,8 +79,7 @@ def swiglu_backward_(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor):
     """Overwrites (dh, g, u) with (h, dg, du) and returns them in that order."""
     _check(dh, g, u)
     n = g.numel()
-    block = _block()
-    _swiglu_backward_kernel[(triton.cdiv(n, block),)](dh, g, u, n, SOFTWARE_RTNE=INTERPRETING, BLOCK=block)
+    _swiglu_backward_kernel[(triton.cdiv(n, _BLOCK),)](dh, g, u, n, SOFTWARE_RTNE=INTERPRETING, BLOCK=_BLOCK)
     for t in (dh, g, u):  # Triton wrote them behind autograd's back: a later reader of the old values fails loudly
         torch.autograd.graph.increment_version(t)
     return dh, g, u
