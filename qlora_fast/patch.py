@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .nf4 import cached_nf4_weight, unsupported_reason
+from .ops.forward_only import apply
 from .ops.linear_cross_entropy import causal_lm_loss
 from .ops.offloaded_checkpoint import offloaded_checkpoint, recomputing
 from .ops.lora_nf4_linear import lora_nf4_linear
@@ -324,7 +325,7 @@ def _fused_rotary(stock):
     @torch.compiler.disable
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
         if not args and fused_rope_applies(q, k, cos, sin, **kwargs):
-            return RoPEFunction.apply(q, k, cos, sin)
+            return apply(RoPEFunction, q, k, cos, sin)
         return stock(q, k, cos, sin, *args, **kwargs)
 
     apply_rotary_pos_emb.qlora_fast_stock = stock

@@ -8,6 +8,7 @@ x_lora is x itself, or dropout(x) when the adapter has dropout.
 import torch
 
 from ..nf4 import NF4Weight
+from .forward_only import apply
 from .lora_grads import scaled_mm
 from .nf4_linear import nf4_linear, nf4_linear_input_grad
 
@@ -61,5 +62,5 @@ class LoRANF4LinearFunction(torch.autograd.Function):
 
 def lora_nf4_linear(x, x_lora, lora_a, lora_b, scaling, weight: NF4Weight, bias=None, compute_dtype=None):
     """Autograd entry point; `compute_dtype` defaults to x's dtype."""
-    return LoRANF4LinearFunction.apply(x, x_lora, lora_a, lora_b, scaling, weight, bias,
+    return apply(LoRANF4LinearFunction, x, x_lora, lora_a, lora_b, scaling, weight, bias,
                                        compute_dtype or x.dtype)

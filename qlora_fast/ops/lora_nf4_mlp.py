@@ -16,6 +16,7 @@ import torch
 
 from ..kernels.swiglu import swiglu_backward_, swiglu_forward
 from ..nf4 import NF4Weight
+from .forward_only import apply
 from .lora_grads import lora_grads
 from .nf4_linear import nf4_linear, nf4_linear_input_grad
 
@@ -83,5 +84,5 @@ def lora_nf4_mlp(x, gate, up, down, compute_dtype=None, output_needed=True):
     """Autograd entry point. gate, up and down are (lora_a, lora_b, scaling, NF4Weight) of each
     projection; `compute_dtype` defaults to x's dtype."""
     (gate_a, gate_b, s_gate, w_gate), (up_a, up_b, s_up, w_up), (down_a, down_b, s_down, w_down) = gate, up, down
-    return LoRANF4MLPFunction.apply(x, gate_a, gate_b, up_a, up_b, down_a, down_b, (w_gate, w_up, w_down),
+    return apply(LoRANF4MLPFunction, x, gate_a, gate_b, up_a, up_b, down_a, down_b, (w_gate, w_up, w_down),
                                     (s_gate, s_up, s_down), compute_dtype or x.dtype, output_needed)

@@ -10,6 +10,7 @@ are bound by. Saves x, x @ A^T and the compute-dtype adapters; never a dequantiz
 import torch
 
 from ..kernels.nf4_dequantize import nf4_dequantize
+from .forward_only import apply
 from .lora_grads import lora_grads
 
 
@@ -70,5 +71,5 @@ def lora_nf4_qkv(x, q, k, v, compute_dtype=None):
     """Autograd entry point: (q, k, v) outputs. q, k and v are (lora_a, lora_b, scaling, NF4Weight) of each
     projection; `compute_dtype` defaults to x's dtype."""
     (a_q, b_q, s_q, w_q), (a_k, b_k, s_k, w_k), (a_v, b_v, s_v, w_v) = q, k, v
-    return LoRANF4QKVFunction.apply(x, a_q, b_q, a_k, b_k, a_v, b_v, (w_q, w_k, w_v), (s_q, s_k, s_v),
+    return apply(LoRANF4QKVFunction, x, a_q, b_q, a_k, b_k, a_v, b_v, (w_q, w_k, w_v), (s_q, s_k, s_v),
                                     compute_dtype or x.dtype)
