@@ -6,10 +6,11 @@ import types
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
-from .nf4 import cached_nf4_weight, unsupported_reason
+from .nf4 import NF4Weight, cached_nf4_weight, unsupported_reason
 from .ops.forward_only import apply
 from .ops.linear_cross_entropy import causal_lm_loss
 from .ops.offloaded_checkpoint import offloaded_checkpoint, recomputing
@@ -116,20 +117,40 @@ def _stock_forward(layer, x, *args, **kwargs):
     return _previous_forward(layer)(x, *args, **kwargs)
 
 
-def _fused_adapter(layer) -> str | None:
+class _Projection(NamedTuple):
+    """What the fused Functions take of one LoRA NF4 layer, for its one active adapter."""
+
+    adapter: str
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    scaling: float
+    weight: NF4Weight
+
+
+def _fused_projection(layer) -> _Projection | None:
     """The one active adapter the fused path can serve now, or None: disabled, merged, several adapters
-    or a weight bitsandbytes repacked for CPU inference go through peft's forward."""
-    if fix_4bit_weight_quant_state_from_module is not None:  # FSDP hands the weight back without its state
-        fix_4bit_weight_quant_state_from_module(layer.base_layer)
+    or a weight bitsandbytes repacked for CPU inference go through peft's forward. Runs per layer call:
+    modules and parameters are read from their dicts, not through nn.Module's attribute lookup."""
+    base = layer._modules["base_layer"]
+    weight = base._parameters["weight"]
+    if fix_4bit_weight_quant_state_from_module is not None and getattr(weight, "quant_state", None) is None:
+        fix_4bit_weight_quant_state_from_module(base)  # FSDP hands the weight back without its state
+        weight = base._parameters["weight"]
     adapters = layer.active_adapters
-    if (layer.disable_adapters or layer.merged or len(adapters) != 1 or adapters[0] not in layer.lora_A
-            or cached_nf4_weight(layer.base_layer.weight) is None):
+    lora_a_modules = layer._modules["lora_A"]._modules
+    if layer.disable_adapters or layer.merged or len(adapters) != 1 or adapters[0] not in lora_a_modules:
         return None
-    if not (_gathered(layer.lora_A[adapters[0]].weight) and _gathered(layer.lora_B[adapters[0]].weight)):
+    name = adapters[0]
+    nf4 = cached_nf4_weight(weight)
+    if nf4 is None:
+        return None
+    lora_a = lora_a_modules[name]._parameters["weight"]
+    lora_b = layer._modules["lora_B"]._modules[name]._parameters["weight"]
+    if not (_gathered(lora_a) and _gathered(lora_b)):
         _warn_once("qlora_fast: FSDP shards the LoRA adapters apart from their layers (peft's wrap policy), "
                    "so those layers run on peft's path; wrap whole decoder layers to use the fused kernels")
         return None
-    return adapters[0]
+    return _Projection(name, lora_a, lora_b, layer.scaling[name], nf4)
 
 
 _warned: set = set()
@@ -148,13 +169,13 @@ def _gathered(weight) -> bool:
 
 
 def _compute_dtype(layer, x):
-    return layer.base_layer.compute_dtype or x.dtype
+    return layer._modules["base_layer"].compute_dtype or x.dtype
 
 
 @torch.compiler.disable
 def _fused_forward(self, x, *args, **kwargs):
     """Fused path for one active adapter; extra arguments (per-sample adapter_names) or a state
-    `_fused_adapter` refuses go through peft's forward. A k_proj / v_proj returns what its q_proj
+    `_fused_projection` refuses go through peft's forward. A k_proj / v_proj returns what its q_proj
     computed for this same input; a q_proj computes all three when it can."""
     stashed = vars(self).pop(_STASHED, None)
     if args or kwargs:
@@ -165,18 +186,33 @@ def _fused_forward(self, x, *args, **kwargs):
     q = None if siblings is None else _fused_qkv_forward(self, siblings, x)
     if q is not None:
         return q
-    name = _fused_adapter(self)
-    if name is None:
+    projection = _fused_projection(self)
+    if projection is None:
         return _stock_forward(self, x, *args, **kwargs)
-    base = self.base_layer
-    lora_a = self.lora_A[name].weight
-    dropout = self.lora_dropout[name]
+    dropout = _dropout(self, projection.adapter)
     x_lora = x
     if not isinstance(dropout, torch.nn.Identity):
         # Dropout on x in the adapter's dtype, as peft draws it, so both paths drop the same elements.
-        x_lora = dropout(x if torch.is_autocast_enabled() else x.to(lora_a.dtype))
-    return lora_nf4_linear(x, x_lora, lora_a, self.lora_B[name].weight, self.scaling[name],
-                           cached_nf4_weight(base.weight), base.bias, _compute_dtype(self, x))
+        x_lora = dropout(x if torch.is_autocast_enabled() else x.to(projection.lora_a.dtype))
+    return lora_nf4_linear(x, x_lora, projection.lora_a, projection.lora_b, projection.scaling, projection.weight,
+                           self._modules["base_layer"].bias, _compute_dtype(self, x))
+
+
+def _dropout(layer, adapter: str) -> torch.nn.Module:
+    return layer._modules["lora_dropout"]._modules[adapter]
+
+
+def _fused_group(projections, uncalled) -> list | None:
+    """Each projection's _Projection when all of them can run in one Function now: one adapter, no
+    dropout, and no hooks on the `uncalled` ones (the Function replaces their calls, so their hooks
+    would not run); otherwise None."""
+    found = [_fused_projection(p) for p in projections]
+    if any(f is None for f in found) or len({f.adapter for f in found}) != 1:
+        return None
+    if any(_has_hooks(p) for p in uncalled) or any(
+            not isinstance(_dropout(p, found[0].adapter), torch.nn.Identity) for p in projections):
+        return None
+    return found
 
 
 # MLP classes whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x)).
@@ -205,25 +241,17 @@ def _has_hooks(module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"))
 
 
-def _projection_args(layer, name):
-    """(lora_a, lora_b, scaling, NF4Weight) of one projection, as lora_nf4_mlp and lora_nf4_qkv take them."""
-    return (layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name],
-            cached_nf4_weight(layer.base_layer.weight))
-
-
 @torch.compiler.disable
 def _fused_mlp_forward(self, x):
     """The whole SwiGLU MLP in one Function when its three projections can take the fused path with the
     same adapter and no dropout; otherwise the stock MLP forward (each projection then decides alone)."""
-    projections = [getattr(self, p) for p in _MLP_PROJECTIONS]
-    names = {_fused_adapter(p) for p in projections}
-    name = names.pop() if len(names) == 1 else None
-    if name is None or any(_has_hooks(p) or not isinstance(p.lora_dropout[name], torch.nn.Identity)
-                           for p in projections):
+    projections = [self._modules[p] for p in _MLP_PROJECTIONS]
+    found = _fused_group(projections, uncalled=projections)
+    if found is None:
         return _previous_forward(self)(x)
     output_needed = not (recomputing() and vars(self).get(_OUTPUT_ONLY_TO_RESIDUAL, False))
-    return lora_nf4_mlp(x, *(_projection_args(p, name) for p in projections),
-                        compute_dtype=_compute_dtype(projections[0], x), output_needed=output_needed)
+    return lora_nf4_mlp(x, *(f[1:] for f in found), compute_dtype=_compute_dtype(projections[0], x),
+                        output_needed=output_needed)
 
 
 # Decoder layers that end in `return residual + self.mlp(...)`: nothing in the layer's backward reads
@@ -255,14 +283,10 @@ def _fused_qkv_forward(q_proj, siblings, x):
     """q_proj's output from one Function over the three projections, k's and v's left on their modules
     for their own calls on this same x; None where the three cannot take it now (then each goes alone)."""
     projections = (q_proj, *siblings)
-    names = {_fused_adapter(p) for p in projections}
-    name = names.pop() if len(names) == 1 else None
-    if (name is None or any(_has_hooks(p) for p in siblings)
-            or any(not isinstance(p.lora_dropout[name], torch.nn.Identity) for p in projections)
-            or len({_compute_dtype(p, x) for p in projections}) != 1):
+    found = _fused_group(projections, uncalled=siblings)
+    if found is None or len({_compute_dtype(p, x) for p in projections}) != 1:
         return None
-    q, k, v = lora_nf4_qkv(x, *(_projection_args(p, name) for p in projections),
-                           compute_dtype=_compute_dtype(q_proj, x))
+    q, k, v = lora_nf4_qkv(x, *(f[1:] for f in found), compute_dtype=_compute_dtype(q_proj, x))
     for projection, output in zip(siblings, (k, v)):
         vars(projection)[_STASHED] = (x, output)
     return q

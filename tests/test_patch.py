@@ -228,13 +228,13 @@ def test_adapters_sharded_apart_from_their_layer_take_peft_path_with_one_warning
     from qlora_fast import patch as patch_module
 
     layer = make_lora_nf4_linear(64, 128, dtype=torch.float32)
-    assert patch_module._fused_adapter(layer) == "default"
+    assert patch_module._fused_projection(layer).adapter == "default"
     # FSDP1's placeholder for a parameter that lives in another unit's flat parameter
     layer.lora_A["default"].weight = torch.nn.Parameter(torch.empty(0))
     patch_module._warned.clear()
     with pytest.warns(UserWarning, match="FSDP shards the LoRA adapters") as caught:
-        assert patch_module._fused_adapter(layer) is None
-        assert patch_module._fused_adapter(layer) is None
+        assert patch_module._fused_projection(layer) is None
+        assert patch_module._fused_projection(layer) is None
     assert len(caught) == 1
 
 

@@ -1,10 +1,18 @@
-"""SwiGLU, h = silu(g) * u, forward and backward, elementwise, with torch's roundings: silu(g) is rounded
-to g's dtype before the product (as `act_fn(gate) * up` computes it in two ops). On the GPU this matches
-torch bit for bit in bf16; in fp16 a few elements differ by one ulp (Triton's exp vs CUDA's expf).
+"""SwiGLU, h = silu(g) * u, forward and backward, with the LoRA terms of the projections around it added
+on the fly, and torch's roundings: silu(g) is rounded to g's dtype before the product (as
+`act_fn(gate) * up` computes it in two ops). On the GPU the plain kernels match torch bit for bit in
+bf16; in fp16 a few elements differ by one ulp (Triton's exp vs CUDA's expf).
 
-The backward kernel works in place on the tensors the fused MLP saved: it reads dh, g and u and overwrites
-them with h (recomputed for the down projection's LoRA gradient), dg and du, so it needs no extra memory.
+A LoRA projection's output is base + s * xa @ B^T, xa = x @ A^T of rank r. Added by cuBLAS in place
+(`addmm_`) that is one more read and write of a (tokens x intermediate) tensor per projection; here each
+tile of g (or u, or dh) takes its rank-r term from a small tensor-core product of xa's rows and B's
+rows, in fp32, rounded once as addmm_ rounds it. Forward reads the GEMMs' g and u and writes h (and,
+when backward will need them, g and u with their LoRA terms, in place); backward reads dh (its LoRA term
+added likewise), g and u, and overwrites them with h (recomputed for the down projection's LoRA
+gradient), dg and du, so it needs no extra memory.
 """
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -13,13 +21,48 @@ import triton.language as tl
 from ._utils import INTERPRETER_TILE, INTERPRETING
 from .nf4_decode import round_fp32_to
 
-_BLOCK = INTERPRETER_TILE if INTERPRETING else 1024
+
+class LowRank(NamedTuple):
+    """The rank-r term scale * xa @ b^T of a (rows, cols) output: xa (rows, r), b (cols, r), any strides."""
+
+    xa: torch.Tensor
+    b: torch.Tensor
+    scale: float
 
 
 @triton.jit
-def _offsets(n_elements, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    return offs, offs < n_elements
+def _tile(n_rows, n_cols, stride, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's (BLOCK_M, BLOCK_N) tile: rows, columns, element offsets and mask."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    return rows, cols, rows[:, None] * stride + cols[None, :], mask
+
+
+@triton.jit
+def _load_fp32(ptr, offs, mask):
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _plus_low_rank(base, rows, cols, n_rows, n_cols, rank, xa_ptr, b_ptr, scale,
+                   stride_xm, stride_xr, stride_bn, stride_br, HAS_TERM: tl.constexpr, R: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                   SOFTWARE_RTNE: tl.constexpr, dtype: tl.constexpr):
+    """base + scale * xa[rows] @ b[cols]^T in fp32, rounded to dtype as addmm_ rounds it (base as is
+    without a term)."""
+    if HAS_TERM:
+        r = tl.arange(0, R)
+        xa = tl.load(xa_ptr + rows[:, None] * stride_xm + r[None, :] * stride_xr,
+                     mask=(rows[:, None] < n_rows) & (r[None, :] < rank), other=0.0)
+        b_t = tl.load(b_ptr + cols[None, :] * stride_bn + r[:, None] * stride_br,
+                      mask=(cols[None, :] < n_cols) & (r[:, None] < rank), other=0.0)
+        if UPCAST_DOT:  # fp32 operands exactly, and the CPU interpreter's dot is wrong on bf16
+            term = tl.dot(xa.to(tl.float32), b_t.to(tl.float32), input_precision="ieee")
+        else:
+            term = tl.dot(xa, b_t)
+        return round_fp32_to(base + scale * term, dtype, SOFTWARE_RTNE).to(tl.float32)
+    else:
+        return base
 
 
 @triton.jit
@@ -30,27 +73,36 @@ def _silu_rounded(g, dtype: tl.constexpr, SOFTWARE_RTNE: tl.constexpr):
 
 
 @triton.jit
-def _load_fp32(ptr, offs, mask):
-    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _swiglu_forward_kernel(g_ptr, u_ptr, h_ptr, n_elements,
-                           SOFTWARE_RTNE: tl.constexpr, BLOCK: tl.constexpr):
-    offs, mask = _offsets(n_elements, BLOCK)
+def _swiglu_forward_kernel(g_ptr, u_ptr, h_ptr, n_rows, n_cols, rank,
+                           xa_g_ptr, b_g_ptr, s_g, g_sxm, g_sxr, g_sbn, g_sbr,
+                           xa_u_ptr, b_u_ptr, s_u, u_sxm, u_sxr, u_sbn, u_sbr,
+                           GATE_TERM: tl.constexpr, UP_TERM: tl.constexpr, WRITE_INPUTS: tl.constexpr,
+                           R: tl.constexpr, UPCAST_DOT: tl.constexpr, SOFTWARE_RTNE: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows, cols, offs, mask = _tile(n_rows, n_cols, n_cols, BLOCK_M, BLOCK_N)
     dtype: tl.constexpr = h_ptr.dtype.element_ty
-    _, silu = _silu_rounded(_load_fp32(g_ptr, offs, mask), dtype, SOFTWARE_RTNE)
-    product = silu * _load_fp32(u_ptr, offs, mask)
-    tl.store(h_ptr + offs, round_fp32_to(product, dtype, SOFTWARE_RTNE), mask=mask)
+    g = _plus_low_rank(_load_fp32(g_ptr, offs, mask), rows, cols, n_rows, n_cols, rank, xa_g_ptr, b_g_ptr,
+                       s_g, g_sxm, g_sxr, g_sbn, g_sbr, GATE_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, dtype)
+    u = _plus_low_rank(_load_fp32(u_ptr, offs, mask), rows, cols, n_rows, n_cols, rank, xa_u_ptr, b_u_ptr,
+                       s_u, u_sxm, u_sxr, u_sbn, u_sbr, UP_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, dtype)
+    if WRITE_INPUTS:  # backward reads the projections' outputs with their LoRA terms
+        tl.store(g_ptr + offs, g.to(dtype), mask=mask)
+        tl.store(u_ptr + offs, u.to(dtype), mask=mask)
+    _, silu = _silu_rounded(g, dtype, SOFTWARE_RTNE)
+    tl.store(h_ptr + offs, round_fp32_to(silu * u, dtype, SOFTWARE_RTNE), mask=mask)
 
 
 @triton.jit
-def _swiglu_backward_kernel(dh_ptr, g_ptr, u_ptr, n_elements,
-                            SOFTWARE_RTNE: tl.constexpr, BLOCK: tl.constexpr):
+def _swiglu_backward_kernel(dh_ptr, g_ptr, u_ptr, n_rows, n_cols, rank, xa_ptr, b_ptr, scale,
+                            stride_xm, stride_xr, stride_bn, stride_br,
+                            DH_TERM: tl.constexpr, R: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                            SOFTWARE_RTNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # In place: dh_ptr <- h, g_ptr <- dg, u_ptr <- du. Each element is read before it is overwritten.
-    offs, mask = _offsets(n_elements, BLOCK)
+    rows, cols, offs, mask = _tile(n_rows, n_cols, n_cols, BLOCK_M, BLOCK_N)
     dtype: tl.constexpr = dh_ptr.dtype.element_ty
-    dh, g, u = _load_fp32(dh_ptr, offs, mask), _load_fp32(g_ptr, offs, mask), _load_fp32(u_ptr, offs, mask)
+    dh = _plus_low_rank(_load_fp32(dh_ptr, offs, mask), rows, cols, n_rows, n_cols, rank, xa_ptr, b_ptr, scale,
+                        stride_xm, stride_xr, stride_bn, stride_br, DH_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, dtype)
+    g, u = _load_fp32(g_ptr, offs, mask), _load_fp32(u_ptr, offs, mask)
     sig, silu = _silu_rounded(g, dtype, SOFTWARE_RTNE)
     d_silu = round_fp32_to(dh * u, dtype, SOFTWARE_RTNE).to(tl.float32)
     dg = d_silu * sig * (1.0 + g * (1.0 - sig))
@@ -66,20 +118,56 @@ def _check(*tensors):
             raise ValueError("swiglu: inputs must be contiguous tensors of one shape and dtype")
 
 
-def swiglu_forward(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """silu(g) * u in g's dtype."""
+def _term_args(term: LowRank | None, like: torch.Tensor):
+    """(xa, b, scale, xa's strides, b's strides) kernel arguments of a term; placeholders (never read)
+    without one."""
+    if term is None:
+        return like, like, 0.0, 0, 0, 0, 0
+    rows, cols = like.numel() // like.shape[-1], like.shape[-1]
+    if term.xa.shape != (rows, term.b.shape[1]) or term.b.shape[0] != cols or term.xa.dtype != like.dtype \
+            or term.b.dtype != like.dtype:
+        raise ValueError(f"swiglu: a LoRA term for a {(rows, cols)} {like.dtype} output needs xa (rows, r) and "
+                         f"b (cols, r) in that dtype; got {tuple(term.xa.shape)}, {tuple(term.b.shape)}")
+    return term.xa, term.b, float(term.scale), *term.xa.stride(), *term.b.stride()
+
+
+def _launch(kernel, like: torch.Tensor, terms, *args, **meta):
+    """Launches a tile kernel over `like` viewed as (rows, last dim)."""
+    rows, cols = like.numel() // like.shape[-1], like.shape[-1]
+    ranks = {t.xa.shape[1] for t in terms if t is not None}
+    if len(ranks) > 1:
+        raise ValueError("swiglu: LoRA terms of different ranks")
+    rank = ranks.pop() if ranks else 1
+    block_n = min(triton.next_power_of_2(cols), 1024) if INTERPRETING else 128
+    block_n = max(block_n, 16)
+    block_m = max(16, INTERPRETER_TILE // block_n) if INTERPRETING else 64
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(cols, block_n))
+    kernel[grid](*args, rows, cols, rank, *meta.pop("term_args"), R=max(16, triton.next_power_of_2(rank)),
+                 UPCAST_DOT=INTERPRETING or like.dtype == torch.float32, SOFTWARE_RTNE=INTERPRETING,
+                 BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8, **meta)
+
+
+def swiglu_forward(g: torch.Tensor, u: torch.Tensor, gate_term: LowRank | None = None,
+                   up_term: LowRank | None = None, write_inputs: bool = False) -> torch.Tensor:
+    """silu(g + gate_term) * (u + up_term) in g's dtype; with `write_inputs`, g and u are overwritten
+    with g + gate_term and u + up_term (each rounded once, as addmm_ would)."""
     _check(g, u)
     h = torch.empty_like(g)
-    n = g.numel()
-    _swiglu_forward_kernel[(triton.cdiv(n, _BLOCK),)](g, u, h, n, SOFTWARE_RTNE=INTERPRETING, BLOCK=_BLOCK)
+    term_args = (*_term_args(gate_term, g), *_term_args(up_term, u))
+    _launch(_swiglu_forward_kernel, g, (gate_term, up_term), g, u, h, term_args=term_args,
+            GATE_TERM=gate_term is not None, UP_TERM=up_term is not None, WRITE_INPUTS=write_inputs)
+    if write_inputs:
+        for t in (g, u):
+            torch.autograd.graph.increment_version(t)
     return h
 
 
-def swiglu_backward_(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor):
-    """Overwrites (dh, g, u) with (h, dg, du) and returns them in that order."""
+def swiglu_backward_(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, dh_term: LowRank | None = None):
+    """Overwrites (dh, g, u) with (h, dg, du) of the SwiGLU whose output gradient is dh + dh_term, and
+    returns them in that order."""
     _check(dh, g, u)
-    n = g.numel()
-    _swiglu_backward_kernel[(triton.cdiv(n, _BLOCK),)](dh, g, u, n, SOFTWARE_RTNE=INTERPRETING, BLOCK=_BLOCK)
+    _launch(_swiglu_backward_kernel, g, (dh_term,), dh, g, u, term_args=_term_args(dh_term, dh),
+            DH_TERM=dh_term is not None)
     for t in (dh, g, u):  # Triton wrote them behind autograd's back: a later reader of the old values fails loudly
         torch.autograd.graph.increment_version(t)
     return dh, g, u

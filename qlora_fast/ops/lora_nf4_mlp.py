@@ -2,7 +2,9 @@
 one autograd Function.
 
 Saves x, the gate and up outputs g and u, and the rank-r products x @ A_gate^T, x @ A_up^T and
-h @ A_down^T: never h = silu(g) * u, silu(g) or a dequantized weight. Backward recomputes h inside the
+h @ A_down^T: never h = silu(g) * u, silu(g) or a dequantized weight. The LoRA terms of gate and up
+(forward) and of the down projection's input gradient dh (backward) are added inside the SwiGLU kernels,
+not by an in-place GEMM over each (tokens x intermediate) tensor. Backward recomputes h inside the
 SwiGLU backward kernel, which overwrites g and u with their gradients, so no (tokens x intermediate)
 tensor is allocated beyond dh. One Function per MLP instead of three LoRA layers and two elementwise ops
 also means fewer host calls per layer, which is what small batches are bound by.
@@ -14,7 +16,7 @@ only what forward saves, not y.
 
 import torch
 
-from ..kernels.swiglu import swiglu_backward_, swiglu_forward
+from ..kernels.swiglu import LowRank, swiglu_backward_, swiglu_forward
 from ..nf4 import NF4Weight
 from .forward_only import apply
 from .lora_grads import lora_grads
@@ -29,7 +31,7 @@ def _lora_project(x2, xa, weight: NF4Weight, lora_b, scaling: float):
 class LoRANF4MLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gate_a, gate_b, up_a, up_b, down_a, down_b, weights, scalings, compute_dtype,
-                output_needed=True):
+                output_needed=True, backward_needed=True):
         w_gate, w_up, w_down = weights
         s_gate, s_up, s_down = scalings
         lora = (gate_a, gate_b, up_a, up_b, down_a, down_b)
@@ -39,9 +41,10 @@ class LoRANF4MLPFunction(torch.autograd.Function):
 
         xa_gate = x2 @ gate_a.t()
         xa_up = x2 @ up_a.t()
-        g = _lora_project(x2, xa_gate, w_gate, gate_b, s_gate)
-        u = _lora_project(x2, xa_up, w_up, up_b, s_up)
-        h = swiglu_forward(g, u)
+        g, u = nf4_linear(x2, w_gate), nf4_linear(x2, w_up)
+        # g and u keep their LoRA terms only where backward will read them
+        h = swiglu_forward(g, u, LowRank(xa_gate, gate_b, s_gate), LowRank(xa_up, up_b, s_up),
+                           write_inputs=backward_needed)
         ha_down = h @ down_a.t()
         if output_needed:
             y = _lora_project(h, ha_down, w_down, down_b, s_down)
@@ -62,8 +65,8 @@ class LoRANF4MLPFunction(torch.autograd.Function):
         dy = grad_out.reshape(-1, grad_out.shape[-1]).to(x2.dtype)
 
         dy_b = dy @ down_b
-        dh = nf4_linear_input_grad(dy, w_down).addmm_(dy_b, down_a, alpha=s_down)
-        h, dg, du = swiglu_backward_(dh, g, u)
+        dh = nf4_linear_input_grad(dy, w_down)
+        h, dg, du = swiglu_backward_(dh, g, u, LowRank(dy_b, down_a.t(), s_down))
         grad_down = lora_grads(dy, dy_b, h, ha_down, s_down, dtypes[4:6])
         del h, dh
 
@@ -77,7 +80,7 @@ class LoRANF4MLPFunction(torch.autograd.Function):
             grad_x = nf4_linear_input_grad(du, w_up, accumulate=nf4_linear_input_grad(dg, w_gate))
             grad_x.addmm_(dg_b, gate_a, alpha=s_gate).addmm_(du_b, up_a, alpha=s_up)
             grad_x = grad_x.view(ctx.x_meta[0]).to(ctx.x_meta[1])
-        return (grad_x, *grad_gate, *grad_up, *grad_down, None, None, None, None)
+        return (grad_x, *grad_gate, *grad_up, *grad_down, None, None, None, None, None)
 
 
 def lora_nf4_mlp(x, gate, up, down, compute_dtype=None, output_needed=True):
@@ -85,4 +88,4 @@ def lora_nf4_mlp(x, gate, up, down, compute_dtype=None, output_needed=True):
     projection; `compute_dtype` defaults to x's dtype."""
     (gate_a, gate_b, s_gate, w_gate), (up_a, up_b, s_up, w_up), (down_a, down_b, s_down, w_down) = gate, up, down
     return apply(LoRANF4MLPFunction, x, gate_a, gate_b, up_a, up_b, down_a, down_b, (w_gate, w_up, w_down),
-                                    (s_gate, s_up, s_down), compute_dtype or x.dtype, output_needed)
+                 (s_gate, s_up, s_down), compute_dtype or x.dtype, output_needed, torch.is_grad_enabled())

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from qlora_fast.kernels.swiglu import swiglu_backward_, swiglu_forward
+from qlora_fast.kernels.swiglu import LowRank, swiglu_backward_, swiglu_forward
 from tests.helpers import rel_err
 
 
@@ -49,3 +49,56 @@ def test_backward_overwrites_its_inputs_and_bumps_their_version():
 def test_rejects_mismatched_inputs():
     with pytest.raises(ValueError, match="one shape and dtype"):
         swiglu_forward(torch.randn(4, 8), torch.randn(4, 8, dtype=torch.float16))
+
+
+def _low_rank(rows, cols, rank, dtype, scale, b_transposed=False):
+    xa = torch.randn(rows, rank).to(dtype)
+    # the down projection's term in backward is dy_b @ A: b = A^T, a column-major view
+    b = torch.randn(rank, cols).to(dtype).t() if b_transposed else torch.randn(cols, rank).to(dtype)
+    return LowRank(xa, b, scale)
+
+
+def _with_term(base, term):
+    """base + s * xa @ b^T as cuBLAS' addmm_ computes it: an fp32 sum, rounded once to base's dtype."""
+    return (base.double() + term.scale * (term.xa.double() @ term.b.double().t())).to(base.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rank", [16, 8, 5])
+@pytest.mark.parametrize("write_inputs", [False, True])
+def test_forward_adds_the_lora_terms(dtype, rank, write_inputs):
+    rows, cols = 37, 1337  # neither a multiple of the tiles
+    g, u = (torch.randn(rows, cols) * 3).to(dtype), torch.randn(rows, cols).to(dtype)
+    gate_term, up_term = _low_rank(rows, cols, rank, dtype, 0.5), _low_rank(rows, cols, rank, dtype, 2.0)
+    g_full, u_full = _with_term(g, gate_term), _with_term(u, up_term)
+    h_ref, _, _ = torch_swiglu(g_full, u_full, torch.zeros_like(g))
+
+    g_in, u_in = g.clone(), u.clone()
+    h = swiglu_forward(g_in, u_in, gate_term, up_term, write_inputs=write_inputs)
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    assert rel_err(h, h_ref) < tolerance
+    if write_inputs:
+        assert rel_err(g_in, g_full) < tolerance and rel_err(u_in, u_full) < tolerance
+    else:
+        assert torch.equal(g_in, g) and torch.equal(u_in, u)
+    # the kernel's rank-r sum differs from float64's by fp32 rounding only: most elements round alike
+    if dtype != torch.float32 and write_inputs:
+        assert (g_in == g_full).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_adds_the_output_gradients_term(dtype):
+    rows, cols, rank = 70, 300, 16
+    g, u, dh = (torch.randn(rows, cols) * 3).to(dtype), torch.randn(rows, cols).to(dtype), torch.randn(rows, cols).to(dtype)
+    term = _low_rank(rows, cols, rank, dtype, 1.5, b_transposed=True)
+    h_ref, dg_ref, du_ref = torch_swiglu(g, u, _with_term(dh, term))
+    h, dg, du = swiglu_backward_(dh.clone(), g.clone(), u.clone(), term)
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    assert torch.equal(h, swiglu_forward(g, u))
+    assert rel_err(dg, dg_ref) < tolerance and rel_err(du, du_ref) < tolerance
+
+
+def test_rejects_a_term_of_the_wrong_shape():
+    g, u = torch.randn(4, 8), torch.randn(4, 8)
+    with pytest.raises(ValueError, match="LoRA term"):
+        swiglu_forward(g, u, LowRank(torch.randn(4, 2), torch.randn(7, 2), 1.0))
