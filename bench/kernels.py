@@ -28,7 +28,7 @@ import bitsandbytes.functional as F
 from qlora_fast import patch_model
 from qlora_fast.kernels.nf4_dequantize import CANDIDATE_META, nf4_dequantize
 from qlora_fast.kernels.nf4_matmul import nf4_matmul
-from qlora_fast.kernels.swiglu import swiglu_backward_, swiglu_forward
+from qlora_fast.kernels.swiglu import LowRank, swiglu_backward_, swiglu_forward
 from qlora_fast.nf4 import nf4_weight_from_bnb
 from qlora_fast.testing import make_lora_nf4_linear, make_lora_nf4_mlp, make_nf4_linear
 
@@ -68,6 +68,7 @@ def check_correctness(rows):
             for dropout in (0.0, 0.1):
                 rows.append(_check_lora_layer(n, k, dtype, dname, dropout))
         rows.append(_check_swiglu(dtype, dname))
+        rows.append(_check_swiglu_lora(dtype, dname))
         rows.append(_check_mlp(dtype, dname))
 
 
@@ -109,6 +110,27 @@ def _check_swiglu(dtype, dname, shape=(1000, 1337)):
     ok = (max(differing[:3]) == 0 and errs[3] < 1e-2) if dtype == torch.bfloat16 else max(errs) < 1e-3
     return {"check": "SwiGLU h/h(bwd)/du/dg: elements differing from torch, rel err", "shape": "x".join(map(str, shape)),
             "dtype": dname, "value": [differing, errs], "ok": ok}
+
+
+def _check_swiglu_lora(dtype, dname, shape=(1000, 1337), rank=16):
+    """The LoRA terms added inside the kernels against cuBLAS' addmm_ then the plain kernels."""
+    g, u, dh = ((torch.randn(shape, device="cuda") * s).to(dtype) for s in (3, 1, 1))
+    term = lambda: LowRank(torch.randn(shape[0], rank, device="cuda", dtype=dtype),
+                           torch.randn(shape[1], rank, device="cuda", dtype=dtype) * 0.1, 0.5)
+    gate, up, dh_term = term(), term(), term()
+    full = lambda base, t: base.clone().addmm_(t.xa, t.b.t(), alpha=t.scale)
+    g_ref, u_ref, dh_ref = full(g, gate), full(u, up), full(dh, dh_term)
+    h_ref = swiglu_forward(g_ref, u_ref)
+    g_in, u_in = g.clone(), u.clone()
+    h = swiglu_forward(g_in, u_in, gate, up, write_inputs=True)
+    _, dg_ref, du_ref = swiglu_backward_(dh_ref, g_ref.clone(), u_ref.clone())
+    _, dg, du = swiglu_backward_(dh.clone(), g_ref.clone(), u_ref.clone(), dh_term)
+    pairs = ((g_in, g_ref), (u_in, u_ref), (h, h_ref), (dg, dg_ref), (du, du_ref))
+    share = [round(float((a != b).float().mean()), 5) for a, b in pairs]
+    errs = [round(rel_err(a, b), 6) for a, b in pairs]
+    return {"check": "SwiGLU + LoRA terms g/u/h/dg/du: share of elements differing from addmm_, rel err",
+            "shape": "x".join(map(str, shape)), "dtype": dname, "value": [share, errs],
+            "ok": max(errs) < (1e-2 if dtype == torch.bfloat16 else 1e-3)}
 
 
 def _run_mlp(mlp, x, gy):

@@ -67,7 +67,7 @@ def main():
                                           **VARIANTS[variant])
             lines.append(f"| {size} | {variant} | {c.tokens_per_second('stock'):.0f} | "
                          f"{c.tokens_per_second('patched'):.0f} | "
-                         f"{c.speedup:.2f}x | {c.patched.tokens_per_second:.0f} | {c.stock.peak_memory_gib:.1f} | {c.patched.peak_memory_gib:.1f} | "
+                         f"{c.speedup:.2f}x | {c.patched.tokens_per_second:.0f} | {c.stock.peak_memory_gib:.2f} | {c.patched.peak_memory_gib:.2f} | "
                          f"{c.max_rel_loss_diff:.2e} | {c.weight_rel_diff:.2e} | {'pass' if c.passed else 'FAIL'} |")
             print(lines[-1], "losses", [round(x, 4) for x in c.stock.losses],
                   [round(x, 4) for x in c.patched.losses], flush=True)

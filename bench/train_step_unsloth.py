@@ -49,7 +49,7 @@ def main():
     for size in args.sizes.split(","):
         batches = random_batches(vocab, size, args.steps)
         stats = train_steps(model, batches)
-        lines.append(f"| {size} | {stats.tokens_per_second:.0f} | {stats.peak_memory_gib:.1f} | "
+        lines.append(f"| {size} | {stats.tokens_per_second:.0f} | {stats.peak_memory_gib:.2f} | "
                      f"{[round(x, 4) for x in stats.losses]} |")
         print(lines[-1], flush=True)
         torch.cuda.empty_cache()
