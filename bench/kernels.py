@@ -28,6 +28,7 @@ import bitsandbytes.functional as F
 from qlora_fast import patch_model
 from qlora_fast.kernels.nf4_dequantize import CANDIDATE_META, nf4_dequantize
 from qlora_fast.kernels.nf4_matmul import nf4_matmul
+from qlora_fast.kernels.swiglu import CANDIDATE_META as SWIGLU_META
 from qlora_fast.kernels.swiglu import LowRank, swiglu_backward_, swiglu_forward
 from qlora_fast.nf4 import nf4_weight_from_bnb
 from qlora_fast.testing import make_lora_nf4_linear, make_lora_nf4_mlp, make_nf4_linear
@@ -131,6 +132,36 @@ def _check_swiglu_lora(dtype, dname, shape=(1000, 1337), rank=16):
     return {"check": "SwiGLU + LoRA terms g/u/h/dg/du: share of elements differing from addmm_, rel err",
             "shape": "x".join(map(str, shape)), "dtype": dname, "value": [share, errs],
             "ok": max(errs) < (1e-2 if dtype == torch.bfloat16 else 1e-3)}
+
+
+def time_swiglu(rows):
+    """SwiGLU with the gate/up (forward) and dh (backward) LoRA terms, r=16 bf16, per launch candidate,
+    against cuBLAS' in-place addmm_ of each term followed by the plain kernel; and each candidate's
+    share of elements differing from that reference."""
+    for tokens in (2048, 8192):
+        shape, rank = (tokens, 14336), 16
+        g, u, dh = ((torch.randn(shape, device="cuda") * s).to(torch.bfloat16) for s in (3, 1, 1))
+        term = lambda: LowRank(torch.randn(tokens, rank, device="cuda", dtype=torch.bfloat16),
+                               torch.randn(shape[1], rank, device="cuda", dtype=torch.bfloat16) * 0.1, 0.5)
+        gate, up, dh_term = term(), term(), term()
+        add = lambda base, t: base.addmm_(t.xa, t.b.t(), alpha=t.scale)
+        g_ref, u_ref = add(g.clone(), gate), add(u.clone(), up)
+        h_ref = swiglu_forward(g_ref, u_ref)
+        work = [t.clone() for t in (g, u, dh)]
+        row = {"tokens": tokens, "meta": "addmm_ + plain kernel",
+               "fwd_ms": median_ms(lambda: swiglu_forward(add(work[0], gate), add(work[1], up))),
+               "bwd_ms": median_ms(lambda: swiglu_backward_(add(work[2], dh_term), work[0], work[1]))}
+        rows.append(row)
+        for meta in SWIGLU_META:
+            g_in, u_in = g.clone(), u.clone()
+            h = swiglu_forward(g_in, u_in, gate, up, write_inputs=True, meta=meta)
+            # addmm_ may round the product before adding it; the kernels round the sum once, as peft does
+            differing = float(((h != h_ref) | (g_in != g_ref) | (u_in != u_ref)).float().mean())
+            rows.append({"tokens": tokens, "meta": str(meta), "differing": round(differing, 6),
+                         "rel_err h/g/u": [round(rel_err(a, b), 6) for a, b in ((h, h_ref), (g_in, g_ref), (u_in, u_ref))],
+                         "fwd_ms": median_ms(lambda: swiglu_forward(work[0], work[1], gate, up, True, meta)),
+                         "fwd_no_write_ms": median_ms(lambda: swiglu_forward(work[0], work[1], gate, up, False, meta)),
+                         "bwd_ms": median_ms(lambda: swiglu_backward_(work[2], work[0], work[1], dh_term, meta))})
 
 
 def _run_mlp(mlp, x, gy):
@@ -425,7 +456,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="kernels.md")
     parser.add_argument("--skip", nargs="*", default=[],
-                        help="sections to skip: correctness dequant crossover lora rmsnorm mlp rope loss host lora_grads")
+                        help="sections to skip: correctness dequant crossover lora rmsnorm mlp rope loss host lora_grads "
+                             "swiglu")
     args = parser.parse_args()
     import bitsandbytes, peft
     header = (f"Date {datetime.date.today()}, GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, "
@@ -441,7 +473,9 @@ def main():
                 ("loss", "LM loss forward+backward, hidden 4096, vocab 128256, bf16 (median ms, peak MiB)",
                  time_loss),
                 ("host", "Host cost per call, tiny inputs (wall us per call, back-to-back)", time_host),
-                ("lora_grads", "Adapter-gradient GEMM", check_lora_grads)]
+                ("lora_grads", "Adapter-gradient GEMM", check_lora_grads),
+                ("swiglu", "SwiGLU with LoRA terms per launch candidate, (tokens x 14336) bf16 r=16 (median ms)",
+                 time_swiglu)]
     report, results = header, {}
     for key, title, fn in sections:
         if key in args.skip:

@@ -46,11 +46,11 @@ def _load_fp32(ptr, offs, mask):
 
 @triton.jit
 def _plus_low_rank(base, rows, cols, n_rows, n_cols, rank, xa_ptr, b_ptr, scale,
-                   stride_xm, stride_xr, stride_bn, stride_br, HAS_TERM: tl.constexpr, R: tl.constexpr, UPCAST_DOT: tl.constexpr,
-                   SOFTWARE_RTNE: tl.constexpr, dtype: tl.constexpr):
+                   stride_xm, stride_xr, stride_bn, stride_br, HAS_TERM: tl.constexpr, R: tl.constexpr,
+                   UPCAST_DOT: tl.constexpr, SOFTWARE_RTNE: tl.constexpr, dtype: tl.constexpr):
     """base + scale * xa[rows] @ b[cols]^T in fp32, rounded to dtype as addmm_ rounds it (base as is
     without a term)."""
-    if HAS_TERM:
+    if HAS_TERM:  # one tensor-core product of xa's rows by b's rows, the rank padded to R >= 16
         r = tl.arange(0, R)
         xa = tl.load(xa_ptr + rows[:, None] * stride_xm + r[None, :] * stride_xr,
                      mask=(rows[:, None] < n_rows) & (r[None, :] < rank), other=0.0)
@@ -101,7 +101,8 @@ def _swiglu_backward_kernel(dh_ptr, g_ptr, u_ptr, n_rows, n_cols, rank, xa_ptr, 
     rows, cols, offs, mask = _tile(n_rows, n_cols, n_cols, BLOCK_M, BLOCK_N)
     dtype: tl.constexpr = dh_ptr.dtype.element_ty
     dh = _plus_low_rank(_load_fp32(dh_ptr, offs, mask), rows, cols, n_rows, n_cols, rank, xa_ptr, b_ptr, scale,
-                        stride_xm, stride_xr, stride_bn, stride_br, DH_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, dtype)
+                        stride_xm, stride_xr, stride_bn, stride_br, DH_TERM, R, UPCAST_DOT, SOFTWARE_RTNE,
+                        dtype)
     g, u = _load_fp32(g_ptr, offs, mask), _load_fp32(u_ptr, offs, mask)
     sig, silu = _silu_rounded(g, dtype, SOFTWARE_RTNE)
     d_silu = round_fp32_to(dh * u, dtype, SOFTWARE_RTNE).to(tl.float32)
@@ -131,30 +132,42 @@ def _term_args(term: LowRank | None, like: torch.Tensor):
     return term.xa, term.b, float(term.scale), *term.xa.stride(), *term.b.stride()
 
 
-def _launch(kernel, like: torch.Tensor, terms, *args, **meta):
+# Launch parameters on the GPU, fixed rather than autotuned (the backward kernel overwrites its inputs);
+# bench/kernels.py times the candidates, the first is the default (fastest on the H100, bench/RESULTS.md).
+# Forming the term from rank-1 updates in fp32 registers instead of a tensor-core product measured
+# 1.5-3.5x slower.
+CANDIDATE_META = [
+    {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8},
+]
+
+
+def _launch(kernel, like: torch.Tensor, terms, meta: dict, *args, **constexprs):
     """Launches a tile kernel over `like` viewed as (rows, last dim)."""
     rows, cols = like.numel() // like.shape[-1], like.shape[-1]
     ranks = {t.xa.shape[1] for t in terms if t is not None}
     if len(ranks) > 1:
         raise ValueError("swiglu: LoRA terms of different ranks")
     rank = ranks.pop() if ranks else 1
-    block_n = min(triton.next_power_of_2(cols), 1024) if INTERPRETING else 128
-    block_n = max(block_n, 16)
-    block_m = max(16, INTERPRETER_TILE // block_n) if INTERPRETING else 64
-    grid = (triton.cdiv(rows, block_m), triton.cdiv(cols, block_n))
-    kernel[grid](*args, rows, cols, rank, *meta.pop("term_args"), R=max(16, triton.next_power_of_2(rank)),
+    if INTERPRETING:  # few, large programs: the interpreter pays per program
+        block_n = max(16, min(triton.next_power_of_2(cols), 1024))
+        meta = dict(meta, BLOCK_N=block_n, BLOCK_M=max(16, INTERPRETER_TILE // block_n))
+    grid = (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(cols, meta["BLOCK_N"]))
+    kernel[grid](*args, rows, cols, rank, *constexprs.pop("term_args"), R=max(16, triton.next_power_of_2(rank)),
                  UPCAST_DOT=INTERPRETING or like.dtype == torch.float32, SOFTWARE_RTNE=INTERPRETING,
-                 BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8, **meta)
+                 **meta, **constexprs)
 
 
 def swiglu_forward(g: torch.Tensor, u: torch.Tensor, gate_term: LowRank | None = None,
-                   up_term: LowRank | None = None, write_inputs: bool = False) -> torch.Tensor:
+                   up_term: LowRank | None = None, write_inputs: bool = False,
+                   meta: dict = CANDIDATE_META[0]) -> torch.Tensor:
     """silu(g + gate_term) * (u + up_term) in g's dtype; with `write_inputs`, g and u are overwritten
     with g + gate_term and u + up_term (each rounded once, as addmm_ would)."""
     _check(g, u)
     h = torch.empty_like(g)
     term_args = (*_term_args(gate_term, g), *_term_args(up_term, u))
-    _launch(_swiglu_forward_kernel, g, (gate_term, up_term), g, u, h, term_args=term_args,
+    _launch(_swiglu_forward_kernel, g, (gate_term, up_term), meta, g, u, h, term_args=term_args,
             GATE_TERM=gate_term is not None, UP_TERM=up_term is not None, WRITE_INPUTS=write_inputs)
     if write_inputs:
         for t in (g, u):
@@ -162,11 +175,12 @@ def swiglu_forward(g: torch.Tensor, u: torch.Tensor, gate_term: LowRank | None =
     return h
 
 
-def swiglu_backward_(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, dh_term: LowRank | None = None):
+def swiglu_backward_(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, dh_term: LowRank | None = None,
+                     meta: dict = CANDIDATE_META[0]):
     """Overwrites (dh, g, u) with (h, dg, du) of the SwiGLU whose output gradient is dh + dh_term, and
     returns them in that order."""
     _check(dh, g, u)
-    _launch(_swiglu_backward_kernel, g, (dh_term,), dh, g, u, term_args=_term_args(dh_term, dh),
+    _launch(_swiglu_backward_kernel, g, (dh_term,), meta, dh, g, u, term_args=_term_args(dh_term, dh),
             DH_TERM=dh_term is not None)
     for t in (dh, g, u):  # Triton wrote them behind autograd's back: a later reader of the old values fails loudly
         torch.autograd.graph.increment_version(t)
