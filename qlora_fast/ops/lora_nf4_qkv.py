@@ -51,18 +51,21 @@ class LoRANF4QKVFunction(torch.autograd.Function):
         x2, xa, a_all, *b_all = ctx.saved_tensors
         dy = torch.cat([g.reshape(-1, n) for g, n in zip((grad_q, grad_k, grad_v), ctx.out_features)], 1)
         dy = dy.to(x2.dtype)
-        adapter_grads, dy_bs = [], []
-        for dy_i, xa_i, b_i, s_i, dtypes in zip(dy.split(ctx.out_features, 1), xa.split(ctx.ranks, 1), b_all,
-                                                ctx.scalings, ctx.lora_dtypes):
-            dy_b = dy_i @ b_i
-            dy_bs.append(dy_b)
-            adapter_grads += lora_grads(dy_i, dy_b, x2, xa_i, s_i, dtypes)
+        # [dy_q @ B_q | dy_k @ B_k | dy_v @ B_v] side by side, so that one GEMM adds all three LoRA terms to dX
+        dy_b = dy.new_empty(dy.shape[0], sum(ctx.ranks))
+        adapter_grads = []
+        for dy_i, dy_b_i, xa_i, b_i, s_i, dtypes in zip(dy.split(ctx.out_features, 1), dy_b.split(ctx.ranks, 1),
+                                                        xa.split(ctx.ranks, 1), b_all, ctx.scalings, ctx.lora_dtypes):
+            torch.mm(dy_i, b_i, out=dy_b_i)
+            adapter_grads += lora_grads(dy_i, dy_b_i, x2, xa_i, s_i, dtypes)
 
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = dy @ _dequantize_stacked(ctx.weights, dy.dtype)
-            for dy_b, a_i, s_i in zip(dy_bs, a_all.split(ctx.ranks), ctx.scalings):
-                grad_x.addmm_(dy_b, a_i, alpha=s_i)
+            if len(set(ctx.scalings)) == 1:
+                grad_x.addmm_(dy_b, a_all, alpha=ctx.scalings[0])
+            else:
+                grad_x.addmm_(dy_b, torch.cat([a_i * s_i for a_i, s_i in zip(a_all.split(ctx.ranks), ctx.scalings)]))
             grad_x = grad_x.view(ctx.x_meta[0]).to(ctx.x_meta[1])
         return (grad_x, *adapter_grads, None, None, None)
 

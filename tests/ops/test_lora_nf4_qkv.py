@@ -11,11 +11,13 @@ from tests.helpers import rel_err
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
-def projections(dtype):
-    """GQA-like q, k, v with different ranks and scalings (in_features a multiple of 64, as
-    bitsandbytes' CPU matmul, the reference here, needs)."""
-    return [make_lora_nf4_linear(out, 128, r=r, lora_alpha=alpha, dtype=dtype)
-            for out, r, alpha in ((96, 8, 16), (40, 4, 4), (40, 8, 32))]
+# GQA-like q, k, v shapes: different ranks and scalings, or one rank and scaling as peft usually gives
+SHAPES = {"mixed": ((96, 8, 16), (40, 4, 4), (40, 8, 32)), "uniform": ((96, 8, 16), (40, 8, 16), (40, 8, 16))}
+
+
+def projections(dtype, shapes="mixed"):
+    """q, k, v layers (in_features a multiple of 64, as bitsandbytes' CPU matmul, the reference here, needs)."""
+    return [make_lora_nf4_linear(out, 128, r=r, lora_alpha=alpha, dtype=dtype) for out, r, alpha in SHAPES[shapes]]
 
 
 def run(fn, layers, x, grads_out):
@@ -37,8 +39,9 @@ def fused(layers):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_matches_three_peft_layers(dtype):
-    layers = projections(dtype)
+@pytest.mark.parametrize("shapes", list(SHAPES))
+def test_matches_three_peft_layers(dtype, shapes):
+    layers = projections(dtype, shapes)
     x = torch.randn(3, 7, 128, dtype=dtype)
     grads_out = [torch.randn(3, 7, layer.out_features, dtype=dtype) for layer in layers]
     ref_outs, ref_dx, ref_adapters = run(lambda x: [layer(x) for layer in layers], layers, x, grads_out)
