@@ -28,8 +28,10 @@ import bitsandbytes.functional as F
 from qlora_fast import patch_model
 from qlora_fast.kernels.nf4_dequantize import CANDIDATE_META, nf4_dequantize
 from qlora_fast.kernels.nf4_matmul import nf4_matmul
-from qlora_fast.kernels.swiglu import CANDIDATE_META as SWIGLU_META
-from qlora_fast.kernels.swiglu import LowRank, swiglu_backward_, swiglu_forward
+from qlora_fast.kernels.low_rank import CANDIDATE_META as TILE_META
+from qlora_fast.kernels.low_rank import LowRank
+from qlora_fast.kernels.low_rank_add import low_rank_add_
+from qlora_fast.kernels.swiglu import swiglu_backward_, swiglu_forward
 from qlora_fast.nf4 import nf4_weight_from_bnb
 from qlora_fast.testing import make_lora_nf4_linear, make_lora_nf4_mlp, make_nf4_linear
 
@@ -152,7 +154,7 @@ def time_swiglu(rows):
                "fwd_ms": median_ms(lambda: swiglu_forward(add(work[0], gate), add(work[1], up))),
                "bwd_ms": median_ms(lambda: swiglu_backward_(add(work[2], dh_term), work[0], work[1]))}
         rows.append(row)
-        for meta in SWIGLU_META:
+        for meta in TILE_META:
             g_in, u_in = g.clone(), u.clone()
             h = swiglu_forward(g_in, u_in, gate, up, write_inputs=True, meta=meta)
             # addmm_ may round the product before adding it; the kernels round the sum once, as peft does
@@ -162,6 +164,24 @@ def time_swiglu(rows):
                          "fwd_ms": median_ms(lambda: swiglu_forward(work[0], work[1], gate, up, True, meta)),
                          "fwd_no_write_ms": median_ms(lambda: swiglu_forward(work[0], work[1], gate, up, False, meta)),
                          "bwd_ms": median_ms(lambda: swiglu_backward_(work[2], work[0], work[1], dh_term, meta))})
+
+
+def time_low_rank_add(rows):
+    """y += s * xa @ B^T (r=16, bf16) in place: cuBLAS' addmm_ against the tile kernel, on the outputs
+    the LoRA layers update (q as a column block of the stacked q/k/v output)."""
+    for tokens in (2048, 8192):
+        for name, width, cols in (("o_proj / dX", 4096, slice(None)), ("q block of q/k/v", 6144, slice(0, 4096)),
+                                  ("k block of q/k/v", 6144, slice(4096, 5120))):
+            y = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16)[:, cols]
+            term = LowRank(torch.randn(tokens, 16, device="cuda", dtype=torch.bfloat16),
+                           torch.randn(y.shape[1], 16, device="cuda", dtype=torch.bfloat16) * 0.1, 0.5)
+            expected = y.clone().addmm_(term.xa, term.b.t(), alpha=term.scale)
+            ours = low_rank_add_(y.clone(), term)
+            gb = 2 * y.numel() * 2 / 1e9
+            addmm_ms = median_ms(lambda: y.addmm_(term.xa, term.b.t(), alpha=term.scale))
+            kernel_ms = median_ms(lambda: low_rank_add_(y, term))
+            rows.append({"tokens": tokens, "output": f"{name} {tuple(y.shape)}", "addmm__ms": addmm_ms,
+                         "kernel_ms": kernel_ms, "kernel_TB_per_s": gb / kernel_ms, "rel_err": rel_err(ours, expected)})
 
 
 def _run_mlp(mlp, x, gy):
@@ -457,7 +477,7 @@ def main():
     parser.add_argument("--out", default="kernels.md")
     parser.add_argument("--skip", nargs="*", default=[],
                         help="sections to skip: correctness dequant crossover lora rmsnorm mlp rope loss host lora_grads "
-                             "swiglu")
+                             "swiglu low_rank_add")
     args = parser.parse_args()
     import bitsandbytes, peft
     header = (f"Date {datetime.date.today()}, GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, "
@@ -475,7 +495,8 @@ def main():
                 ("host", "Host cost per call, tiny inputs (wall us per call, back-to-back)", time_host),
                 ("lora_grads", "Adapter-gradient GEMM", check_lora_grads),
                 ("swiglu", "SwiGLU with LoRA terms per launch candidate, (tokens x 14336) bf16 r=16 (median ms)",
-                 time_swiglu)]
+                 time_swiglu),
+                ("low_rank_add", "LoRA term added in place, r=16 bf16 (median ms)", time_low_rank_add)]
     report, results = header, {}
     for key, title, fn in sections:
         if key in args.skip:

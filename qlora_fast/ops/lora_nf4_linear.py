@@ -7,6 +7,8 @@ x_lora is x itself, or dropout(x) when the adapter has dropout.
 
 import torch
 
+from ..kernels.low_rank import LowRank
+from ..kernels.low_rank_add import low_rank_add_
 from ..nf4 import NF4Weight
 from .forward_only import apply
 from .lora_grads import scaled_mm
@@ -25,7 +27,7 @@ class LoRANF4LinearFunction(torch.autograd.Function):
         if bias is not None:
             y += bias.to(compute_dtype)
         xa = xl2 @ a.t()
-        y.addmm_(xa, b.t(), alpha=scaling)
+        low_rank_add_(y, LowRank(xa, b, scaling))
 
         ctx.save_for_backward(xl2, xa, a, b)
         ctx.scaling = scaling
@@ -50,7 +52,7 @@ class LoRANF4LinearFunction(torch.autograd.Function):
             grad_b = scaled_mm(dy.t(), xa, s, ctx.lora_dtypes[1])
         if ctx.shared_input:
             if ctx.needs_input_grad[0]:
-                grad_x = nf4_linear_input_grad(dy, ctx.weight).addmm_(dy_b, a, alpha=s)
+                grad_x = low_rank_add_(nf4_linear_input_grad(dy, ctx.weight), LowRank(dy_b, a.t(), s))
                 grad_x = grad_x.view(ctx.x_meta[0]).to(ctx.x_meta[1])
         else:
             if ctx.needs_input_grad[0]:

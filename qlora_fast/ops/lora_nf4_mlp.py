@@ -16,7 +16,9 @@ only what forward saves, not y.
 
 import torch
 
-from ..kernels.swiglu import LowRank, swiglu_backward_, swiglu_forward
+from ..kernels.low_rank import LowRank
+from ..kernels.low_rank_add import low_rank_add_
+from ..kernels.swiglu import swiglu_backward_, swiglu_forward
 from ..nf4 import NF4Weight
 from .forward_only import apply
 from .lora_grads import lora_grads
@@ -25,7 +27,7 @@ from .nf4_linear import nf4_linear, nf4_linear_input_grad
 
 def _lora_project(x2, xa, weight: NF4Weight, lora_b, scaling: float):
     """x2 @ W^T + s * xa @ B^T, where xa = x2 @ A^T."""
-    return nf4_linear(x2, weight).addmm_(xa, lora_b.t(), alpha=scaling)
+    return low_rank_add_(nf4_linear(x2, weight), LowRank(xa, lora_b, scaling))
 
 
 class LoRANF4MLPFunction(torch.autograd.Function):
@@ -78,7 +80,10 @@ class LoRANF4MLPFunction(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = nf4_linear_input_grad(du, w_up, accumulate=nf4_linear_input_grad(dg, w_gate))
-            grad_x.addmm_(dg_b, gate_a, alpha=s_gate).addmm_(du_b, up_a, alpha=s_up)
+            if s_gate == s_up:  # both terms in one pass over dX
+                low_rank_add_(grad_x, LowRank(torch.cat([dg_b, du_b], 1), torch.cat([gate_a, up_a]).t(), s_gate))
+            else:
+                low_rank_add_(low_rank_add_(grad_x, LowRank(dg_b, gate_a.t(), s_gate)), LowRank(du_b, up_a.t(), s_up))
             grad_x = grad_x.view(ctx.x_meta[0]).to(ctx.x_meta[1])
         return (grad_x, *grad_gate, *grad_up, *grad_down, None, None, None, None, None)
 

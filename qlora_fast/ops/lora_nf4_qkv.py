@@ -2,13 +2,15 @@
 
 The three weights are dequantized into one stacked (q_out + k_out + v_out, hidden) buffer, so one GEMM
 gives [q | k | v] and one more gives x @ [A_q; A_k; A_v]^T; each LoRA term is added in place into its
-column block. Backward mirrors it: one GEMM for dX through the stacked weight. Against three LoRA layers
+column block (kernels/low_rank_add.py). Backward mirrors it: one GEMM for dX through the stacked weight. Against three LoRA layers
 that is fewer launches and one Function instead of three, which is what batches of a few thousand tokens
 are bound by. Saves x, x @ A^T and the compute-dtype adapters; never a dequantized weight.
 """
 
 import torch
 
+from ..kernels.low_rank import LowRank
+from ..kernels.low_rank_add import low_rank_add_
 from ..kernels.nf4_dequantize import nf4_dequantize
 from .forward_only import apply
 from .lora_grads import lora_grads
@@ -37,7 +39,7 @@ class LoRANF4QKVFunction(torch.autograd.Function):
         y = x2 @ _dequantize_stacked(weights, compute_dtype).t()
         xa = x2 @ a_all.t()
         for y_i, xa_i, b_i, s_i in zip(y.split(ctx.out_features, 1), xa.split(ctx.ranks, 1), b_all, scalings):
-            y_i.addmm_(xa_i, b_i.t(), alpha=s_i)
+            low_rank_add_(y_i, LowRank(xa_i, b_i, s_i))
 
         ctx.save_for_backward(x2, xa, a_all, *b_all)
         ctx.weights, ctx.scalings = weights, scalings
@@ -63,9 +65,10 @@ class LoRANF4QKVFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = dy @ _dequantize_stacked(ctx.weights, dy.dtype)
             if len(set(ctx.scalings)) == 1:
-                grad_x.addmm_(dy_b, a_all, alpha=ctx.scalings[0])
+                low_rank_add_(grad_x, LowRank(dy_b, a_all.t(), ctx.scalings[0]))
             else:
-                grad_x.addmm_(dy_b, torch.cat([a_i * s_i for a_i, s_i in zip(a_all.split(ctx.ranks), ctx.scalings)]))
+                scaled = torch.cat([a_i * s_i for a_i, s_i in zip(a_all.split(ctx.ranks), ctx.scalings)])
+                low_rank_add_(grad_x, LowRank(dy_b, scaled.t(), 1.0))
             grad_x = grad_x.view(ctx.x_meta[0]).to(ctx.x_meta[1])
         return (grad_x, *adapter_grads, None, None, None)
 

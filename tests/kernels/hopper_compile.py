@@ -65,7 +65,9 @@ def main():
     from qlora_fast.kernels.nf4_matmul import nf4_matmul
     from qlora_fast.kernels.rms_norm import rms_norm_forward, rms_norm_input_grad
     from qlora_fast.kernels.rope import rope
-    from qlora_fast.kernels.swiglu import LowRank, swiglu_backward_, swiglu_forward
+    from qlora_fast.kernels.low_rank import LowRank
+    from qlora_fast.kernels.low_rank_add import low_rank_add_
+    from qlora_fast.kernels.swiglu import swiglu_backward_, swiglu_forward
     from qlora_fast.nf4 import nf4_weight_from_bnb
     from qlora_fast.testing import make_nf4_linear
 
@@ -82,6 +84,7 @@ def main():
         term = LowRank(torch.randn(8, 16, dtype=dtype), torch.randn(64, 16, dtype=dtype), 2.0)
         swiglu_forward(x, x, term, term, write_inputs=True)
         swiglu_backward_(x.clone(), x.clone(), x.clone(), LowRank(term.xa, term.b.t().contiguous().t(), 0.5))
+        low_rank_add_(torch.randn(8, 96, dtype=dtype)[:, 16:80], term)
         q, k, cos = torch.randn(2, 4, 8, 16, dtype=dtype), torch.randn(2, 2, 8, 16, dtype=dtype), torch.randn(2, 8, 16, dtype=dtype)
         rope(q, k, cos, cos.clone())
         rope(q, k, cos, cos.clone(), backward=True)

@@ -10,7 +10,7 @@ import pytest
 
 KERNELS = {"_nf4_dequantize_kernel", "_nf4_matmul_kernel", "_rms_norm_forward_kernel",
            "_rms_norm_backward_kernel", "_swiglu_forward_kernel", "_swiglu_backward_kernel", "_rope_kernel",
-           "_cross_entropy_kernel"}
+           "_cross_entropy_kernel", "_low_rank_add_kernel"}
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from qlora_fast.kernels.swiglu import LowRank, swiglu_backward_, swiglu_forward
+from qlora_fast.kernels.low_rank import LowRank
+from qlora_fast.kernels.swiglu import swiglu_backward_, swiglu_forward
 from tests.helpers import rel_err
 
 

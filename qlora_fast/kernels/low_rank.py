@@ -1,0 +1,102 @@
+"""The low-rank term of a LoRA projection, base + s * xa @ B^T, added inside tile kernels.
+
+A LoRA projection's output is base + s * xa @ B^T, xa = x @ A^T of rank r. Added by cuBLAS in place
+(`addmm_`) that is one more read and write of the whole output; inside a kernel that reads the base
+anyway (SwiGLU), or a tile kernel of its own, each (BLOCK_M, BLOCK_N) tile takes its rank-r term from one
+small tensor-core product of xa's rows by B's rows, in fp32, and the sum is rounded once to the
+output's dtype (as peft's fp32 LoRA sum is rounded once when added to the base output).
+"""
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import INTERPRETER_TILE, INTERPRETING
+from .nf4_decode import round_fp32_to
+
+
+class LowRank(NamedTuple):
+    """The rank-r term scale * xa @ b^T of a (rows, cols) output: xa (rows, r), b (cols, r), any strides."""
+
+    xa: torch.Tensor
+    b: torch.Tensor
+    scale: float
+
+
+@triton.jit
+def tile(n_rows, n_cols, stride, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's (BLOCK_M, BLOCK_N) tile: rows, columns, element offsets and mask."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    return rows, cols, rows[:, None] * stride + cols[None, :], mask
+
+
+@triton.jit
+def load_fp32(ptr, offs, mask):
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def plus_low_rank(base, rows, cols, n_rows, n_cols, rank, xa_ptr, b_ptr, scale,
+                  stride_xm, stride_xr, stride_bn, stride_br, HAS_TERM: tl.constexpr, R: tl.constexpr,
+                  UPCAST_DOT: tl.constexpr, SOFTWARE_RTNE: tl.constexpr, dtype: tl.constexpr):
+    """base + scale * xa[rows] @ b[cols]^T in fp32, rounded to dtype as addmm_ rounds it (base as is
+    without a term)."""
+    if HAS_TERM:  # one tensor-core product of xa's rows by b's rows, the rank padded to R >= 16
+        r = tl.arange(0, R)
+        xa = tl.load(xa_ptr + rows[:, None] * stride_xm + r[None, :] * stride_xr,
+                     mask=(rows[:, None] < n_rows) & (r[None, :] < rank), other=0.0)
+        b_t = tl.load(b_ptr + cols[None, :] * stride_bn + r[:, None] * stride_br,
+                      mask=(cols[None, :] < n_cols) & (r[:, None] < rank), other=0.0)
+        if UPCAST_DOT:  # fp32 operands exactly, and the CPU interpreter's dot is wrong on bf16
+            term = tl.dot(xa.to(tl.float32), b_t.to(tl.float32), input_precision="ieee")
+        else:
+            term = tl.dot(xa, b_t)
+        return round_fp32_to(base + scale * term, dtype, SOFTWARE_RTNE).to(tl.float32)
+    else:
+        return base
+
+
+def term_args(term: LowRank | None, like: torch.Tensor):
+    """(xa, b, scale, xa's strides, b's strides) kernel arguments of a term; placeholders (never read)
+    without one."""
+    if term is None:
+        return like, like, 0.0, 0, 0, 0, 0
+    rows, cols = like.numel() // like.shape[-1], like.shape[-1]
+    if term.xa.shape != (rows, term.b.shape[1]) or term.b.shape[0] != cols or term.xa.dtype != like.dtype \
+            or term.b.dtype != like.dtype:
+        raise ValueError(f"a LoRA term for a {(rows, cols)} {like.dtype} output needs xa (rows, r) and "
+                         f"b (cols, r) in that dtype; got {tuple(term.xa.shape)}, {tuple(term.b.shape)}")
+    return term.xa, term.b, float(term.scale), *term.xa.stride(), *term.b.stride()
+
+
+# Launch parameters of the tile kernels on the GPU, fixed rather than autotuned (they overwrite their
+# inputs); bench/kernels.py times the candidates, the first is the default (fastest for SwiGLU on the H100,
+# bench/RESULTS.md). Forming the term from rank-1 updates in fp32 registers instead of a tensor-core
+# product measured 1.5-3.5x slower.
+CANDIDATE_META = [
+    {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8},
+]
+
+
+def launch_tiles(kernel, like: torch.Tensor, terms, meta: dict, *args, **constexprs):
+    """Launches a tile kernel over the 2-D `like` with (rows, cols, rank, *term_args) after `args`."""
+    rows, cols = like.shape
+    ranks = {t.xa.shape[1] for t in terms if t is not None}
+    if len(ranks) > 1:
+        raise ValueError("LoRA terms of different ranks in one launch")
+    rank = ranks.pop() if ranks else 1
+    if INTERPRETING:  # few, large programs: the interpreter pays per program
+        block_n = max(16, min(triton.next_power_of_2(cols), 1024))
+        meta = dict(meta, BLOCK_N=block_n, BLOCK_M=max(16, INTERPRETER_TILE // block_n))
+    grid = (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(cols, meta["BLOCK_N"]))
+    kernel[grid](*args, rows, cols, rank, *constexprs.pop("term_args"), R=max(16, triton.next_power_of_2(rank)),
+                 UPCAST_DOT=INTERPRETING or like.dtype == torch.float32, SOFTWARE_RTNE=INTERPRETING,
+                 **meta, **constexprs)
+
+

@@ -1,0 +1,35 @@
+"""y += s * xa @ B^T in place, the LoRA term of a projection whose output no other kernel of ours reads
+first (q/k/v, o_proj, and the input gradients through them).
+
+Against cuBLAS' `y.addmm_(xa, B^T, alpha=s)` (a GEMM with K = r over the whole output; bench/kernels.py
+times both): each tile of y is read once, takes its term from one tensor-core product
+(kernels/low_rank.py), and is written once, the sum rounded once. y may be a column block
+of a wider tensor (row stride >= its width, unit column stride).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .low_rank import CANDIDATE_META, LowRank, launch_tiles, load_fp32, plus_low_rank, term_args, tile
+
+
+@triton.jit
+def _low_rank_add_kernel(y_ptr, stride_ym, n_rows, n_cols, rank, xa_ptr, b_ptr, scale,
+                         stride_xm, stride_xr, stride_bn, stride_br,
+                         R: tl.constexpr, UPCAST_DOT: tl.constexpr, SOFTWARE_RTNE: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows, cols, offs, mask = tile(n_rows, n_cols, stride_ym, BLOCK_M, BLOCK_N)
+    dtype: tl.constexpr = y_ptr.dtype.element_ty
+    y = plus_low_rank(load_fp32(y_ptr, offs, mask), rows, cols, n_rows, n_cols, rank, xa_ptr, b_ptr, scale,
+                      stride_xm, stride_xr, stride_bn, stride_br, True, R, UPCAST_DOT, SOFTWARE_RTNE, dtype)
+    tl.store(y_ptr + offs, y.to(dtype), mask=mask)
+
+
+def low_rank_add_(y: torch.Tensor, term: LowRank, meta: dict = CANDIDATE_META[0]) -> torch.Tensor:
+    """Adds term.scale * term.xa @ term.b^T to the 2-D `y` in place (one rounding per element) and returns y."""
+    if y.dim() != 2 or y.stride(1) != 1 or y.stride(0) < y.shape[1]:
+        raise ValueError(f"low_rank_add_: y must be 2-D with unit column stride; got strides {y.stride()}")
+    launch_tiles(_low_rank_add_kernel, y, (term,), meta, y, y.stride(0), term_args=term_args(term, y))
+    torch.autograd.graph.increment_version(y)
+    return y

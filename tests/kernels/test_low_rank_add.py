@@ -1,0 +1,37 @@
+import pytest
+import torch
+
+from qlora_fast.kernels.low_rank import LowRank
+from qlora_fast.kernels.low_rank_add import low_rank_add_
+from tests.helpers import rel_err
+
+
+def _reference(y, term):
+    """y + s * xa @ b^T in float64, rounded once to y's dtype (what peft's fp32 LoRA sum gets)."""
+    return (y.double() + term.scale * (term.xa.double() @ term.b.double().t())).to(y.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rank", [16, 48, 5])
+def test_adds_the_term_into_a_column_block_in_place(dtype, rank):
+    wide = torch.randn(37, 300).to(dtype)  # rows and columns not multiples of the tiles
+    before = wide.clone()
+    block = wide[:, 100:233]
+    # b as the transpose of A, as the input gradients pass it
+    term = LowRank(torch.randn(37, rank).to(dtype), torch.randn(rank, 133).to(dtype).t(), 0.75)
+    expected = _reference(block, term)
+    version = block._version
+    assert low_rank_add_(block, term) is block
+    assert block._version > version
+    assert rel_err(block, expected) < (1e-6 if dtype == torch.float32 else 1e-2)
+    if dtype != torch.float32:  # fp32 rounding inside the kernel moves few 16-bit roundings
+        assert (block == expected).float().mean() > 0.99
+    outside = torch.ones_like(wide, dtype=torch.bool)
+    outside[:, 100:233] = False
+    assert torch.equal(wide[outside], before[outside])
+
+
+def test_rejects_a_transposed_output():
+    y = torch.randn(8, 4).t()
+    with pytest.raises(ValueError, match="unit column stride"):
+        low_rank_add_(y, LowRank(torch.randn(4, 2), torch.randn(8, 2), 1.0))
