@@ -76,7 +76,7 @@ def term_args(term: LowRank | None, like: torch.Tensor):
 # Launch parameters of the tile kernels on the GPU, fixed rather than autotuned (they overwrite their
 # inputs); bench/kernels.py times the candidates, the first is the default (fastest for SwiGLU on the H100,
 # bench/RESULTS.md). Forming the term from rank-1 updates in fp32 registers instead of a tensor-core
-# product measured 1.5-3.5x slower.
+# product ran SwiGLU's forward 1.8-3.8x slower.
 CANDIDATE_META = [
     {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4},
     {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8},
