@@ -5,6 +5,7 @@ backward on its own thread, which cProfile does not see).
   py-spy record -r 2000 -f raw -o $OUT/stacks.txt -- python bench/host_profile.py --size 4x512
   python bench/host_profile.py --summarize $OUT/stacks.txt         # here: self and inclusive time
   python bench/host_profile.py --phases --size 4x512               # wall vs GPU kernel time per phase
+  python bench/host_profile.py --cprofile --size 4x512             # cProfile of the forward (main thread)
 
 The summary gives, per source line of the step's Python, the share of samples where it is the innermost
 frame (self: its own Python plus the C calls it makes) and where it is anywhere on the stack (inclusive).
@@ -16,7 +17,35 @@ import time
 from collections import Counter
 
 
-def run(size: str, steps: int, options: str | None):
+def cprofile_forward(size: str, steps: int, top: int):
+    """cProfile over `steps` training forwards after warm-up steps. The forward runs on the main thread
+    (backward's recompute runs the same layer code on autograd's thread, which cProfile does not see)."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+
+    model, batch = _patched_model(size)
+    for _ in range(3):
+        model(**batch).loss.backward()
+        model.zero_grad(set_to_none=True)
+    profiler = cProfile.Profile()
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        profiler.enable()
+        loss = model(**batch).loss
+        torch.cuda.synchronize()
+        profiler.disable()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    for key in ("tottime", "cumulative"):
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats(key).print_stats(top)
+        print(out.getvalue())
+
+
+def _patched_model(size: str, patched: bool = True):
     import torch
 
     from qlora_fast import patch_model
@@ -27,9 +56,16 @@ def run(size: str, steps: int, options: str | None):
     model.config.use_cache = False
     model = add_lora(model, r=16, lora_alpha=16, init_b_std=1e-3)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if options != "stock":
+    if patched:
         patch_model(model, verbose=False)
     batch = {k: v.cuda() for k, v in random_batches(model.config.vocab_size, size, 1)[0].items()}
+    return model, batch
+
+
+def run(size: str, steps: int, options: str | None):
+    import torch
+
+    model, batch = _patched_model(size, patched=options != "stock")
     for step in range(steps):
         torch.cuda.synchronize()
         started = time.perf_counter()
@@ -61,13 +97,9 @@ def phases(sizes: str, steps: int):
     import torch
 
     from qlora_fast import patch_model, unpatch_model
-    from qlora_fast.harness.models import add_lora, quantize_to_nf4_, random_causal_lm
     from qlora_fast.harness.run import random_batches
 
-    model = quantize_to_nf4_(random_causal_lm("llama-3-8b", torch.bfloat16, "cuda"))
-    model.config.use_cache = False
-    model = add_lora(model, r=16, lora_alpha=16, init_b_std=1e-3)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model, _ = _patched_model(sizes.split(",")[0], patched=False)
     print("| size | variant | forward wall ms | forward kernel ms | backward wall ms | backward kernel ms |")
     print("|---|---|---|---|---|---|")
     for size, (name, options) in itertools.product(sizes.split(","), [("stock", None), ("default", {}), ("no offload", {"offload_checkpoints": False})]):
@@ -125,11 +157,14 @@ def main():
     parser.add_argument("--summarize", default=None, help="a py-spy raw stacks file to summarize instead")
     parser.add_argument("--top", type=int, default=60)
     parser.add_argument("--phases", action="store_true", help="time forward and backward apart")
+    parser.add_argument("--cprofile", action="store_true", help="cProfile of the training forward")
     args = parser.parse_args()
     if args.summarize:
         summarize(args.summarize, args.top)
     elif args.phases:
         phases(args.size, args.steps)
+    elif args.cprofile:
+        cprofile_forward(args.size, args.steps, args.top)
     else:
         run(args.size, args.steps, args.variant)
 
