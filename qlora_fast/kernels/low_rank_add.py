@@ -26,10 +26,18 @@ def _low_rank_add_kernel(y_ptr, stride_ym, n_rows, n_cols, rank, xa_ptr, b_ptr, 
     tl.store(y_ptr + offs, y.to(dtype), mask=mask)
 
 
+# Below this many output elements a CUDA call takes cuBLAS' addmm_: there the kernel saved ~4 us of GPU time
+# per call, less than the ~8 us more host time a Triton launch costs than an aten one (bench/RESULTS.md),
+# and steps of that size are bound by the host.
+KERNEL_MIN_ELEMENTS = 2**24
+
+
 def low_rank_add_(y: torch.Tensor, term: LowRank, meta: dict = CANDIDATE_META[0]) -> torch.Tensor:
     """Adds term.scale * term.xa @ term.b^T to the 2-D `y` in place (one rounding per element) and returns y."""
     if y.dim() != 2 or y.stride(1) != 1 or y.stride(0) < y.shape[1]:
         raise ValueError(f"low_rank_add_: y must be 2-D with unit column stride; got strides {y.stride()}")
+    if y.is_cuda and y.numel() < KERNEL_MIN_ELEMENTS:
+        return y.addmm_(term.xa, term.b.t(), alpha=term.scale)
     launch_tiles(_low_rank_add_kernel, y, (term,), meta, y, y.stride(0), term_args=term_args(term, y))
     torch.autograd.graph.increment_version(y)
     return y
