@@ -44,12 +44,13 @@ def main():
     adapters = [p for p in model.parameters() if p.requires_grad]
     lines = [f"unsloth {unsloth.__version__}, {torch.cuda.get_device_name()}, model {args.shape} random init, "
              f"{args.steps} steps (first excluded); trainable: {sum(p.numel() for p in adapters) / 1e6:.1f}M "
-             f"parameters in {sorted({str(p.dtype) for p in adapters})}", "", "| batch x seq | unsloth tok/s | unsloth peak GiB | losses |",
-             "|---|---|---|---|"]
+             f"parameters in {sorted({str(p.dtype) for p in adapters})}", "", "| batch x seq | unsloth tok/s | unsloth tok/s (median step) | unsloth peak GiB | losses |",
+             "|---|---|---|---|---|"]
     for size in args.sizes.split(","):
         batches = random_batches(vocab, size, args.steps)
         stats = train_steps(model, batches)
-        lines.append(f"| {size} | {stats.tokens_per_second:.0f} | {stats.peak_memory_gib:.2f} | "
+        lines.append(f"| {size} | {stats.tokens_per_second:.0f} | {stats.median_tokens_per_second:.0f} | "
+                     f"{stats.peak_memory_gib:.2f} | "
                      f"{[round(x, 4) for x in stats.losses]} |")
         print(lines[-1], flush=True)
         torch.cuda.empty_cache()

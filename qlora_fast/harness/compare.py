@@ -34,6 +34,11 @@ class RunStats:
         timed = self.step_seconds[1:] or self.step_seconds  # the first step pays compilation and autotuning
         return self.tokens_per_step * len(timed) / sum(timed)
 
+    @property
+    def median_tokens_per_second(self) -> float:
+        """From the median step after the first: one slow step (a host hiccup) does not move it."""
+        return self.tokens_per_step / statistics.median(self.step_seconds[1:] or self.step_seconds)
+
 
 def lora_state(model) -> dict:
     """A host copy of the trainable weights: kept on the GPU, the copies the comparison holds (initial and

@@ -93,3 +93,11 @@ def test_weight_snapshots_stay_off_the_device_being_measured():
     model = torch.nn.Linear(4, 4)
     assert all(t.device.type == "cpu" and t.data_ptr() != p.data_ptr()
                for t, p in zip(lora_state(model).values(), model.parameters()))
+
+
+def test_median_throughput_ignores_one_slow_step():
+    from qlora_fast.harness.compare import RunStats
+
+    stats = RunStats(step_seconds=[9.0, 1.0, 1.0, 5.0, 1.0], tokens_per_step=100)
+    assert stats.median_tokens_per_second == 100.0  # steps after the first: median 1 s
+    assert stats.tokens_per_second == 50.0  # 400 tokens in 8 s
