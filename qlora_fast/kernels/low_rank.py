@@ -98,5 +98,3 @@ def launch_tiles(kernel, like: torch.Tensor, terms, meta: dict, *args, **constex
     kernel[grid](*args, rows, cols, rank, *constexprs.pop("term_args"), R=max(16, triton.next_power_of_2(rank)),
                  UPCAST_DOT=INTERPRETING or like.dtype == torch.float32, SOFTWARE_RTNE=INTERPRETING,
                  **meta, **constexprs)
-
-

@@ -79,8 +79,9 @@ def swiglu_forward(g: torch.Tensor, u: torch.Tensor, gate_term: LowRank | None =
     _check(g, u)
     h = torch.empty_like(g)
     terms = (*term_args(gate_term, g), *term_args(up_term, u))
-    launch_tiles(_swiglu_forward_kernel, g.view(-1, g.shape[-1]), (gate_term, up_term), meta, g, u, h, term_args=terms,
-            GATE_TERM=gate_term is not None, UP_TERM=up_term is not None, WRITE_INPUTS=write_inputs)
+    launch_tiles(_swiglu_forward_kernel, g.view(-1, g.shape[-1]), (gate_term, up_term), meta, g, u, h,
+                 term_args=terms, GATE_TERM=gate_term is not None, UP_TERM=up_term is not None,
+                 WRITE_INPUTS=write_inputs)
     if write_inputs:
         for t in (g, u):
             torch.autograd.graph.increment_version(t)
@@ -92,8 +93,8 @@ def swiglu_backward_(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, dh_term
     """Overwrites (dh, g, u) with (h, dg, du) of the SwiGLU whose output gradient is dh + dh_term, and
     returns them in that order."""
     _check(dh, g, u)
-    launch_tiles(_swiglu_backward_kernel, g.view(-1, g.shape[-1]), (dh_term,), meta, dh, g, u, term_args=term_args(dh_term, dh),
-            DH_TERM=dh_term is not None)
+    launch_tiles(_swiglu_backward_kernel, g.view(-1, g.shape[-1]), (dh_term,), meta, dh, g, u,
+                 term_args=term_args(dh_term, dh), DH_TERM=dh_term is not None)
     for t in (dh, g, u):  # Triton wrote them behind autograd's back: a later reader of the old values fails loudly
         torch.autograd.graph.increment_version(t)
     return dh, g, u

@@ -72,18 +72,22 @@ class LoRANF4MLPFunction(torch.autograd.Function):
         grad_down = lora_grads(dy, dy_b, h, ha_down, s_down, dtypes[4:6])
         del h, dh
 
-        dg_b = dg @ gate_b
-        du_b = du @ up_b
+        # [dg @ B_gate | du @ B_up] side by side: with one scaling, one pass adds both LoRA terms to dX
+        dgu_b = dg.new_empty(dg.shape[0], gate_b.shape[1] + up_b.shape[1])
+        dg_b, du_b = dgu_b.split([gate_b.shape[1], up_b.shape[1]], 1)
+        torch.mm(dg, gate_b, out=dg_b)
+        torch.mm(du, up_b, out=du_b)
         grad_gate = lora_grads(dg, dg_b, x2, xa_gate, s_gate, dtypes[0:2])
         grad_up = lora_grads(du, du_b, x2, xa_up, s_up, dtypes[2:4])
 
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = nf4_linear_input_grad(du, w_up, accumulate=nf4_linear_input_grad(dg, w_gate))
-            if s_gate == s_up:  # both terms in one pass over dX
-                low_rank_add_(grad_x, LowRank(torch.cat([dg_b, du_b], 1), torch.cat([gate_a, up_a]).t(), s_gate))
+            if s_gate == s_up:
+                low_rank_add_(grad_x, LowRank(dgu_b, torch.cat([gate_a, up_a]).t(), s_gate))
             else:
-                low_rank_add_(low_rank_add_(grad_x, LowRank(dg_b, gate_a.t(), s_gate)), LowRank(du_b, up_a.t(), s_up))
+                low_rank_add_(grad_x, LowRank(dg_b, gate_a.t(), s_gate))
+                low_rank_add_(grad_x, LowRank(du_b, up_a.t(), s_up))
             grad_x = grad_x.view(ctx.x_meta[0]).to(ctx.x_meta[1])
         return (grad_x, *grad_gate, *grad_up, *grad_down, None, None, None, None, None)
 

@@ -2,9 +2,9 @@
 
 The three weights are dequantized into one stacked (q_out + k_out + v_out, hidden) buffer, so one GEMM
 gives [q | k | v] and one more gives x @ [A_q; A_k; A_v]^T; each LoRA term is added in place into its
-column block (kernels/low_rank_add.py). Backward mirrors it: one GEMM for dX through the stacked weight. Against three LoRA layers
-that is fewer launches and one Function instead of three, which is what batches of a few thousand tokens
-are bound by. Saves x, x @ A^T and the compute-dtype adapters; never a dequantized weight.
+column block (kernels/low_rank_add.py). Backward mirrors it: one GEMM for dX through the stacked weight,
+and one pass adds the three LoRA terms to it. Against three LoRA layers that is fewer launches and one
+Function instead of three, which is what batches of a few thousand tokens are bound by. Saves x, x @ A^T and the compute-dtype adapters; never a dequantized weight.
 """
 
 import torch
@@ -57,7 +57,8 @@ class LoRANF4QKVFunction(torch.autograd.Function):
         dy_b = dy.new_empty(dy.shape[0], sum(ctx.ranks))
         adapter_grads = []
         for dy_i, dy_b_i, xa_i, b_i, s_i, dtypes in zip(dy.split(ctx.out_features, 1), dy_b.split(ctx.ranks, 1),
-                                                        xa.split(ctx.ranks, 1), b_all, ctx.scalings, ctx.lora_dtypes):
+                                                        xa.split(ctx.ranks, 1), b_all, ctx.scalings,
+                                                        ctx.lora_dtypes):
             torch.mm(dy_i, b_i, out=dy_b_i)
             adapter_grads += lora_grads(dy_i, dy_b_i, x2, xa_i, s_i, dtypes)
 
@@ -78,4 +79,4 @@ def lora_nf4_qkv(x, q, k, v, compute_dtype=None):
     projection; `compute_dtype` defaults to x's dtype."""
     (a_q, b_q, s_q, w_q), (a_k, b_k, s_k, w_k), (a_v, b_v, s_v, w_v) = q, k, v
     return apply(LoRANF4QKVFunction, x, a_q, b_q, a_k, b_k, a_v, b_v, (w_q, w_k, w_v), (s_q, s_k, s_v),
-                                    compute_dtype or x.dtype)
+                 compute_dtype or x.dtype)
