@@ -17,7 +17,8 @@ from .ops.offloaded_checkpoint import offloaded_checkpoint, recomputing
 from .ops.lora_nf4_linear import lora_nf4_linear
 from .ops.lora_nf4_mlp import lora_nf4_mlp
 from .ops.lora_nf4_qkv import lora_nf4_qkv
-from .ops.rms_norm import rms_norm as rms_norm_op
+from .ops.rms_norm import add_rms_norm, rms_norm as rms_norm_op
+from .ops.unread_sum import unread_sum
 from .ops.rope import RoPEFunction, fused_rope_applies
 
 try:
@@ -29,7 +30,8 @@ _PATCHED = "_qlora_fast_patched"
 _OUTPUT_ONLY_TO_RESIDUAL = "_qlora_fast_output_only_to_residual"  # see _mark_residual_mlps
 _KV_SIBLINGS = "_qlora_fast_kv_siblings"  # on a q_proj: its (k_proj, v_proj), see _fused_qkv_forward
 _STASHED = "_qlora_fast_stashed_output"  # on a k_proj / v_proj: (input, output) its q_proj computed
-_PER_MODULE_STATE = (_OUTPUT_ONLY_TO_RESIDUAL, _KV_SIBLINGS, _STASHED)
+_OUTPUT_UNREAD_IN_RECOMPUTE = "_qlora_fast_output_unread_in_recompute"  # see _add_norm_layer_forward
+_PER_MODULE_STATE = (_OUTPUT_ONLY_TO_RESIDUAL, _KV_SIBLINGS, _STASHED, _OUTPUT_UNREAD_IN_RECOMPUTE)
 
 
 @dataclass
@@ -38,6 +40,7 @@ class PatchReport:
     skipped: Counter = field(default_factory=Counter)  # reason -> number of layers
     chunked_loss: bool = False
     rms_norms: int = 0
+    add_norms: int = 0
     mlps: int = 0
     qkv: int = 0
     rope: bool = False
@@ -51,6 +54,8 @@ class PatchReport:
             line += f" ({' and '.join(fused)} fused whole)"
         if self.rms_norms:
             line += f", {self.rms_norms} RMSNorms"
+        if self.add_norms:
+            line += f" ({self.add_norms} decoder layers' with the residual add before them)"
         if self.rope:
             line += ", rotary embeddings"
         if self.chunked_loss:
@@ -254,17 +259,44 @@ def _fused_mlp_forward(self, x):
                         output_needed=output_needed)
 
 
-# Decoder layers that end in `return residual + self.mlp(...)`: nothing in the layer's backward reads
-# the MLP's output, so a checkpoint's recompute of the layer need not compute it.
-_RESIDUAL_MLP_LAYERS = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"}
+# Decoder layers whose forward is transformers' Llama one: `residual + self_attn(input_layernorm(x))`,
+# then `residual + mlp(post_attention_layernorm(residual))`. Nothing in such a layer's backward reads the
+# MLP's output or the layer's, so a checkpoint's recompute of the layer need compute neither.
+_LLAMA_STYLE_DECODER_LAYERS = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer",
+                               "Qwen3DecoderLayer"}
 
 
 def _mark_residual_mlps(model: torch.nn.Module) -> None:
     """Flags fused MLPs whose layer (hook-free: a hook could read the output) just adds their output."""
     for layer in model.modules():
         mlp = layer._modules.get("mlp")
-        if type(layer).__name__ in _RESIDUAL_MLP_LAYERS and is_patched(mlp) and not _has_hooks(layer):
+        if type(layer).__name__ in _LLAMA_STYLE_DECODER_LAYERS and is_patched(mlp) and not _has_hooks(layer):
             vars(mlp)[_OUTPUT_ONLY_TO_RESIDUAL] = True
+
+
+def _add_norm_layers(model: torch.nn.Module):
+    """Llama-style decoder layers whose two norms run on the kernel (patched, hook-free)."""
+    return [m for m in model.modules()
+            if type(m).__name__ in _LLAMA_STYLE_DECODER_LAYERS
+            and all(is_patched(n) and not _has_hooks(n)
+                    for n in (m._modules.get("input_layernorm"), m._modules.get("post_attention_layernorm")))]
+
+
+@torch.compiler.disable
+def _add_norm_layer_forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
+                            use_cache=False, position_embeddings=None, **kwargs):
+    """The stock decoder layer's forward, each norm taking the residual add before it (and the sum of
+    the gradients after it) into its kernel. In a recompute the layer's output is not computed."""
+    first, second = self._modules["input_layernorm"], self._modules["post_attention_layernorm"]
+    residual, hidden = add_rms_norm(hidden_states, None, first._parameters["weight"], first.variance_epsilon)
+    hidden, _ = self.self_attn(hidden_states=hidden, attention_mask=attention_mask, position_ids=position_ids,
+                               past_key_values=past_key_values, use_cache=use_cache,
+                               position_embeddings=position_embeddings, **kwargs)
+    residual, hidden = add_rms_norm(residual, hidden, second._parameters["weight"], second.variance_epsilon)
+    hidden = self.mlp(hidden)
+    if recomputing() and vars(self)[_OUTPUT_UNREAD_IN_RECOMPUTE] and hidden.shape == residual.shape:
+        return unread_sum(residual, hidden)
+    return residual + hidden
 
 
 # Attention classes whose forward projects one hidden-states tensor with q_proj, k_proj, v_proj, in order.
@@ -320,7 +352,7 @@ def _forward_with_chunked_loss(self, *args, labels=None, **kwargs):
 
 
 # RMSNorm classes whose forward is exactly w * round(x * rsqrt(mean(x^2) + eps)); Gemma's (1 + w) is not.
-_LLAMA_STYLE_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}
+_LLAMA_STYLE_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
 
 
 @torch.compiler.disable
@@ -420,13 +452,14 @@ def _distributed() -> bool:
 
 
 def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool = True,
-                fused_mlp: bool = True, fused_qkv: bool = True, rms_norm: bool = True, rope: bool = True,
-                offload_checkpoints: bool | None = None) -> PatchReport:
+                fused_mlp: bool = True, fused_qkv: bool = True, rms_norm: bool = True, add_norm: bool = True,
+                rope: bool = True, offload_checkpoints: bool | None = None) -> PatchReport:
     """Routes every LoRA layer over a bitsandbytes NF4 Linear4bit through the fused Triton path,
     (`fused_mlp`) runs each SwiGLU MLP whose three projections are such layers as one autograd Function,
     (`fused_qkv`) likewise each attention's q, k and v projections,
     (`chunked_loss`) computes a training forward's loss without materializing the full logits, and
-    (`rms_norm`) runs frozen Llama-style RMSNorms on a Triton kernel, (`rope`)
+    (`rms_norm`) runs frozen Llama-style RMSNorms on a Triton kernel, (`add_norm`) each with the residual
+    add before it in Llama-style decoder layers, (`rope`)
     applies rotary embeddings to q and k in one Triton kernel, and (`offload_checkpoints`) keeps
     gradient checkpointing's per-layer inputs in host memory; None (default) offloads in single-process
     training and leaves distributed runs (DDP, FSDP) to torch's checkpointing unless asked.
@@ -453,6 +486,10 @@ def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool
         _replace_forward(mlp, _fused_mlp_forward)
         report.mlps += 1
     _mark_residual_mlps(model)
+    for layer in _add_norm_layers(model) if add_norm else []:
+        _replace_forward(layer, _add_norm_layer_forward)
+        vars(layer)[_OUTPUT_UNREAD_IN_RECOMPUTE] = not _has_hooks(layer)
+        report.add_norms += 1
     for attention in _fusable_qkv(model) if fused_qkv else []:
         q_proj, k_proj, v_proj = (getattr(attention, p) for p in _QKV_PROJECTIONS)
         vars(q_proj)[_KV_SIBLINGS] = (k_proj, v_proj)  # not setattr: that would register them as children

@@ -5,8 +5,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from qlora_fast import is_patched, patch_model, unpatch_model
+from qlora_fast import patch as patch_module
 from qlora_fast.harness.models import add_lora, quantize_to_nf4_, random_causal_lm
 from qlora_fast.ops.rope import RoPEFunction
+from qlora_fast.ops.unread_sum import unread_sum
 from qlora_fast.testing import make_lora_nf4_linear
 from tests.helpers import rel_err
 
@@ -220,13 +222,53 @@ def test_rms_norm_option_keeps_loss_and_grads(shape):
     assert not any("forward" in vars(m) for m in model.modules())
 
 
+def _checkpointed_bf16_qlora(shape):
+    model = tiny_qlora(shape, dtype=torch.bfloat16).train()
+    model.enable_input_require_grads()
+    model.gradient_checkpointing_enable()
+    return model
+
+
+@pytest.mark.parametrize("shape", ["tiny-llama", "tiny-qwen3"])
+@pytest.mark.parametrize("offload_checkpoints", [True, False])
+def test_add_norm_layers_give_the_same_bf16_loss_and_grads_bit_for_bit(shape, offload_checkpoints):
+    model = _checkpointed_bf16_qlora(shape)
+    ids = torch.randint(0, 512, (2, 24))
+    assert patch_model(model, add_norm=False, offload_checkpoints=offload_checkpoints).add_norms == 0
+    separate_loss, separate_grads = loss_and_grads(model, ids)
+    unpatch_model(model)
+    report = patch_model(model, offload_checkpoints=offload_checkpoints)
+    assert report.add_norms == 2 and "2 decoder layers' with the residual add" in report.summary()
+    loss, grads = loss_and_grads(model, ids)
+    assert loss == separate_loss and grads.keys() == separate_grads.keys()
+    assert all(torch.equal(grads[n], separate_grads[n]) for n in grads)
+    unpatch_model(model)
+    assert not any("forward" in vars(m) or vars(m).get(patch_module._OUTPUT_UNREAD_IN_RECOMPUTE)
+                   for m in model.modules())
+
+
+def test_recompute_leaves_the_layer_output_uncomputed(monkeypatch):
+    model = _checkpointed_bf16_qlora("tiny-llama")
+    patch_model(model, offload_checkpoints=True)
+    sums = []
+    monkeypatch.setattr(patch_module, "unread_sum", lambda a, b: sums.append(a.shape) or unread_sum(a, b))
+    loss_and_grads(model, torch.randint(0, 512, (2, 24)))
+    assert sums == [(2, 24, 64)] * 2  # each layer's recompute; its first pass adds
+
+
+def test_add_norm_needs_the_norm_kernel_and_hook_free_norms():
+    model = tiny_qlora()
+    assert patch_model(model, rms_norm=False).add_norms == 0
+    unpatch_model(model)
+    model.base_model.model.model.layers[0].input_layernorm.register_forward_hook(lambda *args: None)
+    assert patch_model(model).add_norms == 1
+
+
 def test_gemma_norms_are_left_alone():
     assert patch_model(tiny_qlora("tiny-gemma"), rms_norm=True).rms_norms == 0
 
 
 def test_adapters_sharded_apart_from_their_layer_take_peft_path_with_one_warning():
-    from qlora_fast import patch as patch_module
-
     layer = make_lora_nf4_linear(64, 128, dtype=torch.float32)
     assert patch_module._fused_projection(layer).adapter == "default"
     # FSDP1's placeholder for a parameter that lives in another unit's flat parameter

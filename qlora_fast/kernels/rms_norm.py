@@ -1,6 +1,11 @@
 """RMSNorm forward and input-gradient, one row per program, as Llama/Mistral/Qwen2 compute it:
 y = w * round(x * rsqrt(mean(x^2) + eps)) with the mean in fp32 and the normalized row rounded to x's dtype
 before the weight multiplies it. The weight is frozen (QLoRA trains only adapters), so backward gives dX.
+
+A decoder layer normalizes the sum of its residual and a sublayer's output, and that sum's gradient is
+the norm's input gradient plus the one it gets straight from the residual path. The kernels take both
+additions in (HAS_DELTA forward, HAS_RESIDUAL_GRAD backward), rounding each as torch's separate add would,
+so neither costs a pass over the hidden states of its own.
 """
 
 import functools
@@ -23,10 +28,16 @@ def _row_tile(n_rows, n_cols, ROWS: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _rms_norm_forward_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, n_rows, n_cols, eps,
-                             SOFTWARE_RTNE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_forward_kernel(x_ptr, delta_ptr, sum_ptr, w_ptr, y_ptr, rstd_ptr, n_rows, n_cols, eps,
+                             HAS_DELTA: tl.constexpr, SOFTWARE_RTNE: tl.constexpr, ROWS: tl.constexpr,
+                             BLOCK: tl.constexpr):
     rows, offs, mask = _row_tile(n_rows, n_cols, ROWS, BLOCK)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_DELTA:  # normalize sum = round(x + delta), and write it: it is the layer's next residual
+        delta = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        rounded_sum = round_fp32_to(x + delta, sum_ptr.dtype.element_ty, SOFTWARE_RTNE)
+        tl.store(sum_ptr + offs, rounded_sum, mask=mask)
+        x = rounded_sum.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
     normed = round_fp32_to(x * rstd[:, None], x_ptr.dtype.element_ty, SOFTWARE_RTNE).to(tl.float32)
     cols = tl.arange(0, BLOCK)
@@ -36,8 +47,9 @@ def _rms_norm_forward_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, n_rows, n_cols, eps,
 
 
 @triton.jit
-def _rms_norm_backward_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, n_rows, n_cols,
-                              SOFTWARE_RTNE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_backward_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, residual_grad_ptr, dx_ptr, n_rows, n_cols,
+                              HAS_RESIDUAL_GRAD: tl.constexpr, SOFTWARE_RTNE: tl.constexpr,
+                              ROWS: tl.constexpr, BLOCK: tl.constexpr):
     rows, offs, mask = _row_tile(n_rows, n_cols, ROWS, BLOCK)
     cols = tl.arange(0, BLOCK)
     w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
@@ -45,7 +57,11 @@ def _rms_norm_backward_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, n_rows, n_
     rstd = tl.load(rstd_ptr + rows, mask=rows < n_rows, other=0.0)
     normed = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) * rstd[:, None]
     dx = rstd[:, None] * (g - normed * (tl.sum(g * normed, axis=1) / n_cols)[:, None])
-    tl.store(dx_ptr + offs, round_fp32_to(dx, dx_ptr.dtype.element_ty, SOFTWARE_RTNE), mask=mask)
+    dx = round_fp32_to(dx, dx_ptr.dtype.element_ty, SOFTWARE_RTNE)
+    if HAS_RESIDUAL_GRAD:  # autograd would sum the two rounded gradients: round(dx + residual_grad)
+        residual_grad = tl.load(residual_grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dx = round_fp32_to(dx.to(tl.float32) + residual_grad, dx_ptr.dtype.element_ty, SOFTWARE_RTNE)
+    tl.store(dx_ptr + offs, dx, mask=mask)
 
 
 @functools.lru_cache(maxsize=256)  # the same few shapes every layer: skip recomputing them per launch
@@ -65,13 +81,28 @@ def rms_norm_forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float):
     y = torch.empty((rows, cols), dtype=torch.promote_types(weight.dtype, x2d.dtype), device=x2d.device)
     rstd = torch.empty(rows, dtype=torch.float32, device=x2d.device)
     grid, meta = _launch(rows, cols)
-    _rms_norm_forward_kernel[grid](x2d, weight, y, rstd, rows, cols, eps, **meta)
+    _rms_norm_forward_kernel[grid](x2d, x2d, x2d, weight, y, rstd, rows, cols, eps, HAS_DELTA=False, **meta)
     return y, rstd
 
 
-def rms_norm_input_grad(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor):
+def add_rms_norm_forward(x2d: torch.Tensor, delta2d: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(sum, y, rstd) for sum = x + delta (contiguous, of one shape and dtype) and y = RMSNorm(sum)."""
+    rows, cols = x2d.shape
+    total = torch.empty_like(x2d)
+    y = torch.empty((rows, cols), dtype=torch.promote_types(weight.dtype, x2d.dtype), device=x2d.device)
+    rstd = torch.empty(rows, dtype=torch.float32, device=x2d.device)
+    grid, meta = _launch(rows, cols)
+    _rms_norm_forward_kernel[grid](x2d, delta2d, total, weight, y, rstd, rows, cols, eps, HAS_DELTA=True, **meta)
+    return total, y, rstd
+
+
+def rms_norm_input_grad(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                        residual_grad: torch.Tensor | None = None):
+    """dX of the norm, plus `residual_grad` (x's gradient from elsewhere, contiguous) when given."""
     rows, cols = x2d.shape
     dx = torch.empty_like(x2d)
     grid, meta = _launch(rows, cols)
-    _rms_norm_backward_kernel[grid](dy2d, x2d, weight, rstd, dx, rows, cols, **meta)
+    has_residual_grad = residual_grad is not None
+    _rms_norm_backward_kernel[grid](dy2d, x2d, weight, rstd, residual_grad if has_residual_grad else dy2d, dx,
+                                    rows, cols, HAS_RESIDUAL_GRAD=has_residual_grad, **meta)
     return dx

@@ -1,15 +1,24 @@
-"""RMSNorm with a frozen weight through the Triton kernels; saves x and one fp32 rstd per row."""
+"""RMSNorm with a frozen weight through the Triton kernels; saves its input and one fp32 rstd per row.
+
+`add_rms_norm` is the decoder layer's "residual + sublayer output, then normalize" as one Function: the
+sum and its norm come from one kernel, and backward adds the gradient the sum gets from the residual
+path inside the norm's backward kernel, where autograd would have summed the two in a pass of its own.
+"""
 
 import torch
 
-from ..kernels.rms_norm import rms_norm_forward, rms_norm_input_grad
+from ..kernels.rms_norm import add_rms_norm_forward, rms_norm_forward, rms_norm_input_grad
 from .forward_only import apply
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1]).contiguous()
 
 
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps: float):
-        x2d = x.reshape(-1, x.shape[-1]).contiguous()
+        x2d = _rows(x)
         y, rstd = rms_norm_forward(x2d, weight, eps)
         ctx.save_for_backward(x2d, weight, rstd)
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -17,9 +26,40 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x2d, weight, rstd = ctx.saved_tensors
-        dy = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()
-        return rms_norm_input_grad(dy, x2d, weight, rstd).view(grad_out.shape), None, None
+        return rms_norm_input_grad(_rows(grad_out), x2d, weight, rstd).view(grad_out.shape), None, None
+
+
+class AddRMSNormFunction(torch.autograd.Function):
+    """(s, RMSNorm(s)) for s = residual + delta, or s = residual when delta is None (s is then returned
+    as a view of residual, so that its gradient still comes back through this Function)."""
+
+    @staticmethod
+    def forward(ctx, residual, delta, weight, eps: float):
+        x2d = _rows(residual)
+        if delta is None:
+            total = x2d
+            y, rstd = rms_norm_forward(x2d, weight, eps)
+        else:
+            total, y, rstd = add_rms_norm_forward(x2d, _rows(delta), weight, eps)
+        ctx.save_for_backward(total, weight, rstd)
+        ctx.has_delta = delta is not None
+        return total.view(residual.shape), y.view(*residual.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_total, grad_normed):
+        total, weight, rstd = ctx.saved_tensors
+        grad = rms_norm_input_grad(_rows(grad_normed), total, weight, rstd, residual_grad=_rows(grad_total))
+        grad = grad.view(grad_total.shape)
+        return grad, grad if ctx.has_delta else None, None, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return apply(RMSNormFunction, x, weight, eps)
+
+
+def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    """(residual + delta, RMSNorm(residual + delta)) as torch computes them, with delta None meaning no
+    addition. A delta of another dtype or shape is added by torch first (its promotion rules apply)."""
+    if delta is not None and (delta.dtype != residual.dtype or delta.shape != residual.shape):
+        residual, delta = residual + delta, None
+    return apply(AddRMSNormFunction, residual, delta, weight, eps)

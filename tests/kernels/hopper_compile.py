@@ -63,7 +63,7 @@ def main():
     from qlora_fast.kernels.cross_entropy import cross_entropy_grad_
     from qlora_fast.kernels.nf4_dequantize import nf4_dequantize
     from qlora_fast.kernels.nf4_matmul import nf4_matmul
-    from qlora_fast.kernels.rms_norm import rms_norm_forward, rms_norm_input_grad
+    from qlora_fast.kernels.rms_norm import add_rms_norm_forward, rms_norm_forward, rms_norm_input_grad
     from qlora_fast.kernels.rope import rope
     from qlora_fast.kernels.low_rank import LowRank
     from qlora_fast.kernels.low_rank_add import low_rank_add_
@@ -79,6 +79,8 @@ def main():
         x = torch.randn(8, 64, dtype=dtype)
         y, rstd = rms_norm_forward(x, torch.ones(64, dtype=dtype), 1e-6)
         rms_norm_input_grad(x, x, torch.ones(64, dtype=dtype), rstd)
+        add_rms_norm_forward(x, x, torch.ones(64, dtype=dtype), 1e-6)
+        rms_norm_input_grad(x, x, torch.ones(64, dtype=dtype), rstd, residual_grad=x)
         swiglu_forward(x, x)
         swiglu_backward_(x.clone(), x.clone(), x.clone())
         term = LowRank(torch.randn(8, 16, dtype=dtype), torch.randn(64, 16, dtype=dtype), 2.0)

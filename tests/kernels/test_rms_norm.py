@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from qlora_fast.ops.rms_norm import rms_norm
+from qlora_fast.ops.rms_norm import add_rms_norm, rms_norm
 from tests.helpers import rel_err
 
 
@@ -28,3 +28,40 @@ def test_matches_transformers_llama_rms_norm(x_dtype, w_dtype, rows, cols):
     torch.testing.assert_close(y_ours, y_ref)
     tolerance = 1e-5 if x_dtype == torch.float32 else 1e-2
     assert rel_err(x_ours.grad, x_ref.grad) < tolerance
+
+
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.clone().requires_grad_(True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("with_delta", [True, False])
+@pytest.mark.parametrize("shape", [(3, 7, 100), (1100, 64)])
+def test_add_rms_norm_is_torch_add_then_the_norm_bit_for_bit(dtype, with_delta, shape):
+    """The sum, its norm and the summed gradient of the residual are exactly what torch's add, the norm
+    kernel alone and autograd's sum of the two gradients give."""
+    weight = torch.randn(shape[-1]).mul(0.2).add(1.0).to(dtype)
+    residual, delta = (torch.randn(shape) * 3).to(dtype), torch.randn(shape).to(dtype)
+    grad_total, grad_normed = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
+
+    residual_ref, delta_ref = _leaf(residual), _leaf(delta)
+    total_ref = residual_ref + delta_ref if with_delta else residual_ref
+    normed_ref = rms_norm(total_ref, weight, 1e-5)
+    torch.autograd.backward([total_ref, normed_ref], [grad_total, grad_normed])
+
+    residual_ours, delta_ours = _leaf(residual), _leaf(delta)
+    total, normed = add_rms_norm(residual_ours, delta_ours if with_delta else None, weight, 1e-5)
+    torch.autograd.backward([total, normed], [grad_total, grad_normed])
+
+    assert torch.equal(total, total_ref) and torch.equal(normed, normed_ref)
+    assert torch.equal(residual_ours.grad, residual_ref.grad)
+    if with_delta:
+        assert torch.equal(delta_ours.grad, delta_ref.grad)
+
+
+def test_add_rms_norm_of_mixed_dtypes_adds_as_torch_promotes():
+    residual, delta = torch.randn(5, 40).to(torch.bfloat16), torch.randn(5, 40)
+    weight = torch.ones(40)
+    total, normed = add_rms_norm(residual, delta, weight, 1e-6)
+    assert total.dtype == torch.float32 and torch.equal(total, residual + delta)
+    assert torch.equal(normed, rms_norm(residual + delta, weight, 1e-6))
