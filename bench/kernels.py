@@ -328,6 +328,34 @@ def time_rms_norm(rows):
                      "qlora_fast_fwd_bwd_ms": median_ms(ours), "dx_rel_err": dx_rel_err})
 
 
+def time_add_rms_norm(rows):
+    """A decoder layer's `residual + delta` then RMSNorm, forward and backward with the gradient the
+    sum gets from the residual path: torch's add, the norm kernel and autograd's gradient sum, against
+    add_rms_norm (one kernel each way); bit-for-bit equal on the GPU too."""
+    from qlora_fast.ops.rms_norm import add_rms_norm, rms_norm
+
+    for tokens in (2048, 8192):
+        weight = torch.randn(4096, device="cuda").mul(0.2).add(1.0).to(torch.bfloat16)
+        residual, delta = (torch.randn(tokens, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                           for _ in range(2))
+        grads = [torch.randn(tokens, 4096, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+
+        def separate():
+            total = residual + delta
+            torch.autograd.backward([total, rms_norm(total, weight, 1e-5)], grads)
+
+        def fused():
+            torch.autograd.backward(list(add_rms_norm(residual, delta, weight, 1e-5)), grads)
+
+        results = []
+        for step in (separate, fused):
+            residual.grad = delta.grad = None
+            step()
+            results.append(residual.grad.clone())
+        rows.append({"tokens x hidden": f"{tokens}x4096", "add_then_norm_fwd_bwd_ms": median_ms(separate),
+                     "add_rms_norm_fwd_bwd_ms": median_ms(fused), "ok": torch.equal(*results)})
+
+
 def time_mlp(rows):
     for m in (512, 2048, 8192):
         mlp = make_lora_nf4_mlp(4096, 14336, dtype=torch.bfloat16, device="cuda")
@@ -476,7 +504,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="kernels.md")
     parser.add_argument("--skip", nargs="*", default=[],
-                        help="sections to skip: correctness dequant crossover lora rmsnorm mlp rope loss host lora_grads "
+                        help="sections to skip: correctness dequant crossover lora rmsnorm add_rms_norm mlp rope loss host lora_grads "
                              "swiglu low_rank_add")
     args = parser.parse_args()
     import bitsandbytes, peft
@@ -487,6 +515,8 @@ def main():
                 ("crossover", "In-GEMM vs dequantize + cuBLAS (median ms, bf16)", time_crossover),
                 ("lora", "LoRA linear forward+backward, r=16 bf16 (median ms, peak MiB)", time_lora_layer),
                 ("rmsnorm", "RMSNorm forward+backward, bf16, frozen weight (median ms)", time_rms_norm),
+                ("add_rms_norm", "Residual add + RMSNorm forward+backward, bf16 (median ms; ok: same dX bits)",
+                 time_add_rms_norm),
                 ("mlp", "SwiGLU MLP forward+backward, LoRA r=16 on NF4 gate/up/down, bf16 (median ms, peak MiB)",
                  time_mlp),
                 ("rope", "Rotary embedding of q and k forward+backward, bf16 (median ms)", time_rope),

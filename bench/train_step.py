@@ -19,15 +19,17 @@ from qlora_fast.harness.models import add_lora, quantize_to_nf4_, random_causal_
 from qlora_fast.harness.run import random_batches
 
 
-# Each row adds one patch_model option to the row above; "+ RoPE kernel" is patch_model's default.
-_OFF = {"fused_mlp": False, "fused_qkv": False, "offload_checkpoints": False, "rms_norm": False, "rope": False}
+# Each row adds one patch_model option to the row above; the last is patch_model's default.
+_OFF = {"fused_mlp": False, "fused_qkv": False, "offload_checkpoints": False, "rms_norm": False, "add_norm": False,
+        "rope": False}
 _RMS = dict(_OFF, fused_mlp=True, offload_checkpoints=True, rms_norm=True)
 VARIANTS = {"LoRA layers + chunked loss": _OFF,
             "+ fused MLP": dict(_OFF, fused_mlp=True),
             "+ offloaded checkpoints": dict(_OFF, fused_mlp=True, offload_checkpoints=True),
             "+ RMSNorm kernel": _RMS,
             "+ fused QKV": dict(_RMS, fused_qkv=True),
-            "+ RoPE kernel": {}}
+            "+ RoPE kernel": dict(add_norm=False),
+            "+ residual add in RMSNorm": {}}
 
 
 def main():

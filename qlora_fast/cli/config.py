@@ -87,6 +87,7 @@ class TrainConfig:
     fused_qkv: bool = True
     rope_kernel: bool = True
     rms_norm_kernel: bool = True
+    add_norm_kernel: bool = True  # each residual add inside the RMSNorm after it
     chunked_loss: bool = True
     distributed: str = "none"  # none | ddp | fsdp (launch with `accelerate launch`)
     source: str | None = field(default=None, repr=False)  # the YAML file read, for relative paths
@@ -241,4 +242,4 @@ def config_to_dict(cfg: TrainConfig) -> dict:
 def patch_options(cfg: "TrainConfig") -> dict:
     """patch_model's keyword arguments for this config (checkpoint offloading aside)."""
     return {"fused_mlp": cfg.fused_mlp, "fused_qkv": cfg.fused_qkv, "rope": cfg.rope_kernel,
-            "rms_norm": cfg.rms_norm_kernel, "chunked_loss": cfg.chunked_loss}
+            "rms_norm": cfg.rms_norm_kernel, "add_norm": cfg.add_norm_kernel, "chunked_loss": cfg.chunked_loss}

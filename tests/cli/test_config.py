@@ -113,9 +113,10 @@ def test_patch_options_take_their_axolotl_and_liger_spellings(data_file):
     from qlora_fast.cli.config import patch_options
 
     assert patch_options(parse_config(config(data_file))) == {
-        "fused_mlp": True, "fused_qkv": True, "rope": True, "rms_norm": True, "chunked_loss": True}
+        "fused_mlp": True, "fused_qkv": True, "rope": True, "rms_norm": True, "add_norm": True, "chunked_loss": True}
     cfg = parse_config(config(data_file, lora_qkv_kernel=False, lora_mlp_kernel=False, liger_rope=False,
-                              rms_norm_kernel=False, liger_fused_linear_cross_entropy=False))
+                              rms_norm_kernel=False, add_norm_kernel=False,
+                              liger_fused_linear_cross_entropy=False))
     assert not any(patch_options(cfg).values())
     with pytest.raises(ConfigError, match="fused_qkv.* must be a bool"):
         parse_config(config(data_file, fused_qkv="yes"))
