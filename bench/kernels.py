@@ -356,6 +356,51 @@ def time_add_rms_norm(rows):
                      "add_rms_norm_fwd_bwd_ms": median_ms(fused), "ok": torch.equal(*results)})
 
 
+def _sdpa_case(backend, gqa: str, q, k, v):
+    """One causal SDPA call on `backend`: k/v heads shared through enable_gqa, or repeated first (as
+    transformers' repeat_kv does when SDPA cannot take GQA)."""
+    from torch.nn.attention import sdpa_kernel
+
+    def call():
+        with sdpa_kernel([backend]):
+            if gqa == "enable_gqa":
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            groups = q.shape[1] // k.shape[1]
+            return torch.nn.functional.scaled_dot_product_attention(
+                q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), is_causal=True)
+
+    return call
+
+
+def time_attention(rows):
+    """Causal attention of Llama-3-8B's heads (32 query, 8 key/value, head_dim 128, bf16) per SDPA
+    backend: a first pass's forward (no grad) and forward+backward, and the output's largest difference
+    from the flash backend's. An attention of our own would pick the fastest that is exact enough."""
+    from torch.nn.attention import SDPBackend
+
+    cases = [(SDPBackend.FLASH_ATTENTION, "enable_gqa"), (SDPBackend.FLASH_ATTENTION, "repeat_kv"),
+             (SDPBackend.CUDNN_ATTENTION, "enable_gqa"), (SDPBackend.CUDNN_ATTENTION, "repeat_kv"),
+             (SDPBackend.EFFICIENT_ATTENTION, "enable_gqa")]
+    for batch, seq in ((1, 2048), (4, 512), (4, 2048)):
+        q = torch.randn(batch, 32, seq, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k, v = (torch.randn(batch, 8, seq, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                for _ in range(2))
+        grad = torch.randn_like(q)
+        with torch.no_grad():
+            reference = _sdpa_case(SDPBackend.FLASH_ATTENTION, "enable_gqa", q, k, v)()
+        for backend, gqa in cases:
+            row = {"batch x seq": f"{batch}x{seq}", "backend": f"{backend.name} ({gqa})"}
+            call = _sdpa_case(backend, gqa, q, k, v)
+            try:
+                with torch.no_grad():
+                    row["max_abs_diff_vs_flash"] = (call() - reference).abs().max().item()
+                    row["forward_ms"] = median_ms(call)
+                row["fwd_bwd_ms"] = median_ms(lambda: call().backward(grad))
+            except RuntimeError as error:  # a backend that refuses these inputs
+                row["error"] = str(error).splitlines()[0][:80]
+            rows.append(row)
+
+
 def time_mlp(rows):
     for m in (512, 2048, 8192):
         mlp = make_lora_nf4_mlp(4096, 14336, dtype=torch.bfloat16, device="cuda")
@@ -504,8 +549,9 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="kernels.md")
     parser.add_argument("--skip", nargs="*", default=[],
-                        help="sections to skip: correctness dequant crossover lora rmsnorm add_rms_norm mlp rope loss host lora_grads "
-                             "swiglu low_rank_add")
+                        help="sections to skip: correctness dequant crossover lora rmsnorm add_rms_norm mlp rope "
+                             "attention loss host lora_grads swiglu low_rank_add")
+    parser.add_argument("--only", nargs="*", default=None, help="sections to run (default: all but --skip)")
     args = parser.parse_args()
     import bitsandbytes, peft
     header = (f"Date {datetime.date.today()}, GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, "
@@ -520,6 +566,7 @@ def main():
                 ("mlp", "SwiGLU MLP forward+backward, LoRA r=16 on NF4 gate/up/down, bf16 (median ms, peak MiB)",
                  time_mlp),
                 ("rope", "Rotary embedding of q and k forward+backward, bf16 (median ms)", time_rope),
+                ("attention", "Causal SDPA per backend, Llama-3-8B heads, bf16 (median ms)", time_attention),
                 ("loss", "LM loss forward+backward, hidden 4096, vocab 128256, bf16 (median ms, peak MiB)",
                  time_loss),
                 ("host", "Host cost per call, tiny inputs (wall us per call, back-to-back)", time_host),
@@ -529,7 +576,7 @@ def main():
                 ("low_rank_add", "LoRA term added in place, r=16 bf16 (median ms)", time_low_rank_add)]
     report, results = header, {}
     for key, title, fn in sections:
-        if key in args.skip:
+        if key in args.skip or (args.only is not None and key not in args.only):
             continue
         rows = []
         started = time.time()
