@@ -249,10 +249,11 @@ def _has_hooks(module) -> bool:
 @torch.compiler.disable
 def _fused_mlp_forward(self, x):
     """The whole SwiGLU MLP in one Function when its three projections can take the fused path with the
-    same adapter and no dropout; otherwise the stock MLP forward (each projection then decides alone)."""
+    same adapter and no dropout, and one rank (the SwiGLU kernels add their terms with one); otherwise
+    the stock MLP forward (each projection then decides alone)."""
     projections = [self._modules[p] for p in _MLP_PROJECTIONS]
     found = _fused_group(projections, uncalled=projections)
-    if found is None:
+    if found is None or len({f.lora_a.shape[0] for f in found}) != 1:
         return _previous_forward(self)(x)
     output_needed = not (recomputing() and vars(self).get(_OUTPUT_ONLY_TO_RESIDUAL, False))
     return lora_nf4_mlp(x, *(f[1:] for f in found), compute_dtype=_compute_dtype(projections[0], x),

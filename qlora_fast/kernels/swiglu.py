@@ -3,11 +3,12 @@ on the fly, and torch's roundings: silu(g) is rounded to g's dtype before the pr
 `act_fn(gate) * up` computes it in two ops). On the GPU the plain kernels match torch bit for bit in
 bf16; in fp16 a few elements differ by one ulp (Triton's exp vs CUDA's expf).
 
-The LoRA terms s * xa @ B^T of gate and up (forward) and of dh (backward) are added here, tile by tile
+The LoRA terms s * xa @ B^T of gate and up and of dh (backward) are added here, tile by tile
 (kernels/low_rank.py), instead of by an in-place addmm_ over each (tokens x intermediate) tensor.
-Forward reads the GEMMs' g and u and writes h (and, when backward will need them, g and u with their
-LoRA terms, in place); backward reads dh (its LoRA term added likewise), g and u, and overwrites them
-with h (recomputed for the down projection's LoRA gradient), dg and du, so it needs no extra memory.
+Forward reads the GEMMs' g and u and writes h; backward reads dh, g and u, adds the same three terms
+(the gate and up terms again, rounded as forward rounded them: writing g and u back with their terms
+in forward would cost two more (tokens x intermediate) writes), and overwrites them with h
+(recomputed for the down projection's LoRA gradient), dg and du, so it needs no extra memory.
 """
 
 import torch
@@ -29,8 +30,7 @@ def _silu_rounded(g, dtype: tl.constexpr, SOFTWARE_RTNE: tl.constexpr):
 def _swiglu_forward_kernel(g_ptr, u_ptr, h_ptr, n_rows, n_cols, rank,
                            xa_g_ptr, b_g_ptr, s_g, g_sxm, g_sxr, g_sbn, g_sbr,
                            xa_u_ptr, b_u_ptr, s_u, u_sxm, u_sxr, u_sbn, u_sbr,
-                           GATE_TERM: tl.constexpr, UP_TERM: tl.constexpr, WRITE_INPUTS: tl.constexpr,
-                           R: tl.constexpr, UPCAST_DOT: tl.constexpr, SOFTWARE_RTNE: tl.constexpr,
+                           GATE_TERM: tl.constexpr, UP_TERM: tl.constexpr, R: tl.constexpr, UPCAST_DOT: tl.constexpr, SOFTWARE_RTNE: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows, cols, offs, mask = tile(n_rows, n_cols, n_cols, BLOCK_M, BLOCK_N)
     dtype: tl.constexpr = h_ptr.dtype.element_ty
@@ -38,24 +38,27 @@ def _swiglu_forward_kernel(g_ptr, u_ptr, h_ptr, n_rows, n_cols, rank,
                       s_g, g_sxm, g_sxr, g_sbn, g_sbr, GATE_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, dtype)
     u = plus_low_rank(load_fp32(u_ptr, offs, mask), rows, cols, n_rows, n_cols, rank, xa_u_ptr, b_u_ptr,
                       s_u, u_sxm, u_sxr, u_sbn, u_sbr, UP_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, dtype)
-    if WRITE_INPUTS:  # backward reads the projections' outputs with their LoRA terms
-        tl.store(g_ptr + offs, g.to(dtype), mask=mask)
-        tl.store(u_ptr + offs, u.to(dtype), mask=mask)
     _, silu = _silu_rounded(g, dtype, SOFTWARE_RTNE)
     tl.store(h_ptr + offs, round_fp32_to(silu * u, dtype, SOFTWARE_RTNE), mask=mask)
 
 
 @triton.jit
-def _swiglu_backward_kernel(dh_ptr, g_ptr, u_ptr, n_rows, n_cols, rank, xa_ptr, b_ptr, scale,
-                            stride_xm, stride_xr, stride_bn, stride_br,
-                            DH_TERM: tl.constexpr, R: tl.constexpr, UPCAST_DOT: tl.constexpr,
+def _swiglu_backward_kernel(dh_ptr, g_ptr, u_ptr, n_rows, n_cols, rank,
+                            xa_ptr, b_ptr, scale, stride_xm, stride_xr, stride_bn, stride_br,
+                            xa_g_ptr, b_g_ptr, s_g, g_sxm, g_sxr, g_sbn, g_sbr,
+                            xa_u_ptr, b_u_ptr, s_u, u_sxm, u_sxr, u_sbn, u_sbr,
+                            DH_TERM: tl.constexpr, GATE_TERM: tl.constexpr, UP_TERM: tl.constexpr,
+                            R: tl.constexpr, UPCAST_DOT: tl.constexpr,
                             SOFTWARE_RTNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # In place: dh_ptr <- h, g_ptr <- dg, u_ptr <- du. Each element is read before it is overwritten.
     rows, cols, offs, mask = tile(n_rows, n_cols, n_cols, BLOCK_M, BLOCK_N)
     dtype: tl.constexpr = dh_ptr.dtype.element_ty
     dh = plus_low_rank(load_fp32(dh_ptr, offs, mask), rows, cols, n_rows, n_cols, rank, xa_ptr, b_ptr, scale,
                        stride_xm, stride_xr, stride_bn, stride_br, DH_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, dtype)
-    g, u = load_fp32(g_ptr, offs, mask), load_fp32(u_ptr, offs, mask)
+    g = plus_low_rank(load_fp32(g_ptr, offs, mask), rows, cols, n_rows, n_cols, rank, xa_g_ptr, b_g_ptr,
+                      s_g, g_sxm, g_sxr, g_sbn, g_sbr, GATE_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, dtype)
+    u = plus_low_rank(load_fp32(u_ptr, offs, mask), rows, cols, n_rows, n_cols, rank, xa_u_ptr, b_u_ptr,
+                      s_u, u_sxm, u_sxr, u_sbn, u_sbr, UP_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, dtype)
     sig, silu = _silu_rounded(g, dtype, SOFTWARE_RTNE)
     d_silu = round_fp32_to(dh * u, dtype, SOFTWARE_RTNE).to(tl.float32)
     dg = d_silu * sig * (1.0 + g * (1.0 - sig))
@@ -72,29 +75,26 @@ def _check(*tensors):
 
 
 def swiglu_forward(g: torch.Tensor, u: torch.Tensor, gate_term: LowRank | None = None,
-                   up_term: LowRank | None = None, write_inputs: bool = False,
-                   meta: dict = CANDIDATE_META[0]) -> torch.Tensor:
-    """silu(g + gate_term) * (u + up_term) in g's dtype; with `write_inputs`, g and u are overwritten
-    with g + gate_term and u + up_term (each rounded once, as addmm_ would)."""
+                   up_term: LowRank | None = None, meta: dict = CANDIDATE_META[0]) -> torch.Tensor:
+    """silu(g + gate_term) * (u + up_term) in g's dtype, each sum rounded once (as addmm_ would)."""
     _check(g, u)
     h = torch.empty_like(g)
     terms = (*term_args(gate_term, g), *term_args(up_term, u))
     launch_tiles(_swiglu_forward_kernel, g.view(-1, g.shape[-1]), (gate_term, up_term), meta, g, u, h,
-                 term_args=terms, GATE_TERM=gate_term is not None, UP_TERM=up_term is not None,
-                 WRITE_INPUTS=write_inputs)
-    if write_inputs:
-        for t in (g, u):
-            torch.autograd.graph.increment_version(t)
+                 term_args=terms, GATE_TERM=gate_term is not None, UP_TERM=up_term is not None)
     return h
 
 
 def swiglu_backward_(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, dh_term: LowRank | None = None,
+                     gate_term: LowRank | None = None, up_term: LowRank | None = None,
                      meta: dict = CANDIDATE_META[0]):
-    """Overwrites (dh, g, u) with (h, dg, du) of the SwiGLU whose output gradient is dh + dh_term, and
-    returns them in that order."""
+    """Overwrites (dh, g, u) with (h, dg, du) of the SwiGLU h = silu(g + gate_term) * (u + up_term) whose
+    output gradient is dh + dh_term, and returns them in that order."""
     _check(dh, g, u)
-    launch_tiles(_swiglu_backward_kernel, g.view(-1, g.shape[-1]), (dh_term,), meta, dh, g, u,
-                 term_args=term_args(dh_term, dh), DH_TERM=dh_term is not None)
+    terms = (*term_args(dh_term, dh), *term_args(gate_term, g), *term_args(up_term, u))
+    launch_tiles(_swiglu_backward_kernel, g.view(-1, g.shape[-1]), (dh_term, gate_term, up_term), meta,
+                 dh, g, u, term_args=terms, DH_TERM=dh_term is not None, GATE_TERM=gate_term is not None,
+                 UP_TERM=up_term is not None)
     for t in (dh, g, u):  # Triton wrote them behind autograd's back: a later reader of the old values fails loudly
         torch.autograd.graph.increment_version(t)
     return dh, g, u

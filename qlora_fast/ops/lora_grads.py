@@ -1,7 +1,10 @@
-"""The adapter gradients of one LoRA projection y = x @ W^T + s * (x @ A^T) @ B^T, shared by the fused
-linear and MLP Functions."""
+"""The adapter gradients of LoRA projections y = x @ W^T + s * (x @ A^T) @ B^T, and their LoRA terms of
+dX, shared by the fused linear, MLP and q/k/v Functions."""
 
 import torch
+
+from ..kernels.low_rank import LowRank
+from ..kernels.low_rank_add import low_rank_add_
 
 
 def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float, out_dtype: torch.dtype | None = None):
@@ -18,3 +21,23 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float, out_dtype: torch.d
 def lora_grads(dy, dy_b, x, xa, scaling: float, dtypes) -> tuple:
     """(dA, dB) = (s * (dY @ B)^T @ x, s * dY^T @ (x @ A^T)) in the adapters' dtypes."""
     return scaled_mm(dy_b.t(), x, scaling, dtypes[0]), scaled_mm(dy.t(), xa, scaling, dtypes[1])
+
+
+def _one_scaling(scalings) -> bool:
+    return len(set(scalings)) == 1
+
+
+def shared_input_a_grads(dy_b, x, ranks, scalings, dtypes) -> list:
+    """dA_i = s_i * (dY_i @ B_i)^T @ x of projections of one input x, with the dY_i @ B_i side by side
+    in dy_b: one GEMM for all of them where they share a scaling and a dtype."""
+    if _one_scaling(scalings) and len(set(dtypes)) == 1:
+        return list(scaled_mm(dy_b.t(), x, scalings[0], dtypes[0]).split(ranks))
+    return [scaled_mm(part.t(), x, s, dtype) for part, s, dtype in zip(dy_b.split(ranks, 1), scalings, dtypes)]
+
+
+def add_shared_input_terms_(grad_x, dy_b, a_stacked, ranks, scalings) -> torch.Tensor:
+    """grad_x += sum_i s_i * (dY_i @ B_i) @ A_i in one pass, the dY_i @ B_i side by side in dy_b and the
+    A_i row-stacked in a_stacked; several scalings ride on a scaled copy of the (small) A_i."""
+    if not _one_scaling(scalings):
+        a_stacked = torch.cat([a * s for a, s in zip(a_stacked.split(ranks), scalings)])
+    return low_rank_add_(grad_x, LowRank(dy_b, a_stacked.t(), scalings[0] if _one_scaling(scalings) else 1.0))

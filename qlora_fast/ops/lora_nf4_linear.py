@@ -10,6 +10,7 @@ import torch
 from ..kernels.low_rank import LowRank
 from ..kernels.low_rank_add import low_rank_add_
 from ..nf4 import NF4Weight
+from .adapters import adapters_in
 from .forward_only import apply
 from .lora_grads import scaled_mm
 from .nf4_linear import nf4_linear, nf4_linear_input_grad
@@ -21,8 +22,7 @@ class LoRANF4LinearFunction(torch.autograd.Function):
         out_dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype)
         xl2 = x2 if x_lora is x else x_lora.reshape(-1, x_lora.shape[-1]).to(compute_dtype)
-        a = lora_a.to(compute_dtype)
-        b = lora_b.to(compute_dtype)
+        a, b = adapters_in(compute_dtype, lora_a, lora_b)
         y = nf4_linear(x2, weight)
         if bias is not None:
             y += bias.to(compute_dtype)

@@ -1,11 +1,12 @@
 """The fused QLoRA SwiGLU MLP: down(silu(gate(x)) * up(x)), each projection an NF4 weight plus LoRA, in
 one autograd Function.
 
-Saves x, the gate and up outputs g and u, and the rank-r products x @ A_gate^T, x @ A_up^T and
-h @ A_down^T: never h = silu(g) * u, silu(g) or a dequantized weight. The LoRA terms of gate and up
-(forward) and of the down projection's input gradient dh (backward) are added inside the SwiGLU kernels,
-not by an in-place GEMM over each (tokens x intermediate) tensor. Backward recomputes h inside the
-SwiGLU backward kernel, which overwrites g and u with their gradients, so no (tokens x intermediate)
+Saves x, the gate and up outputs g and u, and the rank-r products x @ A_gate^T, x @ A_up^T (one GEMM)
+and h @ A_down^T: never h = silu(g) * u, silu(g) or a dequantized weight. The six adapters are cast by
+one launch (ops/adapters.py). The LoRA terms of gate and up (forward
+and backward) and of the down projection's input gradient dh (backward) are added inside the SwiGLU
+kernels, not by an in-place GEMM over each (tokens x intermediate) tensor. Backward recomputes h inside
+the SwiGLU backward kernel, which overwrites g and u with their gradients, so no (tokens x intermediate)
 tensor is allocated beyond dh. One Function per MLP instead of three LoRA layers and two elementwise ops
 also means fewer host calls per layer, which is what small batches are bound by.
 
@@ -20,8 +21,9 @@ from ..kernels.low_rank import LowRank
 from ..kernels.low_rank_add import low_rank_add_
 from ..kernels.swiglu import swiglu_backward_, swiglu_forward
 from ..nf4 import NF4Weight
+from .adapters import adapters_in, stacked_rows
 from .forward_only import apply
-from .lora_grads import lora_grads
+from .lora_grads import add_shared_input_terms_, lora_grads, scaled_mm, shared_input_a_grads
 from .nf4_linear import nf4_linear, nf4_linear_input_grad
 
 
@@ -33,34 +35,32 @@ def _lora_project(x2, xa, weight: NF4Weight, lora_b, scaling: float):
 class LoRANF4MLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gate_a, gate_b, up_a, up_b, down_a, down_b, weights, scalings, compute_dtype,
-                output_needed=True, backward_needed=True):
+                output_needed=True):
         w_gate, w_up, w_down = weights
         s_gate, s_up, s_down = scalings
-        lora = (gate_a, gate_b, up_a, up_b, down_a, down_b)
-        ctx.lora_dtypes = [t.dtype for t in lora]
-        gate_a, gate_b, up_a, up_b, down_a, down_b = lora = [t.to(compute_dtype) for t in lora]
+        ctx.lora_dtypes = [t.dtype for t in (gate_a, gate_b, up_a, up_b, down_a, down_b)]
+        gate_a, up_a, gate_b, up_b, down_a, down_b = adapters_in(compute_dtype, gate_a, up_a, gate_b, up_b,
+                                                                 down_a, down_b)
+        gate_up_a = stacked_rows((gate_a, up_a))
         x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype)
 
-        xa_gate = x2 @ gate_a.t()
-        xa_up = x2 @ up_a.t()
+        xa_gate, xa_up = (x2 @ gate_up_a.t()).split([gate_a.shape[0], up_a.shape[0]], 1)
         g, u = nf4_linear(x2, w_gate), nf4_linear(x2, w_up)
-        # g and u keep their LoRA terms only where backward will read them
-        h = swiglu_forward(g, u, LowRank(xa_gate, gate_b, s_gate), LowRank(xa_up, up_b, s_up),
-                           write_inputs=backward_needed)
+        h = swiglu_forward(g, u, LowRank(xa_gate, gate_b, s_gate), LowRank(xa_up, up_b, s_up))
         ha_down = h @ down_a.t()
         if output_needed:
             y = _lora_project(h, ha_down, w_down, down_b, s_down)
         else:
             y = x2.new_empty(x2.shape[0], w_down.shape[0])
 
-        ctx.save_for_backward(x2, xa_gate, xa_up, g, u, ha_down, *lora)
+        ctx.save_for_backward(x2, xa_gate, xa_up, g, u, ha_down, gate_up_a, gate_b, up_b, down_a, down_b)
         ctx.weights, ctx.scalings = weights, scalings
         ctx.x_meta = (x.shape, x.dtype)
         return y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2, xa_gate, xa_up, g, u, ha_down, gate_a, gate_b, up_a, up_b, down_a, down_b = ctx.saved_tensors
+        x2, xa_gate, xa_up, g, u, ha_down, gate_up_a, gate_b, up_b, down_a, down_b = ctx.saved_tensors
         w_gate, w_up, w_down = ctx.weights
         s_gate, s_up, s_down = ctx.scalings
         dtypes = ctx.lora_dtypes
@@ -68,28 +68,28 @@ class LoRANF4MLPFunction(torch.autograd.Function):
 
         dy_b = dy @ down_b
         dh = nf4_linear_input_grad(dy, w_down)
-        h, dg, du = swiglu_backward_(dh, g, u, LowRank(dy_b, down_a.t(), s_down))
+        h, dg, du = swiglu_backward_(dh, g, u, LowRank(dy_b, down_a.t(), s_down),
+                                     LowRank(xa_gate, gate_b, s_gate), LowRank(xa_up, up_b, s_up))
         grad_down = lora_grads(dy, dy_b, h, ha_down, s_down, dtypes[4:6])
         del h, dh
 
-        # [dg @ B_gate | du @ B_up] side by side: with one scaling, one pass adds both LoRA terms to dX
-        dgu_b = dg.new_empty(dg.shape[0], gate_b.shape[1] + up_b.shape[1])
-        dg_b, du_b = dgu_b.split([gate_b.shape[1], up_b.shape[1]], 1)
+        # [dg @ B_gate | du @ B_up] side by side: one GEMM for both A gradients (with one scaling) and one
+        # pass for both LoRA terms of dX
+        ranks = [gate_b.shape[1], up_b.shape[1]]
+        dgu_b = dg.new_empty(dg.shape[0], sum(ranks))
+        dg_b, du_b = dgu_b.split(ranks, 1)
         torch.mm(dg, gate_b, out=dg_b)
         torch.mm(du, up_b, out=du_b)
-        grad_gate = lora_grads(dg, dg_b, x2, xa_gate, s_gate, dtypes[0:2])
-        grad_up = lora_grads(du, du_b, x2, xa_up, s_up, dtypes[2:4])
+        grad_gate_a, grad_up_a = shared_input_a_grads(dgu_b, x2, ranks, (s_gate, s_up), (dtypes[0], dtypes[2]))
+        grad_gate = grad_gate_a, scaled_mm(dg.t(), xa_gate, s_gate, dtypes[1])
+        grad_up = grad_up_a, scaled_mm(du.t(), xa_up, s_up, dtypes[3])
 
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = nf4_linear_input_grad(du, w_up, accumulate=nf4_linear_input_grad(dg, w_gate))
-            if s_gate == s_up:
-                low_rank_add_(grad_x, LowRank(dgu_b, torch.cat([gate_a, up_a]).t(), s_gate))
-            else:
-                low_rank_add_(grad_x, LowRank(dg_b, gate_a.t(), s_gate))
-                low_rank_add_(grad_x, LowRank(du_b, up_a.t(), s_up))
+            add_shared_input_terms_(grad_x, dgu_b, gate_up_a, ranks, (s_gate, s_up))
             grad_x = grad_x.view(ctx.x_meta[0]).to(ctx.x_meta[1])
-        return (grad_x, *grad_gate, *grad_up, *grad_down, None, None, None, None, None)
+        return (grad_x, *grad_gate, *grad_up, *grad_down, None, None, None, None)
 
 
 def lora_nf4_mlp(x, gate, up, down, compute_dtype=None, output_needed=True):
@@ -97,4 +97,4 @@ def lora_nf4_mlp(x, gate, up, down, compute_dtype=None, output_needed=True):
     projection; `compute_dtype` defaults to x's dtype."""
     (gate_a, gate_b, s_gate, w_gate), (up_a, up_b, s_up, w_up), (down_a, down_b, s_down, w_down) = gate, up, down
     return apply(LoRANF4MLPFunction, x, gate_a, gate_b, up_a, up_b, down_a, down_b, (w_gate, w_up, w_down),
-                 (s_gate, s_up, s_down), compute_dtype or x.dtype, output_needed, torch.is_grad_enabled())
+                 (s_gate, s_up, s_down), compute_dtype or x.dtype, output_needed)

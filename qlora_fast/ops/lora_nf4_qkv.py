@@ -1,10 +1,12 @@
 """The q, k and v projections of one attention layer, each an NF4 weight plus LoRA, in one autograd Function.
 
 The three weights are dequantized into one stacked (q_out + k_out + v_out, hidden) buffer, so one GEMM
-gives [q | k | v] and one more gives x @ [A_q; A_k; A_v]^T; each LoRA term is added in place into its
-column block (kernels/low_rank_add.py). Backward mirrors it: one GEMM for dX through the stacked weight,
-and one pass adds the three LoRA terms to it. Against three LoRA layers that is fewer launches and one
-Function instead of three, which is what batches of a few thousand tokens are bound by. Saves x, x @ A^T and the compute-dtype adapters; never a dequantized weight.
+gives [q | k | v] and one more gives x @ [A_q; A_k; A_v]^T (the six adapters cast by one launch,
+ops/adapters.py); each LoRA term is added in place into its column block (kernels/low_rank_add.py).
+Backward mirrors it: one GEMM for dX through the stacked weight, one pass adds the three LoRA terms to
+it, and with one scaling one GEMM gives the three A gradients. Against three LoRA layers that is fewer
+launches and one Function instead of three, which is what batches of a few thousand tokens are bound
+by. Saves x, x @ A^T and the compute-dtype adapters; never a dequantized weight.
 """
 
 import torch
@@ -12,8 +14,9 @@ import torch
 from ..kernels.low_rank import LowRank
 from ..kernels.low_rank_add import low_rank_add_
 from ..kernels.nf4_dequantize import nf4_dequantize
+from .adapters import adapters_in, stacked_rows
 from .forward_only import apply
-from .lora_grads import lora_grads
+from .lora_grads import add_shared_input_terms_, scaled_mm, shared_input_a_grads
 
 
 def _dequantize_stacked(weights, dtype: torch.dtype) -> torch.Tensor:
@@ -33,8 +36,8 @@ class LoRANF4QKVFunction(torch.autograd.Function):
         ctx.out_features = [w.shape[0] for w in weights]
         ctx.ranks = [a.shape[0] for a in lora_a]
         x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype)
-        a_all = torch.cat(lora_a).to(compute_dtype)
-        b_all = [b.to(compute_dtype) for b in lora_b]
+        *a_each, b_q, b_k, b_v = adapters_in(compute_dtype, *lora_a, *lora_b)
+        a_all, b_all = stacked_rows(a_each), (b_q, b_k, b_v)
 
         y = x2 @ _dequantize_stacked(weights, compute_dtype).t()
         xa = x2 @ a_all.t()
@@ -53,24 +56,21 @@ class LoRANF4QKVFunction(torch.autograd.Function):
         x2, xa, a_all, *b_all = ctx.saved_tensors
         dy = torch.cat([g.reshape(-1, n) for g, n in zip((grad_q, grad_k, grad_v), ctx.out_features)], 1)
         dy = dy.to(x2.dtype)
-        # [dy_q @ B_q | dy_k @ B_k | dy_v @ B_v] side by side, so that one GEMM adds all three LoRA terms to dX
+        # [dy_q @ B_q | dy_k @ B_k | dy_v @ B_v] side by side: one GEMM for the three A gradients (with one
+        # scaling) and one pass for the three LoRA terms of dX
         dy_b = dy.new_empty(dy.shape[0], sum(ctx.ranks))
-        adapter_grads = []
-        for dy_i, dy_b_i, xa_i, b_i, s_i, dtypes in zip(dy.split(ctx.out_features, 1), dy_b.split(ctx.ranks, 1),
-                                                        xa.split(ctx.ranks, 1), b_all, ctx.scalings,
-                                                        ctx.lora_dtypes):
+        for dy_i, dy_b_i, b_i in zip(dy.split(ctx.out_features, 1), dy_b.split(ctx.ranks, 1), b_all):
             torch.mm(dy_i, b_i, out=dy_b_i)
-            adapter_grads += lora_grads(dy_i, dy_b_i, x2, xa_i, s_i, dtypes)
+        grads_a = shared_input_a_grads(dy_b, x2, ctx.ranks, ctx.scalings, [d[0] for d in ctx.lora_dtypes])
+        grads_b = [scaled_mm(dy_i.t(), xa_i, s_i, dtypes[1]) for dy_i, xa_i, s_i, dtypes in
+                   zip(dy.split(ctx.out_features, 1), xa.split(ctx.ranks, 1), ctx.scalings, ctx.lora_dtypes)]
 
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = dy @ _dequantize_stacked(ctx.weights, dy.dtype)
-            if len(set(ctx.scalings)) == 1:
-                low_rank_add_(grad_x, LowRank(dy_b, a_all.t(), ctx.scalings[0]))
-            else:
-                scaled = torch.cat([a_i * s_i for a_i, s_i in zip(a_all.split(ctx.ranks), ctx.scalings)])
-                low_rank_add_(grad_x, LowRank(dy_b, scaled.t(), 1.0))
+            grad_x = add_shared_input_terms_(dy @ _dequantize_stacked(ctx.weights, dy.dtype), dy_b, a_all,
+                                             ctx.ranks, ctx.scalings)
             grad_x = grad_x.view(ctx.x_meta[0]).to(ctx.x_meta[1])
+        adapter_grads = [g for pair in zip(grads_a, grads_b) for g in pair]
         return (grad_x, *adapter_grads, None, None, None)
 
 

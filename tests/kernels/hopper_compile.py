@@ -84,8 +84,9 @@ def main():
         swiglu_forward(x, x)
         swiglu_backward_(x.clone(), x.clone(), x.clone())
         term = LowRank(torch.randn(8, 16, dtype=dtype), torch.randn(64, 16, dtype=dtype), 2.0)
-        swiglu_forward(x, x, term, term, write_inputs=True)
-        swiglu_backward_(x.clone(), x.clone(), x.clone(), LowRank(term.xa, term.b.t().contiguous().t(), 0.5))
+        swiglu_forward(x, x, term, term)
+        swiglu_backward_(x.clone(), x.clone(), x.clone(), LowRank(term.xa, term.b.t().contiguous().t(), 0.5),
+                         term, term)
         low_rank_add_(torch.randn(8, 96, dtype=dtype)[:, 16:80], term)
         q, k, cos = torch.randn(2, 4, 8, 16, dtype=dtype), torch.randn(2, 2, 8, 16, dtype=dtype), torch.randn(2, 8, 16, dtype=dtype)
         rope(q, k, cos, cos.clone())

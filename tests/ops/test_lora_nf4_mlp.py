@@ -87,3 +87,41 @@ def test_summary_names_the_fused_mlps():
     assert "(2 SwiGLU MLPs and 2 q/k/v triples fused whole)" in patch_model(model).summary()
     unpatch_model(model)
     assert "(2 SwiGLU MLPs fused whole)" in patch_model(model, fused_qkv=False).summary()
+
+
+def qlora_mlp_with_patterns(dtype, **patterns):
+    from peft import LoraConfig, get_peft_model
+
+    model = quantize_to_nf4_(random_causal_lm("tiny-llama", dtype), compute_dtype=dtype)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules="all-linear", **patterns))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    return model.train(), model.base_model.model.model.layers[0].mlp
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gate_and_up_with_different_scalings(dtype):
+    """Two scalings: the A gradients take a GEMM each and dX's LoRA terms ride on a scaled copy of A."""
+    model, mlp = qlora_mlp_with_patterns(dtype, alpha_pattern={"gate_proj": 64})
+    assert mlp.gate_proj.scaling["default"] != mlp.up_proj.scaling["default"]
+    x, grad_out = torch.randn(2, 9, 64, dtype=dtype), torch.randn(2, 9, 64, dtype=dtype)
+    y_ref, dx_ref, grads_ref, _ = forward_backward(mlp, x, grad_out)
+    patch_model(model)
+    y, dx, grads, grad_fn = forward_backward(mlp, x, grad_out)
+    assert grad_fn == "LoRANF4MLPFunctionBackward"
+    assert rel_err(y, y_ref) < TOLERANCE[dtype] and rel_err(dx, dx_ref) < TOLERANCE[dtype]
+    assert all(rel_err(grads[n], grads_ref[n]) < TOLERANCE[dtype] for n in grads_ref)
+
+
+def test_gate_and_up_of_different_ranks_go_one_projection_at_a_time():
+    """The SwiGLU kernel adds both terms with one rank: other ranks keep the fused layers, one by one."""
+    model, mlp = qlora_mlp_with_patterns(torch.float32, rank_pattern={"up_proj": 8})
+    x, grad_out = torch.randn(2, 9, 64), torch.randn(2, 9, 64)
+    y_ref, dx_ref, grads_ref, _ = forward_backward(mlp, x, grad_out)
+    patch_model(model)
+    y, dx, grads, grad_fn = forward_backward(mlp, x, grad_out)
+    assert grad_fn == "LoRANF4LinearFunctionBackward"
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(dx, dx_ref) < 1e-5
+    assert all(rel_err(grads[n], grads_ref[n]) < 1e-5 for n in grads_ref)
