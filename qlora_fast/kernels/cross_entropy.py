@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import INTERPRETER_TILE, INTERPRETING
+from ._utils import INTERPRETER_TILE, INTERPRETING, cdiv, next_power_of_2
 from .nf4_decode import round_fp32_to
 
 IGNORE_INDEX = -100
@@ -77,8 +77,8 @@ def cross_entropy_grad_(logits: torch.Tensor, targets: torch.Tensor, divisor: to
         raise ValueError("cross_entropy_grad_: logits rows must be contiguous")
     meta = _GPU_META
     if INTERPRETING:
-        block = min(triton.next_power_of_2(n_cols), INTERPRETER_TILE)
+        block = min(next_power_of_2(n_cols), INTERPRETER_TILE)
         meta = {"ROWS": max(1, INTERPRETER_TILE // block), "BLOCK": block}
-    _cross_entropy_kernel[(triton.cdiv(n_rows, meta["ROWS"]),)](
+    _cross_entropy_kernel[(cdiv(n_rows, meta["ROWS"]),)](
         logits, targets, losses, divisor, n_rows, n_cols, logits.stride(0), IGNORE_INDEX=IGNORE_INDEX,
         SOFTWARE_RTNE=INTERPRETING, **meta)

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import INTERPRETER_TILE, INTERPRETING
+from ._utils import INTERPRETER_TILE, INTERPRETING, cdiv, next_power_of_2
 from .nf4_decode import round_fp32_to
 
 
@@ -92,9 +92,9 @@ def launch_tiles(kernel, like: torch.Tensor, terms, meta: dict, *args, **constex
         raise ValueError("LoRA terms of different ranks in one launch")
     rank = ranks.pop() if ranks else 1
     if INTERPRETING:  # few, large programs: the interpreter pays per program
-        block_n = max(16, min(triton.next_power_of_2(cols), 1024))
+        block_n = max(16, min(next_power_of_2(cols), 1024))
         meta = dict(meta, BLOCK_N=block_n, BLOCK_M=max(16, INTERPRETER_TILE // block_n))
-    grid = (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(cols, meta["BLOCK_N"]))
-    kernel[grid](*args, rows, cols, rank, *constexprs.pop("term_args"), R=max(16, triton.next_power_of_2(rank)),
+    grid = (cdiv(rows, meta["BLOCK_M"]), cdiv(cols, meta["BLOCK_N"]))
+    kernel[grid](*args, rows, cols, rank, *constexprs.pop("term_args"), R=max(16, next_power_of_2(rank)),
                  UPCAST_DOT=INTERPRETING or like.dtype == torch.float32, SOFTWARE_RTNE=INTERPRETING,
                  **meta, **constexprs)

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ..nf4 import NF4Weight
-from ._utils import INTERPRETING
+from ._utils import INTERPRETING, cdiv
 from .nf4_decode import nf4_block_scale, round_fp32_to
 
 # Launch parameters, fixed rather than autotuned: tuning at the first call of each weight shape costs a
@@ -55,8 +55,8 @@ def nf4_dequantize(weight: NF4Weight, dtype: torch.dtype | None = None, out: tor
         out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
     elif out.shape != weight.shape or out.dtype != dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {tuple(weight.shape)} {dtype} tensor")
-    n_blocks = triton.cdiv(weight.numel, weight.blocksize)
-    _nf4_dequantize_kernel[(triton.cdiv(n_blocks, meta["BLOCKS_PER_PROGRAM"]),)](
+    n_blocks = cdiv(weight.numel, weight.blocksize)
+    _nf4_dequantize_kernel[(cdiv(n_blocks, meta["BLOCKS_PER_PROGRAM"]),)](
         *weight.kernel_tensors(), out, weight.numel,
         BLOCKSIZE=weight.blocksize, BLOCKSIZE2=weight.blocksize2, NESTED=weight.nested,
         SOFTWARE_RTNE=INTERPRETING,

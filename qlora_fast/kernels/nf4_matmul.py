@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ..nf4 import NF4Weight
-from ._utils import INTERPRETING, tuning_configs
+from ._utils import INTERPRETING, cdiv, tuning_configs
 from .nf4_decode import nf4_decode_elements, round_fp32_to
 
 
@@ -80,7 +80,7 @@ def nf4_matmul(a: torch.Tensor, weight: NF4Weight, transpose_weight: bool = True
         raise ValueError(f"expected a 2-D input with {reduce_dim} columns, got {tuple(a.shape)}")
     m = a.shape[0]
     out = torch.empty((m, out_dim), dtype=a.dtype, device=a.device)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(out_dim, meta["BLOCK_P"]),)
+    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(out_dim, meta["BLOCK_P"]),)
     _nf4_matmul_kernel[grid](
         a, *weight.kernel_tensors(), out,
         m, out_dim, reduce_dim, k, a.stride(0), a.stride(1), out.stride(0), out.stride(1),

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import INTERPRETER_TILE, INTERPRETING
+from ._utils import INTERPRETER_TILE, INTERPRETING, cdiv, next_power_of_2
 from .nf4_decode import round_fp32_to
 
 
@@ -68,11 +68,11 @@ def _rms_norm_backward_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, residual_grad_ptr,
 def _launch(n_rows: int, n_cols: int):
     """(grid, meta-parameters) for a (n_rows, n_cols) input: one row per program on the GPU (a 4096-wide
     row already fills a program; measured in bench/RESULTS.md), many in the interpreter."""
-    block = triton.next_power_of_2(n_cols)
+    block = next_power_of_2(n_cols)
     rows = max(1, INTERPRETER_TILE // block) if INTERPRETING else 1
     meta = {"BLOCK": block, "ROWS": rows, "num_warps": min(max(block // 256, 1), 16),
             "SOFTWARE_RTNE": INTERPRETING}
-    return (triton.cdiv(n_rows, rows),), meta
+    return (cdiv(n_rows, rows),), meta
 
 
 def rms_norm_forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float):

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import INTERPRETER_TILE, INTERPRETING
+from ._utils import INTERPRETER_TILE, INTERPRETING, cdiv, next_power_of_2
 from .nf4_decode import round_fp32_to
 
 
@@ -78,9 +78,9 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                          f"with one layout; got head_dim {head_dim}, cos {tuple(cos.shape)}")
     q_out, k_out = torch.empty_like(q), torch.empty_like(k)
     n_rows = batch * seq_len
-    q_block, k_block = triton.next_power_of_2(q_heads), triton.next_power_of_2(k_heads)
+    q_block, k_block = next_power_of_2(q_heads), next_power_of_2(k_heads)
     rows = max(1, INTERPRETER_TILE // (q_block * head_dim)) if INTERPRETING else 1
-    _rope_kernel[(triton.cdiv(n_rows, rows),)](
+    _rope_kernel[(cdiv(n_rows, rows),)](
         q, k, cos, sin, q_out, k_out, n_rows, seq_len, q_heads, k_heads,
         *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(), *cos.stride(),
         BACKWARD=backward, SOFTWARE_RTNE=INTERPRETING, ROWS=rows, Q_HEADS=q_block, K_HEADS=k_block,
