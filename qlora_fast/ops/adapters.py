@@ -13,9 +13,10 @@ import torch
 
 def adapters_in(dtype: torch.dtype, *tensors: torch.Tensor) -> list[torch.Tensor]:
     """Copies of `tensors` in `dtype`, laid out one after another in one new buffer."""
-    buffer = torch.empty(sum(t.numel() for t in tensors), dtype=dtype, device=tensors[0].device)
-    copies = [chunk.view(t.shape) for chunk, t in zip(buffer.split([t.numel() for t in tensors]), tensors)]
-    torch._foreach_copy_(copies, list(tensors))
+    sizes = [t.numel() for t in tensors]
+    buffer = torch.empty(sum(sizes), dtype=dtype, device=tensors[0].device)
+    copies = [chunk.view(t.shape) for chunk, t in zip(buffer.split_with_sizes(sizes), tensors)]
+    torch._foreach_copy_(copies, tensors)
     return copies
 
 
