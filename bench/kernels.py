@@ -26,7 +26,7 @@ from triton.testing import do_bench
 
 import bitsandbytes.functional as F
 from qlora_fast import patch_model
-from qlora_fast.kernels.nf4_dequantize import CANDIDATE_META, nf4_dequantize
+from qlora_fast.kernels.nf4_dequantize import CANDIDATE_META, nf4_dequantize, nf4_dequantize_stacked
 from qlora_fast.kernels.nf4_matmul import nf4_matmul
 from qlora_fast.kernels.low_rank import CANDIDATE_META as TILE_META
 from qlora_fast.kernels.low_rank import LowRank
@@ -66,6 +66,7 @@ def check_correctness(rows):
                     err = rel_err(nf4_matmul(a, w, transpose), ref_mm)
                     rows.append({"check": f"in-GEMM {'fwd' if transpose else 'bwd'} rel err", "shape": f"{n}x{k}",
                                  "dtype": dname, "nested": nested, "value": err, "ok": err < 1e-2})
+    rows.extend(_check_stacked_dequantize(dtype, dname) for dname, dtype in DTYPES.items())
     for dname, dtype in DTYPES.items():
         for (n, k) in [(4096, 4096), (333, 1000)][: 1 if dtype == torch.float16 else 2]:
             for dropout in (0.0, 0.1):
@@ -73,6 +74,20 @@ def check_correctness(rows):
         rows.append(_check_swiglu(dtype, dname))
         rows.append(_check_swiglu_lora(dtype, dname))
         rows.append(_check_mlp(dtype, dname))
+
+
+def _qkv_layers(dtype, nested=True, k=4096, heights=(4096, 1024, 1024)):
+    return [make_nf4_linear(n, k, dtype, nested, device="cuda") for n in heights]
+
+
+def _check_stacked_dequantize(dtype, dname):
+    """Llama-3-8B's q, k and v (and an odd-height trio) in one launch against bitsandbytes, one by one."""
+    ok = True
+    for heights, k in (((4096, 1024, 1024), 4096), ((333, 70, 1001), 515)):
+        layers = _qkv_layers(dtype, k=k, heights=heights)
+        ref = torch.cat([F.dequantize_4bit(l.weight.data, l.weight.quant_state) for l in layers])
+        ok &= torch.equal(nf4_dequantize_stacked([nf4_weight_from_bnb(l.weight) for l in layers], dtype), ref)
+    return {"check": "stacked q/k/v dequant bit-exact", "dtype": dname, "ok": bool(ok)}
 
 
 def _check_cross_entropy(dtype, dname, rows=300, vocab=128256):
@@ -244,6 +259,17 @@ def time_dequant(rows):
             moved = p.numel() + qs.absmax.numel() + n * k * out.element_size()
             rows.append({"shape": f"{n}x{k}", "dtype": dname, **{f"{key}_ms": v for key, v in times.items()},
                          "qlora_fast_GBps": moved / times["qlora_fast"] / 1e6})
+    for dname, dtype in DTYPES.items():  # Llama-3-8B's q, k, v: one launch, or one each into one buffer
+        weights = [nf4_weight_from_bnb(l.weight) for l in _qkv_layers(dtype)]
+        buffer = torch.empty(6144, 4096, dtype=dtype, device="cuda")
+        each = lambda: [nf4_dequantize(w, out=rows_) for w, rows_ in zip(weights, buffer.split([4096, 1024, 1024]))]
+        tiny = [nf4_weight_from_bnb(l.weight) for l in _qkv_layers(dtype, k=256, heights=(256, 64, 64))]
+        tiny_buffer = torch.empty(384, 256, dtype=dtype, device="cuda")
+        tiny_each = lambda: [nf4_dequantize(w, out=r) for w, r in zip(tiny, tiny_buffer.split([256, 64, 64]))]
+        rows.append({"shape": "q/k/v 4096+1024+1024 x 4096", "dtype": dname, "qlora_fast_ms": median_ms(each),
+                     "qlora_fast stacked_ms": median_ms(lambda: nf4_dequantize_stacked(weights, dtype)),
+                     "tiny q/k/v host us, stacked": host_us_per_call(lambda: nf4_dequantize_stacked(tiny, dtype)),
+                     "tiny q/k/v host us, three launches": host_us_per_call(tiny_each)})
 
 
 def _unsloth_fast_dequantize():

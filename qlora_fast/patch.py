@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import torch
 
+from .kernels.nf4_dequantize import stackable
 from .nf4 import NF4Weight, cached_nf4_weight, unsupported_reason
 from .ops.forward_only import apply
 from .ops.linear_cross_entropy import causal_lm_loss
@@ -317,7 +318,8 @@ def _fused_qkv_forward(q_proj, siblings, x):
     for their own calls on this same x; None where the three cannot take it now (then each goes alone)."""
     projections = (q_proj, *siblings)
     found = _fused_group(projections, uncalled=siblings)
-    if found is None or len({_compute_dtype(p, x) for p in projections}) != 1:
+    if (found is None or len({_compute_dtype(p, x) for p in projections}) != 1
+            or not stackable([f.weight for f in found])):
         return None
     q, k, v = lora_nf4_qkv(x, *(f[1:] for f in found), compute_dtype=_compute_dtype(q_proj, x))
     for projection, output in zip(siblings, (k, v)):

@@ -1,6 +1,7 @@
 """The q, k and v projections of one attention layer, each an NF4 weight plus LoRA, in one autograd Function.
 
-The three weights are dequantized into one stacked (q_out + k_out + v_out, hidden) buffer, so one GEMM
+The three weights are dequantized by one launch into one stacked (q_out + k_out + v_out, hidden) buffer
+(the weights must be `stackable`: patch.py checks), so one GEMM
 gives [q | k | v] and one more gives x @ [A_q; A_k; A_v]^T (the six adapters cast by one launch,
 ops/adapters.py); each LoRA term is added in place into its column block (kernels/low_rank_add.py).
 Backward mirrors it: one GEMM for dX through the stacked weight, one pass adds the three LoRA terms to
@@ -13,19 +14,10 @@ import torch
 
 from ..kernels.low_rank import LowRank
 from ..kernels.low_rank_add import low_rank_add_
-from ..kernels.nf4_dequantize import nf4_dequantize
+from ..kernels.nf4_dequantize import nf4_dequantize_stacked
 from .adapters import adapters_in, stacked_rows
 from .forward_only import apply
 from .lora_grads import add_shared_input_terms_, scaled_mm, shared_input_a_grads
-
-
-def _dequantize_stacked(weights, dtype: torch.dtype) -> torch.Tensor:
-    """The weights' rows one after another in one (sum of out_features, in_features) tensor."""
-    stacked = torch.empty(sum(w.shape[0] for w in weights), weights[0].shape[1], dtype=dtype,
-                          device=weights[0].device)
-    for weight, rows in zip(weights, stacked.split([w.shape[0] for w in weights])):
-        nf4_dequantize(weight, dtype, out=rows)
-    return stacked
 
 
 class LoRANF4QKVFunction(torch.autograd.Function):
@@ -39,7 +31,7 @@ class LoRANF4QKVFunction(torch.autograd.Function):
         *a_each, b_q, b_k, b_v = adapters_in(compute_dtype, *lora_a, *lora_b)
         a_all, b_all = stacked_rows(a_each), (b_q, b_k, b_v)
 
-        y = x2 @ _dequantize_stacked(weights, compute_dtype).t()
+        y = x2 @ nf4_dequantize_stacked(weights, compute_dtype).t()
         xa = x2 @ a_all.t()
         for y_i, xa_i, b_i, s_i in zip(y.split(ctx.out_features, 1), xa.split(ctx.ranks, 1), b_all, scalings):
             low_rank_add_(y_i, LowRank(xa_i, b_i, s_i))
@@ -67,7 +59,7 @@ class LoRANF4QKVFunction(torch.autograd.Function):
 
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = add_shared_input_terms_(dy @ _dequantize_stacked(ctx.weights, dy.dtype), dy_b, a_all,
+            grad_x = add_shared_input_terms_(dy @ nf4_dequantize_stacked(ctx.weights, dy.dtype), dy_b, a_all,
                                              ctx.ranks, ctx.scalings)
             grad_x = grad_x.view(ctx.x_meta[0]).to(ctx.x_meta[1])
         adapter_grads = [g for pair in zip(grads_a, grads_b) for g in pair]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-KERNELS = {"_nf4_dequantize_kernel", "_nf4_matmul_kernel", "_rms_norm_forward_kernel",
+KERNELS = {"_nf4_dequantize_kernel", "_nf4_dequantize_stacked_kernel", "_nf4_matmul_kernel", "_rms_norm_forward_kernel",
            "_rms_norm_backward_kernel", "_swiglu_forward_kernel", "_swiglu_backward_kernel", "_rope_kernel",
            "_cross_entropy_kernel", "_low_rank_add_kernel"}
 
@@ -25,7 +25,7 @@ def test_every_kernel_compiles_for_sm90(ptx_ops):
     assert set(ptx_ops) == KERNELS
 
 
-@pytest.mark.parametrize("kernel", ["_nf4_dequantize_kernel", "_rope_kernel"])
+@pytest.mark.parametrize("kernel", ["_nf4_dequantize_kernel", "_nf4_dequantize_stacked_kernel", "_rope_kernel"])
 def test_bit_exact_kernels_round_every_product(kernel, ptx_ops):
     """bitsandbytes and torch round a product before adding to it: a fused multiply-add would not."""
     assert not [op for op in ptx_ops[kernel] if op.startswith("fma")]

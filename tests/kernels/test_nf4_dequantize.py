@@ -3,7 +3,7 @@ import bitsandbytes.functional as F
 import pytest
 import torch
 
-from qlora_fast.kernels.nf4_dequantize import nf4_dequantize
+from qlora_fast.kernels.nf4_dequantize import nf4_dequantize, nf4_dequantize_stacked
 from qlora_fast.nf4 import nf4_weight_from_bnb
 from tests.helpers import reference_dequantize
 
@@ -58,3 +58,29 @@ def test_out_buffer_of_wrong_shape_is_refused():
     p = quantized((8, 64), torch.float16, False)
     with pytest.raises(ValueError, match="contiguous"):
         nf4_dequantize(nf4_weight_from_bnb(p), out=torch.empty(64, 8, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("nested", [True, False])
+def test_stacked_weights_in_one_launch_bit_exact(dtype, nested):
+    """q, k and v of unequal heights (one of them not a whole number of programs) under one another."""
+    params = [quantized((rows, 128), dtype, nested) for rows in (96, 40, 520)]
+    weights = [nf4_weight_from_bnb(p) for p in params]
+    stacked = nf4_dequantize_stacked(weights, dtype)
+    assert stacked.shape == (656, 128) and stacked.dtype == dtype
+    assert torch.equal(stacked, torch.cat([reference_dequantize(p) for p in params]))
+    assert nf4_dequantize_stacked(weights, dtype).equal(stacked)  # again, from the cached table
+
+
+def test_stacked_table_follows_the_weights():
+    params = [quantized((64, 64), torch.bfloat16, True) for _ in range(2)]
+    first = [nf4_weight_from_bnb(p) for p in params]
+    nf4_dequantize_stacked(first, torch.bfloat16)
+    other = [nf4_weight_from_bnb(quantized((64, 64), torch.bfloat16, True)), first[1]]
+    assert nf4_dequantize_stacked(other, torch.bfloat16)[:64].equal(nf4_dequantize(other[0]))
+
+
+def test_stacked_weights_must_agree():
+    a, b = quantized((64, 128), torch.bfloat16, True), quantized((64, 64), torch.bfloat16, True)
+    with pytest.raises(ValueError, match="differ"):
+        nf4_dequantize_stacked([nf4_weight_from_bnb(a), nf4_weight_from_bnb(b)], torch.bfloat16)
