@@ -444,7 +444,6 @@ def time_mlp(rows):
             row[f"{name}_ms"] = median_ms(lambda: _run_mlp(mlp, x, gy))
         row["speedup"] = row["peft_ms"] / row["qlora_fast_ms"]
         rows.append(row)
-        del mlp
 
 
 def time_rope(rows):

@@ -1,7 +1,5 @@
 import copy
 
-import torch
-
 from qlora_fast.nf4 import cached_nf4_weight
 from qlora_fast.testing import make_nf4_linear
 
