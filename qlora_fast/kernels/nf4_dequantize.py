@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ..nf4 import NF4Weight
-from ._utils import INTERPRETING, cdiv
+from ._utils import INTERPRETER_TILE, INTERPRETING, cdiv
 from .nf4_decode import nf4_block_scale, round_fp32_to
 
 # Launch parameters, fixed rather than autotuned: tuning at the first call of each weight shape costs a
@@ -82,6 +82,11 @@ def _nf4_dequantize_stacked_kernel(table_ptr, out_ptr, BLOCKSIZE: tl.constexpr, 
                            BLOCKSIZE, BLOCKSIZE2, NESTED, SOFTWARE_RTNE, BLOCKS_PER_PROGRAM)
 
 
+def _launch_meta(meta: dict, blocksize: int) -> dict:
+    """`meta`, or in the interpreter (which pays per program) programs of INTERPRETER_TILE elements."""
+    return dict(meta, BLOCKS_PER_PROGRAM=INTERPRETER_TILE // blocksize) if INTERPRETING else meta
+
+
 def nf4_dequantize(weight: NF4Weight, dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
                    meta: dict = CANDIDATE_META[0]):
     """The (out_features, in_features) weight in `dtype` (default: the dtype bitsandbytes would give);
@@ -91,6 +96,7 @@ def nf4_dequantize(weight: NF4Weight, dtype: torch.dtype | None = None, out: tor
         out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
     elif out.shape != weight.shape or out.dtype != dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {tuple(weight.shape)} {dtype} tensor")
+    meta = _launch_meta(meta, weight.blocksize)
     n_blocks = cdiv(weight.numel, weight.blocksize)
     _nf4_dequantize_kernel[(cdiv(n_blocks, meta["BLOCKS_PER_PROGRAM"]),)](
         *weight.kernel_tensors(), out, weight.numel,
@@ -136,6 +142,7 @@ def nf4_dequantize_stacked(weights, dtype: torch.dtype, meta: dict = CANDIDATE_M
         raise ValueError("nf4_dequantize_stacked: the weights differ in width, block sizes, double "
                          "quantization or device")
     first = weights[0]
+    meta = _launch_meta(meta, first.blocksize)
     out = torch.empty(sum(w.shape[0] for w in weights), first.shape[1], dtype=dtype, device=first.device)
     largest = max(w.numel for w in weights)
     grid = (cdiv(cdiv(largest, first.blocksize), meta["BLOCKS_PER_PROGRAM"]), len(weights))
