@@ -81,6 +81,10 @@ CANDIDATE_META = [
     {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4},
     {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8},
     {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8},
+    # ptxas (sm_90, from the CPU wheel) spills registers in SwiGLU's backward at the first three (~0.6 KB
+    # a thread); these two fit in registers: to be timed on the GPU (bench/NOTES.md, session 5)
+    {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8},
+    {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4},
 ]
 
 

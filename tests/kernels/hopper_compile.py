@@ -2,12 +2,16 @@
 
 Run as `python -m tests.kernels.hopper_compile`: each wrapper is called on small CPU tensors with
 Triton's launch replaced by a compile for sm_90 (Triton's compiler and ptxas ship in its wheel); prints,
-as JSON, each compiled kernel's name with the PTX instructions tests check. Nothing is launched.
+as JSON, each compiled kernel's name with the PTX instructions tests check ("ops") and the most bytes
+of registers ptxas spilled to local memory per thread in any of its compiled variants ("spills").
+Nothing is launched.
 """
 
 import json
 import os
 import re
+import subprocess
+import tempfile
 from collections import Counter
 
 os.environ["TRITON_INTERPRET"] = "0"  # before the kernels are defined: real JIT functions, not interpreted
@@ -15,6 +19,7 @@ os.environ["TRITON_INTERPRET"] = "0"  # before the kernels are defined: real JIT
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import KernelInterface  # noqa: E402
 
@@ -23,6 +28,7 @@ _OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
 _TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64",
                  torch.int32: "i32", torch.uint8: "u8", torch.int8: "i8"}
 compiled: dict = {}
+spills: dict = {}
 
 
 def _arg_type(value) -> str:
@@ -45,6 +51,17 @@ def _compile(fn, args, kwargs):
     kernel = triton.compile(triton.compiler.ASTSource(fn, signature, constexprs), target=HOPPER, options=options)
     ops = Counter(re.findall(r"^\s*((?:fma|add|sub|mul)\.rn\.[a-z0-9]+|fma\.[a-z0-9.]+)", kernel.asm["ptx"], re.M))
     compiled.setdefault(fn.__name__, Counter()).update(ops)
+    spills[fn.__name__] = max(spills.get(fn.__name__, 0), _spill_bytes(kernel.asm["ptx"]))
+
+
+def _spill_bytes(ptx: str) -> int:
+    """Bytes per thread ptxas stores to local memory for lack of registers (`ptxas -v`)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        report = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
+                                capture_output=True, text=True, check=True)
+    return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", report.stdout + report.stderr))
 
 
 def _compile_instead_of_launch(self, grid):
@@ -94,7 +111,7 @@ def main():
         rope(q, k, cos, cos.clone(), backward=True)
         cross_entropy_grad_(torch.randn(4, 100, dtype=dtype), torch.zeros(4, dtype=torch.int64),
                             torch.ones(()), torch.empty(4))
-    print(json.dumps({name: dict(ops) for name, ops in compiled.items()}))
+    print(json.dumps({"ops": {name: dict(ops) for name, ops in compiled.items()}, "spills": spills}))
 
 
 if __name__ == "__main__":
