@@ -40,7 +40,13 @@ def main():
     parser.add_argument("--timing-rounds", type=int, default=5, help="interleaved stock/patched timing rounds")
     parser.add_argument("--out", default="train_step.md")
     parser.add_argument("--variants", default=None, help="comma-separated names from VARIANTS (default: all)")
+    parser.add_argument("--tile-meta", type=int, default=0,
+                        help="index into kernels/low_rank.py's CANDIDATE_META: the tile kernels' launch for this run")
     args = parser.parse_args()
+    if args.tile_meta:  # the kernels' default argument is that dict itself: update it in place
+        from qlora_fast.kernels.low_rank import CANDIDATE_META
+
+        CANDIDATE_META[0].update(CANDIDATE_META[args.tile_meta])
 
     model = quantize_to_nf4_(random_causal_lm(args.shape, torch.bfloat16, "cuda"))
     model.config.use_cache = False
@@ -54,7 +60,8 @@ def main():
              f"triton {triton.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
              f"bitsandbytes {bitsandbytes.__version__}; model {args.shape} (random init, NF4 double quant, bf16), "
              f"LoRA r=16 all linear ({sum(p.numel() for p in adapters) / 1e6:.1f}M trainable parameters in "
-             f"{sorted({str(p.dtype) for p in adapters})}), gradient checkpointing; loss parity over {args.steps} AdamW steps, tokens/s "
+             f"{sorted({str(p.dtype) for p in adapters})}), gradient checkpointing; tile kernels' launch "
+             f"CANDIDATE_META[{args.tile_meta}]; loss parity over {args.steps} AdamW steps, tokens/s "
              f"from the median of {args.timing_rounds} interleaved stock/patched forward+backward rounds"
              "; the AdamW column times the loss-parity run's optimizer steps (2 to last), as "
              "bench/train_step_unsloth.py times unsloth's",
