@@ -22,7 +22,8 @@ class LoRANF4LinearFunction(torch.autograd.Function):
         out_dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype)
         xl2 = x2 if x_lora is x else x_lora.reshape(-1, x_lora.shape[-1]).to(compute_dtype)
-        a, b = adapters_in(compute_dtype, lora_a, lora_b)
+        a, b = (lora_a, lora_b) if lora_a.dtype == lora_b.dtype == compute_dtype else \
+            adapters_in(compute_dtype, lora_a, lora_b)
         y = nf4_linear(x2, weight)
         if bias is not None:
             y += bias.to(compute_dtype)
