@@ -212,12 +212,13 @@ def test_rope_option_keeps_loss_and_grads(shape):
     assert patched_keeps_loss_and_grads(model, ids, rope=True).rope
 
 
-@pytest.mark.parametrize("shape", ["tiny-llama", "tiny-qwen2", "tiny-mistral"])
-def test_rms_norm_option_keeps_loss_and_grads(shape):
+@pytest.mark.parametrize("shape,norms", [("tiny-llama", 5), ("tiny-qwen2", 5), ("tiny-mistral", 5),
+                                         ("tiny-qwen3", 9)])  # 2 layers x 2 + the final norm; Qwen3's q/k norms
+def test_rms_norm_option_keeps_loss_and_grads(shape, norms):
     model = tiny_qlora(shape).train()
     ids = torch.randint(0, 512, (2, 16))
     report = patched_keeps_loss_and_grads(model, ids, rms_norm=True)
-    assert report.rms_norms == 5 and "5 RMSNorms" in report.summary()  # 2 layers x 2 + the final norm
+    assert report.rms_norms == norms and f"{norms} RMSNorms" in report.summary()
     unpatch_model(model)
     assert not any("forward" in vars(m) for m in model.modules())
 
