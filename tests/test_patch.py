@@ -248,6 +248,21 @@ def test_add_norm_layers_give_the_same_bf16_loss_and_grads_bit_for_bit(shape, of
                    for m in model.modules())
 
 
+def test_generation_and_hidden_states_through_patched_layers():
+    """A KV cache through the patched decoder layers, and every layer's output (hidden states) read."""
+    model = tiny_qlora().eval()
+    ids, mask = torch.randint(0, 512, (2, 7)), torch.ones(2, 7, dtype=torch.long)
+    with torch.no_grad():
+        stock = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        stock_hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+        patch_model(model)
+        generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+    assert torch.equal(generated, stock)
+    assert len(hidden) == len(stock_hidden) == 3
+    assert all(rel_err(h, s) < 1e-5 for h, s in zip(hidden, stock_hidden))
+
+
 def test_recompute_leaves_the_layer_output_uncomputed(monkeypatch):
     model = _checkpointed_bf16_qlora("tiny-llama")
     patch_model(model, offload_checkpoints=True)
