@@ -4,8 +4,10 @@
 #   bash bench/lease_ab.sh kernels          # GPU bit-exactness + kernel timings of this tree (~4 min)
 #   bash bench/lease_ab.sh step             # train step, base tree then this tree (~8 min)
 #   bash bench/lease_ab.sh tiles            # this tree's step with the non-spilling tile launches
-#   bash bench/lease_ab.sh unsloth          # unsloth's step, same sizes and harness
+#   bash bench/lease_ab.sh unsloth          # unsloth's step and this tree's, same sizes and harness
 #
+# step and tiles step AdamW foreach, as the base tree's harness does; unsloth runs both libraries with
+# fused AdamW, what transformers' Trainer uses by default.
 # Runs in the repository root on the device machine with `.gpu` carried (site.tgz from
 # `WITH_PEERS=1 bash ../shared/gpu/make_site.sh`, base.tgz from `git archive BASE_REV | gzip`), and
 # writes its tables under $OUT. Each part fits one call's 10 minutes.
@@ -24,14 +26,16 @@ case "$part" in
     rm -rf /tmp/base && mkdir -p /tmp/base && tar xzf .gpu/base.tgz -C /tmp/base
     (cd /tmp/base && PYTHONPATH=/tmp/base:/tmp/site python bench/train_step.py "${steps[@]}" \
       --variants "+ RoPE kernel" --out "$out/step_base.md")
-    PYTHONPATH=$PWD:/tmp/site python bench/train_step.py "${steps[@]}" \
+    PYTHONPATH=$PWD:/tmp/site python bench/train_step.py "${steps[@]}" --optimizer foreach \
       --variants "+ RoPE kernel,+ residual add in RMSNorm" --out "$out/step_new.md" ;;
   tiles)
     for meta in 3 4; do
-      PYTHONPATH=$PWD:/tmp/site python bench/train_step.py "${steps[@]}" --tile-meta "$meta" \
-        --variants "+ residual add in RMSNorm" --out "$out/step_tiles_$meta.md"
+      PYTHONPATH=$PWD:/tmp/site python bench/train_step.py "${steps[@]}" --optimizer foreach \
+        --tile-meta "$meta" --variants "+ residual add in RMSNorm" --out "$out/step_tiles_$meta.md"
     done ;;
   unsloth)
-    PYTHONPATH=$PWD:/tmp/site python bench/train_step_unsloth.py --steps 10 --out "$out/unsloth.md" ;;
+    PYTHONPATH=$PWD:/tmp/site python bench/train_step_unsloth.py --steps 10 --out "$out/unsloth.md"
+    PYTHONPATH=$PWD:/tmp/site python bench/train_step.py --steps 10 --timing-rounds 3 \
+      --variants "+ residual add in RMSNorm" --out "$out/step_fused_adamw.md" ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac

@@ -14,7 +14,7 @@ import torch
 import transformers
 import triton
 
-from qlora_fast.harness.compare import compare_stock_and_patched
+from qlora_fast.harness.compare import OPTIMIZERS, compare_stock_and_patched
 from qlora_fast.harness.models import add_lora, quantize_to_nf4_, random_causal_lm
 from qlora_fast.harness.run import random_batches
 
@@ -40,6 +40,8 @@ def main():
     parser.add_argument("--timing-rounds", type=int, default=5, help="interleaved stock/patched timing rounds")
     parser.add_argument("--out", default="train_step.md")
     parser.add_argument("--variants", default=None, help="comma-separated names from VARIANTS (default: all)")
+    parser.add_argument("--optimizer", default="fused", choices=sorted(OPTIMIZERS),
+                        help="AdamW fused (Trainer's default) or foreach (figures through session 4)")
     parser.add_argument("--tile-meta", type=int, default=0,
                         help="index into kernels/low_rank.py's CANDIDATE_META: the tile kernels' launch for this run")
     args = parser.parse_args()
@@ -61,7 +63,7 @@ def main():
              f"bitsandbytes {bitsandbytes.__version__}; model {args.shape} (random init, NF4 double quant, bf16), "
              f"LoRA r=16 all linear ({sum(p.numel() for p in adapters) / 1e6:.1f}M trainable parameters in "
              f"{sorted({str(p.dtype) for p in adapters})}), gradient checkpointing; tile kernels' launch "
-             f"CANDIDATE_META[{args.tile_meta}]; loss parity over {args.steps} AdamW steps, tokens/s "
+             f"CANDIDATE_META[{args.tile_meta}]; loss parity over {args.steps} AdamW ({args.optimizer}) steps, tokens/s "
              f"from the median of {args.timing_rounds} interleaved stock/patched forward+backward rounds"
              "; the AdamW column times the loss-parity run's optimizer steps (2 to last), as "
              "bench/train_step_unsloth.py times unsloth's",
@@ -73,6 +75,7 @@ def main():
         batches = random_batches(vocab, size, args.steps)
         for variant in chosen:
             c = compare_stock_and_patched(model, batches, torch.bfloat16, timing_rounds=args.timing_rounds,
+                                          optimizer=args.optimizer,
                                           **VARIANTS[variant])
             lines.append(f"| {size} | {variant} | {c.tokens_per_second('stock'):.0f} | "
                          f"{c.tokens_per_second('patched'):.0f} | "

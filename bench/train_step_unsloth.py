@@ -14,7 +14,7 @@ import tempfile
 
 import torch
 
-from qlora_fast.harness.compare import train_steps
+from qlora_fast.harness.compare import OPTIMIZERS, train_steps
 from qlora_fast.harness.models import byte_tokenizer, random_causal_lm
 from qlora_fast.harness.run import random_batches
 
@@ -25,6 +25,8 @@ def main():
     parser.add_argument("--sizes", default="1x2048,4x512,4x2048")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--out", default="unsloth.md")
+    parser.add_argument("--optimizer", default="fused", choices=sorted(OPTIMIZERS),
+                        help="AdamW fused (Trainer's default) or foreach (figures through session 4)")
     args = parser.parse_args()
     from unsloth import FastLanguageModel
 
@@ -43,12 +45,12 @@ def main():
     vocab = model.config.vocab_size
     adapters = [p for p in model.parameters() if p.requires_grad]
     lines = [f"unsloth {unsloth.__version__}, {torch.cuda.get_device_name()}, model {args.shape} random init, "
-             f"{args.steps} steps (first excluded); trainable: {sum(p.numel() for p in adapters) / 1e6:.1f}M "
+             f"{args.steps} steps (first excluded), AdamW {args.optimizer}; trainable: {sum(p.numel() for p in adapters) / 1e6:.1f}M "
              f"parameters in {sorted({str(p.dtype) for p in adapters})}", "", "| batch x seq | unsloth tok/s | unsloth tok/s (median step) | unsloth peak GiB | losses |",
              "|---|---|---|---|---|"]
     for size in args.sizes.split(","):
         batches = random_batches(vocab, size, args.steps)
-        stats = train_steps(model, batches)
+        stats = train_steps(model, batches, optimizer=args.optimizer)
         lines.append(f"| {size} | {stats.tokens_per_second:.0f} | {stats.median_tokens_per_second:.0f} | "
                      f"{stats.peak_memory_gib:.2f} | "
                      f"{[round(x, 4) for x in stats.losses]} |")

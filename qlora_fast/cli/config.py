@@ -66,7 +66,7 @@ class TrainConfig:
     lr_scheduler: str = "cosine"
     warmup_steps: int = 0
     warmup_ratio: float = 0.0
-    optimizer: str = "adamw_torch"
+    optimizer: str = "adamw_torch_fused"  # transformers' own default: one fused kernel, not a foreach chain
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     bf16: Any = "auto"

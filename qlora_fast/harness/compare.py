@@ -58,11 +58,19 @@ def _synchronize(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def train_steps(model, batches: list[dict], lr: float = 1e-4, seed: int = 0) -> RunStats:
+# How train_steps steps AdamW: "fused" is torch's fused kernel, what transformers' Trainer (and so TRL)
+# uses by default; "foreach" is torch's default, which the harness used through session 4 of 2026-11-23
+# (bench/RESULTS.md says which figures used which).
+OPTIMIZERS = {"fused": {"fused": True}, "foreach": {"foreach": True}}
+
+
+def train_steps(model, batches: list[dict], lr: float = 1e-4, seed: int = 0, optimizer: str = "fused") -> RunStats:
     """AdamW steps on the trainable parameters, one batch each; times and losses of every step."""
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer {optimizer!r} is not one of {sorted(OPTIMIZERS)}")
+    adamw = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, **OPTIMIZERS[optimizer])
     stats = RunStats(tokens_per_step=int(batches[0]["input_ids"].numel()))
     torch.manual_seed(seed)
     if device.type == "cuda":
@@ -73,14 +81,14 @@ def train_steps(model, batches: list[dict], lr: float = 1e-4, seed: int = 0) -> 
         started = time.perf_counter()
         loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        adamw.step()
+        adamw.zero_grad(set_to_none=True)
         _synchronize(device)
         stats.step_seconds.append(time.perf_counter() - started)
         stats.losses.append(loss.item())
     if device.type == "cuda":
         stats.peak_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
-    del optimizer
+    del adamw
     return stats
 
 
@@ -158,18 +166,19 @@ class Comparison:
 
 
 def compare_stock_and_patched(model, batches: list[dict], dtype: torch.dtype, lr: float = 1e-4,
-                              seed: int = 0, timing_rounds: int = 0, **patch_options) -> Comparison:
+                              seed: int = 0, timing_rounds: int = 0, optimizer: str = "fused",
+                              **patch_options) -> Comparison:
     """Trains `model` (a peft model over NF4 layers, unpatched) on `batches` twice: stock, then patched
     with `patch_model(model, **patch_options)`; then, with `timing_rounds`, times both interleaved."""
     unpatch_model(model)
     initial = lora_state(model)
-    stock = train_steps(model, batches, lr, seed)
+    stock = train_steps(model, batches, lr, seed, optimizer)
     stock_final = lora_state(model)
 
     _load_lora_state(model, initial)
     report = patch_model(model, verbose=False, **patch_options)
     try:
-        patched = train_steps(model, batches, lr, seed)
+        patched = train_steps(model, batches, lr, seed, optimizer)
         patched_final = lora_state(model)
     finally:
         unpatch_model(model)

@@ -101,3 +101,17 @@ def test_median_throughput_ignores_one_slow_step():
     stats = RunStats(step_seconds=[9.0, 1.0, 1.0, 5.0, 1.0], tokens_per_step=100)
     assert stats.median_tokens_per_second == 100.0  # steps after the first: median 1 s
     assert stats.tokens_per_second == 50.0  # 400 tokens in 8 s
+
+
+def test_fused_and_foreach_adamw_train_alike():
+    """The harness steps AdamW fused (Trainer's default) unless told foreach (earlier sessions' figures)."""
+    from qlora_fast.harness.compare import _load_lora_state, lora_state, train_steps
+
+    model, data = tiny_model(torch.float32), batches(3)
+    initial = lora_state(model)
+    fused = train_steps(model, data, lr=1e-3)
+    _load_lora_state(model, initial)
+    foreach = train_steps(model, data, lr=1e-3, optimizer="foreach")
+    assert fused.losses[0] == foreach.losses[0] and fused.losses == pytest.approx(foreach.losses, rel=1e-5)
+    with pytest.raises(ValueError, match="optimizer 'sgd'"):
+        train_steps(model, data[:1], optimizer="sgd")
