@@ -77,22 +77,21 @@ def _launch(n_rows: int, n_cols: int):
 
 def rms_norm_forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float):
     """(y, rstd) for a contiguous (rows, cols) x; y in the dtype torch gives weight * x."""
-    rows, cols = x2d.shape
-    y = torch.empty((rows, cols), dtype=torch.promote_types(weight.dtype, x2d.dtype), device=x2d.device)
-    rstd = torch.empty(rows, dtype=torch.float32, device=x2d.device)
-    grid, meta = _launch(rows, cols)
-    _rms_norm_forward_kernel[grid](x2d, x2d, x2d, weight, y, rstd, rows, cols, eps, HAS_DELTA=False, **meta)
+    _, y, rstd = add_rms_norm_forward(x2d, None, weight, eps)
     return y, rstd
 
 
-def add_rms_norm_forward(x2d: torch.Tensor, delta2d: torch.Tensor, weight: torch.Tensor, eps: float):
-    """(sum, y, rstd) for sum = x + delta (contiguous, of one shape and dtype) and y = RMSNorm(sum)."""
+def add_rms_norm_forward(x2d: torch.Tensor, delta2d: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    """(sum, y, rstd) for sum = x + delta (contiguous, of one shape and dtype) and y = RMSNorm(sum);
+    without a delta, sum is x itself."""
     rows, cols = x2d.shape
-    total = torch.empty_like(x2d)
+    has_delta = delta2d is not None
+    total = torch.empty_like(x2d) if has_delta else x2d
     y = torch.empty((rows, cols), dtype=torch.promote_types(weight.dtype, x2d.dtype), device=x2d.device)
     rstd = torch.empty(rows, dtype=torch.float32, device=x2d.device)
     grid, meta = _launch(rows, cols)
-    _rms_norm_forward_kernel[grid](x2d, delta2d, total, weight, y, rstd, rows, cols, eps, HAS_DELTA=True, **meta)
+    _rms_norm_forward_kernel[grid](x2d, delta2d if has_delta else x2d, total, weight, y, rstd, rows, cols, eps,
+                                   HAS_DELTA=has_delta, **meta)
     return total, y, rstd
 
 

@@ -30,7 +30,8 @@ def _silu_rounded(g, dtype: tl.constexpr, SOFTWARE_RTNE: tl.constexpr):
 def _swiglu_forward_kernel(g_ptr, u_ptr, h_ptr, n_rows, n_cols, rank,
                            xa_g_ptr, b_g_ptr, s_g, g_sxm, g_sxr, g_sbn, g_sbr,
                            xa_u_ptr, b_u_ptr, s_u, u_sxm, u_sxr, u_sbn, u_sbr,
-                           GATE_TERM: tl.constexpr, UP_TERM: tl.constexpr, R: tl.constexpr, UPCAST_DOT: tl.constexpr, SOFTWARE_RTNE: tl.constexpr,
+                           GATE_TERM: tl.constexpr, UP_TERM: tl.constexpr, R: tl.constexpr,
+                           UPCAST_DOT: tl.constexpr, SOFTWARE_RTNE: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows, cols, offs, mask = tile(n_rows, n_cols, n_cols, BLOCK_M, BLOCK_N)
     dtype: tl.constexpr = h_ptr.dtype.element_ty

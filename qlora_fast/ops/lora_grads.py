@@ -35,9 +35,19 @@ def shared_input_a_grads(dy_b, x, ranks, scalings, dtypes) -> list:
     return [scaled_mm(part.t(), x, s, dtype) for part, s, dtype in zip(dy_b.split(ranks, 1), scalings, dtypes)]
 
 
+def products_side_by_side(lefts, rights) -> torch.Tensor:
+    """[l_1 @ r_1 | l_2 @ r_2 | ...] (each r_i of a few columns) in one new tensor, each product written
+    straight into its column block."""
+    out = lefts[0].new_empty(lefts[0].shape[0], sum(r.shape[1] for r in rights))
+    for left, right, block in zip(lefts, rights, out.split([r.shape[1] for r in rights], 1)):
+        torch.mm(left, right, out=block)
+    return out
+
+
 def add_shared_input_terms_(grad_x, dy_b, a_stacked, ranks, scalings) -> torch.Tensor:
     """grad_x += sum_i s_i * (dY_i @ B_i) @ A_i in one pass, the dY_i @ B_i side by side in dy_b and the
     A_i row-stacked in a_stacked; several scalings ride on a scaled copy of the (small) A_i."""
+    scale = scalings[0]
     if not _one_scaling(scalings):
-        a_stacked = torch.cat([a * s for a, s in zip(a_stacked.split(ranks), scalings)])
-    return low_rank_add_(grad_x, LowRank(dy_b, a_stacked.t(), scalings[0] if _one_scaling(scalings) else 1.0))
+        a_stacked, scale = torch.cat([a * s for a, s in zip(a_stacked.split(ranks), scalings)]), 1.0
+    return low_rank_add_(grad_x, LowRank(dy_b, a_stacked.t(), scale))

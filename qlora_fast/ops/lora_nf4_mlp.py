@@ -23,7 +23,8 @@ from ..kernels.swiglu import swiglu_backward_, swiglu_forward
 from ..nf4 import NF4Weight
 from .adapters import adapters_in, stacked_rows
 from .forward_only import apply
-from .lora_grads import add_shared_input_terms_, lora_grads, scaled_mm, shared_input_a_grads
+from .lora_grads import (add_shared_input_terms_, lora_grads, products_side_by_side, scaled_mm,
+                         shared_input_a_grads)
 from .nf4_linear import nf4_linear, nf4_linear_input_grad
 
 
@@ -76,10 +77,7 @@ class LoRANF4MLPFunction(torch.autograd.Function):
         # [dg @ B_gate | du @ B_up] side by side: one GEMM for both A gradients (with one scaling) and one
         # pass for both LoRA terms of dX
         ranks = [gate_b.shape[1], up_b.shape[1]]
-        dgu_b = dg.new_empty(dg.shape[0], sum(ranks))
-        dg_b, du_b = dgu_b.split(ranks, 1)
-        torch.mm(dg, gate_b, out=dg_b)
-        torch.mm(du, up_b, out=du_b)
+        dgu_b = products_side_by_side((dg, du), (gate_b, up_b))
         grad_gate_a, grad_up_a = shared_input_a_grads(dgu_b, x2, ranks, (s_gate, s_up), (dtypes[0], dtypes[2]))
         grad_gate = grad_gate_a, scaled_mm(dg.t(), xa_gate, s_gate, dtypes[1])
         grad_up = grad_up_a, scaled_mm(du.t(), xa_up, s_up, dtypes[3])

@@ -17,7 +17,7 @@ from ..kernels.low_rank_add import low_rank_add_
 from ..kernels.nf4_dequantize import nf4_dequantize_stacked
 from .adapters import adapters_in, stacked_rows
 from .forward_only import apply
-from .lora_grads import add_shared_input_terms_, scaled_mm, shared_input_a_grads
+from .lora_grads import add_shared_input_terms_, products_side_by_side, scaled_mm, shared_input_a_grads
 
 
 class LoRANF4QKVFunction(torch.autograd.Function):
@@ -50,9 +50,7 @@ class LoRANF4QKVFunction(torch.autograd.Function):
         dy = dy.to(x2.dtype)
         # [dy_q @ B_q | dy_k @ B_k | dy_v @ B_v] side by side: one GEMM for the three A gradients (with one
         # scaling) and one pass for the three LoRA terms of dX
-        dy_b = dy.new_empty(dy.shape[0], sum(ctx.ranks))
-        for dy_i, dy_b_i, b_i in zip(dy.split(ctx.out_features, 1), dy_b.split(ctx.ranks, 1), b_all):
-            torch.mm(dy_i, b_i, out=dy_b_i)
+        dy_b = products_side_by_side(dy.split(ctx.out_features, 1), b_all)
         grads_a = shared_input_a_grads(dy_b, x2, ctx.ranks, ctx.scalings, [d[0] for d in ctx.lora_dtypes])
         grads_b = [scaled_mm(dy_i.t(), xa_i, s_i, dtypes[1]) for dy_i, xa_i, s_i, dtypes in
                    zip(dy.split(ctx.out_features, 1), xa.split(ctx.ranks, 1), ctx.scalings, ctx.lora_dtypes)]

@@ -35,12 +35,8 @@ class AddRMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, residual, delta, weight, eps: float):
-        x2d = _rows(residual)
-        if delta is None:
-            total = x2d
-            y, rstd = rms_norm_forward(x2d, weight, eps)
-        else:
-            total, y, rstd = add_rms_norm_forward(x2d, _rows(delta), weight, eps)
+        delta2d = None if delta is None else _rows(delta)
+        total, y, rstd = add_rms_norm_forward(_rows(residual), delta2d, weight, eps)
         ctx.save_for_backward(total, weight, rstd)
         ctx.has_delta = delta is not None
         return total.view(residual.shape), y.view(*residual.shape[:-1], y.shape[-1])
