@@ -46,6 +46,7 @@ class PatchReport:
     qkv: int = 0
     rope: bool = False
     offloaded_checkpoints: bool = False
+    bf16_stored: int = 0  # frozen fp32 embedding / lm_head weights held in bf16, losslessly
 
     def summary(self) -> str:
         line = f"qlora_fast: patched {self.patched} LoRA NF4 layers"
@@ -63,6 +64,8 @@ class PatchReport:
             line += " and the LM loss (chunked, no full logits)"
         if self.offloaded_checkpoints:
             line += "; checkpointed layer inputs offloaded to the host"
+        if self.bf16_stored:
+            line += f"; {self.bf16_stored} frozen fp32 embedding/head weights held in bf16 (exact)"
         if self.skipped:
             reasons = "; ".join(f"{n} x {reason}" for reason, n in self.skipped.most_common())
             line += f", kept {sum(self.skipped.values())} on the stock peft path ({reasons})"
@@ -175,6 +178,11 @@ def _gathered(weight) -> bool:
 
 
 def _compute_dtype(layer, x):
+    """The dtype stock peft computes the layer in: autocast's where autocast is on (bitsandbytes' F.linear
+    and the adapters' Linears then run in it), else the base layer's compute dtype."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
     return layer._modules["base_layer"].compute_dtype or x.dtype
 
 
@@ -227,12 +235,13 @@ _SILU = {"SiLUActivation", "SiLU"}
 _MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
-def _fusable(projection) -> bool:
-    """A patchable LoRA NF4 layer without base bias, which one Function over several projections serves."""
+def _fusable(projection, frozen_bias_ok: bool = False) -> bool:
+    """A patchable LoRA NF4 layer which one Function over several projections serves: without base bias,
+    or (`frozen_bias_ok`) with a frozen one (_static_skip_reason refuses a trainable one)."""
     from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
-    return (isinstance(projection, LoraLinear4bit) and projection.base_layer.bias is None
-            and _static_skip_reason(projection) is None)
+    return (isinstance(projection, LoraLinear4bit) and _static_skip_reason(projection) is None
+            and (frozen_bias_ok or projection.base_layer.bias is None))
 
 
 def _fusable_mlps(model: torch.nn.Module):
@@ -308,9 +317,11 @@ _QKV_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 
 
 def _fusable_qkv(model: torch.nn.Module):
-    """Attentions whose q, k and v projections are patchable LoRA NF4 layers without base bias."""
-    return [m for m in model.modules()
-            if type(m).__name__ in _QKV_ATTENTIONS and all(_fusable(getattr(m, p, None)) for p in _QKV_PROJECTIONS)]
+    """Attentions whose q, k and v projections are patchable LoRA NF4 layers, with frozen base biases
+    (Qwen2) or none."""
+    return [m for m in model.modules() if type(m).__name__ in _QKV_ATTENTIONS
+            and all(_fusable(getattr(m, p, None), frozen_bias_ok=True) for p in _QKV_PROJECTIONS)
+            and len({getattr(m, p).base_layer.bias is None for p in _QKV_PROJECTIONS}) == 1]
 
 
 def _fused_qkv_forward(q_proj, siblings, x):
@@ -321,7 +332,9 @@ def _fused_qkv_forward(q_proj, siblings, x):
     if (found is None or len({_compute_dtype(p, x) for p in projections}) != 1
             or not stackable([f.weight for f in found])):
         return None
-    q, k, v = lora_nf4_qkv(x, *(f[1:] for f in found), compute_dtype=_compute_dtype(q_proj, x))
+    biases = [p._modules["base_layer"].bias for p in projections]
+    biases = None if biases[0] is None else biases  # all or none: _fusable_qkv
+    q, k, v = lora_nf4_qkv(x, *(f[1:] for f in found), compute_dtype=_compute_dtype(q_proj, x), biases=biases)
     for projection, output in zip(siblings, (k, v)):
         vars(projection)[_STASHED] = (x, output)
     return q
@@ -349,7 +362,13 @@ def _forward_with_chunked_loss(self, *args, labels=None, **kwargs):
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
     kwargs.pop("logits_to_keep", None)
     outputs = self.model(**kwargs)
-    loss = causal_lm_loss(outputs.last_hidden_state, self.lm_head.weight, labels, num_items_in_batch)
+    hidden, weight = outputs.last_hidden_state, self.lm_head.weight
+    if torch.is_autocast_enabled(hidden.device.type):  # the head's matmul in autocast's dtype, as stock's
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    else:
+        weight = weight.to(hidden.dtype)  # a weight held in bf16 (_hold_in_bf16) is exact in fp32
+    loss = causal_lm_loss(hidden, weight, labels, num_items_in_batch)
     return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
                                   hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
@@ -448,6 +467,64 @@ def _restore_checkpoints(model: torch.nn.Module) -> None:
             m._gradient_checkpointing_func = stock
 
 
+_HELD_DTYPE = "_qlora_fast_held_dtype"  # on a weight _hold_in_bf16 narrowed: the dtype it had
+
+
+def _bf16_holdable(module) -> bool:
+    """A plain Embedding or Linear whose frozen fp32 weight holds only bf16 values (what
+    prepare_model_for_kbit_training makes of a bf16 checkpoint's embeddings and head)."""
+    weight = getattr(module, "weight", None)
+    return (type(module) in (torch.nn.Embedding, torch.nn.Linear) and type(weight) is torch.nn.Parameter
+            and weight.dtype == torch.float32 and not weight.requires_grad
+            and getattr(module, "bias", None) is None
+            and bool(torch.equal(weight, weight.to(torch.bfloat16).float())))
+
+
+@torch.compiler.disable
+def _embedding_of_held_weight(self, input_ids):
+    return _previous_forward(self)(input_ids).to(vars(self.weight)[_HELD_DTYPE])
+
+
+@torch.compiler.disable
+def _linear_of_held_weight(self, x):
+    """Under autocast the product is autocast's, as stock computes it from the fp32 weight; otherwise in
+    x's dtype from the exact fp32 values."""
+    weight = self.weight
+    if not torch.is_autocast_enabled(x.device.type):
+        weight = weight.to(x.dtype)
+    return torch.nn.functional.linear(x, weight)
+
+
+def _hold_in_bf16(model: torch.nn.Module) -> int:
+    """Holds the frozen fp32 input embedding and LM head weights that are exact bf16 values in bf16 (half
+    their memory, and a head matmul without a cast of its weight), their modules returning what they
+    returned before: the embedding upcasts its rows, the head computes as before (exactly: the values
+    are the same). A weight tied to both is narrowed once."""
+    get_input = getattr(model, "get_input_embeddings", None)
+    candidates = [get_input() if get_input else None]
+    lm = _causal_lm(model)
+    candidates.append(None if lm is None else lm._modules["lm_head"])
+    held = 0
+    for module in candidates:
+        if module is None or is_patched(module) or not (_bf16_holdable(module) or _HELD_DTYPE in vars(module.weight)):
+            continue
+        weight = module.weight
+        if _HELD_DTYPE not in vars(weight):
+            vars(weight)[_HELD_DTYPE] = weight.dtype
+            weight.data = weight.data.to(torch.bfloat16)
+            held += 1
+        embedding = type(module) is torch.nn.Embedding
+        _replace_forward(module, _embedding_of_held_weight if embedding else _linear_of_held_weight)
+    return held
+
+
+def _release_bf16_holds(model: torch.nn.Module) -> None:
+    for p in model.parameters():
+        dtype = vars(p).pop(_HELD_DTYPE, None)
+        if dtype is not None:
+            p.data = p.data.to(dtype)
+
+
 def _distributed() -> bool:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_world_size() > 1
@@ -456,7 +533,8 @@ def _distributed() -> bool:
 
 def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool = True,
                 fused_mlp: bool = True, fused_qkv: bool = True, rms_norm: bool = True, add_norm: bool = True,
-                rope: bool = True, offload_checkpoints: bool | None = None) -> PatchReport:
+                rope: bool = True, offload_checkpoints: bool | None = None,
+                bf16_frozen_weights: bool = True) -> PatchReport:
     """Routes every LoRA layer over a bitsandbytes NF4 Linear4bit through the fused Triton path,
     (`fused_mlp`) runs each SwiGLU MLP whose three projections are such layers as one autograd Function,
     (`fused_qkv`) likewise each attention's q, k and v projections,
@@ -465,7 +543,9 @@ def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool
     add before it in Llama-style decoder layers, (`rope`)
     applies rotary embeddings to q and k in one Triton kernel, and (`offload_checkpoints`) keeps
     gradient checkpointing's per-layer inputs in host memory; None (default) offloads in single-process
-    training and leaves distributed runs (DDP, FSDP) to torch's checkpointing unless asked.
+    training and leaves distributed runs (DDP, FSDP) to torch's checkpointing unless asked;
+    (`bf16_frozen_weights`) holds frozen fp32 embedding and LM-head weights whose values are all bf16 (as
+    `prepare_model_for_kbit_training` leaves a bf16 checkpoint's) in bf16, computing what they computed.
 
     Layers that cannot be served exactly keep peft's forward; one warning line says which and why.
     Idempotent; `unpatch_model` undoes it. Saving and loading adapters is unchanged (plain peft).
@@ -499,6 +579,8 @@ def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool
         report.qkv += 1
     if rope:
         report.rope = _patch_rotary(model)
+    if bf16_frozen_weights and not _distributed():
+        report.bf16_stored = _hold_in_bf16(model)
     if offload_checkpoints is None:
         offload_checkpoints = not _distributed()
     if offload_checkpoints:
@@ -512,6 +594,7 @@ def unpatch_model(model: torch.nn.Module) -> int:
     """Restores every forward patch_model changed; returns how many LoRA layers it restored."""
     _restore_checkpoints(model)
     _restore_rotary(model)
+    _release_bf16_holds(model)
     lora_layers = {id(layer) for _, layer in _lora_nf4_layers(model)}
     return sum(_restore_forward(m) and id(m) in lora_layers for m in list(model.modules()))
 

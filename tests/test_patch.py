@@ -344,8 +344,8 @@ def _qkv_grad_fns(model, ids, projections=("k_proj", "v_proj")):
 
 
 # Qwen3 normalizes q and k right after their projections
-@pytest.mark.parametrize("shape", ["tiny-llama", "tiny-mistral", "tiny-qwen3", "tiny-gemma"])
-def test_qkv_projections_run_as_one_function(shape):
+@pytest.mark.parametrize("shape", ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma"])
+def test_qkv_projections_run_as_one_function(shape):  # Qwen2's q/k/v carry a frozen base bias
     model = tiny_qlora(shape).train()
     ids = torch.randint(0, 512, (2, 24))
     assert patched_keeps_loss_and_grads(model, ids).qkv == 2
@@ -357,8 +357,10 @@ def test_qkv_projections_run_as_one_function(shape):
     assert not any("_qlora_fast_kv_siblings" in vars(m) for m in model.modules())
 
 
-def test_qkv_with_base_bias_or_dropout_takes_three_layers():
-    assert patch_model(tiny_qlora("tiny-qwen2")).qkv == 0  # Qwen2's q/k/v carry a bias
+def test_qkv_with_trainable_base_bias_or_dropout_takes_three_layers():
+    model = tiny_qlora("tiny-qwen2")
+    model.base_model.model.model.layers[0].self_attn.k_proj.base_layer.bias.requires_grad_(True)
+    assert patch_model(model).qkv == 1
     model = tiny_qlora(lora_dropout=0.1).train()
     patch_model(model)
     ids = torch.randint(0, 512, (1, 16))

@@ -42,9 +42,11 @@ def load_fp32(ptr, offs, mask):
 @triton.jit
 def plus_low_rank(base, rows, cols, n_rows, n_cols, rank, xa_ptr, b_ptr, scale,
                   stride_xm, stride_xr, stride_bn, stride_br, HAS_TERM: tl.constexpr, R: tl.constexpr,
-                  UPCAST_DOT: tl.constexpr, SOFTWARE_RTNE: tl.constexpr, dtype: tl.constexpr):
+                  UPCAST_DOT: tl.constexpr, SOFTWARE_RTNE: tl.constexpr, dtype: tl.constexpr,
+                  ROUND_SUM: tl.constexpr = True):
     """base + scale * xa[rows] @ b[cols]^T in fp32, rounded to dtype as addmm_ rounds it (base as is
-    without a term)."""
+    without a term); with ROUND_SUM False the fp32 sum is kept, as peft's fp32 sum of a bf16 base output
+    and the LoRA term is when the layer's input is wider than its compute dtype."""
     if HAS_TERM:  # one tensor-core product of xa's rows by b's rows, the rank padded to R >= 16
         r = tl.arange(0, R)
         xa = tl.load(xa_ptr + rows[:, None] * stride_xm + r[None, :] * stride_xr,
@@ -55,7 +57,9 @@ def plus_low_rank(base, rows, cols, n_rows, n_cols, rank, xa_ptr, b_ptr, scale,
             term = tl.dot(xa.to(tl.float32), b_t.to(tl.float32), input_precision="ieee")
         else:
             term = tl.dot(xa, b_t)
-        return round_fp32_to(base + scale * term, dtype, SOFTWARE_RTNE).to(tl.float32)
+        if ROUND_SUM:
+            return round_fp32_to(base + scale * term, dtype, SOFTWARE_RTNE).to(tl.float32)
+        return base + scale * term
     else:
         return base
 

@@ -1,10 +1,11 @@
 """y += s * xa @ B^T in place, the LoRA term of a projection whose output no other kernel of ours reads
-first (q/k/v, o_proj, and the input gradients through them).
+first (q/k/v, o_proj, and the input gradients through them); or out = y + s * xa @ B^T into a wider
+`out` (fp32 outputs of a bf16 GEMM, for layers whose input is fp32).
 
 Against cuBLAS' `y.addmm_(xa, B^T, alpha=s)` (a GEMM with K = r over the whole output; bench/kernels.py
 times both): each tile of y is read once, takes its term from one tensor-core product
-(kernels/low_rank.py), and is written once, the sum rounded once. y may be a column block
-of a wider tensor (row stride >= its width, unit column stride).
+(kernels/low_rank.py), and is written once, the sum rounded once to the output's dtype. y (and out) may
+be a column block of a wider tensor (row stride >= its width, unit column stride).
 """
 
 import torch
@@ -14,16 +15,16 @@ import triton.language as tl
 from .low_rank import CANDIDATE_META, LowRank, launch_tiles, load_fp32, plus_low_rank, term_args, tile
 
 
-@triton.jit
-def _low_rank_add_kernel(y_ptr, stride_ym, n_rows, n_cols, rank, xa_ptr, b_ptr, scale,
+@triton.jit(do_not_specialize=["n_rows"])  # packed batches change the token count every step
+def _low_rank_add_kernel(y_ptr, stride_ym, out_ptr, stride_om, n_rows, n_cols, rank, xa_ptr, b_ptr, scale,
                          stride_xm, stride_xr, stride_bn, stride_br,
                          R: tl.constexpr, UPCAST_DOT: tl.constexpr, SOFTWARE_RTNE: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows, cols, offs, mask = tile(n_rows, n_cols, stride_ym, BLOCK_M, BLOCK_N)
-    dtype: tl.constexpr = y_ptr.dtype.element_ty
+    dtype: tl.constexpr = out_ptr.dtype.element_ty
     y = plus_low_rank(load_fp32(y_ptr, offs, mask), rows, cols, n_rows, n_cols, rank, xa_ptr, b_ptr, scale,
                       stride_xm, stride_xr, stride_bn, stride_br, True, R, UPCAST_DOT, SOFTWARE_RTNE, dtype)
-    tl.store(y_ptr + offs, y.to(dtype), mask=mask)
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], y.to(dtype), mask=mask)
 
 
 # Below this many output elements a CUDA call takes cuBLAS' addmm_: there the kernel saved ~4 us of GPU time
@@ -32,12 +33,25 @@ def _low_rank_add_kernel(y_ptr, stride_ym, n_rows, n_cols, rank, xa_ptr, b_ptr, 
 KERNEL_MIN_ELEMENTS = 2**24
 
 
-def low_rank_add_(y: torch.Tensor, term: LowRank, meta: dict = CANDIDATE_META[0]) -> torch.Tensor:
-    """Adds term.scale * term.xa @ term.b^T to the 2-D `y` in place (one rounding per element) and returns y."""
-    if y.dim() != 2 or y.stride(1) != 1 or y.stride(0) < y.shape[1]:
-        raise ValueError(f"low_rank_add_: y must be 2-D with unit column stride; got strides {y.stride()}")
-    if y.is_cuda and y.numel() < KERNEL_MIN_ELEMENTS:
-        return y.addmm_(term.xa, term.b.t(), alpha=term.scale)
-    launch_tiles(_low_rank_add_kernel, y, (term,), meta, y, y.stride(0), term_args=term_args(term, y))
-    torch.autograd.graph.increment_version(y)
-    return y
+def _check_2d(t: torch.Tensor, name: str):
+    if t.dim() != 2 or t.stride(1) != 1 or t.stride(0) < t.shape[1]:
+        raise ValueError(f"low_rank_add_: {name} must be 2-D with unit column stride; got strides {t.stride()}")
+
+
+def low_rank_add_(y: torch.Tensor, term: LowRank, meta: dict = CANDIDATE_META[0],
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """Adds term.scale * term.xa @ term.b^T to the 2-D `y` in place (one rounding per element) and returns y;
+    with `out` (y's shape, any float dtype), writes y + term there instead and returns out."""
+    _check_2d(y, "y")
+    if out is None:
+        if y.is_cuda and y.numel() < KERNEL_MIN_ELEMENTS:
+            return y.addmm_(term.xa, term.b.t(), alpha=term.scale)
+        out = y
+    else:
+        _check_2d(out, "out")
+        if out.shape != y.shape:
+            raise ValueError(f"low_rank_add_: out {tuple(out.shape)} differs from y {tuple(y.shape)}")
+    launch_tiles(_low_rank_add_kernel, y, (term,), meta, y, y.stride(0), out, out.stride(0),
+                 term_args=term_args(term, y))
+    torch.autograd.graph.increment_version(out)
+    return out

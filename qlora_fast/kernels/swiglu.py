@@ -20,48 +20,58 @@ from .nf4_decode import round_fp32_to
 
 
 @triton.jit
-def _silu_rounded(g, dtype: tl.constexpr, SOFTWARE_RTNE: tl.constexpr):
-    """(sigmoid(g), silu(g) rounded to dtype and back to fp32), g in fp32; silu as torch writes it."""
+def _silu_rounded(g, dtype: tl.constexpr, SOFTWARE_RTNE: tl.constexpr, WIDE: tl.constexpr):
+    """(sigmoid(g), silu(g) rounded to dtype and back to fp32 (kept in fp32 if WIDE)), g in fp32; silu as
+    torch writes it."""
     denominator = 1.0 + tl.exp(-g)
-    return 1.0 / denominator, round_fp32_to(g / denominator, dtype, SOFTWARE_RTNE).to(tl.float32)
+    return 1.0 / denominator, _rounded_unless(g / denominator, dtype, SOFTWARE_RTNE, WIDE)
 
 
 @triton.jit
+def _rounded_unless(x, dtype: tl.constexpr, SOFTWARE_RTNE: tl.constexpr, WIDE: tl.constexpr):
+    """x rounded to dtype and back to fp32, or x itself if WIDE."""
+    if WIDE:
+        return x
+    else:
+        return round_fp32_to(x, dtype, SOFTWARE_RTNE).to(tl.float32)
+
+
+@triton.jit(do_not_specialize=["n_rows"])  # packed batches change the token count every step
 def _swiglu_forward_kernel(g_ptr, u_ptr, h_ptr, n_rows, n_cols, rank,
                            xa_g_ptr, b_g_ptr, s_g, g_sxm, g_sxr, g_sbn, g_sbr,
                            xa_u_ptr, b_u_ptr, s_u, u_sxm, u_sxr, u_sbn, u_sbr,
                            GATE_TERM: tl.constexpr, UP_TERM: tl.constexpr, R: tl.constexpr,
-                           UPCAST_DOT: tl.constexpr, SOFTWARE_RTNE: tl.constexpr,
+                           UPCAST_DOT: tl.constexpr, SOFTWARE_RTNE: tl.constexpr, WIDE: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows, cols, offs, mask = tile(n_rows, n_cols, n_cols, BLOCK_M, BLOCK_N)
     dtype: tl.constexpr = h_ptr.dtype.element_ty
     g = plus_low_rank(load_fp32(g_ptr, offs, mask), rows, cols, n_rows, n_cols, rank, xa_g_ptr, b_g_ptr,
-                      s_g, g_sxm, g_sxr, g_sbn, g_sbr, GATE_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, dtype)
+                      s_g, g_sxm, g_sxr, g_sbn, g_sbr, GATE_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, dtype, not WIDE)
     u = plus_low_rank(load_fp32(u_ptr, offs, mask), rows, cols, n_rows, n_cols, rank, xa_u_ptr, b_u_ptr,
-                      s_u, u_sxm, u_sxr, u_sbn, u_sbr, UP_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, dtype)
-    _, silu = _silu_rounded(g, dtype, SOFTWARE_RTNE)
+                      s_u, u_sxm, u_sxr, u_sbn, u_sbr, UP_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, dtype, not WIDE)
+    _, silu = _silu_rounded(g, dtype, SOFTWARE_RTNE, WIDE)
     tl.store(h_ptr + offs, round_fp32_to(silu * u, dtype, SOFTWARE_RTNE), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _swiglu_backward_kernel(dh_ptr, g_ptr, u_ptr, n_rows, n_cols, rank,
                             xa_ptr, b_ptr, scale, stride_xm, stride_xr, stride_bn, stride_br,
                             xa_g_ptr, b_g_ptr, s_g, g_sxm, g_sxr, g_sbn, g_sbr,
                             xa_u_ptr, b_u_ptr, s_u, u_sxm, u_sxr, u_sbn, u_sbr,
                             DH_TERM: tl.constexpr, GATE_TERM: tl.constexpr, UP_TERM: tl.constexpr,
-                            R: tl.constexpr, UPCAST_DOT: tl.constexpr,
-                            SOFTWARE_RTNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                            R: tl.constexpr, UPCAST_DOT: tl.constexpr, SOFTWARE_RTNE: tl.constexpr,
+                            WIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # In place: dh_ptr <- h, g_ptr <- dg, u_ptr <- du. Each element is read before it is overwritten.
     rows, cols, offs, mask = tile(n_rows, n_cols, n_cols, BLOCK_M, BLOCK_N)
     dtype: tl.constexpr = dh_ptr.dtype.element_ty
     dh = plus_low_rank(load_fp32(dh_ptr, offs, mask), rows, cols, n_rows, n_cols, rank, xa_ptr, b_ptr, scale,
-                       stride_xm, stride_xr, stride_bn, stride_br, DH_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, dtype)
+                       stride_xm, stride_xr, stride_bn, stride_br, DH_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, dtype, not WIDE)
     g = plus_low_rank(load_fp32(g_ptr, offs, mask), rows, cols, n_rows, n_cols, rank, xa_g_ptr, b_g_ptr,
-                      s_g, g_sxm, g_sxr, g_sbn, g_sbr, GATE_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, dtype)
+                      s_g, g_sxm, g_sxr, g_sbn, g_sbr, GATE_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, dtype, not WIDE)
     u = plus_low_rank(load_fp32(u_ptr, offs, mask), rows, cols, n_rows, n_cols, rank, xa_u_ptr, b_u_ptr,
-                      s_u, u_sxm, u_sxr, u_sbn, u_sbr, UP_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, dtype)
-    sig, silu = _silu_rounded(g, dtype, SOFTWARE_RTNE)
-    d_silu = round_fp32_to(dh * u, dtype, SOFTWARE_RTNE).to(tl.float32)
+                      s_u, u_sxm, u_sxr, u_sbn, u_sbr, UP_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, dtype, not WIDE)
+    sig, silu = _silu_rounded(g, dtype, SOFTWARE_RTNE, WIDE)
+    d_silu = _rounded_unless(dh * u, dtype, SOFTWARE_RTNE, WIDE)
     dg = d_silu * sig * (1.0 + g * (1.0 - sig))
     tl.store(dh_ptr + offs, round_fp32_to(silu * u, dtype, SOFTWARE_RTNE), mask=mask)
     tl.store(g_ptr + offs, round_fp32_to(dg, dtype, SOFTWARE_RTNE), mask=mask)
@@ -76,26 +86,28 @@ def _check(*tensors):
 
 
 def swiglu_forward(g: torch.Tensor, u: torch.Tensor, gate_term: LowRank | None = None,
-                   up_term: LowRank | None = None, meta: dict = CANDIDATE_META[0]) -> torch.Tensor:
-    """silu(g + gate_term) * (u + up_term) in g's dtype, each sum rounded once (as addmm_ would)."""
+                   up_term: LowRank | None = None, meta: dict = CANDIDATE_META[0], wide: bool = False) -> torch.Tensor:
+    """silu(g + gate_term) * (u + up_term) in g's dtype, each sum rounded once (as addmm_ would); with
+    `wide`, the sums and silu stay fp32 and only h is rounded (as stock computes an MLP whose input is
+    fp32: fp32 gate and up outputs, cast to the compute dtype at the down projection's input)."""
     _check(g, u)
     h = torch.empty_like(g)
     terms = (*term_args(gate_term, g), *term_args(up_term, u))
     launch_tiles(_swiglu_forward_kernel, g.view(-1, g.shape[-1]), (gate_term, up_term), meta, g, u, h,
-                 term_args=terms, GATE_TERM=gate_term is not None, UP_TERM=up_term is not None)
+                 term_args=terms, GATE_TERM=gate_term is not None, UP_TERM=up_term is not None, WIDE=wide)
     return h
 
 
 def swiglu_backward_(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, dh_term: LowRank | None = None,
                      gate_term: LowRank | None = None, up_term: LowRank | None = None,
-                     meta: dict = CANDIDATE_META[0]):
+                     meta: dict = CANDIDATE_META[0], wide: bool = False):
     """Overwrites (dh, g, u) with (h, dg, du) of the SwiGLU h = silu(g + gate_term) * (u + up_term) whose
-    output gradient is dh + dh_term, and returns them in that order."""
+    output gradient is dh + dh_term, and returns them in that order; `wide` as in swiglu_forward."""
     _check(dh, g, u)
     terms = (*term_args(dh_term, dh), *term_args(gate_term, g), *term_args(up_term, u))
     launch_tiles(_swiglu_backward_kernel, g.view(-1, g.shape[-1]), (dh_term, gate_term, up_term), meta,
                  dh, g, u, term_args=terms, DH_TERM=dh_term is not None, GATE_TERM=gate_term is not None,
-                 UP_TERM=up_term is not None)
+                 UP_TERM=up_term is not None, WIDE=wide)
     for t in (dh, g, u):  # Triton wrote them behind autograd's back: a later reader of the old values fails loudly
         torch.autograd.graph.increment_version(t)
     return dh, g, u

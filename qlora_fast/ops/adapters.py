@@ -29,3 +29,28 @@ def stacked_rows(matrices) -> torch.Tensor:
         if matrix.shape[1] != cols or matrix.data_ptr() != previous.data_ptr() + previous.nbytes:
             raise ValueError("stacked_rows: the matrices are not adjacent rows of one buffer")
     return first.as_strided((sum(m.shape[0] for m in matrices), cols), (cols, 1))
+
+
+def wider(dtype: torch.dtype, compute_dtype: torch.dtype) -> bool:
+    """Whether a layer's input dtype is wider than its compute dtype (fp32 hidden states of a model
+    `prepare_model_for_kbit_training` upcast, bf16 compute): stock peft then returns the bf16 base output
+    plus the LoRA term summed in fp32, unrounded, and so do the fused Functions."""
+    return dtype.is_floating_point and torch.finfo(dtype).bits > torch.finfo(compute_dtype).bits
+
+
+def plus_low_rank_terms(y: torch.Tensor, blocks, out_dtype: torch.dtype) -> torch.Tensor:
+    """y with each (column block of y, LowRank term) in `blocks` added: in place, rounded once to y's dtype,
+    or, when out_dtype is wider than y's, into a new out_dtype tensor, unrounded."""
+    from ..kernels.low_rank_add import low_rank_add_
+
+    if not wider(out_dtype, y.dtype):
+        for block, term in blocks:
+            low_rank_add_(block, term)
+        return y
+    out = torch.empty(y.shape, dtype=out_dtype, device=y.device)
+    start = 0
+    for block, term in blocks:
+        width = block.shape[1]
+        low_rank_add_(block, term, out=out[:, start:start + width])
+        start += width
+    return out

@@ -1,5 +1,7 @@
 """The fused QLoRA linear: y = x @ W^T + s * (x_lora @ A^T) @ B^T (+ bias), W in NF4.
 
+Where x is wider than the compute dtype (fp32 hidden states, bf16 compute) the output is x's dtype and
+the sum of the bf16 base output and the term is not rounded, as stock peft sums it (ops/adapters.py).
 Saves for backward only x_lora and x_lora @ A^T (never a dequantized W); backward computes
 dX = dY @ W + s * (dY @ B) @ A, dA = s * (dY @ B)^T @ x_lora, dB = s * dY^T @ (x_lora @ A^T).
 x_lora is x itself, or dropout(x) when the adapter has dropout.
@@ -10,7 +12,7 @@ import torch
 from ..kernels.low_rank import LowRank
 from ..kernels.low_rank_add import low_rank_add_
 from ..nf4 import NF4Weight
-from .adapters import adapters_in
+from .adapters import adapters_in, plus_low_rank_terms
 from .forward_only import apply
 from .lora_grads import scaled_mm
 from .nf4_linear import nf4_linear, nf4_linear_input_grad
@@ -24,11 +26,9 @@ class LoRANF4LinearFunction(torch.autograd.Function):
         xl2 = x2 if x_lora is x else x_lora.reshape(-1, x_lora.shape[-1]).to(compute_dtype)
         a, b = (lora_a, lora_b) if lora_a.dtype == lora_b.dtype == compute_dtype else \
             adapters_in(compute_dtype, lora_a, lora_b)
-        y = nf4_linear(x2, weight)
-        if bias is not None:
-            y += bias.to(compute_dtype)
+        y = nf4_linear(x2, weight, None if bias is None else bias.to(compute_dtype))
         xa = xl2 @ a.t()
-        low_rank_add_(y, LowRank(xa, b, scaling))
+        y = plus_low_rank_terms(y, [(y, LowRank(xa, b, scaling))], out_dtype)
 
         ctx.save_for_backward(xl2, xa, a, b)
         ctx.scaling = scaling

@@ -10,6 +10,10 @@ the SwiGLU backward kernel, which overwrites g and u with their gradients, so no
 tensor is allocated beyond dh. One Function per MLP instead of three LoRA layers and two elementwise ops
 also means fewer host calls per layer, which is what small batches are bound by.
 
+Where x is wider than the compute dtype (fp32 hidden states of a prepared model, bf16 compute), g, u and
+silu(g) * u stay fp32 inside the kernel until h is rounded for the down projection, and the output is
+x's dtype, base + term unrounded: what stock peft computes there (ops/adapters.py).
+
 With `output_needed=False` (a checkpoint's recompute of a layer that only adds the MLP output to its
 residual) forward skips the down projection's GEMM and returns an unwritten tensor: backward needs
 only what forward saves, not y.
@@ -18,19 +22,19 @@ only what forward saves, not y.
 import torch
 
 from ..kernels.low_rank import LowRank
-from ..kernels.low_rank_add import low_rank_add_
 from ..kernels.swiglu import swiglu_backward_, swiglu_forward
 from ..nf4 import NF4Weight
-from .adapters import adapters_in, stacked_rows
+from .adapters import adapters_in, plus_low_rank_terms, stacked_rows, wider
 from .forward_only import apply
 from .lora_grads import (add_shared_input_terms_, lora_grads, products_side_by_side, scaled_mm,
                          shared_input_a_grads)
 from .nf4_linear import nf4_linear, nf4_linear_input_grad
 
 
-def _lora_project(x2, xa, weight: NF4Weight, lora_b, scaling: float):
-    """x2 @ W^T + s * xa @ B^T, where xa = x2 @ A^T."""
-    return low_rank_add_(nf4_linear(x2, weight), LowRank(xa, lora_b, scaling))
+def _lora_project(x2, xa, weight: NF4Weight, lora_b, scaling: float, out_dtype):
+    """x2 @ W^T + s * xa @ B^T, where xa = x2 @ A^T, in out_dtype."""
+    y = nf4_linear(x2, weight)
+    return plus_low_rank_terms(y, [(y, LowRank(xa, lora_b, scaling))], out_dtype)
 
 
 class LoRANF4MLPFunction(torch.autograd.Function):
@@ -44,15 +48,16 @@ class LoRANF4MLPFunction(torch.autograd.Function):
                                                                  down_a, down_b)
         gate_up_a = stacked_rows((gate_a, up_a))
         x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype)
+        ctx.wide = wider(x.dtype, compute_dtype)
 
         xa_gate, xa_up = (x2 @ gate_up_a.t()).split([gate_a.shape[0], up_a.shape[0]], 1)
         g, u = nf4_linear(x2, w_gate), nf4_linear(x2, w_up)
-        h = swiglu_forward(g, u, LowRank(xa_gate, gate_b, s_gate), LowRank(xa_up, up_b, s_up))
+        h = swiglu_forward(g, u, LowRank(xa_gate, gate_b, s_gate), LowRank(xa_up, up_b, s_up), wide=ctx.wide)
         ha_down = h @ down_a.t()
         if output_needed:
-            y = _lora_project(h, ha_down, w_down, down_b, s_down)
+            y = _lora_project(h, ha_down, w_down, down_b, s_down, x.dtype)
         else:
-            y = x2.new_empty(x2.shape[0], w_down.shape[0])
+            y = x.new_empty(x2.shape[0], w_down.shape[0])
 
         ctx.save_for_backward(x2, xa_gate, xa_up, g, u, ha_down, gate_up_a, gate_b, up_b, down_a, down_b)
         ctx.weights, ctx.scalings = weights, scalings
@@ -70,7 +75,7 @@ class LoRANF4MLPFunction(torch.autograd.Function):
         dy_b = dy @ down_b
         dh = nf4_linear_input_grad(dy, w_down)
         h, dg, du = swiglu_backward_(dh, g, u, LowRank(dy_b, down_a.t(), s_down),
-                                     LowRank(xa_gate, gate_b, s_gate), LowRank(xa_up, up_b, s_up))
+                                     LowRank(xa_gate, gate_b, s_gate), LowRank(xa_up, up_b, s_up), wide=ctx.wide)
         grad_down = lora_grads(dy, dy_b, h, ha_down, s_down, dtypes[4:6])
         del h, dh
 

@@ -8,33 +8,40 @@ Backward mirrors it: one GEMM for dX through the stacked weight, one pass adds t
 it, and with one scaling one GEMM gives the three A gradients. Against three LoRA layers that is fewer
 launches and one Function instead of three, which is what batches of a few thousand tokens are bound
 by. Saves x, x @ A^T and the compute-dtype adapters; never a dequantized weight.
+
+Base biases (Qwen2's q/k/v) are cast in the same launch as the adapters, into the same buffer, where the
+three lie end to end: the stacked bias is a view, added inside the GEMM (rounded once, as bitsandbytes'
+F.linear adds it). Where x is wider than the compute dtype the outputs are x's dtype, base + term
+unrounded, as stock peft sums them (ops/adapters.py).
 """
 
 import torch
 
 from ..kernels.low_rank import LowRank
-from ..kernels.low_rank_add import low_rank_add_
 from ..kernels.nf4_dequantize import nf4_dequantize_stacked
-from .adapters import adapters_in, stacked_rows
+from .adapters import adapters_in, plus_low_rank_terms, stacked_rows
 from .forward_only import apply
 from .lora_grads import add_shared_input_terms_, products_side_by_side, scaled_mm, shared_input_a_grads
 
 
 class LoRANF4QKVFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, a_q, b_q, a_k, b_k, a_v, b_v, weights, scalings, compute_dtype):
+    def forward(ctx, x, a_q, b_q, a_k, b_k, a_v, b_v, weights, scalings, compute_dtype, biases=None):
         lora_a, lora_b = (a_q, a_k, a_v), (b_q, b_k, b_v)
         ctx.lora_dtypes = [(a.dtype, b.dtype) for a, b in zip(lora_a, lora_b)]
         ctx.out_features = [w.shape[0] for w in weights]
         ctx.ranks = [a.shape[0] for a in lora_a]
         x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype)
-        *a_each, b_q, b_k, b_v = adapters_in(compute_dtype, *lora_a, *lora_b)
+        *a_each, b_q, b_k, b_v = adapters_in(compute_dtype, *lora_a, *lora_b, *(biases or ()))[:6]
         a_all, b_all = stacked_rows(a_each), (b_q, b_k, b_v)
+        bias = None
+        if biases:  # the three copies lie end to end after b_v in adapters_in's buffer
+            bias = b_v.as_strided((sum(ctx.out_features),), (1,), b_v.storage_offset() + b_v.numel())
 
-        y = x2 @ nf4_dequantize_stacked(weights, compute_dtype).t()
+        y = torch.nn.functional.linear(x2, nf4_dequantize_stacked(weights, compute_dtype), bias)
         xa = x2 @ a_all.t()
-        for y_i, xa_i, b_i, s_i in zip(y.split(ctx.out_features, 1), xa.split(ctx.ranks, 1), b_all, scalings):
-            low_rank_add_(y_i, LowRank(xa_i, b_i, s_i))
+        terms = [LowRank(xa_i, b_i, s_i) for xa_i, b_i, s_i in zip(xa.split(ctx.ranks, 1), b_all, scalings)]
+        y = plus_low_rank_terms(y, list(zip(y.split(ctx.out_features, 1), terms)), x.dtype)
 
         ctx.save_for_backward(x2, xa, a_all, *b_all)
         ctx.weights, ctx.scalings = weights, scalings
@@ -61,12 +68,12 @@ class LoRANF4QKVFunction(torch.autograd.Function):
                                              ctx.ranks, ctx.scalings)
             grad_x = grad_x.view(ctx.x_meta[0]).to(ctx.x_meta[1])
         adapter_grads = [g for pair in zip(grads_a, grads_b) for g in pair]
-        return (grad_x, *adapter_grads, None, None, None)
+        return (grad_x, *adapter_grads, None, None, None, None)
 
 
-def lora_nf4_qkv(x, q, k, v, compute_dtype=None):
+def lora_nf4_qkv(x, q, k, v, compute_dtype=None, biases=None):
     """Autograd entry point: (q, k, v) outputs. q, k and v are (lora_a, lora_b, scaling, NF4Weight) of each
-    projection; `compute_dtype` defaults to x's dtype."""
+    projection; `biases`, the three frozen base biases or None; `compute_dtype` defaults to x's dtype."""
     (a_q, b_q, s_q, w_q), (a_k, b_k, s_k, w_k), (a_v, b_v, s_v, w_v) = q, k, v
     return apply(LoRANF4QKVFunction, x, a_q, b_q, a_k, b_k, a_v, b_v, (w_q, w_k, w_v), (s_q, s_k, s_v),
-                 compute_dtype or x.dtype)
+                 compute_dtype or x.dtype, biases)

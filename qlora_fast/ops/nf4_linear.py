@@ -18,11 +18,13 @@ def _use_fused(rows: int, device: torch.device) -> bool:
     return device.type == "cuda" and rows <= FUSED_MAX_ROWS
 
 
-def nf4_linear(x: torch.Tensor, weight: NF4Weight) -> torch.Tensor:
-    """x @ W^T for a 2-D x in the compute dtype."""
+def nf4_linear(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T (+ bias, added inside the GEMM and rounded once, as bitsandbytes' F.linear does) for a 2-D
+    x in the compute dtype."""
     if _use_fused(x.shape[0], x.device):
-        return nf4_matmul(x, weight, transpose_weight=True)
-    return x @ nf4_dequantize(weight, x.dtype).t()
+        y = nf4_matmul(x, weight, transpose_weight=True)
+        return y if bias is None else y.add_(bias)
+    return torch.nn.functional.linear(x, nf4_dequantize(weight, x.dtype), bias)
 
 
 def nf4_linear_input_grad(grad_out: torch.Tensor, weight: NF4Weight, accumulate: torch.Tensor | None = None):

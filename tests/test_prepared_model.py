@@ -1,0 +1,103 @@
+"""peft's QLoRA recipe: `prepare_model_for_kbit_training` upcasts a bf16 checkpoint's norms, embeddings and
+head to fp32, so every projection's input is fp32 while bitsandbytes computes in bf16. Stock peft returns
+the bf16 base output plus the LoRA term summed in fp32; a term under half a bf16 ulp of the base output
+must survive the patched path too (ops/adapters.py `wider`), and the fp32 head held in bf16 must change
+nothing."""
+
+import pytest
+import torch
+from peft import prepare_model_for_kbit_training
+
+from qlora_fast import patch_model, unpatch_model
+from qlora_fast.harness.models import add_lora, quantize_to_nf4_, random_causal_lm
+from qlora_fast.ops import adapters
+from tests.helpers import rel_err
+
+
+def prepared_tiny(shape="tiny-llama", b_std=1e-5):
+    """B this small puts every LoRA term below half a bf16 ulp of its base output (hidden states ~ 1)."""
+    model = quantize_to_nf4_(random_causal_lm(shape, torch.bfloat16), compute_dtype=torch.bfloat16)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return add_lora(model, init_b_std=b_std).train()
+
+
+def _outputs(layer, x):
+    """Each LoRA module's output of layer 0 for input x: q, k, v (called in that order), o_proj, the MLP."""
+    attn = layer.self_attn
+    return {"q": attn.q_proj(x), "k": attn.k_proj(x), "v": attn.v_proj(x), "o": attn.o_proj(x), "mlp": layer.mlp(x)}
+
+
+def _lora_terms(model, x):
+    """Per module: (stock output - base output, patched output - base output) on the same x."""
+    layer = model.base_model.model.model.layers[0]
+    with torch.no_grad():
+        stock = _outputs(layer, x)
+        with model.disable_adapter():
+            base = _outputs(layer, x)
+        patch_model(model, verbose=False)
+        patched = _outputs(layer, x)
+    unpatch_model(model)
+    return {k: (stock[k] - base[k], patched[k] - base[k]) for k in stock}
+
+
+# The MLP's term passes through silu and the down projection's bf16 input cast: elements whose rounding of
+# h flips with the term's last bits move the difference by a bf16 ulp of the base, hence the looser bound.
+TOLERANCE = {"q": 2e-2, "k": 2e-2, "v": 2e-2, "o": 2e-2, "mlp": 0.3}
+
+
+@pytest.mark.parametrize("rounded_sums", [False, True], ids=["fp32 sums", "mutant: bf16 sums"])
+def test_lora_terms_below_a_bf16_ulp_survive(rounded_sums, monkeypatch):
+    model = prepared_tiny()
+    assert model.base_model.model.model.norm.weight.dtype == torch.float32
+    if rounded_sums:  # today's rounding before this test existed: the base + term sum rounded to bf16
+        monkeypatch.setattr(adapters, "wider", lambda dtype, compute_dtype: False)
+        monkeypatch.setattr("qlora_fast.ops.lora_nf4_mlp.wider", lambda dtype, compute_dtype: False)
+    x = torch.randn(2, 16, 64)  # fp32, as the upcast norms hand it on
+    terms = _lora_terms(model, x)
+    for name, (stock, patched) in terms.items():
+        assert stock.abs().max() > 0, name
+        if rounded_sums:
+            assert rel_err(patched, stock) > 2 * TOLERANCE[name], name
+        else:
+            assert patched.dtype == torch.float32
+            assert rel_err(patched, stock) < TOLERANCE[name], name
+
+
+def test_prepared_model_under_autocast_matches_stock_and_holds_head_in_bf16():
+    model = prepared_tiny(b_std=0.02)
+    ids = torch.randint(0, 512, (2, 24))
+    lm = model.base_model.model
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    stock_loss, stock_grads = loss_and_grads()
+    report = patch_model(model, verbose=False)
+    assert report.bf16_stored == 2 and report.qkv == 2 and report.mlps == 2
+    assert lm.lm_head.weight.dtype == torch.bfloat16 and lm.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert lm.model.embed_tokens(ids).dtype == torch.float32
+    loss, grads = loss_and_grads()
+    assert loss == pytest.approx(stock_loss, rel=2e-3)
+    assert grads.keys() == stock_grads.keys() and len(grads) == 28
+    for name in grads:
+        cosine = torch.nn.functional.cosine_similarity(grads[name].flatten(), stock_grads[name].flatten(), dim=0)
+        assert cosine > 0.99, name
+    with torch.no_grad():  # evaluation outside autocast: the head computes from the exact fp32 values
+        hidden = torch.randn(3, 64)
+        assert torch.equal(lm.lm_head(hidden), hidden @ lm.lm_head.weight.float().t())
+    unpatch_model(model)
+    assert lm.lm_head.weight.dtype == torch.float32 and lm.model.embed_tokens.weight.dtype == torch.float32
+    assert "forward" not in vars(lm.lm_head) and "forward" not in vars(lm.model.embed_tokens)
+
+
+def test_weights_with_values_beyond_bf16_stay_fp32():
+    model = prepared_tiny()
+    lm = model.base_model.model
+    with torch.no_grad():
+        lm.lm_head.weight[0, 0] += 1e-6
+    assert patch_model(model, verbose=False).bf16_stored == 1  # the embedding only
+    assert lm.lm_head.weight.dtype == torch.float32
