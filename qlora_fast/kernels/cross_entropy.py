@@ -26,7 +26,7 @@ def _logit_tile(row_ptr, rows_mask, start, n_cols, BLOCK: tl.constexpr):
     return cols, tl.where(cols < n_cols, x, float("-inf"))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])  # packed batches change the token count every step
 def _cross_entropy_kernel(logits_ptr, targets_ptr, loss_ptr, divisor_ptr, n_rows, n_cols, stride,
                           IGNORE_INDEX: tl.constexpr, SOFTWARE_RTNE: tl.constexpr, ROWS: tl.constexpr,
                           BLOCK: tl.constexpr):

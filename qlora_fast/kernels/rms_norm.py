@@ -27,7 +27,7 @@ def _row_tile(n_rows, n_cols, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     return rows, rows[:, None] * n_cols + cols[None, :], mask
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])  # packed batches change the token count every step
 def _rms_norm_forward_kernel(x_ptr, delta_ptr, sum_ptr, w_ptr, y_ptr, rstd_ptr, n_rows, n_cols, eps,
                              HAS_DELTA: tl.constexpr, SOFTWARE_RTNE: tl.constexpr, ROWS: tl.constexpr,
                              BLOCK: tl.constexpr):
@@ -46,7 +46,7 @@ def _rms_norm_forward_kernel(x_ptr, delta_ptr, sum_ptr, w_ptr, y_ptr, rstd_ptr, 
     tl.store(rstd_ptr + rows, rstd, mask=rows < n_rows)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _rms_norm_backward_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, residual_grad_ptr, dx_ptr, n_rows, n_cols,
                               HAS_RESIDUAL_GRAD: tl.constexpr, SOFTWARE_RTNE: tl.constexpr,
                               ROWS: tl.constexpr, BLOCK: tl.constexpr):
