@@ -31,7 +31,7 @@ except Exception:  # noqa: BLE001  (not carried, or fails to import here: the ta
 import bitsandbytes
 import bitsandbytes.functional as bnbF
 import triton
-from bitsandbytes.nn import Linear4bit
+from bitsandbytes.nn import Linear4bit, Params4bit
 from transformers import set_seed
 from transformers.activations import ACT2FN
 
@@ -44,8 +44,11 @@ OPTIONS = [(2, 3333, 2048, 8192, 3407), (5, 777, 1024, 4096, 3409), (3, 2048, 40
 
 
 def bnb_linear4bit(hd, m, dtype, nested=True, blocksize=64):
-    return Linear4bit(hd, m, bias=None, compute_dtype=dtype, compress_statistics=nested, quant_type="nf4",
-                      **({} if blocksize == 64 else {"blocksize": blocksize}))
+    layer = Linear4bit(hd, m, bias=None, compute_dtype=dtype, compress_statistics=nested, quant_type="nf4")
+    if blocksize != 64:  # the seed's layers use bitsandbytes' default, 64
+        layer.weight = Params4bit(layer.weight.data, requires_grad=False, compress_statistics=nested,
+                                  quant_type="nf4", blocksize=blocksize)
+    return layer
 
 
 class MLP(nn.Module):

@@ -1,0 +1,346 @@
+"""The recipe matrix: the training scripts users run, stock peft vs qlora_fast vs unsloth (GPU only).
+
+  python bench/recipes.py --out $OUT/recipes [--recipes bare,peft,trl_padded,trl_packed]
+                          [--shapes llama-3-8b,qwen2.5-7b] [--stacks stock,qlora_fast,unsloth] [--steps 25]
+
+Recipes (each a user's script, random-init model of a real shape, NF4 double quant, bf16 compute, LoRA
+r=16 alpha=16 on all 7 projections, gradient checkpointing, fused AdamW, lr 1e-4):
+- bare: the model in bf16, `get_peft_model`, a bare loop, 4x2048 random tokens (our older benchmarks'
+  recipe);
+- peft: `prepare_model_for_kbit_training` (fp32 embeddings, norms, head), `get_peft_model`, the forward
+  under `torch.autocast(bf16)` as Trainer(bf16=True) runs it, 4x2048;
+- trl_padded: `SFTTrainer(model, peft_config=LoraConfig(...), args=SFTConfig(bf16=True, ...))`, batches of
+  4 rows of 2048 tokens of text;
+- trl_packed: the same with `packing=True` (padding-free rows of up to 8192 tokens from documents of
+  100-900 tokens: every row has its own length).
+Stacks: stock peft; qlora_fast (the same script plus `patch_model`); unsloth (its own
+FastLanguageModel.from_pretrained + get_peft_model, then the same loop or SFTTrainer; WITH_PEERS=1 site).
+Each (stack, shape) runs in its own process (unsloth patches transformers globally); each recipe builds a
+fresh model. Per row: tokens/s from the median and the mean step after `--warmup` steps, the seconds the
+first steps took beyond the median (compilation, autotuning), peak memory, losses. Writes
+OUT.md (table) and OUT.json (every row); the driver appends to them across invocations.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RECIPES = ("bare", "peft", "trl_padded", "trl_packed")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# ---------------------------------------------------------------- worker side (one stack, one shape)
+
+def _quantized(shape):
+    import torch
+
+    from qlora_fast.harness.models import quantize_to_nf4_, random_causal_lm
+
+    model = quantize_to_nf4_(random_causal_lm(shape, torch.bfloat16, "cuda"))
+    model.config.use_cache = False
+    return model
+
+
+def _lora_config():
+    from peft import LoraConfig
+
+    return LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+
+
+class _Steps:
+    """Per-step seconds (synchronized), tokens and losses."""
+
+    def __init__(self):
+        self.seconds, self.tokens, self.losses = [], [], []
+
+    def row(self, warmup: int) -> dict:
+        import torch
+
+        timed = self.seconds[warmup:]
+        tokens = self.tokens[warmup:]
+        median_step = statistics.median(timed)
+        return {"steps": len(self.seconds), "timed_steps": len(timed),
+                "tokens_per_s_median": statistics.median(t / s for t, s in zip(tokens, timed)),
+                "tokens_per_s_mean": sum(tokens) / sum(timed),
+                "first_steps_excess_s": sum(s - median_step for s in self.seconds[:warmup]),
+                "step_s": [round(s, 4) for s in self.seconds], "tokens": self.tokens,
+                "losses": [round(x, 4) for x in self.losses],
+                "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def _random_batches(vocab, steps, batch=4, seq=2048):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, vocab, (batch, seq), generator=g) for _ in range(steps)]
+
+
+def _loop(model, steps, autocast: bool) -> _Steps:
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    adamw = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True)
+    record = _Steps()
+    torch.cuda.reset_peak_memory_stats()  # the peak of training, not of building the random model
+    model.train()
+    for ids in _random_batches(model.config.vocab_size, steps):
+        ids = ids.cuda()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        adamw.step()
+        adamw.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        record.seconds.append(time.perf_counter() - start)
+        record.tokens.append(ids.numel())
+        record.losses.append(loss.item())
+    return record
+
+
+def _texts(packed: bool, steps: int):
+    """Random printable documents: 100-900 bytes for packing, >= 2048 bytes (truncated) for padding."""
+    import random
+
+    rng = random.Random(0)
+    alphabet = "abcdefghijklmnopqrstuvwxyz ,.;:ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789\n"
+    lengths = [rng.randint(100, 900) for _ in range(steps * 20)] if packed else [2100] * (steps * 4 + 8)
+    return ["".join(rng.choice(alphabet) for _ in range(n)) for n in lengths]
+
+
+def _trl(model, tokenizer, steps, packed: bool, peft_config, patch: bool) -> _Steps:
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    record = _Steps()
+    counted = {"tokens": 0}
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            torch.cuda.synchronize()
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            torch.cuda.synchronize()
+            record.seconds.append(time.perf_counter() - self.start)
+            record.tokens.append(counted["tokens"])
+            counted["tokens"] = 0
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                record.losses.append(logs["loss"])
+
+    config = SFTConfig(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=1 if packed else 4,
+                       max_length=8192 if packed else 2048, packing=packed, bf16=True, learning_rate=1e-4,
+                       logging_steps=1, report_to="none", save_strategy="no", gradient_checkpointing=True,
+                       gradient_checkpointing_kwargs={"use_reentrant": False}, dataset_text_field="text",
+                       dataloader_num_workers=0, seed=0, lr_scheduler_type="constant", warmup_steps=0)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_dict({"text": _texts(packed, steps)}),
+                         processing_class=tokenizer, peft_config=peft_config, callbacks=[Timer()])
+    if patch:
+        import qlora_fast
+
+        print(qlora_fast.patch_model(trainer.model, verbose=False).summary(), flush=True)
+
+    def count(module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is not None:
+            counted["tokens"] += int(ids.numel() if kwargs.get("attention_mask") is None
+                                     else kwargs["attention_mask"].sum())
+
+    trainer.model.register_forward_pre_hook(count, with_kwargs=True)
+    torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    return record
+
+
+def _unsloth_model(shape):
+    import torch
+    from unsloth import FastLanguageModel
+
+    from qlora_fast.harness.models import byte_tokenizer, random_causal_lm
+
+    path = Path(tempfile.gettempdir()) / f"recipes-{shape}"
+    if not (path / "config.json").exists():
+        dense = random_causal_lm(shape, torch.bfloat16, "cuda")
+        dense.save_pretrained(path)
+        byte_tokenizer().save_pretrained(path)
+        del dense
+        torch.cuda.empty_cache()
+    model, tokenizer = FastLanguageModel.from_pretrained(str(path), max_seq_length=8192, dtype=torch.bfloat16,
+                                                         load_in_4bit=True, local_files_only=True)
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
+                                             use_gradient_checkpointing="unsloth", random_state=0)
+    return model, tokenizer
+
+
+def run_recipe(stack, shape, recipe, steps) -> _Steps:
+    import torch
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    from qlora_fast.harness.models import byte_tokenizer
+
+    torch.manual_seed(0)
+    if stack == "unsloth":
+        model, tokenizer = _unsloth_model(shape)
+        if recipe in ("bare", "peft"):
+            return _loop(model, steps, autocast=recipe == "peft")
+        return _trl(model, tokenizer, steps, recipe == "trl_packed", None, patch=False)
+    model = _quantized(shape)
+    patch = stack == "qlora_fast"
+    if recipe.startswith("trl"):
+        return _trl(model, byte_tokenizer(), steps, recipe == "trl_packed", _lora_config(), patch)
+    if recipe == "peft":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = get_peft_model(model, _lora_config())
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if recipe == "peft":
+        model.enable_input_require_grads()
+    if patch:
+        import qlora_fast
+
+        print(qlora_fast.patch_model(model, verbose=False).summary(), flush=True)
+    return _loop(model, steps, autocast=recipe == "peft")
+
+
+def worker(args):
+    import gc
+
+    import torch
+
+    if args.stack == "unsloth":
+        import unsloth  # noqa: F401  (first, as unsloth requires)
+    rows = []
+    for recipe in args.recipes.split(","):
+        torch.cuda.empty_cache()
+        row = {"stack": args.stack, "shape": args.shape, "recipe": recipe}
+        try:
+            row.update(run_recipe(args.stack, args.shape, recipe, args.steps).row(args.warmup))
+        except Exception as error:  # noqa: BLE001  (a stack that cannot run a recipe: the table says why)
+            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+        print("ROW " + json.dumps(row), flush=True)
+        rows.append(row)
+        gc.collect()
+    return rows
+
+
+# ---------------------------------------------------------------- driver side
+
+def _versions() -> str:
+    import importlib.metadata as md
+
+    import torch
+
+    names = ["torch", "triton", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "unsloth"]
+    found = []
+    for n in names:
+        try:
+            found.append(f"{n} {md.version(n)}")
+        except md.PackageNotFoundError:
+            pass
+    return f"{torch.cuda.get_device_name()}, " + ", ".join(found)
+
+
+def _commit() -> str:
+    if os.environ.get("QLORA_FAST_COMMIT"):  # the device's copy of the tree may carry an older .git
+        return os.environ["QLORA_FAST_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "?"
+
+
+def table(rows) -> list[str]:
+    by = {(r["recipe"], r["shape"], r["stack"]): r for r in rows}
+    lines = ["| recipe | shape | stock tok/s | qlora_fast tok/s | unsloth tok/s | qlora_fast vs stock | qlora_fast vs unsloth "
+             "| peak GiB stock / qlora_fast / unsloth | first-steps excess s (qlora_fast) | final loss stock / qlora_fast / unsloth |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for recipe in RECIPES:
+        for shape in sorted({r["shape"] for r in rows}):
+            cells = [by.get((recipe, shape, s)) for s in ("stock", "qlora_fast", "unsloth")]
+            if not any(cells):
+                continue
+
+            def tps(c):
+                if c is None:
+                    return "not run"
+                if "error" in c:
+                    return f"failed: {c['error']}"
+                return f"{c['tokens_per_s_median']:.0f} ({c['tokens_per_s_mean']:.0f})"
+
+            def ratio(a, b):
+                ok = a and b and "error" not in a and "error" not in b
+                return f"{a['tokens_per_s_median'] / b['tokens_per_s_median']:.2f}x" if ok else "-"
+
+            def peak(c):
+                return f"{c['peak_gib']:.2f}" if c and "error" not in c else "-"
+
+            def last(c):
+                return f"{c['losses'][-1]:.3f}" if c and "error" not in c and c["losses"] else "-"
+
+            ours = cells[1]
+            excess = f"{ours['first_steps_excess_s']:.1f}" if ours and "error" not in ours else "-"
+            lines.append(f"| {recipe} | {shape} | {tps(cells[0])} | {tps(cells[1])} | {tps(cells[2])} | "
+                         f"{ratio(cells[1], cells[0])} | {ratio(cells[1], cells[2])} | "
+                         f"{' / '.join(peak(c) for c in cells)} | {excess} | {' / '.join(last(c) for c in cells)} |")
+    return lines
+
+
+def driver(args):
+    out = Path(args.out)
+    json_path = out.with_suffix(".json")
+    previous = json.loads(json_path.read_text()) if json_path.exists() else {"runs": []}
+    rows = []
+    for shape in args.shapes.split(","):
+        for stack in args.stacks.split(","):
+            command = [sys.executable, __file__, "--worker", "--stack", stack, "--shape", shape, "--recipes",
+                       args.recipes, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+            done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ))
+            found = [json.loads(line[4:]) for line in done.stdout.splitlines() if line.startswith("ROW ")]
+            if not found:
+                found = [{"stack": stack, "shape": shape, "recipe": r,
+                          "error": f"process exited {done.returncode}: {done.stderr.strip().splitlines()[-1:]}"}
+                         for r in args.recipes.split(",")]
+            for row in found:
+                print(json.dumps({k: v for k, v in row.items() if k not in ("step_s", "tokens")}), flush=True)
+            (out.parent / f"{out.name}-{stack}-{shape}.log").write_text(done.stdout[-20000:] + done.stderr[-20000:])
+            rows += found
+    previous["runs"].append({"date": str(datetime.date.today()), "versions": _versions(), "commit": _commit(),
+                             "command": " ".join(sys.argv), "rows": rows})
+    json_path.write_text(json.dumps(previous, indent=1))
+    all_rows = [r for run in previous["runs"] for r in run["rows"]]
+    latest = {(r["recipe"], r["shape"], r["stack"]): r for r in all_rows}
+    text = "\n".join([f"# Recipe matrix ({datetime.date.today()}, {_versions()}, commit {_commit()})", "",
+                      "tokens/s: median step (mean) after the warm-up steps; ratios from the medians.", "",
+                      *table(list(latest.values()))]) + "\n"
+    out.with_suffix(".md").write_text(text)
+    print(text)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="recipes")
+    parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--shapes", default="llama-3-8b")
+    parser.add_argument("--stacks", default="stock,qlora_fast,unsloth")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--worker", action="store_true")
+    parser.add_argument("--stack")
+    parser.add_argument("--shape")
+    args = parser.parse_args()
+    worker(args) if args.worker else driver(args)
+
+
+if __name__ == "__main__":
+    main()
