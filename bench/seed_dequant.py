@@ -36,7 +36,6 @@ from transformers import set_seed
 from transformers.activations import ACT2FN
 
 import qlora_fast
-from qlora_fast.kernels import nf4_dequantize as dequantize_kernels
 from qlora_fast.kernels.nf4_dequantize import CANDIDATE_META, nf4_dequantize
 from qlora_fast.nf4 import nf4_weight_from_bnb
 
@@ -216,11 +215,6 @@ def main():
         small = bnb_linear4bit(64, 64, dtype).to("cuda")
         small.weight.quant_state.dtype = dtype
         host = {c: host_us_per_call(fx, small) for c, fx in CANDIDATES.items()}
-        launcher = dequantize_kernels._launch_dequantize
-        launcher.enabled = False
-        host["qlora_fast.dequantize_nf4 through Triton's launcher"] = host_us_per_call(
-            CANDIDATES["qlora_fast.dequantize_nf4"], small)
-        launcher.enabled = True
         lines += ["", f"Host us per call, 64x64 weight, back to back ({dtype}): " +
                   ", ".join(f"{c} {us:.1f}" for c, us in host.items()), ""]
         record[str(dtype)] = {"harness_s": times, "device": rows, "host_us": host, "bit_exact_failures": failures}

@@ -18,69 +18,53 @@ import triton
 import triton.language as tl
 
 from ..nf4 import NF4Weight
-from ._launch import DirectLaunch
 from ._utils import INTERPRETER_TILE, INTERPRETING, cdiv
 from .nf4_decode import nf4_block_scale, round_fp32_to
 
 # Launch parameters, fixed rather than autotuned: tuning at the first call of each weight shape costs a
 # 256 MB cache-flush buffer while the model's memory is in use (it set the peak of a whole training run)
-# and ~10 us of host time per launch. bench/seed_dequant.py times the candidates; the first is the default.
-# ELEMENT_LOADS: each output element loads its own byte (two lanes share one, an L1 hit) so that the
-# stores, 4/5 of the bytes moved, are contiguous per thread with no interleave; else each byte is loaded
-# once and its two values interleaved.
+# and ~10 us of host time per launch. bench/seed_dequant.py and bench/kernels.py time the candidates; the first is the default.
 CANDIDATE_META = [
-    {"BLOCKS_PER_PROGRAM": 64, "ELEMENT_LOADS": False, "num_warps": 4},
-    {"BLOCKS_PER_PROGRAM": 32, "ELEMENT_LOADS": False, "num_warps": 4},
-    {"BLOCKS_PER_PROGRAM": 128, "ELEMENT_LOADS": False, "num_warps": 8},
-    {"BLOCKS_PER_PROGRAM": 256, "ELEMENT_LOADS": False, "num_warps": 8},
-    {"BLOCKS_PER_PROGRAM": 32, "ELEMENT_LOADS": True, "num_warps": 4},
-    {"BLOCKS_PER_PROGRAM": 64, "ELEMENT_LOADS": True, "num_warps": 4},
-    {"BLOCKS_PER_PROGRAM": 64, "ELEMENT_LOADS": True, "num_warps": 8},
-    {"BLOCKS_PER_PROGRAM": 128, "ELEMENT_LOADS": True, "num_warps": 8},
+    {"BLOCKS_PER_PROGRAM": 64, "num_warps": 4},
+    {"BLOCKS_PER_PROGRAM": 32, "num_warps": 4},
+    {"BLOCKS_PER_PROGRAM": 128, "num_warps": 8},
+    {"BLOCKS_PER_PROGRAM": 256, "num_warps": 8},
+    {"BLOCKS_PER_PROGRAM": 128, "num_warps": 4},
 ]
 
 
 @triton.jit
 def _dequantize_blocks(pid, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr,
                        n_elements, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-                       SOFTWARE_RTNE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr,
-                       ELEMENT_LOADS: tl.constexpr):
+                       SOFTWARE_RTNE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr):
     # A tile of whole quantization blocks: one scale per row, decoded once and broadcast.
     HALF: tl.constexpr = BLOCKSIZE // 2  # bytes per block
     block = pid * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
     block_mask = block * BLOCKSIZE < n_elements
     scale = nf4_block_scale(block, block_mask, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
                             BLOCKSIZE2, NESTED)
+    byte_idx = block[:, None] * HALF + tl.arange(0, HALF)[None, :]
+    byte = tl.load(packed_ptr + byte_idx, mask=byte_idx < (n_elements + 1) // 2, other=0).to(tl.int32)
+    high = tl.load(code_ptr + (byte >> 4)) * scale[:, None]
+    low = tl.load(code_ptr + (byte & 15)) * scale[:, None]
+    values = round_fp32_to(tl.interleave(high, low), out_ptr.dtype.element_ty, SOFTWARE_RTNE)
     out_idx = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-    if ELEMENT_LOADS:
-        byte = tl.load(packed_ptr + out_idx // 2, mask=out_idx < n_elements, other=0).to(tl.int32)
-        nibble = (byte >> ((1 - (out_idx & 1)) * 4)) & 15  # even elements sit in the high nibble
-        values = tl.load(code_ptr + nibble) * scale[:, None]
-    else:
-        byte_idx = block[:, None] * HALF + tl.arange(0, HALF)[None, :]
-        byte = tl.load(packed_ptr + byte_idx, mask=byte_idx < (n_elements + 1) // 2, other=0).to(tl.int32)
-        high = tl.load(code_ptr + (byte >> 4)) * scale[:, None]
-        low = tl.load(code_ptr + (byte & 15)) * scale[:, None]
-        values = tl.interleave(high, low)
-    tl.store(out_ptr + out_idx, round_fp32_to(values, out_ptr.dtype.element_ty, SOFTWARE_RTNE),
-             mask=out_idx < n_elements)
+    tl.store(out_ptr + out_idx, values, mask=out_idx < n_elements)
 
 
 @triton.jit
 def _nf4_dequantize_kernel(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr,
                            n_elements,
                            BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-                           SOFTWARE_RTNE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr,
-                           ELEMENT_LOADS: tl.constexpr):
+                           SOFTWARE_RTNE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr):
     _dequantize_blocks(tl.program_id(0), packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                       out_ptr, n_elements, BLOCKSIZE, BLOCKSIZE2, NESTED, SOFTWARE_RTNE, BLOCKS_PER_PROGRAM,
-                       ELEMENT_LOADS)
+                       out_ptr, n_elements, BLOCKSIZE, BLOCKSIZE2, NESTED, SOFTWARE_RTNE, BLOCKS_PER_PROGRAM)
 
 
 @triton.jit
 def _nf4_dequantize_stacked_kernel(table_ptr, out_ptr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
                                    NESTED: tl.constexpr, SOFTWARE_RTNE: tl.constexpr,
-                                   BLOCKS_PER_PROGRAM: tl.constexpr, ELEMENT_LOADS: tl.constexpr):
+                                   BLOCKS_PER_PROGRAM: tl.constexpr):
     # Weight program_id(1)'s table row: the addresses of its packed, code, absmax, absmax2, code2 and
     # offset tensors, where its rows start in out (in elements), and its element count.
     row = table_ptr + tl.program_id(1) * 8
@@ -94,7 +78,7 @@ def _nf4_dequantize_stacked_kernel(table_ptr, out_ptr, BLOCKSIZE: tl.constexpr, 
                            tl.load(row + 4).to(tl.pointer_type(tl.float32)),
                            tl.load(row + 5).to(tl.pointer_type(tl.float32)),
                            out_ptr + tl.load(row + 6), n_elements,
-                           BLOCKSIZE, BLOCKSIZE2, NESTED, SOFTWARE_RTNE, BLOCKS_PER_PROGRAM, ELEMENT_LOADS)
+                           BLOCKSIZE, BLOCKSIZE2, NESTED, SOFTWARE_RTNE, BLOCKS_PER_PROGRAM)
 
 
 def _launch_meta(meta: dict, blocksize: int) -> dict:
@@ -112,22 +96,15 @@ def nf4_dequantize(weight: NF4Weight, dtype: torch.dtype | None = None, out: tor
     elif out.shape != weight.shape or out.dtype != dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {tuple(weight.shape)} {dtype} tensor")
     meta = _launch_meta(meta, weight.blocksize)
-    blocks_per_program = meta["BLOCKS_PER_PROGRAM"]
-    n_elements = weight.numel
-    # what Triton specializes these arguments on: dtypes, the constexprs, n_elements % 16 (a weight's
-    # tensors are whole allocations, 16-byte aligned)
-    key = (dtype, weight.absmax.dtype, weight.blocksize, weight.blocksize2, weight.nested, n_elements % 16 == 0,
-           n_elements == 1, blocks_per_program, meta["ELEMENT_LOADS"], meta.get("num_warps"))
-    _launch_dequantize(key, weight.device, (cdiv(cdiv(n_elements, weight.blocksize), blocks_per_program),),
-                       (*weight.kernel_tensors(), out, n_elements),
-                       dict(BLOCKSIZE=weight.blocksize, BLOCKSIZE2=weight.blocksize2, NESTED=weight.nested,
-                            SOFTWARE_RTNE=INTERPRETING, BLOCKS_PER_PROGRAM=blocks_per_program,
-                            ELEMENT_LOADS=meta["ELEMENT_LOADS"]),
-                       {k: v for k, v in meta.items() if k == "num_warps"} | {"enable_fp_fusion": False})
+    n_blocks = cdiv(weight.numel, weight.blocksize)
+    _nf4_dequantize_kernel[(cdiv(n_blocks, meta["BLOCKS_PER_PROGRAM"]),)](
+        *weight.kernel_tensors(), out, weight.numel,
+        BLOCKSIZE=weight.blocksize, BLOCKSIZE2=weight.blocksize2, NESTED=weight.nested,
+        SOFTWARE_RTNE=INTERPRETING,
+        enable_fp_fusion=False,
+        **meta,
+    )
     return out
-
-
-_launch_dequantize = DirectLaunch(_nf4_dequantize_kernel)
 
 
 _tables: dict = {}  # ids of a group's NF4Weights -> (weak references to them, their device table)
