@@ -318,13 +318,41 @@ def driver(args):
     previous["runs"].append({"date": str(datetime.date.today()), "versions": _versions(), "commit": _commit(),
                              "command": " ".join(sys.argv), "rows": rows})
     json_path.write_text(json.dumps(previous, indent=1))
-    all_rows = [r for run in previous["runs"] for r in run["rows"]]
-    latest = {(r["recipe"], r["shape"], r["stack"]): r for r in all_rows}
-    text = "\n".join([f"# Recipe matrix ({datetime.date.today()}, {_versions()}, commit {_commit()})", "",
-                      "tokens/s: median step (mean) after the warm-up steps; ratios from the medians.", "",
-                      *table(list(latest.values()))]) + "\n"
-    out.with_suffix(".md").write_text(text)
+    render(json_path, out.with_suffix(".md"), args.readme)
+
+
+def _runs_lines(runs) -> list[str]:
+    """Each distinct (date, versions, commit) once, with the commands run under it."""
+    groups = {}
+    for run in runs:
+        groups.setdefault((run["date"], run["versions"], run["commit"]), []).append(run["command"])
+    return [f"Measured {date} on {versions}, commit {commit}: " + "; ".join(f"`{c}`" for c in commands)
+            for (date, versions, commit), commands in groups.items()]
+
+
+README_BEGIN, README_END = "<!-- recipes:begin (bench/recipes.py --render) -->", "<!-- recipes:end -->"
+
+
+def render(json_path: Path, md_path: Path, readme: str | None = None) -> None:
+    """The table of the latest row of each (recipe, shape, stack) across the runs recorded in json_path,
+    with the runs it draws on; into md_path, and between README's markers when `readme` is given."""
+    runs = json.loads(json_path.read_text())["runs"]
+    latest, sources = {}, {}
+    for i, run in enumerate(runs):
+        for r in run["rows"]:
+            latest[(r["recipe"], r["shape"], r["stack"])] = r
+            sources[(r["recipe"], r["shape"], r["stack"])] = i
+    used = sorted(set(sources.values()))
+    lines = [*table(list(latest.values())), "",
+             "tokens/s: the median step's (the mean's) over the steps after the warm-up; ratios from the medians.",
+             *_runs_lines([runs[i] for i in used])]
+    text = "\n".join(lines) + "\n"
+    md_path.write_text("# Recipe matrix\n\n" + text)
     print(text)
+    if readme:
+        page = Path(readme).read_text()
+        start, end = page.index(README_BEGIN) + len(README_BEGIN), page.index(README_END)
+        Path(readme).write_text(page[:start] + "\n" + text + page[end:])
 
 
 def main():
@@ -338,8 +366,13 @@ def main():
     parser.add_argument("--worker", action="store_true")
     parser.add_argument("--stack")
     parser.add_argument("--shape")
+    parser.add_argument("--render", action="store_true", help="only rewrite OUT.md (and --readme) from OUT.json")
+    parser.add_argument("--readme", help="README whose recipe table (between its markers) to rewrite")
     args = parser.parse_args()
-    worker(args) if args.worker else driver(args)
+    if args.render:
+        render(Path(args.out).with_suffix(".json"), Path(args.out).with_suffix(".md"), args.readme)
+    else:
+        worker(args) if args.worker else driver(args)
 
 
 if __name__ == "__main__":
