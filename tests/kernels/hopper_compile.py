@@ -2,8 +2,9 @@
 
 Run as `python -m tests.kernels.hopper_compile`: each wrapper is called on small CPU tensors with
 Triton's launch replaced by a compile for sm_90 (Triton's compiler and ptxas ship in its wheel); prints,
-as JSON, each compiled kernel's name with the PTX instructions tests check ("ops") and the most bytes
-of registers ptxas spilled to local memory per thread in any of its compiled variants ("spills").
+as JSON, each compiled kernel's name with the PTX instructions tests check ("ops"), the most bytes
+of registers ptxas spilled to local memory per thread in any of its compiled variants ("spills"), and
+the arguments Triton does not specialize on ("unspecialized").
 Nothing is launched.
 """
 
@@ -29,6 +30,7 @@ _TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "
                  torch.int32: "i32", torch.uint8: "u8", torch.int8: "i8"}
 compiled: dict = {}
 spills: dict = {}
+unspecialized: dict = {}  # kernel -> its arguments Triton compiles no variant for (do_not_specialize)
 
 
 def _arg_type(value) -> str:
@@ -51,6 +53,7 @@ def _compile(fn, args, kwargs):
     kernel = triton.compile(triton.compiler.ASTSource(fn, signature, constexprs), target=HOPPER, options=options)
     ops = Counter(re.findall(r"^\s*((?:fma|add|sub|mul)\.rn\.[a-z0-9]+|fma\.[a-z0-9.]+)", kernel.asm["ptx"], re.M))
     compiled.setdefault(fn.__name__, Counter()).update(ops)
+    unspecialized[fn.__name__] = sorted(p.name for p in fn.params if p.do_not_specialize)
     spills[fn.__name__] = max(spills.get(fn.__name__, 0), _spill_bytes(kernel.asm["ptx"]))
 
 
@@ -105,13 +108,17 @@ def main():
         swiglu_forward(x, x, term, term)
         swiglu_backward_(x.clone(), x.clone(), x.clone(), LowRank(term.xa, term.b.t().contiguous().t(), 0.5),
                          term, term)
+        swiglu_forward(x, x, term, term, wide=True)
+        swiglu_backward_(x.clone(), x.clone(), x.clone(), term, term, term, wide=True)
         low_rank_add_(torch.randn(8, 96, dtype=dtype)[:, 16:80], term)
+        low_rank_add_(x, term, out=torch.empty(8, 64))
         q, k, cos = torch.randn(2, 4, 8, 16, dtype=dtype), torch.randn(2, 2, 8, 16, dtype=dtype), torch.randn(2, 8, 16, dtype=dtype)
         rope(q, k, cos, cos.clone())
         rope(q, k, cos, cos.clone(), backward=True)
         cross_entropy_grad_(torch.randn(4, 100, dtype=dtype), torch.zeros(4, dtype=torch.int64),
                             torch.ones(()), torch.empty(4))
-    print(json.dumps({"ops": {name: dict(ops) for name, ops in compiled.items()}, "spills": spills}))
+    print(json.dumps({"ops": {name: dict(ops) for name, ops in compiled.items()}, "spills": spills,
+                      "unspecialized": unspecialized}))
 
 
 if __name__ == "__main__":

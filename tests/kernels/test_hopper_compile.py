@@ -45,3 +45,16 @@ def test_kernel_fits_in_registers(kernel, compiled):
 def test_bit_exact_kernels_round_every_product(kernel, ptx_ops):
     """bitsandbytes and torch round a product before adding to it: a fused multiply-add would not."""
     assert not [op for op in ptx_ops[kernel] if op.startswith("fma")]
+
+
+# The token count changes every step with packed (padding-free) batches: a kernel specialized on it (its
+# divisibility by 16) compiles again mid-training. The NF4 kernels see only weight shapes.
+TOKEN_COUNT_ARGS = {"_rms_norm_forward_kernel": {"n_rows"}, "_rms_norm_backward_kernel": {"n_rows"},
+                    "_swiglu_forward_kernel": {"n_rows"}, "_swiglu_backward_kernel": {"n_rows"},
+                    "_low_rank_add_kernel": {"n_rows"}, "_cross_entropy_kernel": {"n_rows"},
+                    "_rope_kernel": {"n_rows", "seq_len", "qs_b", "ks_b", "qo_b", "ko_b", "cs_b"}}
+
+
+@pytest.mark.parametrize("kernel", sorted(TOKEN_COUNT_ARGS))
+def test_token_counts_are_runtime_arguments(kernel, compiled):
+    assert TOKEN_COUNT_ARGS[kernel] <= set(compiled["unspecialized"][kernel])
