@@ -12,6 +12,9 @@ from trl import SFTConfig, SFTTrainer
 
 import qlora_fast  # <- added
 
+if len(sys.argv) < 3:
+    sys.exit(f"usage: python {sys.argv[0]} MODEL DATA.jsonl [MAX_STEPS]  (MODEL: a hub name or a local "
+             "directory; DATA: JSONL with prompt/completion or text fields)")
 model_name, data_file = sys.argv[1], sys.argv[2]  # data: JSONL with prompt/completion (or text) fields
 max_steps = int(sys.argv[3]) if len(sys.argv) > 3 else 100
 gpu = torch.cuda.is_available()

@@ -531,6 +531,22 @@ def _distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def _refusal(model: torch.nn.Module) -> str | None:
+    """Why patch_model must leave this model alone, or None: it has no LoRA layer over an NF4 weight, or
+    its weights sit where the kernels cannot run (the CPU without Triton's interpreter)."""
+    from .kernels._utils import INTERPRETING
+
+    layers = [layer for _, layer in _lora_nf4_layers(model)]
+    if not layers:
+        return ("found no peft LoRA layer over a bitsandbytes 4-bit Linear4bit (an 8-bit or unquantized base, "
+                "or no adapter yet: call patch_model on the model get_peft_model returns, or on trainer.model)")
+    device = layers[0].base_layer.weight.device
+    if device.type == "cpu" and not INTERPRETING:
+        return ("the model is on the CPU and Triton's CPU interpreter is off (TRITON_INTERPRET=0); unset it, "
+                "or set TRITON_INTERPRET=1 before anything imports triton")
+    return None
+
+
 def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool = True,
                 fused_mlp: bool = True, fused_qkv: bool = True, rms_norm: bool = True, add_norm: bool = True,
                 rope: bool = True, offload_checkpoints: bool | None = None,
@@ -551,6 +567,11 @@ def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool
     Idempotent; `unpatch_model` undoes it. Saving and loading adapters is unchanged (plain peft).
     """
     report = PatchReport()
+    refusal = _refusal(model)
+    if refusal is not None:
+        warnings.warn(f"qlora_fast: {refusal}; nothing was patched, the model keeps its stock forward",
+                      stacklevel=2)
+        return report
     for norm in _frozen_llama_style_norms(model) if rms_norm else []:
         _replace_forward(norm, _rms_norm_forward)
         report.rms_norms += 1

@@ -1,7 +1,17 @@
 """References written from bitsandbytes' storage format, independent of the kernels under test."""
 
+import os
+
 import bitsandbytes.functional as F
 import torch
+
+# Set by tests/conftest.py for the test process; a user's shell has neither.
+TEST_ONLY_VARIABLES = ("TRITON_INTERPRET", "HF_HUB_OFFLINE")
+
+
+def user_environment() -> dict:
+    """The environment a user's shell gives a script: this one without the test runner's variables."""
+    return {k: v for k, v in os.environ.items() if k not in TEST_ONLY_VARIABLES}
 
 
 def reference_dequantize(params4bit, dtype=None) -> torch.Tensor:

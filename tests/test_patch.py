@@ -94,6 +94,14 @@ def test_no_warning_when_everything_is_patched():
         patch_model(tiny_qlora())
 
 
+def test_a_model_without_lora_nf4_layers_is_left_alone_with_one_line():
+    model = random_causal_lm("tiny-llama", torch.float32)  # no adapter yet (patch_model before get_peft_model)
+    with pytest.warns(UserWarning, match="found no peft LoRA layer .* nothing was patched") as caught:
+        report = patch_model(model)
+    assert len(caught) == 1 and report.patched == 0 and not report.chunked_loss and not report.rms_norms
+    assert not any(is_patched(m) for m in model.modules())
+
+
 def test_fp4_layer_is_skipped():
     layer = make_lora_nf4_linear(64, 128, quant_type="fp4")
     with pytest.warns(UserWarning, match="quant_type fp4"):

@@ -8,13 +8,17 @@ from .config import LOCAL_FORMATS, ConfigError, DatasetSpec, TrainConfig
 def _load(spec: DatasetSpec):
     import datasets
 
+    local = Path(spec.path).is_file()
+    if local and Path(spec.path).stat().st_size == 0:
+        raise ConfigError(f"dataset file {spec.path!r} is empty; point the datasets entry at a file with examples")
     try:
-        if Path(spec.path).is_file():
+        if local:
             return datasets.load_dataset(LOCAL_FORMATS[Path(spec.path).suffix], data_files=spec.path,
                                          split=spec.split)
         return datasets.load_dataset(spec.path, spec.name, split=spec.split)
-    except (FileNotFoundError, ValueError, ConnectionError) as exc:
-        raise ConfigError(f"cannot load dataset {spec.path!r} (split {spec.split!r}): {exc}") from None
+    except Exception as exc:  # noqa: BLE001  (datasets raises many kinds; the user gets one line either way)
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"cannot load dataset {spec.path!r} (split {spec.split!r}): {first_line}") from None
 
 
 def _check_columns(spec: DatasetSpec, ds):
@@ -47,6 +51,12 @@ def _to_records(spec: DatasetSpec, ds, train_on_inputs: bool):
     return ds.map(split_last_turn, remove_columns=ds.column_names)
 
 
+def _usable(record: dict) -> bool:
+    """A record with something in every field (None and empty text or turns give the trainer nothing)."""
+    return all(value is not None and (not isinstance(value, (str, list)) or len(value) > 0)
+               for value in record.values())
+
+
 def load_training_data(cfg: TrainConfig):
     """(train, eval or None): every dataset loaded, its columns checked, and all concatenated."""
     import datasets
@@ -55,7 +65,11 @@ def load_training_data(cfg: TrainConfig):
     for spec in cfg.datasets:
         ds = _load(spec)
         _check_columns(spec, ds)
-        parts.append(_to_records(spec, ds, cfg.train_on_inputs))
+        records = _to_records(spec, ds, cfg.train_on_inputs)
+        if len(ds) and not any(_usable(r) for r in records):
+            raise ConfigError(f"dataset {spec.path!r}: none of its {len(ds)} rows has text in every column "
+                              f"{spec.required_columns()}; check the column mapping of its datasets entry")
+        parts.append(records)
     kinds = {tuple(sorted(p.column_names)) for p in parts}
     if len(kinds) > 1:
         raise ConfigError(f"datasets mix record kinds {sorted(kinds)}; use one type for all of them")

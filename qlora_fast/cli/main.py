@@ -1,10 +1,30 @@
 """Entry point of the `qlora-fast` command."""
 
 import argparse
+import logging
 import sys
 from importlib import resources
 
 from .config import ConfigError, load_config
+
+
+class _DropMessages(logging.Filter):
+    """Drops third-party log lines that say nothing a user can act on."""
+
+    def __init__(self, *prefixes: str):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+# bitsandbytes logs this on every import on a CPU machine without the optional `kernels` package; its own
+# CPU path works without it.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    _DropMessages("Failed to load CPU gemm_4bit_forward from kernels-community"))
+
+CONFIG_HELP = "YAML training config (axolotl-style keys; see qlora_fast/cli/config.py)"
 
 
 def default_config_path() -> str:
@@ -15,22 +35,22 @@ def _parser():
     parser = argparse.ArgumentParser(prog="qlora-fast", description="Fast QLoRA fine-tuning (peft + bitsandbytes).")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="fine-tune with a YAML config (default: the tiny embedded one)")
-    train.add_argument("config", nargs="?", default=None)
+    train.add_argument("config", nargs="?", default=None, help=CONFIG_HELP + " (default: the tiny embedded one)")
     compare = sub.add_parser("compare", help="same steps on stock peft and on qlora_fast: losses, speed, memory")
-    compare.add_argument("config", nargs="?", default=None)
-    compare.add_argument("--steps", type=int, default=8)
+    compare.add_argument("config", nargs="?", default=None, help=CONFIG_HELP + " (default: the tiny embedded one)")
+    compare.add_argument("--steps", type=int, default=8, help="training steps each run takes (default: 8)")
     compare.add_argument("--out", default=None, help="report folder (default: <output_dir>/compare)")
     compare.add_argument("--timing-rounds", type=int, default=5,
                          help="stock/patched steps timed alternately after the parity run (0: time the parity run)")
     merge = sub.add_parser("merge", help="merge a trained adapter into the dequantized base model")
-    merge.add_argument("config")
+    merge.add_argument("config", help=CONFIG_HELP + ": the base model the adapter was trained on")
     merge.add_argument("--adapter", default=None, help="adapter folder (default: the config's output_dir)")
-    merge.add_argument("--out", required=True)
+    merge.add_argument("--out", required=True, help="folder for the merged model and its tokenizer")
     generate = sub.add_parser("generate", help="generate from a prompt with the trained adapter")
-    generate.add_argument("config")
-    generate.add_argument("--prompt", required=True)
-    generate.add_argument("--adapter", default=None)
-    generate.add_argument("--max-new-tokens", type=int, default=32)
+    generate.add_argument("config", help=CONFIG_HELP + ": the base model the adapter was trained on")
+    generate.add_argument("--prompt", required=True, help="user message (wrapped in the chat template if any)")
+    generate.add_argument("--adapter", default=None, help="adapter folder (default: the config's output_dir)")
+    generate.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default: 32)")
     return parser
 
 

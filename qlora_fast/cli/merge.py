@@ -43,6 +43,17 @@ def dequantize_model_(model: nn.Module) -> nn.Module:
     return model
 
 
+def _special_token_ids_from(tokenizer, model) -> None:
+    """The saved config's bos/eos/pad ids are the tokenizer's (a random-init or resized model's config may
+    carry another vocabulary's), so that generation stops where the tokenizer ends a turn."""
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            setattr(model.config, name, value)
+            if getattr(model, "generation_config", None) is not None:
+                setattr(model.generation_config, name, value)
+
+
 def merge(cfg: TrainConfig, adapter: str | None, out: str) -> str:
     from peft import PeftModel
 
@@ -51,6 +62,7 @@ def merge(cfg: TrainConfig, adapter: str | None, out: str) -> str:
     model, tokenizer = load_base_model(cfg, compute_dtype)
     model = PeftModel.from_pretrained(dequantize_model_(model), adapter)
     merged = model.merge_and_unload()
+    _special_token_ids_from(tokenizer, merged)
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

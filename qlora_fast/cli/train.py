@@ -50,6 +50,7 @@ def load_base_model(cfg: TrainConfig, compute_dtype: torch.dtype):
             quantize_to_nf4_(model, compute_dtype, nested=cfg.bnb_4bit_use_double_quant,
                              quant_storage=_quant_storage(cfg))
         return model, byte_tokenizer()
+    _check_reachable(cfg.base_model)
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     quant = None
@@ -68,6 +69,40 @@ def load_base_model(cfg: TrainConfig, compute_dtype: torch.dtype):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or os.sep in name.replace("/", "")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connection to the hub's host, instead of huggingface_hub's retries (~50 s offline)."""
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _check_reachable(base_model: str) -> None:
+    """A local model directory exists; a hub name is in the local cache or the hub answers."""
+    if Path(base_model).expanduser().is_dir():
+        return
+    if _looks_like_path(base_model):
+        raise ConfigError(f"base_model {base_model!r} is not a directory here; give the path of a saved model "
+                          "(config.json and weights) or a hub name like meta-llama/Llama-3.2-1B")
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.constants import HF_HUB_OFFLINE
+
+    cached = isinstance(try_to_load_from_cache(base_model, "config.json"), str)
+    if not cached and not HF_HUB_OFFLINE and not _hub_reachable():
+        raise ConfigError(f"base_model {base_model!r} is not a local directory, not in the hub cache, and the hub "
+                          "cannot be reached from here; download it where there is network (`hf download "
+                          f"{base_model}`) or set base_model to a local directory")
 
 
 def add_adapter(cfg: TrainConfig, model):

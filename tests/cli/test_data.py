@@ -47,3 +47,27 @@ def test_val_split_and_mixed_kinds(tmp_path):
     with pytest.raises(ConfigError, match="mix record kinds"):
         load_training_data(parse_config({"base_model": "random:tiny-llama", "datasets": [
             a, {"path": b, "type": "prompt_completion"}]}))
+
+
+def test_empty_dataset_file_is_one_line(tmp_path):
+    (tmp_path / "d.jsonl").write_text("")
+    cfg = parse_config({"base_model": "random:tiny-llama", "datasets": [{"path": str(tmp_path / "d.jsonl"),
+                                                                         "type": "text"}]})
+    with pytest.raises(ConfigError, match="d.jsonl' is empty"):
+        load_training_data(cfg)
+
+
+def test_unreadable_dataset_file_is_one_line(tmp_path):
+    (tmp_path / "d.jsonl").write_text("{not json\n")
+    cfg = parse_config({"base_model": "random:tiny-llama", "datasets": [{"path": str(tmp_path / "d.jsonl"),
+                                                                         "type": "text"}]})
+    with pytest.raises(ConfigError, match="cannot load dataset") as caught:
+        load_training_data(cfg)
+    assert "\n" not in str(caught.value)
+
+
+def test_dataset_without_usable_rows_names_the_mapping(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": ""}, {"text": None}])
+    cfg = parse_config({"base_model": "random:tiny-llama", "datasets": [{"path": path, "type": "text"}]})
+    with pytest.raises(ConfigError, match="none of its 2 rows has text in every column"):
+        load_training_data(cfg)

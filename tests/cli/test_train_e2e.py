@@ -50,6 +50,10 @@ def test_merge_matches_base_plus_adapter(trained, tmp_path):
     assert run(["merge", cfg.source or default_config_path(), "--adapter", str(out), "--out",
                 str(tmp_path / "merged")]) == 0
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
+    from qlora_fast.harness.models import byte_tokenizer
+
+    tokenizer = byte_tokenizer()  # the random-init model's config carries Llama's ids (1, 2), not these
+    assert (merged.config.bos_token_id, merged.config.eos_token_id) == (tokenizer.bos_token_id, tokenizer.eos_token_id)
     base, _ = load_base_model(cfg, torch.float32)
     # train mode (no dropout here): in eval mode bitsandbytes' CPU path repacks to bf16 scales, inexactly
     adapted = PeftModel.from_pretrained(base, str(out)).train()
@@ -68,8 +72,19 @@ def test_generate_prints_text(trained, capsys):
 def test_unknown_random_shape_and_missing_model_are_clear(tmp_path):
     with pytest.raises(ConfigError, match="unknown model shape 'nope'"):
         train(tiny_config(tmp_path, base_model="random:nope"))
-    with pytest.raises(ConfigError, match="cannot load base_model"):
+    with pytest.raises(ConfigError, match="no-such-model' is not a directory here"):
         train(tiny_config(tmp_path, base_model=str(tmp_path / "no-such-model")))
+
+
+def test_hub_name_without_network_is_one_quick_line(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from qlora_fast.cli import train as train_module
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # a user's shell, not the tests'
+    monkeypatch.setattr(train_module, "_hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(ConfigError, match="not in the hub cache, and the hub cannot be reached"):
+        train(tiny_config(tmp_path, base_model="someone/some-model"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only refusal")
