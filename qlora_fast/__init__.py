@@ -43,6 +43,7 @@ if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
 
 from .ops.dequantize import dequantize_nf4
 from .patch import PatchReport, is_patched, patch_model, unpatch_model
+from .harness.verify import verify
 
 __version__ = "0.1.0"
-__all__ = ["dequantize_nf4", "patch_model", "unpatch_model", "is_patched", "PatchReport", "__version__"]
+__all__ = ["dequantize_nf4", "patch_model", "unpatch_model", "is_patched", "PatchReport", "verify", "__version__"]

@@ -47,6 +47,7 @@ class PatchReport:
     rope: bool = False
     offloaded_checkpoints: bool = False
     bf16_stored: int = 0  # frozen fp32 embedding / lm_head weights held in bf16, losslessly
+    stock_loss: str | None = None  # a causal LM whose loss keeps the stock path: its class name
 
     def summary(self) -> str:
         line = f"qlora_fast: patched {self.patched} LoRA NF4 layers"
@@ -66,6 +67,8 @@ class PatchReport:
             line += "; checkpointed layer inputs offloaded to the host"
         if self.bf16_stored:
             line += f"; {self.bf16_stored} frozen fp32 embedding/head weights held in bf16 (exact)"
+        if self.stock_loss:
+            line += f"; {self.stock_loss}'s loss keeps the stock path (its head is not known to be plain logits)"
         if self.skipped:
             reasons = "; ".join(f"{n} x {reason}" for reason, n in self.skipped.most_common())
             line += f", kept {sum(self.skipped.values())} on the stock peft path ({reasons})"
@@ -136,10 +139,27 @@ class _Projection(NamedTuple):
     weight: NF4Weight
 
 
+# Calls of each fused Function since the last reset_call_counts(), and layer calls that fell back to peft's
+# path, by reason: the parity harness requires fused calls of every kind it patched.
+CALLS: Counter = Counter()
+
+
+def reset_call_counts() -> None:
+    CALLS.clear()
+
+
+def _fallback(reason: str) -> None:
+    """A layer call that takes peft's path for `reason`: counted, and said once per reason."""
+    CALLS["fallback: " + reason] += 1
+    _warn_once(f"qlora_fast: some LoRA layer calls run on peft's path: {reason}")
+
+
 def _fused_projection(layer) -> _Projection | None:
-    """The one active adapter the fused path can serve now, or None: disabled, merged, several adapters
-    or a weight bitsandbytes repacked for CPU inference go through peft's forward. Runs per layer call:
-    modules and parameters are read from their dicts, not through nn.Module's attribute lookup."""
+    """The one active adapter the fused path can serve now, or None (the reason counted and said once):
+    disabled, merged, several adapters, a weight bitsandbytes repacked for CPU inference, or hooks on the
+    base layer or adapters (accelerate's offload hooks move weights only when the module is called) go
+    through peft's forward. Runs per layer call: modules and parameters are read from their dicts, not
+    through nn.Module's attribute lookup."""
     base = layer._modules["base_layer"]
     weight = base._parameters["weight"]
     if fix_4bit_weight_quant_state_from_module is not None and getattr(weight, "quant_state", None) is None:
@@ -147,17 +167,24 @@ def _fused_projection(layer) -> _Projection | None:
         weight = base._parameters["weight"]
     adapters = layer.active_adapters
     lora_a_modules = layer._modules["lora_A"]._modules
-    if layer.disable_adapters or layer.merged or len(adapters) != 1 or adapters[0] not in lora_a_modules:
+    if layer.disable_adapters or layer.merged:
+        return None  # peft's path is the adapter-free or merged forward users asked for: nothing to say
+    if len(adapters) != 1 or adapters[0] not in lora_a_modules:
+        _fallback("several active adapters (one at a time is fused)")
         return None
     name = adapters[0]
     nf4 = cached_nf4_weight(weight)
     if nf4 is None:
+        _fallback(f"weight not servable ({unsupported_reason(weight)})")
         return None
-    lora_a = lora_a_modules[name]._parameters["weight"]
-    lora_b = layer._modules["lora_B"]._modules[name]._parameters["weight"]
+    lora_a_module, lora_b_module = lora_a_modules[name], layer._modules["lora_B"]._modules[name]
+    if _has_hooks(base) or _has_hooks(lora_a_module) or _has_hooks(lora_b_module):
+        _fallback("hooks on the base layer or the adapters (accelerate offload?) run only if they are called")
+        return None
+    lora_a, lora_b = lora_a_module._parameters["weight"], lora_b_module._parameters["weight"]
     if not (_gathered(lora_a) and _gathered(lora_b)):
-        _warn_once("qlora_fast: FSDP shards the LoRA adapters apart from their layers (peft's wrap policy), "
-                   "so those layers run on peft's path; wrap whole decoder layers to use the fused kernels")
+        _fallback("FSDP shards the LoRA adapters apart from their layers (peft's wrap policy); wrap whole "
+                  "decoder layers to use the fused kernels")
         return None
     return _Projection(name, lora_a, lora_b, layer.scaling[name], nf4)
 
@@ -203,6 +230,7 @@ def _fused_forward(self, x, *args, **kwargs):
     projection = _fused_projection(self)
     if projection is None:
         return _stock_forward(self, x, *args, **kwargs)
+    CALLS["linear"] += 1
     dropout = _dropout(self, projection.adapter)
     x_lora = x
     if not isinstance(dropout, torch.nn.Identity):
@@ -266,6 +294,7 @@ def _fused_mlp_forward(self, x):
     if found is None or len({f.lora_a.shape[0] for f in found}) != 1:
         return _previous_forward(self)(x)
     output_needed = not (recomputing() and vars(self).get(_OUTPUT_ONLY_TO_RESIDUAL, False))
+    CALLS["mlp"] += 1
     return lora_nf4_mlp(x, *(f[1:] for f in found), compute_dtype=_compute_dtype(projections[0], x),
                         output_needed=output_needed)
 
@@ -286,7 +315,12 @@ def _mark_residual_mlps(model: torch.nn.Module) -> None:
 
 
 def _add_norm_layers(model: torch.nn.Module):
-    """Llama-style decoder layers whose two norms run on the kernel (patched, hook-free)."""
+    """Llama-style decoder layers whose two norms run on the kernel (patched, hook-free), in transformers 5
+    (whose layer forward _add_norm_layer_forward reproduces: past_key_values, a tensor returned)."""
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        return []
     return [m for m in model.modules()
             if type(m).__name__ in _LLAMA_STYLE_DECODER_LAYERS
             and all(is_patched(n) and not _has_hooks(n)
@@ -299,6 +333,11 @@ def _add_norm_layer_forward(self, hidden_states, attention_mask=None, position_i
     """The stock decoder layer's forward, each norm taking the residual add before it (and the sum of
     the gradients after it) into its kernel. In a recompute the layer's output is not computed."""
     first, second = self._modules["input_layernorm"], self._modules["post_attention_layernorm"]
+    if first.weight.requires_grad or second.weight.requires_grad:  # unfrozen after patching
+        return _previous_forward(self)(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                                       past_key_values=past_key_values, use_cache=use_cache,
+                                       position_embeddings=position_embeddings, **kwargs)
+    CALLS["rms_norm"] += 2
     residual, hidden = add_rms_norm(hidden_states, None, first._parameters["weight"], first.variance_epsilon)
     hidden, _ = self.self_attn(hidden_states=hidden, attention_mask=attention_mask, position_ids=position_ids,
                                past_key_values=past_key_values, use_cache=use_cache,
@@ -334,19 +373,34 @@ def _fused_qkv_forward(q_proj, siblings, x):
         return None
     biases = [p._modules["base_layer"].bias for p in projections]
     biases = None if biases[0] is None else biases  # all or none: _fusable_qkv
+    CALLS["qkv"] += 1
     q, k, v = lora_nf4_qkv(x, *(f[1:] for f in found), compute_dtype=_compute_dtype(q_proj, x), biases=biases)
     for projection, output in zip(siblings, (k, v)):
         vars(projection)[_STASHED] = (x, output)
     return q
 
 
+# Causal LMs whose training loss is exactly cross-entropy of lm_head(hidden states): no logit scaling
+# (Cohere, Granite, FalconH1), softcapping (Gemma 2/3) or auxiliary loss (MoE routers) to drop.
+_PLAIN_HEAD_CAUSAL_LMS = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                          "GemmaForCausalLM", "Phi3ForCausalLM"}
+
+
 def _causal_lm(model: torch.nn.Module):
     """The transformers *ForCausalLM module inside `model` whose loss can be chunked, or None."""
     for m in model.modules():
         head = m._modules.get("lm_head")  # own children only: peft wrappers forward attribute lookups
-        if (type(head) is torch.nn.Linear and "model" in m._modules and hasattr(m, "config")
+        if (type(m).__name__ in _PLAIN_HEAD_CAUSAL_LMS and type(head) is torch.nn.Linear and "model" in m._modules
                 and getattr(m.config, "final_logit_softcapping", None) is None):
             return m
+    return None
+
+
+def _unchunked_causal_lm(model: torch.nn.Module) -> str | None:
+    """The class name of a causal LM whose loss keeps the stock path (not known to be a plain head)."""
+    for m in model.modules():
+        if type(m).__name__.endswith("ForCausalLM") and type(m).__name__ not in _PLAIN_HEAD_CAUSAL_LMS:
+            return type(m).__name__
     return None
 
 
@@ -359,6 +413,7 @@ def _forward_with_chunked_loss(self, *args, labels=None, **kwargs):
         return _previous_forward(self)(*args, labels=labels, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
+    CALLS["loss"] += 1
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
     kwargs.pop("logits_to_keep", None)
     outputs = self.model(**kwargs)
@@ -379,6 +434,9 @@ _LLAMA_STYLE_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwe
 
 @torch.compiler.disable
 def _rms_norm_forward(self, x):
+    if self.weight.requires_grad:  # unfrozen after patching: the kernel gives no weight gradient
+        return _previous_forward(self)(x)
+    CALLS["rms_norm"] += 1
     return rms_norm_op(x, self.weight, self.variance_epsilon)
 
 
@@ -403,6 +461,7 @@ def _fused_rotary(stock):
     @torch.compiler.disable
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
         if not args and fused_rope_applies(q, k, cos, sin, **kwargs):
+            CALLS["rope"] += 1
             return apply(RoPEFunction, q, k, cos, sin)
         return stock(q, k, cos, sin, *args, **kwargs)
 
@@ -579,6 +638,8 @@ def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool
     if lm is not None:
         _replace_forward(lm, _forward_with_chunked_loss)
         report.chunked_loss = True
+    elif chunked_loss:
+        report.stock_loss = _unchunked_causal_lm(model)
     for _, layer in _lora_nf4_layers(model):
         reason = _static_skip_reason(layer)
         if reason is not None:
@@ -606,7 +667,7 @@ def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool
         offload_checkpoints = not _distributed()
     if offload_checkpoints:
         report.offloaded_checkpoints = _use_offloaded_checkpoints(model)
-    if verbose and report.skipped:
+    if verbose and (report.skipped or report.stock_loss):
         warnings.warn(report.summary(), stacklevel=2)
     return report
 

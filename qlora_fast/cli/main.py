@@ -42,6 +42,10 @@ def _parser():
     compare.add_argument("--out", default=None, help="report folder (default: <output_dir>/compare)")
     compare.add_argument("--timing-rounds", type=int, default=5,
                          help="stock/patched steps timed alternately after the parity run (0: time the parity run)")
+    check = sub.add_parser("verify", help="before a long run: do the patched layers compute what stock peft does "
+                                          "on this model and data? per-matrix gradients, fused calls, verdict")
+    check.add_argument("config", nargs="?", default=None, help=CONFIG_HELP + " (default: the tiny embedded one)")
+    check.add_argument("--steps", type=int, default=2, help="batches whose losses are compared (default: 2)")
     merge = sub.add_parser("merge", help="merge a trained adapter into the dequantized base model")
     merge.add_argument("config", help=CONFIG_HELP + ": the base model the adapter was trained on")
     merge.add_argument("--adapter", default=None, help="adapter folder (default: the config's output_dir)")
@@ -66,6 +70,11 @@ def run(argv=None) -> int:
             from ..harness.run import compare_config
 
             if not compare_config(cfg, args.steps, args.out, args.timing_rounds).passed:
+                return 1
+        elif args.command == "verify":
+            from ..harness.run import verify_config
+
+            if not verify_config(cfg, args.steps).passed:
                 return 1
         elif args.command == "merge":
             from .merge import merge

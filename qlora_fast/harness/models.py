@@ -78,13 +78,14 @@ def quantize_to_nf4_(model: nn.Module, compute_dtype=torch.bfloat16, nested: boo
 
 
 def add_lora(model: nn.Module, r: int = 16, lora_alpha: int = 16, lora_dropout: float = 0.0,
-             target_modules="all-linear", seed: int = 0, init_b_std: float = 0.0):
-    """peft LoRA on the model; `init_b_std` > 0 draws B at random so gradients flow into A at step 0."""
+             target_modules="all-linear", seed: int = 0, init_b_std: float = 0.0, alpha_pattern: dict | None = None):
+    """peft LoRA on the model; `init_b_std` > 0 draws B at random so gradients flow into A at step 0;
+    `alpha_pattern` (peft's) gives some modules their own alpha, hence their own scaling."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
     config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
-                        task_type="CAUSAL_LM")
+                        task_type="CAUSAL_LM", alpha_pattern=alpha_pattern or {})
     peft_model = get_peft_model(model, config)
     if init_b_std:
         with torch.no_grad():
