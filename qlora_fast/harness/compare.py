@@ -18,8 +18,13 @@ from ..patch import patch_model, unpatch_model
 # weights. 1% relative (after up to ~10 steps) separates that noise from real errors: a wrong
 # scaling, a missing LoRA term or a mis-decoded nibble moves the loss by whole percents at step 0.
 LOSS_RTOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
-# After training, the LoRA weights of both runs must agree to this relative norm.
-WEIGHT_RTOL = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 5e-2}
+# After training, the LoRA weight updates (final - initial) of both runs must agree to this relative norm:
+# the updates, not the weights, which A's initial values dominate. AdamW divides each gradient by its own
+# running scale, so a constant factor on a gradient (a wrong scaling) hides here; verify() (step 0
+# gradients, run first by compare_stock_and_patched) catches those. Elements whose gradients are near zero
+# take full-size AdamW steps of either sign from summation-order noise: 3.5e-3 in fp32 on the CLI's tiny
+# config (3 steps), 4.4e-2 in bf16 on the tiny model (4 steps).
+WEIGHT_RTOL = {torch.float32: 2e-2, torch.float16: 0.2, torch.bfloat16: 0.2}
 
 
 @dataclass
@@ -129,6 +134,7 @@ class Comparison:
     patched_layers: int
     # median step seconds (stock, patched) measured interleaved; None when not asked for
     interleaved_seconds: tuple | None = None
+    verification: object = None  # verify.VerifyReport of step 0's gradients and the fused calls
 
     @property
     def max_abs_loss_diff(self) -> float:
@@ -141,7 +147,8 @@ class Comparison:
     @property
     def passed(self) -> bool:
         return (self.max_rel_loss_diff <= LOSS_RTOL[self.dtype]
-                and self.weight_rel_diff <= WEIGHT_RTOL[self.dtype])
+                and self.weight_rel_diff <= WEIGHT_RTOL[self.dtype]
+                and (self.verification is None or self.verification.passed))
 
     def tokens_per_second(self, variant: str) -> float:
         """'stock' or 'patched' throughput: from the interleaved timing when there is one."""
@@ -162,6 +169,9 @@ class Comparison:
                    max_rel_loss_diff=self.max_rel_loss_diff, loss_rtol=LOSS_RTOL[self.dtype],
                    weight_rtol=WEIGHT_RTOL[self.dtype], speedup=self.speedup, passed=self.passed,
                    interleaved_seconds=self.interleaved_seconds)
+        if self.verification is not None:
+            out["verification"] = {"verdict": self.verification.verdict(), "calls": self.verification.calls,
+                                   "gradients": [asdict(m) for m in self.verification.matrices]}
         return out
 
 
@@ -170,7 +180,9 @@ def compare_stock_and_patched(model, batches: list[dict], dtype: torch.dtype, lr
                               **patch_options) -> Comparison:
     """Trains `model` (a peft model over NF4 layers, unpatched) on `batches` twice: stock, then patched
     with `patch_model(model, **patch_options)`; then, with `timing_rounds`, times both interleaved."""
-    unpatch_model(model)
+    from .verify import verify
+
+    verification = verify(model, batches[:1], dtype, seed=seed, **patch_options)
     initial = lora_state(model)
     stock = train_steps(model, batches, lr, seed, optimizer)
     stock_final = lora_state(model)
@@ -185,8 +197,8 @@ def compare_stock_and_patched(model, batches: list[dict], dtype: torch.dtype, lr
         _load_lora_state(model, initial)
 
     num = sum((patched_final[k].double() - stock_final[k].double()).norm() ** 2 for k in stock_final)
-    den = sum(stock_final[k].double().norm() ** 2 for k in stock_final)
+    den = sum((stock_final[k].double() - initial[k].double()).norm() ** 2 for k in stock_final)
     interleaved = None
     if timing_rounds:
         interleaved = interleaved_step_seconds(model, batches[0], timing_rounds, **patch_options)
-    return Comparison(stock, patched, dtype, float((num / den).sqrt()), report.patched, interleaved)
+    return Comparison(stock, patched, dtype, float((num / den).sqrt()), report.patched, interleaved, verification)

@@ -23,9 +23,11 @@ def markdown_report(c: Comparison, title: str) -> str:
     return f"""# qlora_fast regression: {title}
 
 **{'PASS' if c.passed else 'FAIL'}**: max relative loss difference {c.max_rel_loss_diff:.2e} (tolerance
-{LOSS_RTOL[c.dtype]:.0e}), LoRA weights after {len(s.losses)} steps differ by {c.weight_rel_diff:.2e}
+{LOSS_RTOL[c.dtype]:.0e}), LoRA weight updates after {len(s.losses)} steps differ by {c.weight_rel_diff:.2e}
 relative (tolerance {WEIGHT_RTOL[c.dtype]:.0e}); {c.patched_layers} layers patched;
 compute dtype {str(c.dtype).removeprefix('torch.')}.
+
+Step-0 gradients (verify): {c.verification.verdict() if c.verification is not None else 'not run'}
 
 | | stock peft | qlora_fast | ratio |
 |---|---|---|---|
