@@ -5,7 +5,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from qlora_fast import is_patched, patch_model, unpatch_model
-from qlora_fast import patch as patch_module
+from qlora_fast.patching import core, norms, projections
 from qlora_fast.harness.models import add_lora, quantize_to_nf4_, random_causal_lm
 from qlora_fast.ops.rope import RoPEFunction
 from qlora_fast.ops.unread_sum import unread_sum
@@ -252,7 +252,7 @@ def test_add_norm_layers_give_the_same_bf16_loss_and_grads_bit_for_bit(shape, of
     assert loss == separate_loss and grads.keys() == separate_grads.keys()
     assert all(torch.equal(grads[n], separate_grads[n]) for n in grads)
     unpatch_model(model)
-    assert not any("forward" in vars(m) or vars(m).get(patch_module._OUTPUT_UNREAD_IN_RECOMPUTE)
+    assert not any("forward" in vars(m) or vars(m).get(core.OUTPUT_UNREAD_IN_RECOMPUTE)
                    for m in model.modules())
 
 
@@ -275,7 +275,7 @@ def test_recompute_leaves_the_layer_output_uncomputed(monkeypatch):
     model = _checkpointed_bf16_qlora("tiny-llama")
     patch_model(model, offload_checkpoints=True)
     sums = []
-    monkeypatch.setattr(patch_module, "unread_sum", lambda a, b: sums.append(a.shape) or unread_sum(a, b))
+    monkeypatch.setattr(norms, "unread_sum", lambda a, b: sums.append(a.shape) or unread_sum(a, b))
     loss_and_grads(model, torch.randint(0, 512, (2, 24)))
     assert sums == [(2, 24, 64)] * 2  # each layer's recompute; its first pass adds
 
@@ -294,13 +294,13 @@ def test_gemma_norms_are_left_alone():
 
 def test_adapters_sharded_apart_from_their_layer_take_peft_path_with_one_warning():
     layer = make_lora_nf4_linear(64, 128, dtype=torch.float32)
-    assert patch_module._fused_projection(layer).adapter == "default"
+    assert projections.fused_projection(layer).adapter == "default"
     # FSDP1's placeholder for a parameter that lives in another unit's flat parameter
     layer.lora_A["default"].weight = torch.nn.Parameter(torch.empty(0))
-    patch_module._warned.clear()
+    core._warned.clear()
     with pytest.warns(UserWarning, match="FSDP shards the LoRA adapters") as caught:
-        assert patch_module._fused_projection(layer) is None
-        assert patch_module._fused_projection(layer) is None
+        assert projections.fused_projection(layer) is None
+        assert projections.fused_projection(layer) is None
     assert len(caught) == 1
 
 

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-import qlora_fast.patch
+import qlora_fast.patching.lora_linear
 from qlora_fast.cli.config import config_to_dict, load_config, parse_config
 from qlora_fast.cli.main import default_config_path, run
 from qlora_fast.harness.compare import compare_stock_and_patched
@@ -28,12 +28,12 @@ def test_patched_training_tracks_stock(dtype):
 
 
 def test_a_wrong_kernel_is_caught(monkeypatch):
-    real = qlora_fast.patch.lora_nf4_linear
+    real = qlora_fast.patching.lora_linear.lora_nf4_linear
 
     def doubled_scaling(x, x_lora, a, b, scaling, *rest):
         return real(x, x_lora, a, b, 2 * scaling, *rest)
 
-    monkeypatch.setattr(qlora_fast.patch, "lora_nf4_linear", doubled_scaling)
+    monkeypatch.setattr(qlora_fast.patching.lora_linear, "lora_nf4_linear", doubled_scaling)
     result = compare_stock_and_patched(tiny_model(torch.float32), batches(), torch.float32, lr=1e-3)
     assert not result.passed
 

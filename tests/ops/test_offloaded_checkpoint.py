@@ -109,7 +109,8 @@ def test_patch_model_offloads_the_decoder_layers(enable_checkpointing_after_patc
 
 
 def test_recompute_skips_the_mlp_output_and_keeps_every_gradient(monkeypatch):
-    import qlora_fast.patch as patch_module
+    import qlora_fast.patching.core as core
+    import qlora_fast.patching.mlp as mlp_patch
 
     model = add_lora(quantize_to_nf4_(random_causal_lm("tiny-llama", torch.float32), torch.float32),
                      init_b_std=0.02).train()
@@ -117,8 +118,8 @@ def test_recompute_skips_the_mlp_output_and_keeps_every_gradient(monkeypatch):
     model.gradient_checkpointing_enable()
     patch_model(model, offload_checkpoints=True)
     calls = []
-    fused = patch_module.lora_nf4_mlp
-    monkeypatch.setattr(patch_module, "lora_nf4_mlp", lambda *a, **kw: calls.append(kw["output_needed"])
+    fused = mlp_patch.lora_nf4_mlp
+    monkeypatch.setattr(mlp_patch, "lora_nf4_mlp", lambda *a, **kw: calls.append(kw["output_needed"])
                         or fused(*a, **kw))
     ids = torch.randint(0, 512, (2, 16))
     loss, grads = loss_and_grads(model, ids)
@@ -127,7 +128,7 @@ def test_recompute_skips_the_mlp_output_and_keeps_every_gradient(monkeypatch):
 
     calls.clear()
     for layer in layers:
-        delattr(layer.mlp, patch_module._OUTPUT_ONLY_TO_RESIDUAL)
+        delattr(layer.mlp, core.OUTPUT_ONLY_TO_RESIDUAL)
     full_loss, full_grads = loss_and_grads(model, ids)
     assert calls == [True] * (2 * len(layers))
     assert full_loss == loss

@@ -1,0 +1,111 @@
+"""What each model family looks like to patch_model: one row per family, and the structural fallback.
+
+A row names the family's classes and says which of them compute exactly what a fused path replaces:
+- swiglu_mlp: the MLP's forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)) (act_fn checked as SiLU
+  per module);
+- qkv_attention: the attention projects one hidden-states tensor with q_proj, k_proj and v_proj, in order;
+- llama_norm: the RMSNorm is w * round(x * rsqrt(mean(x^2) + eps)) (Gemma's (1 + w) is not);
+- llama_layer: the decoder layer is Llama's `residual + self_attn(input_layernorm(x))` then
+  `residual + mlp(post_attention_layernorm(residual))` (add_norm and the recompute that skips the output);
+- rotary: the attention's modeling module applies transformers' standard apply_rotary_pos_emb;
+- plain_head: the training loss is cross-entropy of lm_head(hidden states) (no logit scaling, softcapping
+  or auxiliary loss).
+A class whose name is in no row is still recognized for the first four when its forward is one a row
+vouches for: inherited unchanged, or the same source (a renamed copy, as remote-code models often are).
+Adding a family is adding a row.
+"""
+
+import inspect
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+
+
+@dataclass(frozen=True)
+class Architecture:
+    family: str  # transformers.models.<family>.modeling_<family>
+    causal_lm: str
+    decoder_layer: str
+    attention: str
+    mlp: str
+    rms_norm: str
+    swiglu_mlp: bool
+    qkv_attention: bool
+    llama_norm: bool
+    llama_layer: bool
+    rotary: bool
+    plain_head: bool
+
+
+def _llama_like(family: str, prefix: str) -> Architecture:
+    return Architecture(family, f"{prefix}ForCausalLM", f"{prefix}DecoderLayer", f"{prefix}Attention", f"{prefix}MLP",
+                        f"{prefix}RMSNorm", swiglu_mlp=True, qkv_attention=True, llama_norm=True, llama_layer=True,
+                        rotary=True, plain_head=True)
+
+
+ARCHITECTURES = (
+    _llama_like("llama", "Llama"),
+    _llama_like("mistral", "Mistral"),
+    _llama_like("qwen2", "Qwen2"),  # q/k/v with a frozen base bias: fused, the bias inside the GEMM
+    _llama_like("qwen3", "Qwen3"),  # q/k norms after the projections: the projections still fuse
+    # GELU MLPs, (1 + w) norms
+    Architecture("gemma", "GemmaForCausalLM", "GemmaDecoderLayer", "GemmaAttention", "GemmaMLP", "GemmaRMSNorm",
+                 swiglu_mlp=False, qkv_attention=True, llama_norm=False, llama_layer=False, rotary=True,
+                 plain_head=True),
+    # and the logits softcapped: the loss keeps the stock path
+    Architecture("gemma2", "Gemma2ForCausalLM", "Gemma2DecoderLayer", "Gemma2Attention", "Gemma2MLP",
+                 "Gemma2RMSNorm", swiglu_mlp=False, qkv_attention=True, llama_norm=False, llama_layer=False,
+                 rotary=True, plain_head=False),
+    Architecture("gemma3", "Gemma3ForCausalLM", "Gemma3DecoderLayer", "Gemma3Attention", "Gemma3MLP",
+                 "Gemma3RMSNorm", swiglu_mlp=False, qkv_attention=True, llama_norm=False, llama_layer=False,
+                 rotary=True, plain_head=False),
+    # fused qkv_proj / gate_up_proj (served one LoRA layer at a time), partial rotary
+    Architecture("phi3", "Phi3ForCausalLM", "Phi3DecoderLayer", "Phi3Attention", "Phi3MLP", "Phi3RMSNorm",
+                 swiglu_mlp=False, qkv_attention=False, llama_norm=True, llama_layer=False, rotary=False,
+                 plain_head=True),
+)
+
+# The role of each property: which class of a row it qualifies.
+_ROLE = {"swiglu_mlp": "mlp", "qkv_attention": "attention", "llama_norm": "rms_norm",
+         "llama_layer": "decoder_layer", "rotary": "attention", "plain_head": "causal_lm"}
+_STRUCTURAL = ("swiglu_mlp", "qkv_attention", "llama_norm", "llama_layer")
+
+
+@lru_cache(maxsize=None)
+def class_names(prop: str) -> frozenset:
+    """The class names the table vouches for `prop`."""
+    return frozenset(getattr(a, _ROLE[prop]) for a in ARCHITECTURES if getattr(a, prop))
+
+
+def _modeling_module(family: str):
+    return sys.modules.get(f"transformers.models.{family}.modeling_{family}")
+
+
+@lru_cache(maxsize=None)
+def _vouched_sources(prop: str, loaded: tuple) -> frozenset:
+    """The forward source of each class the table vouches for `prop` among the `loaded` families (one not
+    imported by this process cannot be the model's)."""
+    rows = [a for a in ARCHITECTURES if a.family in loaded and getattr(a, prop)]
+    classes = [getattr(_modeling_module(a.family), getattr(a, _ROLE[prop]), None) for a in rows]
+    return frozenset(_forward_source(cls) for cls in classes if cls is not None)
+
+
+@lru_cache(maxsize=None)
+def _forward_source(cls) -> str:
+    try:
+        return inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return ""
+
+
+def has(module, prop: str) -> bool:
+    """Whether `module` computes what the table's `prop` says: by class name, or (for the structural
+    properties) by a forward the table vouches for."""
+    cls = type(module)
+    if cls.__name__ in class_names(prop):
+        return True
+    if prop not in _STRUCTURAL:
+        return False
+    source = _forward_source(cls)
+    loaded = tuple(a.family for a in ARCHITECTURES if _modeling_module(a.family) is not None)
+    return bool(source) and source in _vouched_sources(prop, loaded)

@@ -1,0 +1,89 @@
+"""Installing a forward on one module instance and restoring it; the per-module state the patches keep;
+fused-call counts and fallback notes shared by the patches."""
+
+import os
+import types
+import warnings
+from collections import Counter
+
+import torch
+
+
+PATCHED = "_qlora_fast_patched"
+OUTPUT_ONLY_TO_RESIDUAL = "_qlora_fast_output_only_to_residual"  # see mark_residual_mlps
+KV_SIBLINGS = "_qlora_fast_kv_siblings"  # on a q_proj: its (k_proj, v_proj), see fused_qkv_forward
+STASHED = "_qlora_fast_stashed_output"  # on a k_proj / v_proj: (input, output) its q_proj computed
+OUTPUT_UNREAD_IN_RECOMPUTE = "_qlora_fast_output_unread_in_recompute"  # see add_norm_layer_forward
+_PER_MODULE_STATE = (OUTPUT_ONLY_TO_RESIDUAL, KV_SIBLINGS, STASHED, OUTPUT_UNREAD_IN_RECOMPUTE)
+
+
+def replace_forward(module: torch.nn.Module, forward) -> None:
+    """Installs `forward` on this instance, remembering an instance-level forward another library (TRL,
+    accelerate) may have wrapped it with, so that falling back goes through that wrapper."""
+    if is_patched(module):
+        return
+    module._qlora_fast_previous_forward = vars(module).get("forward")
+    module.forward = types.MethodType(forward, module)
+    setattr(module, PATCHED, True)
+
+
+def restore_forward(module: torch.nn.Module) -> bool:
+    if not is_patched(module):
+        return False
+    previous = vars(module).pop("_qlora_fast_previous_forward")
+    for state in _PER_MODULE_STATE:
+        vars(module).pop(state, None)
+    del module.forward
+    if previous is not None:
+        module.forward = previous
+    delattr(module, PATCHED)
+    return True
+
+
+def previous_forward(module: torch.nn.Module):
+    previous = vars(module).get("_qlora_fast_previous_forward")
+    return previous if previous is not None else types.MethodType(type(module).forward, module)
+
+
+def stock_forward(layer, x, *args, **kwargs):
+    return previous_forward(layer)(x, *args, **kwargs)
+
+
+def is_patched(module: torch.nn.Module) -> bool:
+    # vars(), not getattr: peft's wrappers forward attribute lookups to the model they wrap
+    return vars(module).get(PATCHED, False)
+
+
+def has_hooks(module) -> bool:
+    """Hooks (peft's per-sample adapter_names, accelerate's offload) run only if the projection is called."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"))
+
+
+# Calls of each fused Function since the last reset_call_counts(), and layer calls that fell back to peft's
+# path, by reason: the parity harness requires fused calls of every kind it patched.
+CALLS: Counter = Counter()
+
+
+def reset_call_counts() -> None:
+    CALLS.clear()
+
+
+_warned: set = set()
+
+
+def warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def fallback(reason: str) -> None:
+    """A layer call that takes peft's path for `reason`: counted, and said once per reason."""
+    CALLS["fallback: " + reason] += 1
+    warn_once(f"qlora_fast: some LoRA layer calls run on peft's path: {reason}")
+
+
+def distributed() -> bool:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size() > 1
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
