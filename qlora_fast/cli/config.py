@@ -89,6 +89,7 @@ class TrainConfig:
     rms_norm_kernel: bool = True
     add_norm_kernel: bool = True  # each residual add inside the RMSNorm after it
     chunked_loss: bool = True
+    bf16_frozen_weights: bool = True  # frozen fp32 embedding/head holding only bf16 values, held in bf16
     distributed: str = "none"  # none | ddp | fsdp (launch with `accelerate launch`)
     source: str | None = field(default=None, repr=False)  # the YAML file read, for relative paths
 
@@ -240,6 +241,9 @@ def config_to_dict(cfg: TrainConfig) -> dict:
 
 
 def patch_options(cfg: "TrainConfig") -> dict:
-    """patch_model's keyword arguments for this config (checkpoint offloading aside)."""
+    """Every patch_model keyword argument for this config. gradient_checkpointing: offload keeps checkpoints
+    on the host in every run; true leaves it to patch_model (offloaded in single-process runs)."""
     return {"fused_mlp": cfg.fused_mlp, "fused_qkv": cfg.fused_qkv, "rope": cfg.rope_kernel,
-            "rms_norm": cfg.rms_norm_kernel, "add_norm": cfg.add_norm_kernel, "chunked_loss": cfg.chunked_loss}
+            "rms_norm": cfg.rms_norm_kernel, "add_norm": cfg.add_norm_kernel, "chunked_loss": cfg.chunked_loss,
+            "bf16_frozen_weights": cfg.bf16_frozen_weights,
+            "offload_checkpoints": True if cfg.gradient_checkpointing == "offload" else None}

@@ -67,12 +67,12 @@ def run(argv=None) -> int:
 
             train(cfg)
         elif args.command == "compare":
-            from ..harness.run import compare_config
+            from .check import compare_config
 
             if not compare_config(cfg, args.steps, args.out, args.timing_rounds).passed:
                 return 1
         elif args.command == "verify":
-            from ..harness.run import verify_config
+            from .check import verify_config
 
             if not verify_config(cfg, args.steps).passed:
                 return 1

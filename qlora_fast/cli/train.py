@@ -3,6 +3,7 @@
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -195,6 +196,26 @@ def _throughput_callback():
     return ThroughputCallback()
 
 
+@dataclass
+class PeftSetup:
+    train_data: object
+    eval_data: object
+    model: torch.nn.Module
+    tokenizer: object
+    compute_dtype: torch.dtype
+    bf16: bool
+    fp16: bool
+
+
+def build_peft_model(cfg: TrainConfig) -> PeftSetup:
+    """What train, compare and verify share: the data loaded and checked first (a mistake there costs no
+    model load), the precision, the 4-bit base model and its LoRA adapter."""
+    train_data, eval_data = load_training_data(cfg)
+    compute_dtype, bf16, fp16 = precision(cfg)
+    model, tokenizer = load_base_model(cfg, compute_dtype)
+    return PeftSetup(train_data, eval_data, add_adapter(cfg, model), tokenizer, compute_dtype, bf16, fp16)
+
+
 def build_trainer(cfg: TrainConfig):
     """Everything up to the first step: data checked first, then model, adapter, patch and trainer."""
     from trl import SFTTrainer
@@ -203,20 +224,15 @@ def build_trainer(cfg: TrainConfig):
         raise ConfigError("activation_offloading moves activations from the GPU to the CPU: it needs a GPU")
     if cfg.distributed == "fsdp" and not torch.cuda.is_available():
         raise ConfigError("distributed: fsdp shards the model over GPUs and needs them; on CPU use distributed: ddp")
-    train_data, eval_data = load_training_data(cfg)
-    compute_dtype, bf16, fp16 = precision(cfg)
-    model, tokenizer = load_base_model(cfg, compute_dtype)
-    model = add_adapter(cfg, model)
-    args = sft_arguments(cfg, bf16, fp16, eval_data is not None, set(train_data.column_names))
+    setup = build_peft_model(cfg)
+    args = sft_arguments(cfg, setup.bf16, setup.fp16, setup.eval_data is not None, set(setup.train_data.column_names))
     _single_process_single_gpu(args)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
-                         processing_class=tokenizer, callbacks=[_throughput_callback()])
+    trainer = SFTTrainer(model=setup.model, args=args, train_dataset=setup.train_data, eval_dataset=setup.eval_data,
+                         processing_class=setup.tokenizer, callbacks=[_throughput_callback()])
     if cfg.distributed == "fsdp":
         _fsdp_mixed_precision(trainer, cfg)
     if cfg.patch:
-        # true: patch_model's default (offloaded in single-process runs); offload: offloaded everywhere
-        offload = True if cfg.gradient_checkpointing == "offload" else None
-        print(patch_model(trainer.model, offload_checkpoints=offload, **patch_options(cfg)).summary(), flush=True)
+        print(patch_model(trainer.model, **patch_options(cfg)).summary(), flush=True)
     return trainer
 
 

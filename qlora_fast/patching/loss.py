@@ -20,7 +20,7 @@ def causal_lm(model: torch.nn.Module):
 def unchunked_causal_lm(model: torch.nn.Module) -> str | None:
     """The class name of a causal LM whose loss keeps the stock path (not known to be a plain head)."""
     for m in model.modules():
-        if type(m).__name__.endswith("ForCausalLM") and type(m).__name__ not in class_names("plain_head"):
+        if "lm_head" in m._modules and type(m).__name__ not in class_names("plain_head"):
             return type(m).__name__
     return None
 

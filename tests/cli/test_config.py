@@ -113,10 +113,18 @@ def test_patch_options_take_their_axolotl_and_liger_spellings(data_file):
     from qlora_fast.cli.config import patch_options
 
     assert patch_options(parse_config(config(data_file))) == {
-        "fused_mlp": True, "fused_qkv": True, "rope": True, "rms_norm": True, "add_norm": True, "chunked_loss": True}
+        "fused_mlp": True, "fused_qkv": True, "rope": True, "rms_norm": True, "add_norm": True, "chunked_loss": True,
+        "bf16_frozen_weights": True, "offload_checkpoints": None}
     cfg = parse_config(config(data_file, lora_qkv_kernel=False, lora_mlp_kernel=False, liger_rope=False,
                               rms_norm_kernel=False, add_norm_kernel=False,
-                              liger_fused_linear_cross_entropy=False))
+                              liger_fused_linear_cross_entropy=False, bf16_frozen_weights=False))
     assert not any(patch_options(cfg).values())
+    assert patch_options(parse_config(config(data_file, gradient_checkpointing="offload")))["offload_checkpoints"]
+
+    import inspect
+
+    from qlora_fast import patch_model
+    every = set(inspect.signature(patch_model).parameters) - {"model", "verbose"}
+    assert set(patch_options(cfg)) == every  # every patch_model switch has its config key
     with pytest.raises(ConfigError, match="fused_qkv.* must be a bool"):
         parse_config(config(data_file, fused_qkv="yes"))
