@@ -5,7 +5,7 @@
 1. correctness on the GPU: dequantize bit-exact with bitsandbytes (odd shapes, nested or not, fp16/bf16),
    in-GEMM matmul against dequantize + fp32 matmul, fused LoRA layer fwd/bwd against stock peft;
 2. dequantize time: qlora_fast vs bitsandbytes vs peft (vs unsloth's fast_dequantize when installed);
-3. in-GEMM vs dequantize + cuBLAS by token count (sets ops/nf4_linear.py FUSED_MAX_ROWS);
+3. in-GEMM vs dequantize + cuBLAS by token count (sets ops/nf4_linear_forward.py FUSED_MAX_ROWS);
 4. LoRA linear forward+backward: stock peft vs patched, time and peak memory;
 5. RMSNorm forward+backward: transformers' LlamaRMSNorm vs the Triton kernel;
 6. SwiGLU MLP (gate/up/down LoRA on NF4) forward+backward: stock peft vs the fused MLP Function;
@@ -92,7 +92,7 @@ def _check_stacked_dequantize(dtype, dname):
 
 def _check_cross_entropy(dtype, dname, rows=300, vocab=128256):
     """Losses and in-place gradient of the kernel against float64 torch, ignored rows included."""
-    from qlora_fast.kernels.cross_entropy import cross_entropy_grad_
+    from qlora_fast.kernels.cross_entropy import cross_entropy_forward_backward_
 
     logits = (torch.randn(rows, vocab, device="cuda") * 4).to(dtype)
     targets = torch.randint(0, vocab, (rows,), device="cuda")
@@ -105,7 +105,7 @@ def _check_cross_entropy(dtype, dname, rows=300, vocab=128256):
     ref_losses = (lse - x.gather(1, safe[:, None]).squeeze(1)) * counted
     ref_grad = (torch.softmax(x, 1) - torch.nn.functional.one_hot(safe, vocab)) * (counted / divisor)[:, None]
     losses = torch.full((rows,), float("nan"), device="cuda")
-    cross_entropy_grad_(logits, targets, divisor, losses)
+    cross_entropy_forward_backward_(logits, targets, divisor, losses)
     errs = [rel_err(losses, ref_losses), rel_err(logits, ref_grad)]
     return {"check": "cross-entropy kernel losses/grad rel err vs float64", "shape": f"{rows}x{vocab}",
             "dtype": dname, "value": [f"{e:.2e}" for e in errs], "ok": errs[0] < 1e-5 and errs[1] < 1e-2}

@@ -65,10 +65,9 @@ def main():
              f"{sorted({str(p.dtype) for p in adapters})}), gradient checkpointing; tile kernels' launch "
              f"CANDIDATE_META[{args.tile_meta}]; loss parity over {args.steps} AdamW ({args.optimizer}) steps, tokens/s "
              f"from the median of {args.timing_rounds} interleaved stock/patched forward+backward rounds"
-             "; the AdamW column times the loss-parity run's optimizer steps (2 to last), as "
-             "bench/train_step_unsloth.py times unsloth's",
+             "; the AdamW column times the loss-parity run's optimizer steps (2 to last)",
              "", "| batch x seq | qlora_fast variant | stock tok/s | qlora_fast tok/s | speedup | qlora_fast tok/s "
-             "(AdamW steps) | qlora_fast tok/s (AdamW steps, median) | stock peak GiB | qlora_fast peak GiB | max rel loss diff | LoRA weight rel diff | parity |",
+             "(AdamW steps) | qlora_fast tok/s (AdamW steps, median) | stock peak GiB | qlora_fast peak GiB | max rel loss diff | LoRA update rel diff | parity |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     chosen = args.variants.split(",") if args.variants else list(VARIANTS)
     for size in args.sizes.split(","):

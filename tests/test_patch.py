@@ -374,3 +374,21 @@ def test_qkv_with_trainable_base_bias_or_dropout_takes_three_layers():
     ids = torch.randint(0, 512, (1, 16))
     assert set(_qkv_grad_fns(model, ids)) == {"LoRANF4LinearFunctionBackward"}
     assert not any("_qlora_fast_stashed_output" in vars(m) for m in model.modules())
+
+
+def test_norms_unfrozen_after_patching_get_their_gradient():
+    model = tiny_qlora().train()
+    patch_model(model, verbose=False)
+    norm = model.base_model.model.model.layers[0].input_layernorm
+    norm.weight.requires_grad_(True)
+    ids = torch.randint(0, 512, (1, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert norm.weight.grad is not None and norm.weight.grad.abs().sum() > 0
+
+
+def test_add_norm_only_on_the_transformers_it_reproduces(monkeypatch):
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", "4.57.1")  # decoder layers of another signature
+    report = patch_model(tiny_qlora(), verbose=False)
+    assert report.add_norms == 0 and report.rms_norms == 5

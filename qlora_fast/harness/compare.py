@@ -64,8 +64,7 @@ def _synchronize(device: torch.device):
 
 
 # How train_steps steps AdamW: "fused" is torch's fused kernel, what transformers' Trainer (and so TRL)
-# uses by default; "foreach" is torch's default, which the harness used through session 4 of 2026-11-23
-# (bench/RESULTS.md says which figures used which).
+# uses by default; "foreach" is torch's default (bench/RESULTS.md says which figures used which).
 OPTIMIZERS = {"fused": {"fused": True}, "foreach": {"foreach": True}}
 
 

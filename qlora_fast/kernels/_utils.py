@@ -1,6 +1,7 @@
 import os
 
 import triton
+import triton.language as tl
 
 
 # True when Triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET=1). Triton reads the
@@ -27,3 +28,15 @@ def cdiv(a: int, b: int) -> int:
 
 def next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
+
+
+@triton.jit
+def round_fp32_to(x, dtype: tl.constexpr, SOFTWARE_RTNE: tl.constexpr):
+    """fp32 -> `dtype`, round to nearest even. SOFTWARE_RTNE spells the bf16 rounding out, because
+    Triton's CPU interpreter truncates fp32 -> bf16 where the GPU (and bitsandbytes) round."""
+    if SOFTWARE_RTNE and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ._utils import INTERPRETER_TILE, INTERPRETING, cdiv, next_power_of_2
-from .nf4_decode import round_fp32_to
+from ._utils import round_fp32_to
 
 IGNORE_INDEX = -100
 
@@ -66,7 +66,7 @@ def _cross_entropy_kernel(logits_ptr, targets_ptr, loss_ptr, divisor_ptr, n_rows
 _GPU_META = {"ROWS": 1, "BLOCK": 4096, "num_warps": 8}
 
 
-def cross_entropy_grad_(logits: torch.Tensor, targets: torch.Tensor, divisor: torch.Tensor,
+def cross_entropy_forward_backward_(logits: torch.Tensor, targets: torch.Tensor, divisor: torch.Tensor,
                         losses: torch.Tensor) -> None:
     """Writes each row's loss, logsumexp(logits) - logits[target] (0 where target is -100, NaN where it is
     outside the vocabulary), into the fp32
@@ -74,7 +74,7 @@ def cross_entropy_grad_(logits: torch.Tensor, targets: torch.Tensor, divisor: to
     `divisor` is a one-element fp32 tensor on the logits' device (read there, never synchronized)."""
     n_rows, n_cols = logits.shape
     if logits.stride(1) != 1:
-        raise ValueError("cross_entropy_grad_: logits rows must be contiguous")
+        raise ValueError("cross_entropy_forward_backward_: logits rows must be contiguous")
     meta = _GPU_META
     if INTERPRETING:
         block = min(next_power_of_2(n_cols), INTERPRETER_TILE)

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ._utils import INTERPRETER_TILE, INTERPRETING, cdiv, next_power_of_2
-from .nf4_decode import round_fp32_to
+from ._utils import round_fp32_to
 
 
 class LowRank(NamedTuple):
@@ -79,14 +79,12 @@ def term_args(term: LowRank | None, like: torch.Tensor):
 
 # Launch parameters of the tile kernels on the GPU, fixed rather than autotuned (they overwrite their
 # inputs); bench/kernels.py times the candidates, the first is the default (fastest for SwiGLU on the H100,
-# bench/RESULTS.md). Forming the term from rank-1 updates in fp32 registers instead of a tensor-core
-# product ran SwiGLU's forward 1.8-3.8x slower.
+# bench/RESULTS.md).
 CANDIDATE_META = [
     {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4},
     {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8},
     {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8},
-    # ptxas (sm_90, from the CPU wheel) spills registers in SwiGLU's backward at the first three (~0.6 KB
-    # a thread); these two fit in registers: to be timed on the GPU (bench/NOTES.md, session 5)
+    # these two fit in registers where ptxas spills SwiGLU's backward at the first three (sm_90)
     {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8},
     {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4},
 ]

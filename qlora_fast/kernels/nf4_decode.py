@@ -26,15 +26,3 @@ def nf4_decode_elements(flat, mask, packed_ptr, code_ptr, absmax_ptr, absmax2_pt
     scale = nf4_block_scale(flat // BLOCKSIZE, mask, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
                             BLOCKSIZE2, NESTED)
     return tl.where(mask, tl.load(code_ptr + nibble) * scale, 0.0)
-
-
-@triton.jit
-def round_fp32_to(x, dtype: tl.constexpr, SOFTWARE_RTNE: tl.constexpr):
-    """fp32 -> `dtype`, round to nearest even. SOFTWARE_RTNE spells the bf16 rounding out, because
-    Triton's CPU interpreter truncates fp32 -> bf16 where the GPU (and bitsandbytes) round."""
-    if SOFTWARE_RTNE and dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(dtype)

@@ -19,7 +19,8 @@ import triton.language as tl
 
 from ..nf4 import NF4Weight
 from ._utils import INTERPRETER_TILE, INTERPRETING, cdiv
-from .nf4_decode import nf4_block_scale, round_fp32_to
+from ._utils import round_fp32_to
+from .nf4_decode import nf4_block_scale
 
 # Launch parameters, fixed rather than autotuned: tuning at the first call of each weight shape costs a
 # 256 MB cache-flush buffer while the model's memory is in use (it set the peak of a whole training run)

@@ -4,7 +4,7 @@ One kernel serves both directions of a linear layer:
   forward   Y  = X  @ W^T : reduce over K, W read at flat index n*K + k
   backward  dX = dY @ W   : reduce over N, W read at flat index n*K + k with the roles swapped
 The weight never exists dequantized in memory, which wins when there are few tokens (the GEMM is
-bound by reading W); with many tokens, dequantize + cuBLAS is faster (see ops/nf4_linear.py).
+bound by reading W); with many tokens, dequantize + cuBLAS is faster (see ops/nf4_linear_forward.py).
 """
 
 import torch
@@ -13,7 +13,8 @@ import triton.language as tl
 
 from ..nf4 import NF4Weight
 from ._utils import INTERPRETING, cdiv, tuning_configs
-from .nf4_decode import nf4_decode_elements, round_fp32_to
+from ._utils import round_fp32_to
+from .nf4_decode import nf4_decode_elements
 
 
 def _config(block_m, block_p, block_r, warps, stages):

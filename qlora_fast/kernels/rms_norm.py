@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ._utils import INTERPRETER_TILE, INTERPRETING, cdiv, next_power_of_2
-from .nf4_decode import round_fp32_to
+from ._utils import round_fp32_to
 
 
 @triton.jit
@@ -95,7 +95,7 @@ def add_rms_norm_forward(x2d: torch.Tensor, delta2d: torch.Tensor | None, weight
     return total, y, rstd
 
 
-def rms_norm_input_grad(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+def rms_norm_backward(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
                         residual_grad: torch.Tensor | None = None):
     """dX of the norm, plus `residual_grad` (x's gradient from elsewhere, contiguous) when given."""
     rows, cols = x2d.shape

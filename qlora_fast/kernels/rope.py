@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ._utils import INTERPRETER_TILE, INTERPRETING, cdiv, next_power_of_2
-from .nf4_decode import round_fp32_to
+from ._utils import round_fp32_to
 
 
 @triton.jit
@@ -68,9 +68,17 @@ def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, n_rows, s
                   k_heads, c1, c2, s1, s2, BACKWARD, SOFTWARE_RTNE, K_HEADS, HALF)
 
 
-def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool = False):
-    """(q_embed, k_embed) for (batch, heads, seq, head_dim) q and k and (batch, seq, head_dim) cos and sin;
-    with `backward`, the input gradients for output gradients q and k instead."""
+def rope_forward(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """(q_embed, k_embed) for (batch, heads, seq, head_dim) q and k and (batch, seq, head_dim) cos and sin."""
+    return _rope(q, k, cos, sin, backward=False)
+
+
+def rope_backward(grad_q: torch.Tensor, grad_k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """The input gradients of rope_forward for output gradients grad_q and grad_k."""
+    return _rope(grad_q, grad_k, cos, sin, backward=True)
+
+
+def _rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool):
     batch, q_heads, seq_len, head_dim = q.shape
     k_heads = k.shape[1]
     if cos.shape[0] == 1:  # one set of positions for the whole batch (no position_ids given)

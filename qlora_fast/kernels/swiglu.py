@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .low_rank import CANDIDATE_META, LowRank, launch_tiles, load_fp32, plus_low_rank, term_args, tile
-from .nf4_decode import round_fp32_to
+from ._utils import round_fp32_to
 
 
 @triton.jit

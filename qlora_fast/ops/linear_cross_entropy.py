@@ -10,7 +10,7 @@ else the mean over counted tokens.
 
 import torch
 
-from ..kernels.cross_entropy import IGNORE_INDEX, cross_entropy_grad_
+from ..kernels.cross_entropy import IGNORE_INDEX, cross_entropy_forward_backward_
 
 CHUNK_ELEMENTS = 2**25  # logits per chunk: 64 MiB in bf16, the only (chunk x vocab) buffer
 
@@ -27,7 +27,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             end = min(start + chunk_tokens, n_tokens)
             h = hidden[start:end]
             chunk_logits = torch.mm(h, weight.t(), out=logits[:end - start])
-            cross_entropy_grad_(chunk_logits, targets[start:end], divisor, losses[start:end])
+            cross_entropy_forward_backward_(chunk_logits, targets[start:end], divisor, losses[start:end])
             torch.mm(chunk_logits, weight, out=grad_hidden[start:end])
             if grad_weight is not None:
                 grad_weight += (chunk_logits.t() @ h).float()

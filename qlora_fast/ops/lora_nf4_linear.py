@@ -15,7 +15,7 @@ from ..nf4 import NF4Weight
 from .adapters import adapters_in, plus_low_rank_terms
 from .forward_only import apply
 from .lora_grads import scaled_mm
-from .nf4_linear import nf4_linear, nf4_linear_input_grad
+from .nf4_linear import nf4_linear_backward, nf4_linear_forward
 
 
 class LoRANF4LinearFunction(torch.autograd.Function):
@@ -26,7 +26,7 @@ class LoRANF4LinearFunction(torch.autograd.Function):
         xl2 = x2 if x_lora is x else x_lora.reshape(-1, x_lora.shape[-1]).to(compute_dtype)
         a, b = (lora_a, lora_b) if lora_a.dtype == lora_b.dtype == compute_dtype else \
             adapters_in(compute_dtype, lora_a, lora_b)
-        y = nf4_linear(x2, weight, None if bias is None else bias.to(compute_dtype))
+        y = nf4_linear_forward(x2, weight, None if bias is None else bias.to(compute_dtype))
         xa = xl2 @ a.t()
         y = plus_low_rank_terms(y, [(y, LowRank(xa, b, scaling))], out_dtype)
 
@@ -53,11 +53,11 @@ class LoRANF4LinearFunction(torch.autograd.Function):
             grad_b = scaled_mm(dy.t(), xa, s, ctx.lora_dtypes[1])
         if ctx.shared_input:
             if ctx.needs_input_grad[0]:
-                grad_x = low_rank_add_(nf4_linear_input_grad(dy, ctx.weight), LowRank(dy_b, a.t(), s))
+                grad_x = low_rank_add_(nf4_linear_backward(dy, ctx.weight), LowRank(dy_b, a.t(), s))
                 grad_x = grad_x.view(ctx.x_meta[0]).to(ctx.x_meta[1])
         else:
             if ctx.needs_input_grad[0]:
-                grad_x = nf4_linear_input_grad(dy, ctx.weight).view(ctx.x_meta[0]).to(ctx.x_meta[1])
+                grad_x = nf4_linear_backward(dy, ctx.weight).view(ctx.x_meta[0]).to(ctx.x_meta[1])
             if ctx.needs_input_grad[1]:
                 grad_x_lora = (dy_b @ a).mul_(s).view(ctx.x_lora_meta[0]).to(ctx.x_lora_meta[1])
         return grad_x, grad_x_lora, grad_a, grad_b, None, None, None, None

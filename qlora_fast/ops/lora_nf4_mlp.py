@@ -28,12 +28,12 @@ from .adapters import adapters_in, plus_low_rank_terms, stacked_rows, wider
 from .forward_only import apply
 from .lora_grads import (add_shared_input_terms_, lora_grads, products_side_by_side, scaled_mm,
                          shared_input_a_grads)
-from .nf4_linear import nf4_linear, nf4_linear_input_grad
+from .nf4_linear import nf4_linear_backward, nf4_linear_forward
 
 
 def _lora_project(x2, xa, weight: NF4Weight, lora_b, scaling: float, out_dtype):
     """x2 @ W^T + s * xa @ B^T, where xa = x2 @ A^T, in out_dtype."""
-    y = nf4_linear(x2, weight)
+    y = nf4_linear_forward(x2, weight)
     return plus_low_rank_terms(y, [(y, LowRank(xa, lora_b, scaling))], out_dtype)
 
 
@@ -51,7 +51,7 @@ class LoRANF4MLPFunction(torch.autograd.Function):
         ctx.wide = wider(x.dtype, compute_dtype)
 
         xa_gate, xa_up = (x2 @ gate_up_a.t()).split([gate_a.shape[0], up_a.shape[0]], 1)
-        g, u = nf4_linear(x2, w_gate), nf4_linear(x2, w_up)
+        g, u = nf4_linear_forward(x2, w_gate), nf4_linear_forward(x2, w_up)
         h = swiglu_forward(g, u, LowRank(xa_gate, gate_b, s_gate), LowRank(xa_up, up_b, s_up), wide=ctx.wide)
         ha_down = h @ down_a.t()
         if output_needed:
@@ -73,7 +73,7 @@ class LoRANF4MLPFunction(torch.autograd.Function):
         dy = grad_out.reshape(-1, grad_out.shape[-1]).to(x2.dtype)
 
         dy_b = dy @ down_b
-        dh = nf4_linear_input_grad(dy, w_down)
+        dh = nf4_linear_backward(dy, w_down)
         h, dg, du = swiglu_backward_(dh, g, u, LowRank(dy_b, down_a.t(), s_down),
                                      LowRank(xa_gate, gate_b, s_gate), LowRank(xa_up, up_b, s_up), wide=ctx.wide)
         grad_down = lora_grads(dy, dy_b, h, ha_down, s_down, dtypes[4:6])
@@ -89,7 +89,7 @@ class LoRANF4MLPFunction(torch.autograd.Function):
 
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = nf4_linear_input_grad(du, w_up, accumulate=nf4_linear_input_grad(dg, w_gate))
+            grad_x = nf4_linear_backward(du, w_up, accumulate=nf4_linear_backward(dg, w_gate))
             add_shared_input_terms_(grad_x, dgu_b, gate_up_a, ranks, (s_gate, s_up))
             grad_x = grad_x.view(ctx.x_meta[0]).to(ctx.x_meta[1])
         return (grad_x, *grad_gate, *grad_up, *grad_down, None, None, None, None)

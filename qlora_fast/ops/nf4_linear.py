@@ -18,7 +18,7 @@ def _use_fused(rows: int, device: torch.device) -> bool:
     return device.type == "cuda" and rows <= FUSED_MAX_ROWS
 
 
-def nf4_linear(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+def nf4_linear_forward(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W^T (+ bias, added inside the GEMM and rounded once, as bitsandbytes' F.linear does) for a 2-D
     x in the compute dtype."""
     if _use_fused(x.shape[0], x.device):
@@ -27,7 +27,7 @@ def nf4_linear(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = N
     return torch.nn.functional.linear(x, nf4_dequantize(weight, x.dtype), bias)
 
 
-def nf4_linear_input_grad(grad_out: torch.Tensor, weight: NF4Weight, accumulate: torch.Tensor | None = None):
+def nf4_linear_backward(grad_out: torch.Tensor, weight: NF4Weight, accumulate: torch.Tensor | None = None):
     """grad_out @ W, the input gradient of x @ W^T; added in place to `accumulate` when given."""
     if _use_fused(grad_out.shape[0], grad_out.device):
         grad = nf4_matmul(grad_out, weight, transpose_weight=False)

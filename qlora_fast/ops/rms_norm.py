@@ -7,7 +7,7 @@ path inside the norm's backward kernel, where autograd would have summed the two
 
 import torch
 
-from ..kernels.rms_norm import add_rms_norm_forward, rms_norm_forward, rms_norm_input_grad
+from ..kernels.rms_norm import add_rms_norm_forward, rms_norm_forward, rms_norm_backward
 from .forward_only import apply
 
 
@@ -26,7 +26,7 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x2d, weight, rstd = ctx.saved_tensors
-        return rms_norm_input_grad(_rows(grad_out), x2d, weight, rstd).view(grad_out.shape), None, None
+        return rms_norm_backward(_rows(grad_out), x2d, weight, rstd).view(grad_out.shape), None, None
 
 
 class AddRMSNormFunction(torch.autograd.Function):
@@ -44,7 +44,7 @@ class AddRMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total, grad_normed):
         total, weight, rstd = ctx.saved_tensors
-        grad = rms_norm_input_grad(_rows(grad_normed), total, weight, rstd, residual_grad=_rows(grad_total))
+        grad = rms_norm_backward(_rows(grad_normed), total, weight, rstd, residual_grad=_rows(grad_total))
         grad = grad.view(grad_total.shape)
         return grad, grad if ctx.has_delta else None, None, None
 

@@ -3,19 +3,19 @@
 
 import torch
 
-from ..kernels.rope import rope
+from ..kernels.rope import rope_backward, rope_forward
 
 
 class RoPEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, cos, sin):
         ctx.save_for_backward(cos, sin)
-        return rope(q, k, cos, sin)
+        return rope_forward(q, k, cos, sin)
 
     @staticmethod
     def backward(ctx, grad_q, grad_k):
         cos, sin = ctx.saved_tensors
-        dq, dk = rope(grad_q, grad_k, cos, sin, backward=True)
+        dq, dk = rope_backward(grad_q, grad_k, cos, sin)
         return dq, dk, None, None
 
 

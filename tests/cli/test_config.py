@@ -101,7 +101,7 @@ def test_invalid_yaml_and_missing_file(tmp_path, capsys):
     assert "config file not found" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["llama-3.1-8b-alpaca", "mistral-7b-alpaca", "qwen2.5-7b-ultrachat", "tiny"])
+@pytest.mark.parametrize("name", ["llama-3.1-8b-alpaca", "mistral-7b-alpaca", "qwen2.5-7b-ultrachat"])
 def test_shipped_recipes_validate(name):
     from pathlib import Path
 

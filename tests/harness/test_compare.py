@@ -54,13 +54,15 @@ def test_report_files(tmp_path):
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_compare_command_on_the_default_config(tmp_path):
+def test_compare_command_on_the_default_config(tmp_path, capsys):
     raw = config_to_dict(load_config(default_config_path()))
     raw["micro_batch_size"] = 2
     (tmp_path / "cfg.yaml").write_text(__import__("yaml").safe_dump(raw))
     assert parse_config(raw).datasets
     assert run(["compare", str(tmp_path / "cfg.yaml"), "--steps", "3", "--out", str(tmp_path / "cmp")]) == 0
     assert (tmp_path / "cmp" / "loss.png").is_file()
+    if not torch.cuda.is_available():  # said on stdout, not only in the report
+        assert "the speed figures say nothing about a GPU" in capsys.readouterr().out
 
 
 def test_random_batches_are_reproducible_per_size():

@@ -80,11 +80,11 @@ def _compile_instead_of_launch(self, grid):
 
 def main():
     KernelInterface.__getitem__ = _compile_instead_of_launch
-    from qlora_fast.kernels.cross_entropy import cross_entropy_grad_
+    from qlora_fast.kernels.cross_entropy import cross_entropy_forward_backward_
     from qlora_fast.kernels.nf4_dequantize import nf4_dequantize, nf4_dequantize_stacked
     from qlora_fast.kernels.nf4_matmul import nf4_matmul
-    from qlora_fast.kernels.rms_norm import add_rms_norm_forward, rms_norm_forward, rms_norm_input_grad
-    from qlora_fast.kernels.rope import rope
+    from qlora_fast.kernels.rms_norm import add_rms_norm_forward, rms_norm_forward, rms_norm_backward
+    from qlora_fast.kernels.rope import rope_backward, rope_forward
     from qlora_fast.kernels.low_rank import LowRank
     from qlora_fast.kernels.low_rank_add import low_rank_add_
     from qlora_fast.kernels.swiglu import swiglu_backward_, swiglu_forward
@@ -99,9 +99,9 @@ def main():
             nf4_matmul(torch.randn(8, 128, dtype=dtype), weight)
         x = torch.randn(8, 64, dtype=dtype)
         y, rstd = rms_norm_forward(x, torch.ones(64, dtype=dtype), 1e-6)
-        rms_norm_input_grad(x, x, torch.ones(64, dtype=dtype), rstd)
+        rms_norm_backward(x, x, torch.ones(64, dtype=dtype), rstd)
         add_rms_norm_forward(x, x, torch.ones(64, dtype=dtype), 1e-6)
-        rms_norm_input_grad(x, x, torch.ones(64, dtype=dtype), rstd, residual_grad=x)
+        rms_norm_backward(x, x, torch.ones(64, dtype=dtype), rstd, residual_grad=x)
         swiglu_forward(x, x)
         swiglu_backward_(x.clone(), x.clone(), x.clone())
         term = LowRank(torch.randn(8, 16, dtype=dtype), torch.randn(64, 16, dtype=dtype), 2.0)
@@ -113,9 +113,9 @@ def main():
         low_rank_add_(torch.randn(8, 96, dtype=dtype)[:, 16:80], term)
         low_rank_add_(x, term, out=torch.empty(8, 64))
         q, k, cos = torch.randn(2, 4, 8, 16, dtype=dtype), torch.randn(2, 2, 8, 16, dtype=dtype), torch.randn(2, 8, 16, dtype=dtype)
-        rope(q, k, cos, cos.clone())
-        rope(q, k, cos, cos.clone(), backward=True)
-        cross_entropy_grad_(torch.randn(4, 100, dtype=dtype), torch.zeros(4, dtype=torch.int64),
+        rope_forward(q, k, cos, cos.clone())
+        rope_backward(q, k, cos, cos.clone())
+        cross_entropy_forward_backward_(torch.randn(4, 100, dtype=dtype), torch.zeros(4, dtype=torch.int64),
                             torch.ones(()), torch.empty(4))
     print(json.dumps({"ops": {name: dict(ops) for name, ops in compiled.items()}, "spills": spills,
                       "unspecialized": unspecialized}))

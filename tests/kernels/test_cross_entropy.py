@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from qlora_fast.kernels.cross_entropy import IGNORE_INDEX, cross_entropy_grad_
+from qlora_fast.kernels.cross_entropy import IGNORE_INDEX, cross_entropy_forward_backward_
 from tests.helpers import rel_err
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
@@ -28,7 +28,7 @@ def test_losses_and_in_place_gradient_match_float64(rows, vocab, dtype):
     divisor = torch.tensor(rows + 3.0)
     ref_losses, ref_grad = reference(logits, targets, divisor)
     losses = torch.full((rows,), float("nan"))
-    cross_entropy_grad_(logits, targets, divisor, losses)
+    cross_entropy_forward_backward_(logits, targets, divisor, losses)
     assert rel_err(losses, ref_losses) < 1e-6
     assert losses[1] == 0 and torch.all(logits[1] == 0)  # an ignored row: no loss, no gradient
     assert rel_err(logits, ref_grad) < TOLERANCE[dtype]
@@ -42,7 +42,7 @@ def test_rows_of_a_wider_buffer():
     untouched = wide[:, 90:].clone()
     ref_losses, ref_grad = reference(logits, targets, torch.tensor(4.0))
     losses = torch.empty(4)
-    cross_entropy_grad_(logits, targets, torch.tensor(4.0), losses)
+    cross_entropy_forward_backward_(logits, targets, torch.tensor(4.0), losses)
     assert rel_err(losses, ref_losses) < 1e-6 and rel_err(logits, ref_grad) < 1e-5
     assert torch.equal(wide[:, 90:], untouched)
 
@@ -50,6 +50,6 @@ def test_rows_of_a_wider_buffer():
 def test_a_label_outside_the_vocabulary_gives_nan_not_a_number_read_elsewhere():
     logits = torch.randn(3, 50)
     losses = torch.empty(3)
-    cross_entropy_grad_(logits, torch.tensor([4, 50, -100]), torch.tensor(2.0), losses)
+    cross_entropy_forward_backward_(logits, torch.tensor([4, 50, -100]), torch.tensor(2.0), losses)
     assert torch.isfinite(losses[0]) and torch.isnan(losses[1]) and losses[2] == 0
     assert torch.isnan(logits[1]).all() and torch.isfinite(logits[0]).all() and torch.all(logits[2] == 0)
