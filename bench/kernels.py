@@ -5,7 +5,7 @@
 1. correctness on the GPU: dequantize bit-exact with bitsandbytes (odd shapes, nested or not, fp16/bf16),
    in-GEMM matmul against dequantize + fp32 matmul, fused LoRA layer fwd/bwd against stock peft;
 2. dequantize time: qlora_fast vs bitsandbytes vs peft (vs unsloth's fast_dequantize when installed);
-3. in-GEMM vs dequantize + cuBLAS by token count (sets ops/nf4_linear_forward.py FUSED_MAX_ROWS);
+3. in-GEMM vs dequantize + cuBLAS by token count (sets ops/nf4_linear.py FUSED_MAX_ROWS);
 4. LoRA linear forward+backward: stock peft vs patched, time and peak memory;
 5. RMSNorm forward+backward: transformers' LlamaRMSNorm vs the Triton kernel;
 6. SwiGLU MLP (gate/up/down LoRA on NF4) forward+backward: stock peft vs the fused MLP Function;

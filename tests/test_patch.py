@@ -392,3 +392,18 @@ def test_add_norm_only_on_the_transformers_it_reproduces(monkeypatch):
     monkeypatch.setattr(transformers, "__version__", "4.57.1")  # decoder layers of another signature
     report = patch_model(tiny_qlora(), verbose=False)
     assert report.add_norms == 0 and report.rms_norms == 5
+
+
+def test_call_time_paths_are_said_once_per_reason():
+    model = tiny_qlora().train()
+    patch_model(model, verbose=False)
+    core._warned.clear()
+    core.reset_call_counts()
+    ids = torch.randint(0, 512, (1, 16))
+    with pytest.warns(UserWarning, match="adapter disabled or merged run on peft's path, as asked") as caught:
+        with model.disable_adapter():
+            model(input_ids=ids, labels=ids)
+            model(input_ids=ids, labels=ids)
+    assert len([w for w in caught if "as asked" in str(w.message)]) == 1
+    assert core.CALLS["peft path as asked: adapter disabled or merged"] > 0
+    assert not any(k.startswith("fallback") for k in core.CALLS)  # verify() does not count these against it

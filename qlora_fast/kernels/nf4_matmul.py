@@ -4,7 +4,7 @@ One kernel serves both directions of a linear layer:
   forward   Y  = X  @ W^T : reduce over K, W read at flat index n*K + k
   backward  dX = dY @ W   : reduce over N, W read at flat index n*K + k with the roles swapped
 The weight never exists dequantized in memory, which wins when there are few tokens (the GEMM is
-bound by reading W); with many tokens, dequantize + cuBLAS is faster (see ops/nf4_linear_forward.py).
+bound by reading W); with many tokens, dequantize + cuBLAS is faster (see ops/nf4_linear.py).
 """
 
 import torch

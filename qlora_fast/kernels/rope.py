@@ -44,8 +44,8 @@ def _rotate_heads(x_ptr, out_ptr, batch, pos, row_mask, x_strides, out_strides, 
 
 
 # Packed batches change the sequence length every step, and with it the batch strides.
-@triton.jit(do_not_specialize=["n_rows", "seq_len", "qs_b", "ks_b", "qo_b", "ko_b", "cs_b", "qs_h", "ks_h", "qo_h", "ko_h",
-                              "qs_s", "ks_s", "qo_s", "ko_s", "cs_s"])
+@triton.jit(do_not_specialize=["n_rows", "seq_len", "qs_b", "ks_b", "qo_b", "ko_b", "cs_b", "qs_h", "ks_h", "qo_h",
+                              "ko_h", "qs_s", "ks_s", "qo_s", "ko_s", "cs_s"])
 def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, n_rows, seq_len, q_heads, k_heads,
                  qs_b, qs_h, qs_s, qs_d, ks_b, ks_h, ks_s, ks_d,
                  qo_b, qo_h, qo_s, qo_d, ko_b, ko_h, ko_s, ko_d,

@@ -65,7 +65,8 @@ def _swiglu_backward_kernel(dh_ptr, g_ptr, u_ptr, n_rows, n_cols, rank,
     rows, cols, offs, mask = tile(n_rows, n_cols, n_cols, BLOCK_M, BLOCK_N)
     dtype: tl.constexpr = dh_ptr.dtype.element_ty
     dh = plus_low_rank(load_fp32(dh_ptr, offs, mask), rows, cols, n_rows, n_cols, rank, xa_ptr, b_ptr, scale,
-                       stride_xm, stride_xr, stride_bn, stride_br, DH_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, dtype, not WIDE)
+                       stride_xm, stride_xr, stride_bn, stride_br, DH_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, dtype,
+                       not WIDE)
     g = plus_low_rank(load_fp32(g_ptr, offs, mask), rows, cols, n_rows, n_cols, rank, xa_g_ptr, b_g_ptr,
                       s_g, g_sxm, g_sxr, g_sbn, g_sbr, GATE_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, dtype, not WIDE)
     u = plus_low_rank(load_fp32(u_ptr, offs, mask), rows, cols, n_rows, n_cols, rank, xa_u_ptr, b_u_ptr,

@@ -5,7 +5,7 @@ from typing import NamedTuple
 import torch
 
 from ..nf4 import NF4Weight, cached_nf4_weight, unsupported_reason
-from .core import fallback, has_hooks
+from .core import CALLS, fallback, has_hooks, warn_once
 
 try:
     from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
@@ -58,8 +58,10 @@ def fused_projection(layer) -> Projection | None:
         weight = base._parameters["weight"]
     adapters = layer.active_adapters
     lora_a_modules = layer._modules["lora_A"]._modules
-    if layer.disable_adapters or layer.merged:
-        return None  # peft's path is the adapter-free or merged forward users asked for: nothing to say
+    if layer.disable_adapters or layer.merged:  # the forward the user asked for: noted, not a fallback
+        CALLS["peft path as asked: adapter disabled or merged"] += 1
+        warn_once("qlora_fast: calls with the adapter disabled or merged run on peft's path, as asked")
+        return None
     if len(adapters) != 1 or adapters[0] not in lora_a_modules:
         fallback("several active adapters (one at a time is fused)")
         return None
