@@ -3,6 +3,7 @@
 import os
 
 import bitsandbytes.functional as F
+import pytest
 import torch
 
 # Set by tests/conftest.py for the test process; a user's shell has neither.
@@ -29,3 +30,33 @@ def reference_dequantize(params4bit, dtype=None) -> torch.Tensor:
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# A tiny fp32 QLoRA model and the stock-vs-patched check every patching test builds on.
+def tiny_qlora(shape="tiny-llama", dtype=torch.float32, **lora):
+    from qlora_fast.harness.models import add_lora, quantize_to_nf4_, random_causal_lm
+
+    model = quantize_to_nf4_(random_causal_lm(shape, dtype), compute_dtype=dtype)
+    return add_lora(model, init_b_std=0.02, **lora)
+
+
+def loss_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def patched_keeps_loss_and_grads(model, ids, **options):
+    """Patches `model` with `options` between a stock and a patched fwd+bwd that must agree (fp32
+    model: 1e-5 on the loss, 1e-4 on every LoRA gradient); returns the PatchReport."""
+    stock_loss, stock_grads = loss_and_grads(model, ids)
+    from qlora_fast import patch_model
+
+    report = patch_model(model, **options)
+    loss, grads = loss_and_grads(model, ids)
+    assert loss == pytest.approx(stock_loss, rel=1e-5)
+    assert grads.keys() == stock_grads.keys()
+    assert all(rel_err(grads[n], stock_grads[n]) < 1e-4 for n in stock_grads)
+    return report

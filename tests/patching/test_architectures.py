@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.test_patch import patched_keeps_loss_and_grads, tiny_qlora
+from tests.helpers import patched_keeps_loss_and_grads, tiny_qlora
 
 
 # Rows of the architecture table beyond the Llama family: Gemma-2/3 (q/k/v fused, loss softcapped so kept
