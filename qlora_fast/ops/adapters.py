@@ -10,6 +10,8 @@ x @ [A_q; A_k; A_v]^T takes one GEMM without a concatenation.
 
 import torch
 
+from ..kernels.low_rank_add import low_rank_add_
+
 
 def adapters_in(dtype: torch.dtype, *tensors: torch.Tensor) -> list[torch.Tensor]:
     """Copies of `tensors` in `dtype`, laid out one after another in one new buffer."""
@@ -41,8 +43,6 @@ def wider(dtype: torch.dtype, compute_dtype: torch.dtype) -> bool:
 def plus_low_rank_terms(y: torch.Tensor, blocks, out_dtype: torch.dtype) -> torch.Tensor:
     """y with each (column block of y, LowRank term) in `blocks` added: in place, rounded once to y's dtype,
     or, when out_dtype is wider than y's, into a new out_dtype tensor, unrounded."""
-    from ..kernels.low_rank_add import low_rank_add_
-
     if not wider(out_dtype, y.dtype):
         for block, term in blocks:
             low_rank_add_(block, term)
