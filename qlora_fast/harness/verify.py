@@ -83,12 +83,18 @@ def _draw_zero_b(model) -> None:
                 b.copy_(torch.randn(b.shape, generator=generator) * sigma)
 
 
-def _loss_and_grads(model, batch: dict, autocast_dtype, seed: int):
+def _loss(model, batch: dict, autocast_dtype, seed: int) -> torch.Tensor:
+    """The model's loss on `batch`, the forward under autocast when asked, the RNG seeded so that both
+    runs draw the same dropout masks."""
     device = next(model.parameters()).device
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)  # the same dropout masks in both runs
+    torch.manual_seed(seed)
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+        return model(**{k: v.to(device) for k, v in batch.items()}).loss
+
+
+def _loss_and_grads(model, batch: dict, autocast_dtype, seed: int):
+    model.zero_grad(set_to_none=True)
+    loss = _loss(model, batch, autocast_dtype, seed)
     loss.backward()
     grads = {n: p.grad.detach().float().cpu() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
@@ -96,14 +102,8 @@ def _loss_and_grads(model, batch: dict, autocast_dtype, seed: int):
 
 
 def _losses(model, batches, autocast_dtype, seed: int) -> list:
-    device = next(model.parameters()).device
-    out = []
     with torch.no_grad():
-        for batch in batches:
-            torch.manual_seed(seed)
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                out.append(model(**{k: v.to(device) for k, v in batch.items()}).loss.item())
-    return out
+        return [_loss(model, batch, autocast_dtype, seed).item() for batch in batches]
 
 
 def _short(name: str) -> str:
