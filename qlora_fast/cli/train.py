@@ -73,7 +73,8 @@ def load_base_model(cfg: TrainConfig, compute_dtype: torch.dtype):
 
 
 def _looks_like_path(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or os.sep in name.replace("/", "")
+    """Not a hub name (`org/model`): absolute, relative, home or Windows paths, or more than one `/`."""
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or "\\" in name
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
