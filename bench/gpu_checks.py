@@ -2,25 +2,33 @@
 
   python bench/gpu_checks.py          # one line per check, PASS/FAIL, exit status 1 on any FAIL
 
-The CPU tests cover every kernel under Triton's interpreter; these are the paths the interpreter never
-takes: the fp32-output GEMM of scaled_mm, low_rank_add_'s cuBLAS branch for small outputs, the wide (fp32
-out) LoRA term, the stacked q/k/v dequantize's pointer table, the offloaded checkpoints' side-stream
-copies, and whole patched models through verify() (step-0 gradients against stock peft, fused calls
-counted), in bf16 and under autocast on a prepared model.
+The CPU tests cover every kernel under Triton's interpreter; these run the compiled kernels on the GPU
+against independent references (bitsandbytes, float64, torch autograd, stock peft) and the paths the
+interpreter never takes: dequantize and the in-GEMM matmul on odd shapes, fp16 and bf16; the stacked
+q/k/v dequantize's pointer table; the fp32-output GEMM of scaled_mm; low_rank_add_'s cuBLAS branch for
+small outputs and the wide (fp32 out) LoRA term; the cross-entropy and SwiGLU kernels (with LoRA terms);
+LoRA layers and the fused MLP against peft; the offloaded checkpoints' side-stream copies and whole
+patched models through verify() (step-0 gradients against stock peft, fused calls counted), in bf16 and
+under autocast on a prepared model. bench/kernels.py times the kernels; run this first.
 """
 
 import sys
 
 import torch
 
+import bitsandbytes.functional as F
+from qlora_fast import patch_model
 from qlora_fast.harness.models import add_lora, quantize_to_nf4_, random_causal_lm
 from qlora_fast.harness.verify import verify
+from qlora_fast.kernels.cross_entropy import cross_entropy_forward_backward_
 from qlora_fast.kernels.low_rank import LowRank
 from qlora_fast.kernels.low_rank_add import KERNEL_MIN_ELEMENTS, low_rank_add_
 from qlora_fast.kernels.nf4_dequantize import nf4_dequantize, nf4_dequantize_stacked
+from qlora_fast.kernels.nf4_matmul import nf4_matmul
+from qlora_fast.kernels.swiglu import swiglu_backward_, swiglu_forward
 from qlora_fast.nf4 import nf4_weight_from_bnb
 from qlora_fast.ops.lora_grads import scaled_mm
-from qlora_fast.testing import make_nf4_linear
+from qlora_fast.testing import forward_backward, make_lora_nf4_linear, make_lora_nf4_mlp, make_nf4_linear
 
 RESULTS = []
 
@@ -34,12 +42,50 @@ def rel(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def scaled_mm_fp32_out():
-    a, b = torch.randn(16, 4096, device="cuda", dtype=torch.bfloat16), torch.randn(4096, 4096, device="cuda",
-                                                                                    dtype=torch.bfloat16)
-    out = scaled_mm(a, b, 0.5, torch.float32)
-    err = rel(out, 0.5 * (a.double() @ b.double()))
-    check("scaled_mm: fp32 out of a bf16 GEMM, unrounded", out.dtype == torch.float32 and err < 1e-5, f"rel {err:.1e}")
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+ODD_SHAPES = [(70, 130), (4097, 515), (14336, 4096)]
+
+
+def dequantize_and_in_gemm_matmul():
+    """Dequantize bit-exact with bitsandbytes; the in-GEMM matmul (both directions) against dequantize +
+    fp32 matmul; odd shapes, nested or not, fp16 and bf16."""
+    for (n, k) in ODD_SHAPES:
+        for dname, dtype in DTYPES.items():
+            for nested in (True, False):
+                layer = make_nf4_linear(n, k, dtype, nested, device="cuda")
+                w = nf4_weight_from_bnb(layer.weight)
+                ref = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+                ours = torch.full_like(ref, float("nan"))
+                nf4_dequantize(w, out=ours)
+                case = f"{n}x{k} {dname} nested={nested}"
+                check(f"dequantize bit-exact with bitsandbytes {case}", torch.equal(ours, ref))
+                for transpose, a in ((True, torch.randn(37, k, device="cuda", dtype=dtype)),
+                                     (False, torch.randn(37, n, device="cuda", dtype=dtype))):
+                    err = rel(nf4_matmul(a, w, transpose), a.float() @ (ref.float().t() if transpose else ref.float()))
+                    check(f"in-GEMM {'forward' if transpose else 'backward'} {case}", err < 1e-2, f"rel {err:.1e}")
+
+
+def stacked_dequantize():
+    """Llama-3-8B's q, k and v (and an odd-height trio) in one launch, bit-exact with bitsandbytes one by one."""
+    for dname, dtype in DTYPES.items():
+        for nested in (True, False):
+            for heights, k in (((4096, 1024, 1024), 4096), ((333, 70, 1001), 515)):
+                layers = [make_nf4_linear(n, k, dtype, nested, device="cuda") for n in heights]
+                ref = torch.cat([F.dequantize_4bit(l.weight.data, l.weight.quant_state) for l in layers])
+                stacked = nf4_dequantize_stacked([nf4_weight_from_bnb(l.weight) for l in layers], dtype)
+                check(f"stacked q/k/v dequantize {heights}x{k} {dname} nested={nested} == bitsandbytes",
+                      torch.equal(stacked, ref))
+
+
+def scaled_mm_outputs():
+    """The adapter-gradient GEMM (scale on alpha): fp32 straight out of the GEMM is unrounded."""
+    for dname, dtype in DTYPES.items():
+        a, b = torch.randn(16, 3000, device="cuda", dtype=dtype), torch.randn(3000, 4096, device="cuda", dtype=dtype)
+        for out_dtype in (torch.float32, dtype):
+            out = scaled_mm(a, b, 0.5, out_dtype)
+            err = rel(out, 0.5 * (a.double() @ b.double()))
+            bound = 1e-5 if out_dtype == torch.float32 else 1e-2
+            check(f"scaled_mm {dname} -> {out_dtype}", out.dtype == out_dtype and err < bound, f"rel {err:.1e}")
 
 
 def low_rank_add_branches():
@@ -56,13 +102,82 @@ def low_rank_add_branches():
         check(f"low_rank_add_ {rows}x{cols} fp32 out, unrounded", err_wide < 1e-5, f"rel {err_wide:.1e}")
 
 
-def stacked_dequantize():
-    for nested in (True, False):
-        layers = [make_nf4_linear(o, 4096, torch.bfloat16, nested, device="cuda") for o in (4096, 1024, 1024)]
-        weights = [nf4_weight_from_bnb(layer.weight) for layer in layers]
-        stacked = nf4_dequantize_stacked(weights, torch.bfloat16)
-        each = torch.cat([nf4_dequantize(w, torch.bfloat16) for w in weights])
-        check(f"stacked q/k/v dequantize (nested={nested}) == one by one", torch.equal(stacked, each))
+def cross_entropy(rows=300, vocab=128256):
+    """Losses and in-place gradient of the kernel against float64 torch, ignored rows included."""
+    for dname, dtype in DTYPES.items():
+        logits = (torch.randn(rows, vocab, device="cuda") * 4).to(dtype)
+        targets = torch.randint(0, vocab, (rows,), device="cuda")
+        targets[::7] = -100
+        divisor = torch.tensor(float(rows), device="cuda")
+        x, counted = logits.double(), targets != -100
+        safe = targets.masked_fill(~counted, 0)
+        ref_losses = (torch.logsumexp(x, 1) - x.gather(1, safe[:, None]).squeeze(1)) * counted
+        ref_grad = (torch.softmax(x, 1) - torch.nn.functional.one_hot(safe, vocab)) * (counted / divisor)[:, None]
+        losses = torch.full((rows,), float("nan"), device="cuda")
+        cross_entropy_forward_backward_(logits, targets, divisor, losses)
+        errs = rel(losses, ref_losses), rel(logits, ref_grad)
+        check(f"cross-entropy kernel {rows}x{vocab} {dname}: losses, gradient vs float64",
+              errs[0] < 1e-5 and errs[1] < 1e-2, "rel {:.1e}, {:.1e}".format(*errs))
+
+
+def swiglu(shape=(1000, 1337)):
+    """Bit-exact with torch's silu(g) * u and its autograd gradients in bf16. fp16 (finer): Triton's exp and
+    CUDA's expf differ in the last bit, which moves a few roundings by one fp16 ulp, so relative errors."""
+    for dname, dtype in DTYPES.items():
+        g = (torch.randn(shape, device="cuda") * 3).to(dtype).requires_grad_(True)
+        u = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
+        dh = torch.randn(shape, device="cuda", dtype=dtype)
+        h = torch.nn.functional.silu(g) * u
+        h.backward(dh)
+        h2, dg, du = swiglu_backward_(dh.clone(), g.detach().clone(), u.detach().clone())
+        pairs = ((swiglu_forward(g.detach(), u.detach()), h), (h2, h), (du, u.grad), (dg, g.grad))
+        differing = [int((a != b).sum()) for a, b in pairs]
+        errs = [rel(a, b) for a, b in pairs]
+        ok = (max(differing[:3]) == 0 and errs[3] < 1e-2) if dtype == torch.bfloat16 else max(errs) < 1e-3
+        check(f"SwiGLU h, h(backward), du, dg {dname} vs torch", ok,
+              f"differing {differing}, rel " + ", ".join(f"{e:.1e}" for e in errs))
+
+
+def swiglu_with_lora_terms(shape=(1000, 1337), rank=16):
+    """The LoRA terms added inside the SwiGLU kernels against cuBLAS' addmm_ followed by the plain kernels."""
+    for dname, dtype in DTYPES.items():
+        g, u, dh = ((torch.randn(shape, device="cuda") * s).to(dtype) for s in (3, 1, 1))
+        term = lambda: LowRank(torch.randn(shape[0], rank, device="cuda", dtype=dtype),
+                               torch.randn(shape[1], rank, device="cuda", dtype=dtype) * 0.1, 0.5)
+        gate, up, dh_term = term(), term(), term()
+        full = lambda base, t: base.clone().addmm_(t.xa, t.b.t(), alpha=t.scale)
+        g_ref, u_ref, dh_ref = full(g, gate), full(u, up), full(dh, dh_term)
+        h_ref = swiglu_forward(g_ref, u_ref)
+        _, dg_ref, du_ref = swiglu_backward_(dh_ref, g_ref.clone(), u_ref.clone())
+        h_back, dg, du = swiglu_backward_(dh.clone(), g.clone(), u.clone(), dh_term, gate, up)
+        pairs = ((swiglu_forward(g, u, gate, up), h_ref), (h_back, h_ref), (dg, dg_ref), (du, du_ref))
+        errs = [rel(a, b) for a, b in pairs]
+        check(f"SwiGLU + LoRA terms h, h(backward), dg, du {dname} vs addmm_",
+              max(errs) < (1e-2 if dtype == torch.bfloat16 else 1e-3), "rel " + ", ".join(f"{e:.1e}" for e in errs))
+
+
+def patched_against_peft(name, module, x, grad_out, bound=2e-2, seed=1):
+    """Output, input gradient and every adapter gradient of `module` before and after patch_model."""
+    torch.manual_seed(seed)
+    stock = [t.clone() for t in forward_backward(module, x, grad_out)]
+    patch_model(module)
+    torch.manual_seed(seed)  # the same dropout mask
+    errs = [rel(f, s) for f, s in zip(forward_backward(module, x, grad_out), stock)]
+    check(f"{name} vs peft: output, dX, adapter grads", len(errs) == len(stock) and max(errs) < bound,
+          "rel " + ", ".join(f"{e:.1e}" for e in errs))
+
+
+def lora_layers_and_mlp():
+    for dname, dtype in DTYPES.items():
+        for (n, k) in [(4096, 4096), (333, 1000)][: 1 if dtype == torch.float16 else 2]:
+            for dropout in (0.0, 0.1):
+                layer = make_lora_nf4_linear(n, k, dtype=dtype, device="cuda", lora_dropout=dropout)
+                x = torch.randn(4, 300, k, device="cuda", dtype=dtype, requires_grad=True)
+                patched_against_peft(f"LoRA layer {n}x{k} {dname} dropout {dropout}", layer, x,
+                                     torch.randn(4, 300, n, device="cuda", dtype=dtype))
+        mlp = make_lora_nf4_mlp(1024, 3000, dtype=dtype, device="cuda")
+        x = torch.randn(4, 300, 1024, device="cuda", dtype=dtype, requires_grad=True)
+        patched_against_peft(f"SwiGLU MLP 1024x3000 {dname}", mlp, x, torch.randn_like(x))
 
 
 def tiny(dtype=torch.bfloat16, shape="tiny-llama"):
@@ -92,7 +207,8 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("gpu_checks: needs a CUDA GPU")
     torch.manual_seed(0)
-    for step in (scaled_mm_fp32_out, low_rank_add_branches, stacked_dequantize, whole_models):
+    for step in (dequantize_and_in_gemm_matmul, stacked_dequantize, scaled_mm_outputs, low_rank_add_branches,
+                 cross_entropy, swiglu, swiglu_with_lora_terms, lora_layers_and_mlp, whole_models):
         step()
     print(f"{sum(RESULTS)}/{len(RESULTS)} checks passed on {torch.cuda.get_device_name()}")
     sys.exit(0 if all(RESULTS) else 1)

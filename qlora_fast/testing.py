@@ -65,3 +65,12 @@ def make_lora_nf4_mlp(hidden: int, intermediate: int, r: int = 16, dtype=torch.b
             if "lora_B" in name:
                 p.normal_(0, 0.02)
     return mlp.train()
+
+
+def forward_backward(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> list:
+    """One forward and backward from fresh gradients: [output, x.grad, each parameter gradient in order]."""
+    x.grad = None
+    module.zero_grad(set_to_none=True)
+    y = module(x)
+    y.backward(grad_out)
+    return [y, x.grad] + [p.grad for p in module.parameters() if p.grad is not None]
