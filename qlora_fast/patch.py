@@ -3,6 +3,7 @@
 - patching/lora_linear.py: every LoRA layer over an NF4 Linear4bit through the fused linear Function
 - patching/mlp.py (`fused_mlp`), patching/qkv.py (`fused_qkv`): SwiGLU MLPs and q/k/v as one Function
 - patching/norms.py (`rms_norm`, `add_norm`), patching/rotary.py (`rope`), patching/loss.py (`chunked_loss`)
+- patching/packed_attention.py (`packed_attention`): padding-free packed batches attend per sequence
 - patching/checkpoints.py (`offload_checkpoints`), patching/bf16_weights.py (`bf16_frozen_weights`)
 - patching/architectures.py: the model families and what each of their classes computes
 - patching/core.py: installing and restoring forwards, call counts, fallback notes
@@ -22,6 +23,7 @@ from .patching.lora_linear import lora_layer_forward
 from .patching.loss import causal_lm, forward_with_chunked_loss, unchunked_causal_lm
 from .patching.mlp import fusable_mlps, mark_residual_mlps, mlp_forward
 from .patching.norms import add_norm_layer_forward, add_norm_layers, frozen_llama_style_norms, rms_norm_forward
+from .patching.packed_attention import restore_packed_attention, use_packed_attention
 from .patching.projections import lora_nf4_layers, static_skip_reason
 from .patching.qkv import QKV_PROJECTIONS, fusable_qkv
 from .patching.rotary import patch_rotary, restore_rotary
@@ -39,6 +41,7 @@ class PatchReport:
     mlps: int = 0
     qkv: int = 0
     rope: bool = False
+    packed_attention: int = 0  # decoder stacks whose packed batches attend within each sequence
     offloaded_checkpoints: bool = False
     bf16_stored: int = 0  # frozen fp32 embedding / lm_head weights held in bf16, losslessly
     stock_loss: str | None = None  # a causal LM whose loss keeps the stock path: its class name
@@ -55,6 +58,8 @@ class PatchReport:
             line += f" ({self.add_norms} decoder layers' with the residual add before them)"
         if self.rope:
             line += ", rotary embeddings"
+        if self.packed_attention:
+            line += ", attention of packed batches within each sequence"
         if self.chunked_loss:
             line += " and the LM loss (chunked, no full logits)"
         if self.offloaded_checkpoints:
@@ -87,7 +92,7 @@ def _refusal(model: torch.nn.Module) -> str | None:
 
 def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool = True,
                 fused_mlp: bool = True, fused_qkv: bool = True, rms_norm: bool = True, add_norm: bool = True,
-                rope: bool = True, offload_checkpoints: bool | None = None,
+                rope: bool = True, packed_attention: bool = True, offload_checkpoints: bool | None = None,
                 bf16_frozen_weights: bool = True) -> PatchReport:
     """Routes every LoRA layer over a bitsandbytes NF4 Linear4bit through the fused Triton path,
     (`fused_mlp`) runs each SwiGLU MLP whose three projections are such layers as one autograd Function,
@@ -95,7 +100,9 @@ def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool
     (`chunked_loss`) computes a training forward's loss without materializing the full logits, and
     (`rms_norm`) runs frozen Llama-style RMSNorms on a Triton kernel, (`add_norm`) each with the residual
     add before it in Llama-style decoder layers, (`rope`)
-    applies rotary embeddings to q and k in one Triton kernel, and (`offload_checkpoints`) keeps
+    applies rotary embeddings to q and k in one Triton kernel, (`packed_attention`) lets a padding-free
+    packed batch (position_ids restarting, no attention mask: TRL's packing=True) attend within each of its
+    sequences rather than through a dense block-causal mask, and (`offload_checkpoints`) keeps
     gradient checkpointing's per-layer inputs in host memory; None (default) offloads in single-process
     training and leaves distributed runs (DDP, FSDP) to torch's checkpointing unless asked;
     (`bf16_frozen_weights`) holds frozen fp32 embedding and LM-head weights whose values are all bf16 (as
@@ -140,6 +147,8 @@ def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool
         report.qkv += 1
     if rope:
         report.rope = patch_rotary(model)
+    if packed_attention:
+        report.packed_attention = use_packed_attention(model)
     if bf16_frozen_weights and not distributed():
         report.bf16_stored = hold_in_bf16(model)
     if offload_checkpoints is None:
@@ -155,6 +164,7 @@ def unpatch_model(model: torch.nn.Module) -> int:
     """Restores every forward patch_model changed; returns how many LoRA layers it restored."""
     restore_checkpoints(model)
     restore_rotary(model)
+    restore_packed_attention(model)
     release_bf16_holds(model)
     lora_layers = {id(layer) for _, layer in lora_nf4_layers(model)}
     return sum(restore_forward(m) and id(m) in lora_layers for m in list(model.modules()))

@@ -8,9 +8,11 @@ A row names the family's classes and says which of them compute exactly what a f
 - llama_layer: the decoder layer is Llama's `residual + self_attn(input_layernorm(x))` then
   `residual + mlp(post_attention_layernorm(residual))` (add_norm and the recompute that skips the output);
 - rotary: the attention's modeling module applies transformers' standard apply_rotary_pos_emb;
+- packed_attention: the attention is causal softmax attention through transformers' attention functions,
+  handed the decoder layer's kwargs, without softcapping (patching/packed_attention.py);
 - plain_head: the training loss is cross-entropy of lm_head(hidden states) (no logit scaling, softcapping
   or auxiliary loss).
-A class whose name is in no row is still recognized for the first four when its forward is one a row
+A class whose name is in no row is still recognized for all but rotary and plain_head when its forward is one a row
 vouches for: inherited unchanged, or the same source (a renamed copy, as remote-code models often are).
 Adding a family is adding a row.
 """
@@ -35,6 +37,7 @@ class Architecture:
     llama_layer: bool
     rotary: bool
     plain_head: bool
+    packed_attention: bool = True
 
 
 def _llama_like(family: str, prefix: str) -> Architecture:
@@ -53,9 +56,10 @@ ARCHITECTURES = (
                  swiglu_mlp=False, qkv_attention=True, llama_norm=False, llama_layer=False, rotary=True,
                  plain_head=True),
     # and the logits softcapped: the loss keeps the stock path
+    # and the attention scores softcapped: packed batches keep the dense mask
     Architecture("gemma2", "Gemma2ForCausalLM", "Gemma2DecoderLayer", "Gemma2Attention", "Gemma2MLP",
                  "Gemma2RMSNorm", swiglu_mlp=False, qkv_attention=True, llama_norm=False, llama_layer=False,
-                 rotary=True, plain_head=False),
+                 rotary=True, plain_head=False, packed_attention=False),
     Architecture("gemma3", "Gemma3ForCausalLM", "Gemma3DecoderLayer", "Gemma3Attention", "Gemma3MLP",
                  "Gemma3RMSNorm", swiglu_mlp=False, qkv_attention=True, llama_norm=False, llama_layer=False,
                  rotary=True, plain_head=False),
@@ -67,8 +71,9 @@ ARCHITECTURES = (
 
 # The role of each property: which class of a row it qualifies.
 _ROLE = {"swiglu_mlp": "mlp", "qkv_attention": "attention", "llama_norm": "rms_norm",
-         "llama_layer": "decoder_layer", "rotary": "attention", "plain_head": "causal_lm"}
-_STRUCTURAL = ("swiglu_mlp", "qkv_attention", "llama_norm", "llama_layer")
+         "llama_layer": "decoder_layer", "rotary": "attention", "plain_head": "causal_lm",
+         "packed_attention": "attention"}
+_STRUCTURAL = ("swiglu_mlp", "qkv_attention", "llama_norm", "llama_layer", "packed_attention")
 
 
 @lru_cache(maxsize=None)

@@ -1,0 +1,148 @@
+"""patch_model's `packed_attention`: a padding-free packed batch attends within each of its sequences.
+
+TRL's `packing=True` (and axolotl-style `sample_packing`) hands the model rows of concatenated sequences
+with position_ids restarting at each one and no attention mask. For sdpa, transformers turns that into a
+dense block-causal mask and computes the row's whole causal triangle. Patched, the decoder stack finds the
+sequences once per forward (a pre-hook, transformers' rule on position_ids, or the `cu_seq_lens_*` TRL may
+pass), hands them to every attention as the flash-attention kwargs transformers already forwards (so
+checkpoint recomputes get them too), skips the dense mask, and each attention runs ops/packed_attention.
+Any other batch (a mask, a cache, one sequence per row, a sequence longer than a sliding window) takes
+transformers' sdpa path unchanged. RoPE is untouched: transformers computes it from position_ids.
+"""
+
+import threading
+from functools import partial
+
+import torch
+
+from ..ops.packed_attention import PackedSequences, find_packed_sequences, packed_attention
+from .architectures import has
+from .core import CALLS
+
+IMPLEMENTATION = "qlora_fast_sdpa"  # transformers' sdpa, except for packed batches
+_STOCK_IMPLEMENTATION = "_qlora_fast_stock_attn_implementation"
+_HOOKS = "_qlora_fast_packed_hooks"
+_forward = threading.local()  # .packed: the decoder forward running in this thread is a packed batch
+
+
+def _mask(*args, **kwargs):
+    """sdpa's mask, except none for a packed batch: its attention reads the sequences instead."""
+    from transformers.masking_utils import sdpa_mask
+
+    return None if getattr(_forward, "packed", False) else sdpa_mask(*args, **kwargs)
+
+
+def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cu_seqlens = kwargs.get("cu_seq_lens_q")
+    if cu_seqlens is not None and attention_mask is None and query.shape[2] == key.shape[2]:
+        if dropout or kwargs.get("softcap") is not None:
+            raise RuntimeError("qlora_fast: a packed batch reached an attention with dropout or softcapping, which "
+                               "packed attention does not compute; pass patch_model(..., packed_attention=False)")
+        CALLS["packed_attention"] += 1
+        sequences = PackedSequences(cu_seqlens, int(kwargs["max_length_q"]))
+        return packed_attention(query, key, value, sequences, scaling), None
+    if attention_mask is None and getattr(_forward, "packed", False):
+        raise RuntimeError("qlora_fast: a packed batch reached attention without its sequence bounds (this model's "
+                           "layers do not forward attention kwargs); pass patch_model(..., packed_attention=False)")
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(IMPLEMENTATION, _attention)
+    AttentionMaskInterface.register(IMPLEMENTATION, _mask)
+
+
+def _uses_cache(stack, kwargs) -> bool:
+    """Whether the stack's forward will build a KV cache, as transformers decides it (a cache turns off its
+    packed-sequence mask, so the batch must take the stock path to compute what stock computes)."""
+    if kwargs.get("past_key_values") is not None:
+        return True
+    use_cache = kwargs.get("use_cache")
+    if use_cache is None:
+        use_cache = getattr(stack.config, "use_cache", False)
+    return bool(use_cache) and not (getattr(stack, "gradient_checkpointing", False) and stack.training)
+
+
+def _sequences(kwargs) -> PackedSequences | None:
+    cu_seqlens = kwargs.get("cu_seq_lens_q")
+    if cu_seqlens is not None:  # passed by the caller (TRL's flash-attention kwargs)
+        max_length = kwargs.get("max_length_q")
+        return PackedSequences(cu_seqlens, int(cu_seqlens.diff().max() if max_length is None else max_length))
+    position_ids, tokens = kwargs.get("position_ids"), kwargs.get("input_ids")
+    if tokens is None:
+        tokens = kwargs.get("inputs_embeds")
+    if position_ids is None or tokens is None:
+        return None
+    return find_packed_sequences(position_ids, tokens.shape[0])
+
+
+def _begin_forward(stack, args, kwargs, window):
+    _forward.packed = False
+    if args or kwargs.get("attention_mask") is not None or _uses_cache(stack, kwargs) or torch.compiler.is_compiling():
+        return None
+    sequences = _sequences(kwargs)
+    if sequences is None or sequences.max_length > window:
+        return None
+    _forward.packed = True
+    return args, {**kwargs, "cu_seq_lens_q": sequences.cu_seqlens, "cu_seq_lens_k": sequences.cu_seqlens,
+                  "max_length_q": sequences.max_length, "max_length_k": sequences.max_length}
+
+
+def _end_forward(stack, args, kwargs, output):
+    _forward.packed = False
+
+
+def _attentions(stack) -> list:
+    return [m for m in stack.modules() if type(m).__name__.endswith("Attention")]
+
+
+def _servable(attention) -> bool:
+    """Causal softmax attention through transformers' attention functions, without dropout or softcapping."""
+    return (has(attention, "packed_attention") and not getattr(attention, "attention_dropout", 0.0)
+            and getattr(attention, "attn_logit_softcapping", None) is None)
+
+
+def _window(stack) -> float:
+    """The shortest sliding window of the stack's attentions: longer sequences keep the stock path."""
+    config_window = getattr(stack.config, "sliding_window", None)
+    windows = [getattr(a, "sliding_window", config_window) for a in _attentions(stack)]
+    return min((w for w in windows if w), default=float("inf"))
+
+
+def _decoder_stacks(model) -> list:
+    """The transformers models inside `model` that build the causal mask for a ModuleList of layers with sdpa."""
+    from transformers import PreTrainedModel
+
+    return [m for m in model.modules() if isinstance(m, PreTrainedModel)
+            and isinstance(getattr(m, "layers", None), torch.nn.ModuleList)
+            and getattr(m.config, "_attn_implementation", None) == "sdpa"]
+
+
+def use_packed_attention(model: torch.nn.Module) -> int:
+    """Installs packed attention on every servable decoder stack; returns how many have it."""
+    installed = sum(_HOOKS in vars(m) for m in model.modules())
+    stacks = [s for s in _decoder_stacks(model) if _attentions(s) and all(map(_servable, _attentions(s)))]
+    if stacks:
+        _register()
+    for stack in stacks:
+        vars(stack)[_STOCK_IMPLEMENTATION] = stack.config._attn_implementation
+        stack.config._attn_implementation = IMPLEMENTATION
+        vars(stack)[_HOOKS] = (
+            stack.register_forward_pre_hook(partial(_begin_forward, window=_window(stack)), with_kwargs=True),
+            stack.register_forward_hook(_end_forward, with_kwargs=True, always_call=True))
+    return installed + len(stacks)
+
+
+def restore_packed_attention(model: torch.nn.Module) -> None:
+    for m in model.modules():
+        for handle in vars(m).pop(_HOOKS, ()):
+            handle.remove()
+        stock = vars(m).pop(_STOCK_IMPLEMENTATION, None)
+        if stock is not None:
+            m.config._attn_implementation = stock

@@ -1,0 +1,82 @@
+"""ops/packed_attention.py: sequence bounds by transformers' rule; attention within each sequence against a
+float64 dense block-causal reference."""
+
+import pytest
+import torch
+from transformers.masking_utils import find_packed_sequence_indices
+
+from qlora_fast.ops.packed_attention import PackedSequences, backend, find_packed_sequences, packed_attention
+
+
+def positions(*rows):
+    return torch.stack([torch.cat([torch.arange(n) for n in lengths]) for lengths in rows])
+
+
+@pytest.mark.parametrize("rows", [[(5, 9, 7)], [(3, 13), (16,)], [(4, 4, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1)]])
+def test_sequences_follow_transformers_rule(rows):
+    position_ids = positions(*rows)
+    sequences = find_packed_sequences(position_ids, len(rows))
+    ids = find_packed_sequence_indices(position_ids)  # per row: which sequence each token belongs to
+    flat = (ids + torch.arange(len(rows))[:, None] * 1000).reshape(-1)  # rows never share a sequence
+    ends = (flat.diff() != 0).nonzero().squeeze(1) + 1
+    assert sequences.cu_seqlens.tolist() == [0, *ends.tolist(), position_ids.numel()]
+    assert sequences.max_length == max(n for lengths in rows for n in lengths)
+    assert sequences.cu_seqlens.dtype == torch.int32
+
+
+def test_unpacked_rows_are_not_sequences():
+    assert find_packed_sequences(torch.arange(12)[None], 3) is None  # (1, L) broadcast over the batch
+    assert find_packed_sequences(positions((12,), (12,)), 2) is None
+
+
+def dense_reference(q, k, v, position_ids, scale):
+    """float64 attention with transformers' block-causal mask: causal, and only within a sequence."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = (t.double().repeat_interleave(groups, dim=1) for t in (k, v))
+    ids = find_packed_sequence_indices(position_ids)
+    length = q.shape[2]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    allowed = causal & (ids[:, :, None] == ids[:, None, :])
+    scores = (q.double() @ k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_attention_within_each_sequence(dtype):
+    torch.manual_seed(0)
+    position_ids = positions((5, 9, 7, 11), (2, 30))
+    batch, length = position_ids.shape
+    q = torch.randn(batch, 4, length, 16, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(batch, 2, length, 16, dtype=dtype, requires_grad=True) for _ in range(2))  # GQA
+    scale = 0.3
+    sequences = find_packed_sequences(position_ids, batch)
+    out = packed_attention(q, k, v, sequences, scale)
+    ref = dense_reference(q, k, v, position_ids, scale)
+    assert out.shape == (batch, length, 4, 16)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert ((out.double() - ref).norm() / ref.norm()) < tolerance
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    mine = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    ref.backward(grad.double())
+    for a, b in zip(mine, (q.grad, k.grad, v.grad)):
+        assert ((a.double() - b.double()).norm() / b.double().norm()) < tolerance * 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_dropped_boundary_is_caught(dtype):
+    """The reference has teeth: one missing sequence boundary (attention across two sequences) fails it."""
+    torch.manual_seed(0)
+    position_ids = positions((5, 9, 7))
+    q, k, v = (torch.randn(1, 2, 21, 16, dtype=dtype) for _ in range(3))
+    merged = PackedSequences(torch.tensor([0, 14, 21], dtype=torch.int32), 14)
+    out = packed_attention(q, k, v, merged)
+    ref = dense_reference(q, k, v, position_ids, 16 ** -0.5)
+    assert ((out.double() - ref).norm() / ref.norm()) > 0.1  # 5x the bf16 tolerance above
+
+
+def test_cpu_takes_the_per_sequence_path():
+    assert backend(torch.randn(8, 2, 16, dtype=torch.bfloat16)) == "per_sequence"

@@ -1,0 +1,133 @@
+"""patching/packed_attention.py: a padding-free packed batch through a patched model computes what stock
+transformers computes with its dense block-causal mask, and what each sequence computes alone."""
+
+import pytest
+import torch
+
+from qlora_fast import patch_model, unpatch_model
+from qlora_fast.patch import CALLS
+from tests.helpers import rel_err, tiny_qlora
+
+LENGTHS = (5, 9, 7, 11)
+
+
+def packed_batch(lengths=LENGTHS, vocab=512):
+    torch.manual_seed(1)
+    ids = torch.randint(0, vocab, (1, sum(lengths)))
+    return ids, torch.cat([torch.arange(n) for n in lengths])[None]
+
+
+def loss_and_grads(model, ids, position_ids, **kwargs):
+    """One training step's loss and LoRA gradients, without a KV cache, as TRL calls the model (with a cache,
+    transformers itself does not separate the sequences)."""
+    kwargs.setdefault("use_cache", False)
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, position_ids=position_ids, labels=ids, **kwargs).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_training_step(stock, patched):
+    assert patched[0] == pytest.approx(stock[0], rel=1e-5)
+    assert patched[1].keys() == stock[1].keys()
+    assert max(rel_err(patched[1][n], stock[1][n]) for n in stock[1]) < 1e-4
+
+
+@pytest.mark.parametrize("shape", ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gemma3", "tiny-phi3"])
+def test_packed_batch_matches_stock_dense_mask(shape):
+    model = tiny_qlora(shape).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids, position_ids = packed_batch()
+    stock = loss_and_grads(model, ids, position_ids)
+    report = patch_model(model)
+    assert report.packed_attention == 1 and "packed batches" in report.summary()
+    CALLS.clear()
+    assert_same_training_step(stock, loss_and_grads(model, ids, position_ids))
+    # forward and the checkpoint's recompute, per layer
+    assert CALLS["packed_attention"] == 2 * model.config.num_hidden_layers
+
+
+def test_each_sequence_as_if_alone():
+    model = tiny_qlora().eval()
+    patch_model(model)
+    ids, position_ids = packed_batch()
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=position_ids, use_cache=False).logits
+        start = 0
+        for n in LENGTHS:
+            alone = model(input_ids=ids[:, start:start + n], use_cache=False).logits
+            torch.testing.assert_close(packed[:, start:start + n], alone, rtol=1e-5, atol=1e-5)
+            start += n
+
+
+def test_the_comparison_catches_attention_across_sequences(monkeypatch):
+    """Mutant: the hook finds the sequences with one boundary dropped; the step no longer matches stock."""
+    import qlora_fast.patching.packed_attention as patching
+    from qlora_fast.ops.packed_attention import PackedSequences, find_packed_sequences
+
+    def one_boundary_dropped(position_ids, batch_size):
+        found = find_packed_sequences(position_ids, batch_size)
+        cu = torch.cat([found.cu_seqlens[:1], found.cu_seqlens[2:]])
+        return PackedSequences(cu, int(cu.diff().max()))
+
+    model = tiny_qlora().train()
+    ids, position_ids = packed_batch()
+    stock = loss_and_grads(model, ids, position_ids)
+    patch_model(model)
+    monkeypatch.setattr(patching, "find_packed_sequences", one_boundary_dropped)
+    with pytest.raises(AssertionError):
+        assert_same_training_step(stock, loss_and_grads(model, ids, position_ids))
+
+
+def test_sequence_bounds_passed_by_the_caller():
+    model = tiny_qlora().train()
+    ids, position_ids = packed_batch()
+    stock = loss_and_grads(model, ids, position_ids)
+    patch_model(model)
+    cu = torch.tensor([0, 5, 14, 21, 32], dtype=torch.int32)
+    CALLS.clear()
+    patched = loss_and_grads(model, ids, position_ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=11,
+                             max_length_k=11)
+    assert_same_training_step(stock, patched)
+    assert CALLS["packed_attention"] == model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("case", ["unpacked", "attention mask", "cache", "longer than the sliding window"])
+def test_other_batches_keep_the_stock_path(case):
+    shape = "tiny-mistral" if case == "longer than the sliding window" else "tiny-llama"
+    model = tiny_qlora(shape).train()
+    ids, position_ids = packed_batch()
+    kwargs = {}
+    if case == "unpacked":
+        position_ids = torch.arange(ids.shape[1])[None]
+    elif case == "attention mask":
+        kwargs["attention_mask"] = torch.ones_like(ids)
+    elif case == "cache":
+        kwargs["use_cache"] = True
+    else:
+        model.config.sliding_window = 8  # shorter than two of the sequences
+    stock = loss_and_grads(model, ids, position_ids, **kwargs)
+    patch_model(model)
+    CALLS.clear()
+    assert_same_training_step(stock, loss_and_grads(model, ids, position_ids, **kwargs))
+    assert CALLS["packed_attention"] == 0
+
+
+def test_softcapped_attention_is_not_served():
+    model = tiny_qlora("tiny-gemma2").train()
+    model.config._attn_implementation = "sdpa"
+    assert patch_model(model).packed_attention == 0
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_switch_off_and_restore():
+    model = tiny_qlora().train()
+    assert patch_model(model, packed_attention=False).packed_attention == 0
+    assert model.config._attn_implementation == "sdpa"
+    unpatch_model(model)
+    assert patch_model(model).packed_attention == 1
+    assert patch_model(model).packed_attention == 1  # idempotent
+    assert model.config._attn_implementation == "qlora_fast_sdpa"
+    unpatch_model(model)
+    assert model.config._attn_implementation == "sdpa"
+    assert not any(m._forward_pre_hooks for m in model.modules())
