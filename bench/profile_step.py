@@ -1,10 +1,12 @@
 """Where one training step's time goes: GPU kernel time against wall time, per patch_model variant.
 
-  python bench/profile_step.py --sizes 4x512,4x2048 --out $OUT/profile.md
+  python bench/profile_step.py --sizes 4x512,4x2048,packed8192 --out $OUT/profile.md
 
 Random-init model of the named shape (NF4, LoRA r=16 all linear, gradient checkpointing), one forward +
 backward per variant under torch.profiler after two warm-up steps. Wall time far above the summed kernel
-time means the step is host-bound (launches and Python), not GPU-bound.
+time means the step is host-bound (launches and Python), not GPU-bound. `packedN` is one padding-free row
+of N tokens packed from documents of 100-900 tokens (position_ids restarting, no mask: TRL's packing=True);
+the attention column is the share of kernel time in attention kernels.
 """
 
 import argparse
@@ -18,7 +20,9 @@ from qlora_fast import patch_model, unpatch_model
 from qlora_fast.harness.models import add_lora, quantize_to_nf4_, random_causal_lm
 from qlora_fast.harness.run import random_batches
 
-VARIANTS = {"stock peft": None, "qlora_fast default": {}, "qlora_fast + RoPE kernel": {"rope": True}}
+VARIANTS = {"stock peft": None, "qlora_fast default": {},
+            "qlora_fast dense packed mask": {"packed_attention": False}}
+ATTENTION_KERNELS = ("flash", "fmha", "attention", "cudnn", "sdpa")  # substrings of attention kernels' names
 
 
 def _step(model, batch):
@@ -46,9 +50,27 @@ def _peaks_gib(model, batch):
     return forward, backward
 
 
+def packed_batch(vocab_size: int, tokens: int, seed: int = 0) -> dict:
+    """One row of `tokens` tokens packed from documents of 100-900 tokens, as TRL's padding-free collator
+    hands it over: position_ids restart at each document, no attention mask, no cache."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = []
+    while sum(lengths) < tokens:
+        lengths.append(min(int(torch.randint(100, 901, (1,), generator=g)), tokens - sum(lengths)))
+    ids = torch.randint(0, vocab_size, (1, tokens), generator=g)
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    return {"input_ids": ids, "labels": ids, "position_ids": position_ids, "use_cache": False}
+
+
+def batch_for(size: str, vocab_size: int) -> dict:
+    batch = (packed_batch(vocab_size, int(size.removeprefix("packed"))) if size.startswith("packed")
+             else random_batches(vocab_size, size, 1)[0])
+    return {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def profile_variant(model, batch, options, timed_steps=5):
-    """(median wall ms, summed kernel ms, kernel launches, peak GiB forward / backward, table of the top
-    kernels) of one step."""
+    """(median wall ms, summed kernel ms, attention kernels' share, kernel launches, peak GiB forward /
+    backward, table of the top kernels) of one step."""
     if options is not None:
         patch_model(model, verbose=False, **options)
     try:
@@ -66,14 +88,16 @@ def profile_variant(model, batch, options, timed_steps=5):
         unpatch_model(model)
     kernels = _kernel_events(prof)
     kernel_ms = sum(e.device_time for e in kernels) / 1e3
+    attention_ms = sum(e.device_time for e in kernels if any(s in e.name.lower() for s in ATTENTION_KERNELS)) / 1e3
     table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70)
-    return statistics.median(walls), kernel_ms, len(kernels), peaks, table
+    return statistics.median(walls), kernel_ms, attention_ms / kernel_ms, len(kernels), peaks, table
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="llama-3-8b")
-    parser.add_argument("--sizes", default="4x512,4x2048", help="batch x seq, comma-separated")
+    parser.add_argument("--sizes", default="4x512,4x2048,packed8192",
+                        help="comma-separated: BATCHxSEQ, or packedN (one padding-free row of N tokens)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names from VARIANTS")
     parser.add_argument("--out", default="profile.md")
     args = parser.parse_args()
@@ -82,15 +106,17 @@ def main():
     model.config.use_cache = False
     model = add_lora(model, r=16, lora_alpha=16, init_b_std=1e-3)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    summary = ["| batch x seq | variant | wall ms (median of 5, no profiler) | kernel ms | kernels launched | "
-               "wall / kernel | peak GiB forward | peak GiB backward |", "|---|---|---|---|---|---|---|---|"]
+    summary = ["| batch x seq | variant | wall ms (median of 5, no profiler) | kernel ms | attention share | "
+               "kernels launched | wall / kernel | peak GiB forward | peak GiB backward |",
+               "|---|---|---|---|---|---|---|---|---|"]
     tables = []
     for size in args.sizes.split(","):
-        batch = {k: v.cuda() for k, v in random_batches(model.config.vocab_size, size, 1)[0].items()}
+        batch = batch_for(size, model.config.vocab_size)
         for name in args.variants.split(","):
-            wall, kernel, launches, (fwd_gib, bwd_gib), table = profile_variant(model, batch, VARIANTS[name])
-            summary.append(f"| {size} | {name} | {wall:.1f} | {kernel:.1f} | {launches} | {wall / kernel:.2f} | "
-                           f"{fwd_gib:.2f} | {bwd_gib:.2f} |")
+            wall, kernel, attention, launches, (fwd_gib, bwd_gib), table = profile_variant(model, batch,
+                                                                                         VARIANTS[name])
+            summary.append(f"| {size} | {name} | {wall:.1f} | {kernel:.1f} | {attention:.0%} | {launches} | "
+                           f"{wall / kernel:.2f} | {fwd_gib:.2f} | {bwd_gib:.2f} |")
             print(summary[-1], flush=True)
             tables.append(f"### {size}, {name}\n\n```\n{table}\n```\n")
     text = "\n".join(summary) + "\n\n" + "\n".join(tables)

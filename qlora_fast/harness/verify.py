@@ -89,7 +89,7 @@ def _loss(model, batch: dict, autocast_dtype, seed: int) -> torch.Tensor:
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        return model(**{k: v.to(device) for k, v in batch.items()}).loss
+        return model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}).loss
 
 
 def _loss_and_grads(model, batch: dict, autocast_dtype, seed: int):

@@ -30,6 +30,15 @@ def test_the_patched_model_passes(dtype):
     assert len(report.matrices) == 28
 
 
+def test_packed_rows_pass_with_packed_attention():
+    position_ids = torch.cat([torch.arange(n) for n in (9, 5, 10)])[None]
+    packed = [{"input_ids": (ids := torch.randint(0, 512, (1, 24))), "labels": ids, "position_ids": position_ids,
+               "use_cache": False}]
+    report = verify(tiny(), packed, torch.bfloat16)
+    assert report.passed, report.verdict()
+    assert report.calls["packed_attention"] == 2
+
+
 def _dropped_terms(real):
     return lambda y, blocks, out_dtype: y.to(out_dtype)
 
