@@ -12,7 +12,8 @@ r=16 alpha=16 on all 7 projections, gradient checkpointing, fused AdamW, lr 1e-4
 - trl_padded: `SFTTrainer(model, peft_config=LoraConfig(...), args=SFTConfig(bf16=True, ...))`, batches of
   4 rows of 2048 tokens of text;
 - trl_packed: the same with `packing=True` (padding-free rows of up to 8192 tokens from documents of
-  100-900 tokens: every row has its own length).
+  100-900 tokens: every row has its own length); trl_packed16k / trl_packed32k: rows of up to 16384 /
+  32768 tokens (long context; not in the default set).
 Stacks: stock peft; qlora_fast (the same script plus `patch_model`); unsloth (its own
 FastLanguageModel.from_pretrained + get_peft_model, then the same loop or SFTTrainer; WITH_PEERS=1 site).
 Each (stack, shape) runs in its own process (unsloth patches transformers globally); each recipe builds a
@@ -33,6 +34,7 @@ import time
 from pathlib import Path
 
 RECIPES = ("bare", "peft", "trl_padded", "trl_packed")
+PACKED_LENGTHS = {"trl_packed": 8192, "trl_packed16k": 16384, "trl_packed32k": 32768}  # tokens per packed row
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -106,17 +108,19 @@ def _loop(model, steps, autocast: bool) -> _Steps:
     return record
 
 
-def _texts(packed: bool, steps: int):
-    """Random printable documents: 100-900 bytes for packing, >= 2048 bytes (truncated) for padding."""
+def _texts(packed_length: int | None, steps: int):
+    """Random printable documents: 100-900 bytes for packing (enough for `steps` rows of `packed_length`),
+    >= 2048 bytes (truncated) for padding."""
     import random
 
     rng = random.Random(0)
     alphabet = "abcdefghijklmnopqrstuvwxyz ,.;:ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789\n"
-    lengths = [rng.randint(100, 900) for _ in range(steps * 20)] if packed else [2100] * (steps * 4 + 8)
+    documents = steps * 20 * (packed_length or 0) // 8192
+    lengths = [rng.randint(100, 900) for _ in range(documents)] if packed_length else [2100] * (steps * 4 + 8)
     return ["".join(rng.choice(alphabet) for _ in range(n)) for n in lengths]
 
 
-def _trl(model, tokenizer, steps, packed: bool, peft_config, patch: bool) -> _Steps:
+def _trl(model, tokenizer, steps, packed_length: int | None, peft_config, patch: bool) -> _Steps:
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -140,12 +144,13 @@ def _trl(model, tokenizer, steps, packed: bool, peft_config, patch: bool) -> _St
             if logs and "loss" in logs:
                 record.losses.append(logs["loss"])
 
+    packed = packed_length is not None
     config = SFTConfig(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=1 if packed else 4,
-                       max_length=8192 if packed else 2048, packing=packed, bf16=True, learning_rate=1e-4,
+                       max_length=packed_length or 2048, packing=packed, bf16=True, learning_rate=1e-4,
                        logging_steps=1, report_to="none", save_strategy="no", gradient_checkpointing=True,
                        gradient_checkpointing_kwargs={"use_reentrant": False}, dataset_text_field="text",
                        dataloader_num_workers=0, seed=0, lr_scheduler_type="constant", warmup_steps=0)
-    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_dict({"text": _texts(packed, steps)}),
+    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_dict({"text": _texts(packed_length, steps)}),
                          processing_class=tokenizer, peft_config=peft_config, callbacks=[Timer()])
     if patch:
         import qlora_fast
@@ -164,7 +169,7 @@ def _trl(model, tokenizer, steps, packed: bool, peft_config, patch: bool) -> _St
     return record
 
 
-def _unsloth_model(shape):
+def _unsloth_model(shape, max_length):
     import torch
     from unsloth import FastLanguageModel
 
@@ -177,7 +182,7 @@ def _unsloth_model(shape):
         byte_tokenizer().save_pretrained(path)
         del dense
         torch.cuda.empty_cache()
-    model, tokenizer = FastLanguageModel.from_pretrained(str(path), max_seq_length=8192, dtype=torch.bfloat16,
+    model, tokenizer = FastLanguageModel.from_pretrained(str(path), max_seq_length=max_length, dtype=torch.bfloat16,
                                                          load_in_4bit=True, local_files_only=True)
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
                                              use_gradient_checkpointing="unsloth", random_state=0)
@@ -191,15 +196,16 @@ def run_recipe(stack, shape, recipe, steps) -> _Steps:
     from qlora_fast.harness.models import byte_tokenizer
 
     torch.manual_seed(0)
+    packed_length = PACKED_LENGTHS.get(recipe)
     if stack == "unsloth":
-        model, tokenizer = _unsloth_model(shape)
+        model, tokenizer = _unsloth_model(shape, max(8192, packed_length or 0))
         if recipe in ("bare", "peft"):
             return _loop(model, steps, autocast=recipe == "peft")
-        return _trl(model, tokenizer, steps, recipe == "trl_packed", None, patch=False)
+        return _trl(model, tokenizer, steps, packed_length, None, patch=False)
     model = _quantized(shape)
     patch = stack == "qlora_fast"
     if recipe.startswith("trl"):
-        return _trl(model, byte_tokenizer(), steps, recipe == "trl_packed", _lora_config(), patch)
+        return _trl(model, byte_tokenizer(), steps, packed_length, _lora_config(), patch)
     if recipe == "peft":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = get_peft_model(model, _lora_config())
@@ -265,7 +271,7 @@ def table(rows) -> list[str]:
     lines = ["| recipe | shape | stock tok/s | qlora_fast tok/s | unsloth tok/s | qlora_fast vs stock | qlora_fast vs unsloth "
              "| peak GiB stock / qlora_fast / unsloth | first-steps excess s (qlora_fast) | final loss stock / qlora_fast / unsloth |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for recipe in RECIPES:
+    for recipe in RECIPES + tuple(PACKED_LENGTHS)[1:]:
         for shape in sorted({r["shape"] for r in rows}):
             cells = [by.get((recipe, shape, s)) for s in ("stock", "qlora_fast", "unsloth")]
             if not any(cells):
