@@ -137,3 +137,13 @@ def test_patch_options_from_the_config_reach_patch_model(tmp_path, capsys):
     summary = [line for line in capsys.readouterr().out.splitlines() if line.startswith("qlora_fast: patched")]
     assert summary and "SwiGLU MLPs" in summary[0]
     assert "q/k/v" not in summary[0] and "rotary" not in summary[0]
+
+
+def test_packing_trains_on_packed_attention(tmp_path, capsys):
+    from qlora_fast.patch import CALLS
+
+    CALLS.clear()
+    train(tiny_config(tmp_path, max_steps=2, packing=True))
+    summary = [line for line in capsys.readouterr().out.splitlines() if line.startswith("qlora_fast: patched")]
+    assert "attention of packed batches within each sequence" in summary[0]
+    assert CALLS["packed_attention"] > 0
