@@ -1,6 +1,6 @@
 """The recipe matrix: the training scripts users run, stock peft vs qlora_fast vs unsloth (GPU only).
 
-  python bench/recipes.py --out $OUT/recipes [--recipes bare,peft,trl_padded,trl_packed]
+  python bench/recipes.py --out $OUT/recipes [--recipes bare,peft,trl_padded,trl_packed,cli]
                           [--shapes llama-3-8b,qwen2.5-7b] [--stacks stock,qlora_fast,unsloth] [--steps 25]
 
 Recipes (each a user's script, random-init model of a real shape, NF4 double quant, bf16 compute, LoRA
@@ -13,7 +13,9 @@ r=16 alpha=16 on all 7 projections, gradient checkpointing, fused AdamW, lr 1e-4
   4 rows of 2048 tokens of text;
 - trl_packed: the same with `packing=True` (padding-free rows of up to 8192 tokens from documents of
   100-900 tokens: every row has its own length); trl_packed16k / trl_packed32k: rows of up to 16384 /
-  32768 tokens (long context; not in the default set).
+  32768 tokens (long context; not in the default set);
+- cli: `qlora-fast train` on the shipped configs/llama-3.1-8b-alpaca.yaml (4 x 2048, gradient accumulation
+  4, paged 8-bit AdamW) with base_model random:<shape> and random text documents (stock: `patch: false`).
 Stacks: stock peft; qlora_fast (the same script plus `patch_model`); unsloth (its own
 FastLanguageModel.from_pretrained + get_peft_model, then the same loop or SFTTrainer; WITH_PEERS=1 site).
 Each (stack, shape) runs in its own process (unsloth patches transformers globally); each recipe builds a
@@ -33,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-RECIPES = ("bare", "peft", "trl_padded", "trl_packed")
+RECIPES = ("bare", "peft", "trl_padded", "trl_packed", "cli")
 PACKED_LENGTHS = {"trl_packed": 8192, "trl_packed16k": 16384, "trl_packed32k": 32768}  # tokens per packed row
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -120,11 +122,11 @@ def _texts(packed_length: int | None, steps: int):
     return ["".join(rng.choice(alphabet) for _ in range(n)) for n in lengths]
 
 
-def _trl(model, tokenizer, steps, packed_length: int | None, peft_config, patch: bool) -> _Steps:
+def _timed_training(trainer) -> _Steps:
+    """trainer.train() with each optimizer step timed (synchronized) and its tokens counted (those the
+    attention mask keeps, or every one of a padding-free row)."""
     import torch
-    from datasets import Dataset
     from transformers import TrainerCallback
-    from trl import SFTConfig, SFTTrainer
 
     record = _Steps()
     counted = {"tokens": 0}
@@ -144,6 +146,23 @@ def _trl(model, tokenizer, steps, packed_length: int | None, peft_config, patch:
             if logs and "loss" in logs:
                 record.losses.append(logs["loss"])
 
+    def count(module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is not None:
+            counted["tokens"] += int(ids.numel() if kwargs.get("attention_mask") is None
+                                     else kwargs["attention_mask"].sum())
+
+    trainer.add_callback(Timer())
+    trainer.model.register_forward_pre_hook(count, with_kwargs=True)
+    torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    return record
+
+
+def _trl(model, tokenizer, steps, packed_length: int | None, peft_config, patch: bool) -> _Steps:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
     packed = packed_length is not None
     config = SFTConfig(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=1 if packed else 4,
                        max_length=packed_length or 2048, packing=packed, bf16=True, learning_rate=1e-4,
@@ -151,22 +170,27 @@ def _trl(model, tokenizer, steps, packed_length: int | None, peft_config, patch:
                        gradient_checkpointing_kwargs={"use_reentrant": False}, dataset_text_field="text",
                        dataloader_num_workers=0, seed=0, lr_scheduler_type="constant", warmup_steps=0)
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_dict({"text": _texts(packed_length, steps)}),
-                         processing_class=tokenizer, peft_config=peft_config, callbacks=[Timer()])
+                         processing_class=tokenizer, peft_config=peft_config)
     if patch:
         import qlora_fast
 
         print(qlora_fast.patch_model(trainer.model, verbose=False).summary(), flush=True)
+    return _timed_training(trainer)
 
-    def count(module, args, kwargs):
-        ids = kwargs.get("input_ids")
-        if ids is not None:
-            counted["tokens"] += int(ids.numel() if kwargs.get("attention_mask") is None
-                                     else kwargs["attention_mask"].sum())
 
-    trainer.model.register_forward_pre_hook(count, with_kwargs=True)
-    torch.cuda.reset_peak_memory_stats()
-    trainer.train()
-    return record
+def _cli(shape, steps, patch: bool) -> _Steps:
+    """`qlora-fast train` on the shipped Llama-3.1-8B Alpaca config (gradient accumulation 4, paged 8-bit
+    AdamW, cosine schedule), with a random-init model of `shape` and documents of random text as the data;
+    `patch: false` is the stock run."""
+    from qlora_fast.cli.config import config_to_dict, load_config, parse_config
+    from qlora_fast.cli.train import build_trainer
+
+    data = Path(tempfile.mkdtemp()) / "texts.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in _texts(None, steps * 4)))
+    raw = config_to_dict(load_config(str(Path(__file__).parents[1] / "configs" / "llama-3.1-8b-alpaca.yaml")))
+    raw.update(base_model=f"random:{shape}", datasets=[{"path": str(data), "type": "text"}], max_steps=steps,
+               output_dir=tempfile.mkdtemp(), val_set_size=0.0, logging_steps=1, save_steps=10**6, patch=patch)
+    return _timed_training(build_trainer(parse_config(raw)))
 
 
 def _unsloth_model(shape, max_length):
@@ -197,6 +221,10 @@ def run_recipe(stack, shape, recipe, steps) -> _Steps:
 
     torch.manual_seed(0)
     packed_length = PACKED_LENGTHS.get(recipe)
+    if recipe == "cli":
+        if stack == "unsloth":
+            raise NotImplementedError("qlora-fast train is qlora_fast's own script; unsloth has no counterpart")
+        return _cli(shape, steps, patch=stack == "qlora_fast")
     if stack == "unsloth":
         model, tokenizer = _unsloth_model(shape, max(8192, packed_length or 0))
         if recipe in ("bare", "peft"):
