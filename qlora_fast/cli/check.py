@@ -7,7 +7,7 @@ import torch
 
 from ..harness.compare import Comparison, compare_stock_and_patched
 from ..harness.report import write_report
-from ..harness.run import token_batches
+from ..harness.run import packed_token_batches, token_batches
 from ..harness.verify import VerifyReport, verify
 from .config import patch_options
 from .train import build_peft_model
@@ -15,12 +15,13 @@ from .train import build_peft_model
 
 def _model_and_batches(cfg, steps: int):
     """The config's 4-bit model with its adapter (checkpointing as configured), `steps` batches of its
-    data, and its compute dtype and bf16/fp16 flags."""
+    data (padding-free rows when the config packs), and its compute dtype and bf16/fp16 flags."""
     setup = build_peft_model(cfg)
     model = setup.model
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    batches = token_batches(setup.train_data, setup.tokenizer, cfg.micro_batch_size, cfg.sequence_len, steps)
+    make_batches = packed_token_batches if cfg.packing else token_batches
+    batches = make_batches(setup.train_data, setup.tokenizer, cfg.micro_batch_size, cfg.sequence_len, steps)
     return model, batches, setup.compute_dtype, setup.bf16 or setup.fp16
 
 

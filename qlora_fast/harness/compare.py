@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..patch import patch_model, unpatch_model
+from .run import on_device
 
 # Pass/fail tolerance on the per-step loss. The fused path computes the LoRA products in the compute
 # dtype (bf16/fp16) where peft upcasts them to the adapters' fp32; both sum the same terms in a
@@ -83,7 +84,7 @@ def train_steps(model, batches: list[dict], lr: float = 1e-4, seed: int = 0, opt
     for batch in batches:
         _synchronize(device)
         started = time.perf_counter()
-        loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+        loss = model(**on_device(batch, device)).loss
         loss.backward()
         adamw.step()
         adamw.zero_grad(set_to_none=True)
@@ -100,7 +101,7 @@ def _forward_backward_seconds(model, batch: dict) -> float:
     device = next(model.parameters()).device
     _synchronize(device)
     started = time.perf_counter()
-    model(**{k: v.to(device) for k, v in batch.items()}).loss.backward()
+    model(**on_device(batch, device)).loss.backward()
     model.zero_grad(set_to_none=True)
     _synchronize(device)
     return time.perf_counter() - started

@@ -27,6 +27,26 @@ def token_batches(records, tokenizer, batch_size: int, seq_len: int, steps: int)
     return batches
 
 
+def packed_token_batches(records, tokenizer, batch_size: int, seq_len: int, steps: int) -> list[dict]:
+    """`steps` padding-free batches as TRL's packing hands them to the model: `batch_size` records, each
+    truncated to `seq_len` tokens, concatenated into one row with position_ids restarting at each record,
+    no attention mask, no label across a boundary, no KV cache."""
+    texts = [_render(records[i % len(records)], tokenizer) for i in range(batch_size * steps)]
+    batches = []
+    for i in range(steps):
+        rows = tokenizer(texts[i * batch_size:(i + 1) * batch_size], truncation=True, max_length=seq_len)["input_ids"]
+        ids = torch.tensor([token for row in rows for token in row])[None]
+        position_ids = torch.cat([torch.arange(len(row)) for row in rows])[None]
+        labels = ids.masked_fill(position_ids == 0, -100)
+        batches.append({"input_ids": ids, "position_ids": position_ids, "labels": labels, "use_cache": False})
+    return batches
+
+
+def on_device(batch: dict, device) -> dict:
+    """The batch's tensors moved to `device`; flags (use_cache) as they are."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def random_batches(vocab_size: int, size: str, steps: int) -> list[dict]:
     """`steps` batches of random tokens for a "BATCHxSEQ" size, the same for every caller of that size."""
     batch, seq = map(int, size.split("x"))

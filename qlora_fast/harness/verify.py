@@ -21,6 +21,7 @@ import torch
 
 from ..patch import CALLS, patch_model, reset_call_counts, unpatch_model
 from .compare import LOSS_RTOL, _load_lora_state, lora_state
+from .run import on_device
 
 GRAD_TOLERANCE = {torch.float32: (1e-3, 0.99999), torch.float16: (0.1, 0.995), torch.bfloat16: (0.1, 0.995)}
 
@@ -89,7 +90,7 @@ def _loss(model, batch: dict, autocast_dtype, seed: int) -> torch.Tensor:
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        return model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}).loss
+        return model(**on_device(batch, device)).loss
 
 
 def _loss_and_grads(model, batch: dict, autocast_dtype, seed: int):
