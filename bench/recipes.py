@@ -305,9 +305,9 @@ def table(rows) -> list[str]:
             if not any(cells):
                 continue
 
-            def tps(c):
+            def tps(c, stack):
                 if c is None:
-                    return "not run"
+                    return "n/a (qlora_fast's own CLI)" if (recipe, stack) == ("cli", "unsloth") else "not run"
                 if "error" in c:
                     return f"failed: {c['error']}"
                 return f"{c['tokens_per_s_median']:.0f} ({c['tokens_per_s_mean']:.0f})"
@@ -324,7 +324,7 @@ def table(rows) -> list[str]:
 
             ours = cells[1]
             excess = f"{ours['first_steps_excess_s']:.1f}" if ours and "error" not in ours else "-"
-            lines.append(f"| {recipe} | {shape} | {tps(cells[0])} | {tps(cells[1])} | {tps(cells[2])} | "
+            lines.append(f"| {recipe} | {shape} | {tps(cells[0], 'stock')} | {tps(cells[1], 'qlora_fast')} | {tps(cells[2], 'unsloth')} | "
                          f"{ratio(cells[1], cells[0])} | {ratio(cells[1], cells[2])} | "
                          f"{' / '.join(peak(c) for c in cells)} | {excess} | {' / '.join(last(c) for c in cells)} |")
     return lines
