@@ -3,6 +3,7 @@ float64 dense block-causal reference."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers.masking_utils import find_packed_sequence_indices
 
 from qlora_fast.ops.packed_attention import PackedSequences, backend, find_packed_sequences, packed_attention
@@ -80,3 +81,57 @@ def test_a_dropped_boundary_is_caught(dtype):
 
 def test_cpu_takes_the_per_sequence_path():
     assert backend(torch.randn(8, 2, 16, dtype=torch.bfloat16)) == "per_sequence"
+
+
+def _reference_varlen(q, k, v, cu, scale, causal=True):
+    """A flash-style varlen attention on (tokens, heads, dim), by sequence, to stand in for the GPU kernels."""
+    assert causal and q.shape[1] % k.shape[1] == 0 and cu.dtype == torch.int32
+    groups = q.shape[1] // k.shape[1]
+    k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
+    bounds = cu.tolist()
+    pieces = [F.scaled_dot_product_attention(*(t[s:e].transpose(0, 1) for t in (q, k, v)), is_causal=True,
+                                             scale=scale).transpose(0, 1) for s, e in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(pieces)
+
+
+def fake_flash_attn(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal):
+    assert torch.equal(cu_q, cu_k) and max_q == max_k == int(cu_q.diff().max()) and dropout_p == 0.0
+    return _reference_varlen(q, k, v, cu_q, softmax_scale, causal)
+
+
+def fake_torch_varlen_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                           window_size=(-1, -1)):
+    """torch 2.11's signature: no enable_gqa (k/v must have the query's heads), causal as window (-1, 0)."""
+    assert query.shape[1] == key.shape[1] and window_size == (-1, 0) and max_q == int(cu_seq_q.diff().max())
+    return _reference_varlen(query, key, value, cu_seq_q, scale)
+
+
+def fake_torch_varlen_gqa(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                          enable_gqa=False):
+    assert enable_gqa == (query.shape[1] != key.shape[1]) and window_size == (-1, 0)
+    return _reference_varlen(query, key, value, cu_seq_q, scale)
+
+
+@pytest.mark.parametrize("kernel", ["flash_attn", "torch 2.11 varlen_attn", "torch varlen_attn with enable_gqa"])
+def test_gpu_backends_get_their_arguments_right(monkeypatch, kernel):
+    """The GPU kernels stood in for by a reference that checks its arguments as the real signature does."""
+    import inspect
+
+    import qlora_fast.ops.packed_attention as op
+
+    monkeypatch.setattr(op, "_flash_kernel_applies", lambda q: True)
+    if kernel == "flash_attn":
+        monkeypatch.setattr(op, "_FLASH_ATTN_VARLEN", fake_flash_attn)
+    else:
+        fake = fake_torch_varlen_2_11 if kernel.startswith("torch 2.11") else fake_torch_varlen_gqa
+        monkeypatch.setattr(op, "_FLASH_ATTN_VARLEN", None)
+        monkeypatch.setattr(op, "_TORCH_VARLEN", fake)
+        monkeypatch.setattr(op, "_TORCH_VARLEN_ARGS", set(inspect.signature(fake).parameters))
+    torch.manual_seed(0)
+    position_ids = positions((5, 9, 7, 11))
+    q = torch.randn(1, 4, 32, 16, requires_grad=True)
+    k, v = (torch.randn(1, 2, 32, 16, requires_grad=True) for _ in range(2))
+    out = packed_attention(q, k, v, find_packed_sequences(position_ids, 1), 0.3)
+    ref = dense_reference(q, k, v, position_ids, 0.3)
+    assert op.backend(q) != "per_sequence"
+    assert ((out.double() - ref).norm() / ref.norm()) < 1e-5
