@@ -1,7 +1,7 @@
 """The recipe matrix: the training scripts users run, stock peft vs qlora_fast vs unsloth (GPU only).
 
   python bench/recipes.py --out $OUT/recipes [--recipes bare,peft,trl_padded,trl_packed,cli]
-                          [--shapes llama-3-8b,qwen2.5-7b] [--stacks stock,qlora_fast,unsloth] [--steps 25]
+                          [--shapes llama-3-8b,qwen2.5-7b,gemma-2-9b] [--stacks stock,qlora_fast,unsloth] [--steps 25]
 
 Recipes (each a user's script, random-init model of a real shape, NF4 double quant, bf16 compute, LoRA
 r=16 alpha=16 on all 7 projections, gradient checkpointing, fused AdamW, lr 1e-4):
