@@ -3,7 +3,9 @@
 Each program takes a tile of whole quantization blocks: it decodes each block's scale once, reads the
 packed bytes with wide loads, decodes both nibbles and writes the two values interleaved, so reads
 and writes stay contiguous. Bit-exact with bitsandbytes: the same fp32
-products, rounded once to the output dtype.
+products, rounded once to the output dtype. With PAIRS (16-bit outputs) a byte's two values leave as
+one 32-bit store, the high nibble's in the low half (the lower address, little-endian), in place of
+the interleave's layout change.
 
 `nf4_dequantize_stacked` writes several weights (an attention's q, k and v) one under the other in one
 launch: the second grid axis picks the weight, whose tensors' addresses the program reads from a small
@@ -32,13 +34,15 @@ CANDIDATE_META = [
     {"BLOCKS_PER_PROGRAM": 128, "num_warps": 8},
     {"BLOCKS_PER_PROGRAM": 256, "num_warps": 8},
     {"BLOCKS_PER_PROGRAM": 128, "num_warps": 4},
+    {"BLOCKS_PER_PROGRAM": 64, "num_warps": 4, "PAIRS": True},
+    {"BLOCKS_PER_PROGRAM": 128, "num_warps": 4, "PAIRS": True},
 ]
 
 
 @triton.jit
 def _dequantize_blocks(pid, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr,
                        n_elements, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-                       SOFTWARE_RTNE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr):
+                       SOFTWARE_RTNE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr, PAIRS: tl.constexpr):
     # A tile of whole quantization blocks: one scale per row, decoded once and broadcast.
     HALF: tl.constexpr = BLOCKSIZE // 2  # bytes per block
     block = pid * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
@@ -49,24 +53,30 @@ def _dequantize_blocks(pid, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2
     byte = tl.load(packed_ptr + byte_idx, mask=byte_idx < (n_elements + 1) // 2, other=0).to(tl.int32)
     high = tl.load(code_ptr + (byte >> 4)) * scale[:, None]
     low = tl.load(code_ptr + (byte & 15)) * scale[:, None]
-    values = round_fp32_to(tl.interleave(high, low), out_ptr.dtype.element_ty, SOFTWARE_RTNE)
-    out_idx = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-    tl.store(out_ptr + out_idx, values, mask=out_idx < n_elements)
+    if PAIRS:  # 16-bit outputs, an even element count, a 4-byte-aligned out (the launcher checks)
+        high_bits = round_fp32_to(high, out_ptr.dtype.element_ty, SOFTWARE_RTNE).to(tl.uint16, bitcast=True)
+        low_bits = round_fp32_to(low, out_ptr.dtype.element_ty, SOFTWARE_RTNE).to(tl.uint16, bitcast=True)
+        pairs = high_bits.to(tl.uint32) | (low_bits.to(tl.uint32) << 16)
+        tl.store(out_ptr.to(tl.pointer_type(tl.uint32)) + byte_idx, pairs, mask=byte_idx < n_elements // 2)
+    else:
+        values = round_fp32_to(tl.interleave(high, low), out_ptr.dtype.element_ty, SOFTWARE_RTNE)
+        out_idx = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+        tl.store(out_ptr + out_idx, values, mask=out_idx < n_elements)
 
 
 @triton.jit
 def _nf4_dequantize_kernel(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr,
                            n_elements,
                            BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-                           SOFTWARE_RTNE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr):
+                           SOFTWARE_RTNE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr, PAIRS: tl.constexpr):
     _dequantize_blocks(tl.program_id(0), packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                       out_ptr, n_elements, BLOCKSIZE, BLOCKSIZE2, NESTED, SOFTWARE_RTNE, BLOCKS_PER_PROGRAM)
+                       out_ptr, n_elements, BLOCKSIZE, BLOCKSIZE2, NESTED, SOFTWARE_RTNE, BLOCKS_PER_PROGRAM, PAIRS)
 
 
 @triton.jit
 def _nf4_dequantize_stacked_kernel(table_ptr, out_ptr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
                                    NESTED: tl.constexpr, SOFTWARE_RTNE: tl.constexpr,
-                                   BLOCKS_PER_PROGRAM: tl.constexpr):
+                                   BLOCKS_PER_PROGRAM: tl.constexpr, PAIRS: tl.constexpr):
     # Weight program_id(1)'s table row: the addresses of its packed, code, absmax, absmax2, code2 and
     # offset tensors, where its rows start in out (in elements), and its element count.
     row = table_ptr + tl.program_id(1) * 8
@@ -80,11 +90,15 @@ def _nf4_dequantize_stacked_kernel(table_ptr, out_ptr, BLOCKSIZE: tl.constexpr, 
                            tl.load(row + 4).to(tl.pointer_type(tl.float32)),
                            tl.load(row + 5).to(tl.pointer_type(tl.float32)),
                            out_ptr + tl.load(row + 6), n_elements,
-                           BLOCKSIZE, BLOCKSIZE2, NESTED, SOFTWARE_RTNE, BLOCKS_PER_PROGRAM)
+                           BLOCKSIZE, BLOCKSIZE2, NESTED, SOFTWARE_RTNE, BLOCKS_PER_PROGRAM, PAIRS)
 
 
-def _launch_meta(meta: dict, blocksize: int) -> dict:
-    """`meta`, or in the interpreter (which pays per program) programs of INTERPRETER_TILE elements."""
+def _launch_meta(meta: dict, blocksize: int, out: torch.Tensor, counts_even: bool) -> dict:
+    """`meta`, or in the interpreter (which pays per program) programs of INTERPRETER_TILE elements; PAIRS
+    only where every byte's two values fill one aligned 32-bit word of `out`: 16-bit values, even element
+    counts (so every weight starts on a word), an aligned buffer."""
+    pairs = meta.get("PAIRS", False) and out.element_size() == 2 and counts_even and out.data_ptr() % 4 == 0
+    meta = dict(meta, PAIRS=pairs)
     return dict(meta, BLOCKS_PER_PROGRAM=INTERPRETER_TILE // blocksize) if INTERPRETING else meta
 
 
@@ -97,7 +111,7 @@ def nf4_dequantize(weight: NF4Weight, dtype: torch.dtype | None = None, out: tor
         out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
     elif out.shape != weight.shape or out.dtype != dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {tuple(weight.shape)} {dtype} tensor")
-    meta = _launch_meta(meta, weight.blocksize)
+    meta = _launch_meta(meta, weight.blocksize, out, weight.numel % 2 == 0)
     n_blocks = cdiv(weight.numel, weight.blocksize)
     _nf4_dequantize_kernel[(cdiv(n_blocks, meta["BLOCKS_PER_PROGRAM"]),)](
         *weight.kernel_tensors(), out, weight.numel,
@@ -143,8 +157,8 @@ def nf4_dequantize_stacked(weights, dtype: torch.dtype, meta: dict = CANDIDATE_M
         raise ValueError("nf4_dequantize_stacked: the weights differ in width, block sizes, double "
                          "quantization or device")
     first = weights[0]
-    meta = _launch_meta(meta, first.blocksize)
     out = torch.empty(sum(w.shape[0] for w in weights), first.shape[1], dtype=dtype, device=first.device)
+    meta = _launch_meta(meta, first.blocksize, out, all(w.numel % 2 == 0 for w in weights))
     largest = max(w.numel for w in weights)
     grid = (cdiv(cdiv(largest, first.blocksize), meta["BLOCKS_PER_PROGRAM"]), len(weights))
     _nf4_dequantize_stacked_kernel[grid](_stacked_table(weights), out, BLOCKSIZE=first.blocksize,

@@ -81,7 +81,7 @@ def _compile_instead_of_launch(self, grid):
 def main():
     KernelInterface.__getitem__ = _compile_instead_of_launch
     from qlora_fast.kernels.cross_entropy import cross_entropy_forward_backward_
-    from qlora_fast.kernels.nf4_dequantize import nf4_dequantize, nf4_dequantize_stacked
+    from qlora_fast.kernels.nf4_dequantize import CANDIDATE_META, nf4_dequantize, nf4_dequantize_stacked
     from qlora_fast.kernels.nf4_matmul import nf4_matmul
     from qlora_fast.kernels.rms_norm import add_rms_norm_forward, rms_norm_forward, rms_norm_backward
     from qlora_fast.kernels.rope import rope_backward, rope_forward
@@ -96,6 +96,9 @@ def main():
             weight = nf4_weight_from_bnb(make_nf4_linear(64, 128, dtype, nested).weight)
             nf4_dequantize(weight)
             nf4_dequantize_stacked([weight, weight], dtype)
+            paired = next(meta for meta in CANDIDATE_META if meta.get("PAIRS"))  # 32-bit paired stores
+            nf4_dequantize(weight, meta=paired)
+            nf4_dequantize_stacked([weight, weight], dtype, meta=paired)
             nf4_matmul(torch.randn(8, 128, dtype=dtype), weight)
         x = torch.randn(8, 64, dtype=dtype)
         y, rstd = rms_norm_forward(x, torch.ones(64, dtype=dtype), 1e-6)

@@ -3,7 +3,7 @@ import bitsandbytes.functional as F
 import pytest
 import torch
 
-from qlora_fast.kernels.nf4_dequantize import nf4_dequantize, nf4_dequantize_stacked
+from qlora_fast.kernels.nf4_dequantize import CANDIDATE_META, nf4_dequantize, nf4_dequantize_stacked
 from qlora_fast.nf4 import nf4_weight_from_bnb
 from tests.helpers import reference_dequantize
 
@@ -33,6 +33,29 @@ def test_bit_exact_with_bitsandbytes(shape, dtype, nested):
     # bitsandbytes' CPU kernel is exact where rows hold whole blocks (the GPU run checks odd shapes).
     p = quantized(shape, dtype, nested)
     assert torch.equal(nf4_dequantize(nf4_weight_from_bnb(p)), F.dequantize_4bit(p.data, p.quant_state))
+
+
+PAIRED = next(m for m in CANDIDATE_META if m.get("PAIRS"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(64, 128), (70, 130), (33, 67), (3, 5), (257, 64)])
+def test_paired_stores_bit_exact(shape, dtype):
+    """The 32-bit paired stores (16-bit outputs, even counts, aligned) and their fallback (odd counts, fp32,
+    an out starting mid-word) against the reference decode; the out buffer fully written."""
+    p = quantized(shape, dtype, True)
+    weight, ref = nf4_weight_from_bnb(p), reference_dequantize(p)
+    assert torch.equal(nf4_dequantize(weight, meta=PAIRED), ref)
+    buffer = torch.full((ref.numel() + 1,), float("nan"), dtype=dtype)
+    out = buffer[1:].view(shape)  # 2 bytes past a 4-byte boundary for 16-bit dtypes
+    assert torch.equal(nf4_dequantize(weight, out=out, meta=PAIRED), ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_paired_stores_in_a_stacked_launch(dtype):
+    params = [quantized((n, 128), dtype, True) for n in (64, 32, 32)]
+    stacked = nf4_dequantize_stacked([nf4_weight_from_bnb(p) for p in params], dtype, meta=PAIRED)
+    assert torch.equal(stacked, torch.cat([reference_dequantize(p) for p in params]))
 
 
 @pytest.mark.parametrize("blocksize", [32, 128, 256])
