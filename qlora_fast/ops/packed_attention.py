@@ -62,6 +62,16 @@ _TORCH_VARLEN = _torch_varlen()
 _TORCH_VARLEN_ARGS = set(inspect.signature(_TORCH_VARLEN).parameters) if _TORCH_VARLEN is not None else set()
 
 
+def _has_causal_torch_varlen() -> bool:
+    return bool(_TORCH_VARLEN_ARGS & {"window_size", "is_causal"})  # versions say causal one way or the other
+
+
+def worth_it_on(device: torch.device) -> bool:
+    """Whether packed attention beats the dense mask on `device`: on a GPU only through a varlen kernel (a
+    loop over sequences there costs launches per sequence and layer), on the CPU always."""
+    return device.type != "cuda" or _FLASH_ATTN_VARLEN is not None or _has_causal_torch_varlen()
+
+
 def _flash_kernel_applies(q: torch.Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
 
@@ -71,7 +81,7 @@ def backend(q: torch.Tensor) -> str:
     if _flash_kernel_applies(q):
         if _FLASH_ATTN_VARLEN is not None:
             return "flash_attn"
-        if _TORCH_VARLEN is not None and _TORCH_VARLEN_ARGS & {"window_size", "is_causal"}:
+        if _has_causal_torch_varlen():
             return "torch_varlen"
     return "per_sequence"
 

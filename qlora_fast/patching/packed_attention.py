@@ -15,7 +15,7 @@ from functools import partial
 
 import torch
 
-from ..ops.packed_attention import PackedSequences, find_packed_sequences, packed_attention
+from ..ops.packed_attention import PackedSequences, find_packed_sequences, packed_attention, worth_it_on
 from .architectures import has
 from .core import CALLS
 
@@ -127,7 +127,8 @@ def _decoder_stacks(model) -> list:
 def use_packed_attention(model: torch.nn.Module) -> int:
     """Installs packed attention on every servable decoder stack; returns how many have it."""
     installed = sum(_HOOKS in vars(m) for m in model.modules())
-    stacks = [s for s in _decoder_stacks(model) if _attentions(s) and all(map(_servable, _attentions(s)))]
+    stacks = [s for s in _decoder_stacks(model) if _attentions(s) and all(map(_servable, _attentions(s)))
+              and worth_it_on(next(s.parameters()).device)]
     if stacks:
         _register()
     for stack in stacks:

@@ -83,6 +83,17 @@ def test_cpu_takes_the_per_sequence_path():
     assert backend(torch.randn(8, 2, 16, dtype=torch.bfloat16)) == "per_sequence"
 
 
+def test_a_gpu_without_a_varlen_kernel_keeps_the_dense_mask(monkeypatch):
+    import qlora_fast.ops.packed_attention as op
+
+    assert op.worth_it_on(torch.device("cpu"))
+    monkeypatch.setattr(op, "_FLASH_ATTN_VARLEN", None)
+    monkeypatch.setattr(op, "_TORCH_VARLEN_ARGS", set())
+    assert not op.worth_it_on(torch.device("cuda"))
+    monkeypatch.setattr(op, "_TORCH_VARLEN_ARGS", {"window_size"})
+    assert op.worth_it_on(torch.device("cuda"))
+
+
 def _reference_varlen(q, k, v, cu, scale, causal=True):
     """A flash-style varlen attention on (tokens, heads, dim), by sequence, to stand in for the GPU kernels."""
     assert causal and q.shape[1] % k.shape[1] == 0 and cu.dtype == torch.int32
