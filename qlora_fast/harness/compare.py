@@ -11,14 +11,8 @@ import torch
 
 from ..patch import patch_model, unpatch_model
 from .run import on_device
+from .verify import LOSS_RTOL, load_lora_state, lora_state, verify
 
-# Pass/fail tolerance on the per-step loss. The fused path computes the LoRA products in the compute
-# dtype (bf16/fp16) where peft upcasts them to the adapters' fp32; both sum the same terms in a
-# different order. One bf16 rounding is a relative 2^-8 (0.4%); a loss is a mean over thousands of
-# tokens, so its own noise is far smaller, but a few optimizer steps compound the differences in the
-# weights. 1% relative (after up to ~10 steps) separates that noise from real errors: a wrong
-# scaling, a missing LoRA term or a mis-decoded nibble moves the loss by whole percents at step 0.
-LOSS_RTOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 # After training, the LoRA weight updates (final - initial) of both runs must agree to this relative norm:
 # the updates, not the weights, which A's initial values dominate. AdamW divides each gradient by its own
 # running scale, so a constant factor on a gradient (a wrong scaling) hides here; verify() (step 0
@@ -44,19 +38,6 @@ class RunStats:
     def median_tokens_per_second(self) -> float:
         """From the median step after the first: one slow step (a host hiccup) does not move it."""
         return self.tokens_per_step / statistics.median(self.step_seconds[1:] or self.step_seconds)
-
-
-def lora_state(model) -> dict:
-    """A host copy of the trainable weights: kept on the GPU, the copies the comparison holds (initial and
-    stock-final weights) would add to the peak memory measured for the runs."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.named_parameters() if v.requires_grad}
-
-
-def _load_lora_state(model, state: dict):
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)
 
 
 def _synchronize(device: torch.device):
@@ -180,21 +161,19 @@ def compare_stock_and_patched(model, batches: list[dict], dtype: torch.dtype, lr
                               **patch_options) -> Comparison:
     """Trains `model` (a peft model over NF4 layers, unpatched) on `batches` twice: stock, then patched
     with `patch_model(model, **patch_options)`; then, with `timing_rounds`, times both interleaved."""
-    from .verify import verify
-
     verification = verify(model, batches[:1], dtype, seed=seed, **patch_options)
     initial = lora_state(model)
     stock = train_steps(model, batches, lr, seed, optimizer)
     stock_final = lora_state(model)
 
-    _load_lora_state(model, initial)
+    load_lora_state(model, initial)
     report = patch_model(model, verbose=False, **patch_options)
     try:
         patched = train_steps(model, batches, lr, seed, optimizer)
         patched_final = lora_state(model)
     finally:
         unpatch_model(model)
-        _load_lora_state(model, initial)
+        load_lora_state(model, initial)
 
     num = sum((patched_final[k].double() - stock_final[k].double()).norm() ** 2 for k in stock_final)
     den = sum((stock_final[k].double() - initial[k].double()).norm() ** 2 for k in stock_final)

@@ -3,7 +3,8 @@
 import json
 from pathlib import Path
 
-from .compare import LOSS_RTOL, WEIGHT_RTOL, Comparison
+from .compare import WEIGHT_RTOL, Comparison
+from .verify import LOSS_RTOL
 
 
 def _fmt_gib(value):

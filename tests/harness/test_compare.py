@@ -90,7 +90,7 @@ def test_interleaved_timing_alternates_and_leaves_the_model_unpatched(monkeypatc
 
 
 def test_weight_snapshots_stay_off_the_device_being_measured():
-    from qlora_fast.harness.compare import lora_state
+    from qlora_fast.harness.verify import lora_state
 
     model = torch.nn.Linear(4, 4)
     assert all(t.device.type == "cpu" and t.data_ptr() != p.data_ptr()
@@ -107,12 +107,13 @@ def test_median_throughput_ignores_one_slow_step():
 
 def test_fused_and_foreach_adamw_train_alike():
     """The harness steps AdamW fused (Trainer's default) unless told foreach (earlier sessions' figures)."""
-    from qlora_fast.harness.compare import _load_lora_state, lora_state, train_steps
+    from qlora_fast.harness.compare import train_steps
+    from qlora_fast.harness.verify import load_lora_state, lora_state
 
     model, data = tiny_model(torch.float32), batches(3)
     initial = lora_state(model)
     fused = train_steps(model, data, lr=1e-3)
-    _load_lora_state(model, initial)
+    load_lora_state(model, initial)
     foreach = train_steps(model, data, lr=1e-3, optimizer="foreach")
     assert fused.losses[0] == foreach.losses[0] and fused.losses == pytest.approx(foreach.losses, rel=1e-5)
     with pytest.raises(ValueError, match="optimizer 'sgd'"):
