@@ -32,3 +32,4 @@ def test_renamed_copies_of_llama_classes_get_the_fused_paths():
     assert not any(type(m).__name__.startswith("Llama") for m in model.modules())
     report = patched_keeps_loss_and_grads(model, torch.randint(0, 512, (2, 24)))
     assert (report.patched, report.mlps, report.qkv, report.rms_norms, report.add_norms) == (14, 2, 2, 5, 2)
+    assert report.packed_attention == 1
