@@ -120,6 +120,9 @@ def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     (batch, length, heads, dim), as transformers' attention functions return it."""
     batch, heads, length, dim = query.shape
     scale = dim ** -0.5 if scale is None else scale
+    if torch.is_autocast_enabled(query.device.type):  # SDPA computes in autocast's dtype there: so do these
+        dtype = torch.get_autocast_dtype(query.device.type)
+        query, key, value = (t.to(dtype) for t in (query, key, value))
     # (batch, heads, length, dim) -> (batch * length, heads, dim); free when the projections wrote (b, l, h, d)
     q, k, v = (t.transpose(1, 2).reshape(batch * length, t.shape[1], dim) for t in (query, key, value))
     cu = sequences.cu_seqlens

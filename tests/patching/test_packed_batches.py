@@ -47,6 +47,38 @@ def test_packed_batch_matches_stock_dense_mask(shape):
     assert CALLS["packed_attention"] == 2 * model.config.num_hidden_layers
 
 
+def test_fp32_attention_inputs_under_autocast(monkeypatch):
+    """A prepared model (fp32 norms) under autocast hands attention fp32 q/k/v; SDPA computes them in bf16
+    under autocast, and so must the packed path (the GPU kernels take only 16-bit inputs)."""
+    from peft import prepare_model_for_kbit_training
+
+    import qlora_fast.ops.packed_attention as op
+    from qlora_fast.harness.models import add_lora, quantize_to_nf4_, random_causal_lm
+
+    seen = []
+    backend = op.backend
+    monkeypatch.setattr(op, "backend", lambda q: seen.append(q.dtype) or backend(q))
+
+    model = quantize_to_nf4_(random_causal_lm("tiny-llama", torch.bfloat16), compute_dtype=torch.bfloat16)
+    model = add_lora(prepare_model_for_kbit_training(model, use_gradient_checkpointing=False), init_b_std=0.02)
+    ids, position_ids = packed_batch()
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return loss_and_grads(model, ids, position_ids)
+
+    stock = step()
+    patch_model(model, verbose=False)
+    CALLS.clear()
+    patched = step()
+    assert CALLS["packed_attention"] == model.config.num_hidden_layers
+    assert set(seen) == {torch.bfloat16}
+    assert patched[0] == pytest.approx(stock[0], rel=2e-3)
+    for name in stock[1]:
+        cosine = torch.nn.functional.cosine_similarity(patched[1][name].flatten(), stock[1][name].flatten(), dim=0)
+        assert cosine > 0.99, name
+
+
 def test_each_sequence_as_if_alone():
     model = tiny_qlora().eval()
     patch_model(model)
