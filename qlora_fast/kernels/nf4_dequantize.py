@@ -68,7 +68,8 @@ def _dequantize_blocks(pid, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2
 def _nf4_dequantize_kernel(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr,
                            n_elements,
                            BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-                           SOFTWARE_RTNE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr, PAIRS: tl.constexpr):
+                           SOFTWARE_RTNE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr,
+                           PAIRS: tl.constexpr = False):
     _dequantize_blocks(tl.program_id(0), packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
                        out_ptr, n_elements, BLOCKSIZE, BLOCKSIZE2, NESTED, SOFTWARE_RTNE, BLOCKS_PER_PROGRAM, PAIRS)
 
@@ -76,7 +77,7 @@ def _nf4_dequantize_kernel(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_
 @triton.jit
 def _nf4_dequantize_stacked_kernel(table_ptr, out_ptr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
                                    NESTED: tl.constexpr, SOFTWARE_RTNE: tl.constexpr,
-                                   BLOCKS_PER_PROGRAM: tl.constexpr, PAIRS: tl.constexpr):
+                                   BLOCKS_PER_PROGRAM: tl.constexpr, PAIRS: tl.constexpr = False):
     # Weight program_id(1)'s table row: the addresses of its packed, code, absmax, absmax2, code2 and
     # offset tensors, where its rows start in out (in elements), and its element count.
     row = table_ptr + tl.program_id(1) * 8
@@ -97,8 +98,8 @@ def _launch_meta(meta: dict, blocksize: int, out: torch.Tensor, counts_even: boo
     """`meta`, or in the interpreter (which pays per program) programs of INTERPRETER_TILE elements; PAIRS
     only where every byte's two values fill one aligned 32-bit word of `out`: 16-bit values, even element
     counts (so every weight starts on a word), an aligned buffer."""
-    pairs = meta.get("PAIRS", False) and out.element_size() == 2 and counts_even and out.data_ptr() % 4 == 0
-    meta = dict(meta, PAIRS=pairs)
+    if meta.get("PAIRS") and not (out.element_size() == 2 and counts_even and out.data_ptr() % 4 == 0):
+        meta = dict(meta, PAIRS=False)
     return dict(meta, BLOCKS_PER_PROGRAM=INTERPRETER_TILE // blocksize) if INTERPRETING else meta
 
 
