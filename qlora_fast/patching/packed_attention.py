@@ -10,6 +10,7 @@ Any other batch (a mask, a cache, one sequence per row, a sequence longer than a
 transformers' sdpa path unchanged. RoPE is untouched: transformers computes it from position_ids.
 """
 
+import inspect
 import threading
 from functools import partial
 
@@ -115,13 +116,19 @@ def _window(stack) -> float:
     return min((w for w in windows if w), default=float("inf"))
 
 
+def _passes_kwargs_on(forward) -> bool:
+    """Whether a forward takes **kwargs (transformers' stacks hand them to every layer's attention)."""
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(forward).parameters.values())
+
+
 def _decoder_stacks(model) -> list:
-    """The transformers models inside `model` that build the causal mask for a ModuleList of layers with sdpa."""
+    """The transformers models inside `model` that build the causal mask for a ModuleList of layers with
+    sdpa, and pass their keyword arguments on."""
     from transformers import PreTrainedModel
 
     return [m for m in model.modules() if isinstance(m, PreTrainedModel)
             and isinstance(getattr(m, "layers", None), torch.nn.ModuleList)
-            and getattr(m.config, "_attn_implementation", None) == "sdpa"]
+            and getattr(m.config, "_attn_implementation", None) == "sdpa" and _passes_kwargs_on(m.forward)]
 
 
 def use_packed_attention(model: torch.nn.Module) -> int:

@@ -145,6 +145,16 @@ def test_other_batches_keep_the_stock_path(case):
     assert CALLS["packed_attention"] == 0
 
 
+def test_a_stack_that_drops_keyword_arguments_is_not_served():
+    """Remote code whose decoder stack takes no **kwargs would never hand attention the sequences."""
+    model = tiny_qlora().train()
+    stack = model.base_model.model.model
+    stock_forward = stack.forward
+    stack.forward = lambda input_ids=None, attention_mask=None, position_ids=None, use_cache=None: stock_forward(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache)
+    assert patch_model(model).packed_attention == 0
+
+
 def test_softcapped_attention_is_not_served():
     model = tiny_qlora("tiny-gemma2").train()
     model.config._attn_implementation = "sdpa"
