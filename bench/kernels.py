@@ -1,4 +1,4 @@
-"""GPU check and timings of the NF4 kernels (run through the device tool; see bench/RESULTS.md).
+"""Timings of the NF4 kernels and their peers (run through the device tool; see bench/RESULTS.md).
 
   python bench/kernels.py --out $OUT/kernels.md
 

@@ -42,8 +42,7 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
             raise RuntimeError("qlora_fast: a packed batch reached an attention with dropout or softcapping, which "
                                "packed attention does not compute; pass patch_model(..., packed_attention=False)")
         CALLS["packed_attention"] += 1
-        sequences = PackedSequences(cu_seqlens, int(kwargs["max_length_q"]))
-        return packed_attention(query, key, value, sequences, scaling), None
+        return packed_attention(query, key, value, _sequences(kwargs), scaling), None
     if attention_mask is None and getattr(_forward, "packed", False):
         raise RuntimeError("qlora_fast: a packed batch reached attention without its sequence bounds (this model's "
                            "layers do not forward attention kwargs); pass patch_model(..., packed_attention=False)")
@@ -72,7 +71,7 @@ def _uses_cache(stack, kwargs) -> bool:
 
 def _sequences(kwargs) -> PackedSequences | None:
     cu_seqlens = kwargs.get("cu_seq_lens_q")
-    if cu_seqlens is not None:  # passed by the caller (TRL's flash-attention kwargs)
+    if cu_seqlens is not None:  # the caller's (TRL's flash-attention kwargs), or the pre-hook's
         max_length = kwargs.get("max_length_q")
         return PackedSequences(cu_seqlens, int(cu_seqlens.diff().max() if max_length is None else max_length))
     position_ids, tokens = kwargs.get("position_ids"), kwargs.get("input_ids")
