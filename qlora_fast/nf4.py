@@ -1,6 +1,7 @@
 """The tensors that describe one bitsandbytes NF4 weight, as bitsandbytes stores them."""
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -29,7 +30,7 @@ class NF4Weight:
     def nested(self) -> bool:
         return self.absmax2 is not None
 
-    @property
+    @cached_property
     def numel(self) -> int:
         return self.shape[0] * self.shape[1]
 
@@ -40,6 +41,10 @@ class NF4Weight:
     def kernel_tensors(self) -> tuple:
         """(packed, code, absmax, absmax2, code2, offset) as the kernels take them. Without double
         quantization the last three are unread, so absmax stands in for them."""
+        return self._kernel_tensors
+
+    @cached_property
+    def _kernel_tensors(self) -> tuple:  # built once: every layer call launches with them
         if self.numel >= 2**31:
             raise ValueError(f"NF4 weight of {self.numel} elements exceeds the kernels' 32-bit indexing")
         scales = (self.absmax2, self.code2, self.offset) if self.nested else (self.absmax,) * 3
@@ -94,8 +99,10 @@ def cached_nf4_weight(weight) -> NF4Weight | None:
     per-call checks and dataclass build: a few microseconds, on the host, per layer call."""
     state = getattr(weight, "quant_state", None)
     cached = getattr(weight, _CACHE, None)
-    if cached is not None and cached[0] is state and cached[1] == weight.data_ptr():
+    with torch._C.DisableTorchFunctionSubclass():  # Params4bit's __torch_function__ costs more than the read
+        address = weight.data_ptr()
+    if cached is not None and cached[0] is state and cached[1] == address:
         return cached[2]
     nf4 = None if unsupported_reason(weight) is not None else nf4_weight_from_bnb(weight)
-    setattr(weight, _CACHE, (state, weight.data_ptr(), nf4))
+    setattr(weight, _CACHE, (state, address, nf4))
     return nf4
