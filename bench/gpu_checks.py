@@ -23,7 +23,7 @@ from qlora_fast.harness.verify import verify
 from qlora_fast.kernels.cross_entropy import cross_entropy_forward_backward_
 from qlora_fast.kernels.low_rank import LowRank
 from qlora_fast.kernels.low_rank_add import KERNEL_MIN_ELEMENTS, low_rank_add_
-from qlora_fast.kernels.nf4_dequantize import nf4_dequantize, nf4_dequantize_stacked
+from qlora_fast.kernels.nf4_dequantize import CANDIDATE_META, nf4_dequantize, nf4_dequantize_stacked
 from qlora_fast.kernels.nf4_matmul import nf4_matmul
 from qlora_fast.kernels.swiglu import swiglu_backward_, swiglu_forward
 from qlora_fast.nf4 import nf4_weight_from_bnb
@@ -55,10 +55,12 @@ def dequantize_and_in_gemm_matmul():
                 layer = make_nf4_linear(n, k, dtype, nested, device="cuda")
                 w = nf4_weight_from_bnb(layer.weight)
                 ref = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
-                ours = torch.full_like(ref, float("nan"))
-                nf4_dequantize(w, out=ours)
                 case = f"{n}x{k} {dname} nested={nested}"
-                check(f"dequantize bit-exact with bitsandbytes {case}", torch.equal(ours, ref))
+                for i, meta in enumerate(CANDIDATE_META):  # the default (0) and every launch candidate
+                    ours = torch.full_like(ref, float("nan"))
+                    nf4_dequantize(w, out=ours, meta=meta)
+                    check(f"dequantize (launch candidate {i}) bit-exact with bitsandbytes {case}",
+                          torch.equal(ours, ref))
                 for transpose, a in ((True, torch.randn(37, k, device="cuda", dtype=dtype)),
                                      (False, torch.randn(37, n, device="cuda", dtype=dtype))):
                     err = rel(nf4_matmul(a, w, transpose), a.float() @ (ref.float().t() if transpose else ref.float()))
