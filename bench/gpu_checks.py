@@ -228,7 +228,7 @@ def packed_batches(vocab, n=2, lengths=(100, 37, 300, 75, 12)):
 
 
 def whole_models():
-    for shape in ("tiny-llama", "tiny-qwen2", "tiny-gemma"):
+    for shape in ("tiny-llama", "tiny-qwen2", "tiny-gemma", "tiny-phi3"):
         model = tiny(shape=shape)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         report = verify(model, batches(512), torch.bfloat16)  # offloaded checkpoints (the default) included

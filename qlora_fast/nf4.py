@@ -51,6 +51,26 @@ class NF4Weight:
         return self.packed, self.code, self.absmax, *scales
 
 
+def nf4_rows(weight: NF4Weight, start: int, stop: int) -> NF4Weight | None:
+    """Rows start:stop of `weight` as an NF4Weight of views (no copy), or None where they do not begin and
+    end on a quantization block (and, double-quantized, on a block of absmax codes): a fused projection's
+    halves (Phi-3's gate_up_proj) dequantize on their own only then."""
+    width = weight.shape[1]
+    first, end = start * width, stop * width
+    blocks = (first // weight.blocksize, -(-end // weight.blocksize))
+    if first % weight.blocksize or (end % weight.blocksize and stop != weight.shape[0]):
+        return None
+    if weight.nested and blocks[0] % weight.blocksize2:
+        return None
+    nested = {}
+    if weight.nested:
+        nested = dict(absmax2=weight.absmax2[blocks[0] // weight.blocksize2:-(-blocks[1] // weight.blocksize2)],
+                      code2=weight.code2, offset=weight.offset, blocksize2=weight.blocksize2)
+    return NF4Weight(packed=weight.packed[first // 2:-(-end // 2)], absmax=weight.absmax[blocks[0]:blocks[1]],
+                     code=weight.code, blocksize=weight.blocksize, shape=(stop - start, width), dtype=weight.dtype,
+                     **nested)
+
+
 def unsupported_reason(weight) -> str | None:
     """Why `weight` (a bnb Params4bit) cannot be served as NF4, or None if it can."""
     state = getattr(weight, "quant_state", None)

@@ -21,7 +21,8 @@ from .patching.core import (CALLS, KV_SIBLINGS, OUTPUT_UNREAD_IN_RECOMPUTE, dist
                             replace_forward, reset_call_counts, restore_forward)
 from .patching.lora_linear import lora_layer_forward
 from .patching.loss import causal_lm, forward_with_chunked_loss, unchunked_causal_lm
-from .patching.mlp import fusable_mlps, mark_residual_mlps, mlp_forward
+from .patching.mlp import (fusable_gate_up_mlps, fusable_mlps, gate_up_mlp_forward, mark_residual_mlps,
+                           mlp_forward)
 from .patching.norms import add_norm_layer_forward, add_norm_layers, frozen_llama_style_norms, rms_norm_forward
 from .patching.packed_attention import restore_packed_attention, use_packed_attention
 from .patching.projections import lora_nf4_layers, static_skip_reason
@@ -135,6 +136,9 @@ def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool
         report.patched += 1
     for mlp in fusable_mlps(model) if fused_mlp else []:
         replace_forward(mlp, mlp_forward)
+        report.mlps += 1
+    for mlp in fusable_gate_up_mlps(model) if fused_mlp else []:
+        replace_forward(mlp, gate_up_mlp_forward)
         report.mlps += 1
     mark_residual_mlps(model)
     for layer in add_norm_layers(model) if add_norm else []:

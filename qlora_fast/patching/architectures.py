@@ -2,7 +2,8 @@
 
 A row names the family's classes and says which of them compute exactly what a fused path replaces:
 - swiglu_mlp: the MLP's forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)) (act_fn checked as SiLU
-  per module);
+  per module); gate_up_mlp: it is down_proj(up * activation_fn(gate)) with [gate | up] = gate_up_proj(x)
+  (Phi-3; activation_fn checked as SiLU);
 - qkv_attention: the attention projects one hidden-states tensor with q_proj, k_proj and v_proj, in order;
 - llama_norm: the RMSNorm is w * round(x * rsqrt(mean(x^2) + eps)) (Gemma's (1 + w) is not);
 - llama_layer: the decoder layer is Llama's `residual + self_attn(input_layernorm(x))` then
@@ -38,6 +39,7 @@ class Architecture:
     rotary: bool
     plain_head: bool
     packed_attention: bool = True
+    gate_up_mlp: bool = False
 
 
 def _llama_like(family: str, prefix: str) -> Architecture:
@@ -63,17 +65,17 @@ ARCHITECTURES = (
     Architecture("gemma3", "Gemma3ForCausalLM", "Gemma3DecoderLayer", "Gemma3Attention", "Gemma3MLP",
                  "Gemma3RMSNorm", swiglu_mlp=False, qkv_attention=True, llama_norm=False, llama_layer=False,
                  rotary=True, plain_head=False),
-    # fused qkv_proj / gate_up_proj (served one LoRA layer at a time), partial rotary
+    # fused qkv_proj (one LoRA layer already) and gate_up_proj (its halves fused as a SwiGLU MLP), partial rotary
     Architecture("phi3", "Phi3ForCausalLM", "Phi3DecoderLayer", "Phi3Attention", "Phi3MLP", "Phi3RMSNorm",
                  swiglu_mlp=False, qkv_attention=False, llama_norm=True, llama_layer=False, rotary=False,
-                 plain_head=True),
+                 plain_head=True, gate_up_mlp=True),
 )
 
 # The role of each property: which class of a row it qualifies.
 _ROLE = {"swiglu_mlp": "mlp", "qkv_attention": "attention", "llama_norm": "rms_norm",
          "llama_layer": "decoder_layer", "rotary": "attention", "plain_head": "causal_lm",
-         "packed_attention": "attention"}
-_STRUCTURAL = ("swiglu_mlp", "qkv_attention", "llama_norm", "llama_layer", "packed_attention")
+         "packed_attention": "attention", "gate_up_mlp": "mlp"}
+_STRUCTURAL = ("swiglu_mlp", "qkv_attention", "llama_norm", "llama_layer", "packed_attention", "gate_up_mlp")
 
 
 @lru_cache(maxsize=None)

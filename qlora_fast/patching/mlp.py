@@ -1,16 +1,19 @@
-"""patch_model's `fused_mlp`: each SwiGLU MLP whose three projections it serves as one Function."""
+"""patch_model's `fused_mlp`: each SwiGLU MLP whose projections it serves as one Function: gate, up and
+down (Llama-style), or gate_up and down (Phi-3: gate and up are gate_up_proj's halves)."""
 
 import torch
 
 from ..ops.lora_nf4_mlp import lora_nf4_mlp
 from ..ops.offloaded_checkpoint import recomputing
 from .architectures import has
-from .core import CALLS, OUTPUT_ONLY_TO_RESIDUAL, has_hooks, is_patched, previous_forward
+from ..nf4 import nf4_rows
+from .core import CALLS, HALVES, OUTPUT_ONLY_TO_RESIDUAL, has_hooks, is_patched, previous_forward
 from .projections import compute_dtype, fusable, fused_group
 
 
 _SILU = {"SiLUActivation", "SiLU"}
 _MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+_GATE_UP_PROJECTIONS = ("gate_up_proj", "down_proj")
 
 
 def fusable_mlps(model: torch.nn.Module):
@@ -18,6 +21,49 @@ def fusable_mlps(model: torch.nn.Module):
     return [m for m in model.modules()
             if has(m, "swiglu_mlp") and type(getattr(m, "act_fn", None)).__name__ in _SILU
             and all(fusable(getattr(m, p, None)) for p in _MLP_PROJECTIONS)]
+
+
+def fusable_gate_up_mlps(model: torch.nn.Module):
+    """Phi-3-style SwiGLU MLPs whose gate_up and down projections are patchable LoRA NF4 layers without
+    base bias."""
+    return [m for m in model.modules()
+            if has(m, "gate_up_mlp") and type(getattr(m, "activation_fn", None)).__name__ in _SILU
+            and all(fusable(getattr(m, p, None)) for p in _GATE_UP_PROJECTIONS)]
+
+
+def _halves(layer, weight):
+    """The NF4Weights of `weight`'s two row halves, built once per weight and kept on the layer (None where
+    they do not start on a block of scales)."""
+    cached = vars(layer).get(HALVES)
+    if cached is None or cached[0] is not weight:
+        half = weight.shape[0] // 2
+        halves = nf4_rows(weight, 0, half), nf4_rows(weight, half, 2 * half)
+        cached = vars(layer)[HALVES] = (weight, None if None in halves else halves)
+    return cached[1]
+
+
+def _gate_and_up(layer, gate_up) -> list | None:
+    """gate_up_proj's Projection as gate's and up's (lora_a, lora_b, scaling, weight): its NF4 rows and its
+    B's rows halved, one A (autograd sums its two gradients)."""
+    halves = _halves(layer, gate_up.weight)
+    if halves is None:
+        return None
+    half = halves[0].shape[0]
+    return [(gate_up.lora_a, gate_up.lora_b[:half], gate_up.scaling, halves[0]),
+            (gate_up.lora_a, gate_up.lora_b[half:], gate_up.scaling, halves[1])]
+
+
+@torch.compiler.disable
+def gate_up_mlp_forward(self, x):
+    """Phi-3's MLP, down(up * silu(gate)) with [gate | up] = gate_up_proj(x), through the fused SwiGLU
+    Function (the product commutes exactly); otherwise the stock forward."""
+    projections = [self._modules[p] for p in _GATE_UP_PROJECTIONS]
+    found = fused_group(projections, uncalled=projections)
+    gate_and_up = _gate_and_up(projections[0], found[0]) if found is not None else None
+    if gate_and_up is None or found[0].lora_a.shape[0] != found[1].lora_a.shape[0]:
+        return previous_forward(self)(x)
+    CALLS["mlp"] += 1
+    return lora_nf4_mlp(x, *gate_and_up, found[1][1:], compute_dtype=compute_dtype(projections[0], x))
 
 
 @torch.compiler.disable

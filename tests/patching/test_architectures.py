@@ -7,10 +7,12 @@ from tests.helpers import patched_keeps_loss_and_grads, tiny_qlora
 
 
 # Rows of the architecture table beyond the Llama family: Gemma-2/3 (q/k/v fused, loss softcapped so kept
-# stock), Phi-3 (fused qkv_proj / gate_up_proj served one LoRA layer at a time; Llama-style norms)
+# stock), Phi-3 (fused qkv_proj served as one LoRA layer, gate_up_proj's halves as a fused SwiGLU MLP;
+# Llama-style norms)
 @pytest.mark.parametrize("shape, patched, fused", [("tiny-gemma2", 14, {"qkv": 2, "chunked_loss": False}),
                                                    ("tiny-gemma3", 14, {"qkv": 2, "chunked_loss": False}),
-                                                   ("tiny-phi3", 8, {"qkv": 0, "rms_norms": 5, "chunked_loss": True})])
+                                                   ("tiny-phi3", 8, {"qkv": 0, "mlps": 2, "rms_norms": 5,
+                                                                   "chunked_loss": True})])
 def test_more_families_keep_loss_and_grads(shape, patched, fused):
     model = tiny_qlora(shape).train()
     report = patched_keeps_loss_and_grads(model, torch.randint(0, 512, (2, 24)), verbose=False)
@@ -33,3 +35,29 @@ def test_renamed_copies_of_llama_classes_get_the_fused_paths():
     report = patched_keeps_loss_and_grads(model, torch.randint(0, 512, (2, 24)))
     assert (report.patched, report.mlps, report.qkv, report.rms_norms, report.add_norms) == (14, 2, 2, 5, 2)
     assert report.packed_attention == 1
+
+
+def test_phi3_gate_up_halves_run_fused_and_in_order(monkeypatch):
+    """gate_up_proj's halves through the fused SwiGLU Function, bf16 too; swapping the halves (the mutant)
+    breaks the match with stock."""
+    import qlora_fast.patching.mlp as mlp
+    from qlora_fast import patch_model, unpatch_model
+    from qlora_fast.patch import CALLS
+    from tests.helpers import loss_and_grads, rel_err
+
+    for dtype in (torch.float32, torch.bfloat16):
+        model = tiny_qlora("tiny-phi3", dtype).train()
+        ids = torch.randint(0, 512, (2, 24))
+        _, stock_grads = loss_and_grads(model, ids)
+        patch_model(model, verbose=False)
+        CALLS.clear()
+        _, grads = loss_and_grads(model, ids)
+        assert CALLS["mlp"] == 2
+        tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+        assert max(rel_err(grads[n], stock_grads[n]) for n in stock_grads) < tolerance
+        halves = mlp._gate_and_up
+        monkeypatch.setattr(mlp, "_gate_and_up", lambda layer, p: halves(layer, p)[::-1])
+        _, swapped = loss_and_grads(model, ids)
+        assert max(rel_err(swapped[n], stock_grads[n]) for n in stock_grads) > 0.1
+        monkeypatch.setattr(mlp, "_gate_and_up", halves)
+        unpatch_model(model)
