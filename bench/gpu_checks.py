@@ -19,6 +19,7 @@ import torch
 import bitsandbytes.functional as F
 from qlora_fast import patch_model
 from qlora_fast.harness.models import add_lora, quantize_to_nf4_, random_causal_lm
+from qlora_fast.harness.run import packed_batch
 from qlora_fast.harness.verify import verify
 from qlora_fast.kernels.cross_entropy import cross_entropy_forward_backward_
 from qlora_fast.kernels.low_rank import LowRank
@@ -221,10 +222,8 @@ def batches(vocab, n=2, batch=2, seq=128):
 
 
 def packed_batches(vocab, n=2, lengths=(100, 37, 300, 75, 12)):
-    """Padding-free rows as TRL's packing hands them over: position_ids restarting, no mask, no cache."""
-    position_ids = torch.cat([torch.arange(length) for length in lengths])[None]
-    return [{"input_ids": (ids := torch.randint(0, vocab, position_ids.shape)), "labels": ids,
-             "position_ids": position_ids, "use_cache": False} for _ in range(n)]
+    """Padding-free rows as TRL's packing hands them over (harness.run.packed_batch)."""
+    return [packed_batch(torch.randint(0, vocab, (sum(lengths),)).split(lengths)) for _ in range(n)]
 
 
 def whole_models():

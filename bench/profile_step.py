@@ -18,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from qlora_fast import patch_model, unpatch_model
 from qlora_fast.harness.models import add_lora, quantize_to_nf4_, random_causal_lm
-from qlora_fast.harness.run import random_batches
+from qlora_fast.harness.run import packed_batch, random_batches
 
 VARIANTS = {"stock peft": None, "qlora_fast default": {},
             "qlora_fast dense packed mask": {"packed_attention": False}}
@@ -50,20 +50,18 @@ def _peaks_gib(model, batch):
     return forward, backward
 
 
-def packed_batch(vocab_size: int, tokens: int, seed: int = 0) -> dict:
-    """One row of `tokens` tokens packed from documents of 100-900 tokens, as TRL's padding-free collator
-    hands it over: position_ids restart at each document, no attention mask, no cache."""
+def packed_documents(vocab_size: int, tokens: int, seed: int = 0) -> dict:
+    """One padding-free row of `tokens` random tokens packed from documents of 100-900 tokens
+    (harness.run.packed_batch: position_ids restart at each document, no mask, no cache)."""
     g = torch.Generator().manual_seed(seed)
     lengths = []
     while sum(lengths) < tokens:
         lengths.append(min(int(torch.randint(100, 901, (1,), generator=g)), tokens - sum(lengths)))
-    ids = torch.randint(0, vocab_size, (1, tokens), generator=g)
-    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
-    return {"input_ids": ids, "labels": ids, "position_ids": position_ids, "use_cache": False}
+    return packed_batch(torch.randint(0, vocab_size, (tokens,), generator=g).split(lengths))
 
 
 def batch_for(size: str, vocab_size: int) -> dict:
-    batch = (packed_batch(vocab_size, int(size.removeprefix("packed"))) if size.startswith("packed")
+    batch = (packed_documents(vocab_size, int(size.removeprefix("packed"))) if size.startswith("packed")
              else random_batches(vocab_size, size, 1)[0])
     return {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 

@@ -40,23 +40,29 @@ def tiny_qlora(shape="tiny-llama", dtype=torch.float32, **lora):
     return add_lora(model, init_b_std=0.02, **lora)
 
 
-def loss_and_grads(model, ids):
+def loss_and_grads(model, ids, **inputs):
+    """One seeded forward + backward on `ids` (as labels too) and any further model `inputs`: the loss and
+    every gradient."""
     model.zero_grad(set_to_none=True)
     torch.manual_seed(0)
-    loss = model(input_ids=ids, labels=ids).loss
+    loss = model(input_ids=ids, labels=ids, **inputs).loss
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_loss_and_grads(stock, patched):
+    """Two (loss, grads) of an fp32 model agree: 1e-5 on the loss, 1e-4 on every LoRA gradient."""
+    assert patched[0] == pytest.approx(stock[0], rel=1e-5)
+    assert patched[1].keys() == stock[1].keys()
+    assert all(rel_err(patched[1][n], stock[1][n]) < 1e-4 for n in stock[1])
 
 
 def patched_keeps_loss_and_grads(model, ids, **options):
     """Patches `model` with `options` between a stock and a patched fwd+bwd that must agree (fp32
     model: 1e-5 on the loss, 1e-4 on every LoRA gradient); returns the PatchReport."""
-    stock_loss, stock_grads = loss_and_grads(model, ids)
+    stock = loss_and_grads(model, ids)
     from qlora_fast import patch_model
 
     report = patch_model(model, **options)
-    loss, grads = loss_and_grads(model, ids)
-    assert loss == pytest.approx(stock_loss, rel=1e-5)
-    assert grads.keys() == stock_grads.keys()
-    assert all(rel_err(grads[n], stock_grads[n]) < 1e-4 for n in stock_grads)
+    assert_same_loss_and_grads(stock, loss_and_grads(model, ids))
     return report

@@ -94,11 +94,12 @@ def _nf4_dequantize_stacked_kernel(table_ptr, out_ptr, BLOCKSIZE: tl.constexpr, 
                            BLOCKSIZE, BLOCKSIZE2, NESTED, SOFTWARE_RTNE, BLOCKS_PER_PROGRAM, PAIRS)
 
 
-def _launch_meta(meta: dict, blocksize: int, out: torch.Tensor, counts_even: bool) -> dict:
+def _launch_meta(meta: dict, blocksize: int, out: torch.Tensor, weights) -> dict:
     """`meta`, or in the interpreter (which pays per program) programs of INTERPRETER_TILE elements; PAIRS
     only where every byte's two values fill one aligned 32-bit word of `out`: 16-bit values, even element
     counts (so every weight starts on a word), an aligned buffer."""
-    if meta.get("PAIRS") and not (out.element_size() == 2 and counts_even and out.data_ptr() % 4 == 0):
+    if meta.get("PAIRS") and not (out.element_size() == 2 and out.data_ptr() % 4 == 0
+                                  and all(w.numel % 2 == 0 for w in weights)):
         meta = dict(meta, PAIRS=False)
     return dict(meta, BLOCKS_PER_PROGRAM=INTERPRETER_TILE // blocksize) if INTERPRETING else meta
 
@@ -112,7 +113,7 @@ def nf4_dequantize(weight: NF4Weight, dtype: torch.dtype | None = None, out: tor
         out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
     elif out.shape != weight.shape or out.dtype != dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {tuple(weight.shape)} {dtype} tensor")
-    meta = _launch_meta(meta, weight.blocksize, out, weight.numel % 2 == 0)
+    meta = _launch_meta(meta, weight.blocksize, out, (weight,))
     n_blocks = cdiv(weight.numel, weight.blocksize)
     _nf4_dequantize_kernel[(cdiv(n_blocks, meta["BLOCKS_PER_PROGRAM"]),)](
         *weight.kernel_tensors(), out, weight.numel,
@@ -159,7 +160,7 @@ def nf4_dequantize_stacked(weights, dtype: torch.dtype, meta: dict = CANDIDATE_M
                          "quantization or device")
     first = weights[0]
     out = torch.empty(sum(w.shape[0] for w in weights), first.shape[1], dtype=dtype, device=first.device)
-    meta = _launch_meta(meta, first.blocksize, out, all(w.numel % 2 == 0 for w in weights))
+    meta = _launch_meta(meta, first.blocksize, out, weights)
     largest = max(w.numel for w in weights)
     grid = (cdiv(cdiv(largest, first.blocksize), meta["BLOCKS_PER_PROGRAM"]), len(weights))
     _nf4_dequantize_stacked_kernel[grid](_stacked_table(weights), out, BLOCKSIZE=first.blocksize,

@@ -3,10 +3,10 @@ down (Llama-style), or gate_up and down (Phi-3: gate and up are gate_up_proj's h
 
 import torch
 
+from ..nf4 import nf4_rows
 from ..ops.lora_nf4_mlp import lora_nf4_mlp
 from ..ops.offloaded_checkpoint import recomputing
 from .architectures import has
-from ..nf4 import nf4_rows
 from .core import CALLS, HALVES, OUTPUT_ONLY_TO_RESIDUAL, has_hooks, is_patched, previous_forward
 from .projections import compute_dtype, fusable, fused_group
 
@@ -60,7 +60,7 @@ def gate_up_mlp_forward(self, x):
     projections = [self._modules[p] for p in _GATE_UP_PROJECTIONS]
     found = fused_group(projections, uncalled=projections)
     gate_and_up = _gate_and_up(projections[0], found[0]) if found is not None else None
-    if gate_and_up is None or found[0].lora_a.shape[0] != found[1].lora_a.shape[0]:
+    if gate_and_up is None or len({f.lora_a.shape[0] for f in found}) != 1:
         return previous_forward(self)(x)
     CALLS["mlp"] += 1
     return lora_nf4_mlp(x, *gate_and_up, found[1][1:], compute_dtype=compute_dtype(projections[0], x))

@@ -108,6 +108,11 @@ def _servable(attention) -> bool:
             and getattr(attention, "attn_logit_softcapping", None) is None)
 
 
+def _servable_stack(stack) -> bool:
+    attentions = _attentions(stack)
+    return bool(attentions) and all(map(_servable, attentions))
+
+
 def _window(stack) -> float:
     """The shortest sliding window of the stack's attentions: longer sequences keep the stock path."""
     config_window = getattr(stack.config, "sliding_window", None)
@@ -133,8 +138,7 @@ def _decoder_stacks(model) -> list:
 def use_packed_attention(model: torch.nn.Module) -> int:
     """Installs packed attention on every servable decoder stack; returns how many have it."""
     installed = sum(_HOOKS in vars(m) for m in model.modules())
-    stacks = [s for s in _decoder_stacks(model) if _attentions(s) and all(map(_servable, _attentions(s)))
-              and worth_it_on(next(s.parameters()).device)]
+    stacks = [s for s in _decoder_stacks(model) if _servable_stack(s) and worth_it_on(next(s.parameters()).device)]
     if stacks:
         _register()
     for stack in stacks:

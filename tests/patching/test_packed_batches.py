@@ -6,7 +6,8 @@ import torch
 
 from qlora_fast import patch_model, unpatch_model
 from qlora_fast.patch import CALLS
-from tests.helpers import rel_err, tiny_qlora
+from tests import helpers
+from tests.helpers import assert_same_loss_and_grads, tiny_qlora
 
 LENGTHS = (5, 9, 7, 11)
 
@@ -21,16 +22,7 @@ def loss_and_grads(model, ids, position_ids, **kwargs):
     """One training step's loss and LoRA gradients, without a KV cache, as TRL calls the model (with a cache,
     transformers itself does not separate the sequences)."""
     kwargs.setdefault("use_cache", False)
-    model.zero_grad(set_to_none=True)
-    loss = model(input_ids=ids, position_ids=position_ids, labels=ids, **kwargs).loss
-    loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def assert_same_training_step(stock, patched):
-    assert patched[0] == pytest.approx(stock[0], rel=1e-5)
-    assert patched[1].keys() == stock[1].keys()
-    assert max(rel_err(patched[1][n], stock[1][n]) for n in stock[1]) < 1e-4
+    return helpers.loss_and_grads(model, ids, position_ids=position_ids, **kwargs)
 
 
 @pytest.mark.parametrize("shape", ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gemma3", "tiny-phi3"])
@@ -42,7 +34,7 @@ def test_packed_batch_matches_stock_dense_mask(shape):
     report = patch_model(model)
     assert report.packed_attention == 1 and "packed batches" in report.summary()
     CALLS.clear()
-    assert_same_training_step(stock, loss_and_grads(model, ids, position_ids))
+    assert_same_loss_and_grads(stock, loss_and_grads(model, ids, position_ids))
     # forward and the checkpoint's recompute, per layer
     assert CALLS["packed_attention"] == 2 * model.config.num_hidden_layers
 
@@ -108,7 +100,7 @@ def test_the_comparison_catches_attention_across_sequences(monkeypatch):
     patch_model(model)
     monkeypatch.setattr(patching, "find_packed_sequences", one_boundary_dropped)
     with pytest.raises(AssertionError):
-        assert_same_training_step(stock, loss_and_grads(model, ids, position_ids))
+        assert_same_loss_and_grads(stock, loss_and_grads(model, ids, position_ids))
 
 
 def test_sequence_bounds_passed_by_the_caller():
@@ -120,7 +112,7 @@ def test_sequence_bounds_passed_by_the_caller():
     CALLS.clear()
     patched = loss_and_grads(model, ids, position_ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=11,
                              max_length_k=11)
-    assert_same_training_step(stock, patched)
+    assert_same_loss_and_grads(stock, patched)
     assert CALLS["packed_attention"] == model.config.num_hidden_layers
 
 
@@ -141,7 +133,7 @@ def test_other_batches_keep_the_stock_path(case):
     stock = loss_and_grads(model, ids, position_ids, **kwargs)
     patch_model(model)
     CALLS.clear()
-    assert_same_training_step(stock, loss_and_grads(model, ids, position_ids, **kwargs))
+    assert_same_loss_and_grads(stock, loss_and_grads(model, ids, position_ids, **kwargs))
     assert CALLS["packed_attention"] == 0
 
 
