@@ -1,6 +1,7 @@
 """Correctness of the branches that only a GPU takes, run before every GPU benchmark (CUDA only).
 
-  python bench/gpu_checks.py          # one line per check, PASS/FAIL, exit status 1 on any FAIL
+  python bench/gpu_checks.py [step ...]   # one line per check, PASS/FAIL, exit status 1 on any FAIL;
+                                          # steps: the functions main() runs (default: all)
 
 The CPU tests cover every kernel under Triton's interpreter; these run the compiled kernels on the GPU
 against independent references (bitsandbytes, float64, torch autograd, stock peft) and the paths the
@@ -58,10 +59,11 @@ def dequantize_and_in_gemm_matmul():
                 ref = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
                 case = f"{n}x{k} {dname} nested={nested}"
                 for i, meta in enumerate(CANDIDATE_META):  # the default (0) and every launch candidate
-                    ours = torch.full_like(ref, float("nan"))
-                    nf4_dequantize(w, out=ours, meta=meta)
-                    check(f"dequantize (launch candidate {i}) bit-exact with bitsandbytes {case}",
-                          torch.equal(ours, ref))
+                    for call in ("launch", "relaunch"):  # the first call launches, later ones relaunch
+                        ours = torch.full_like(ref, float("nan"))
+                        nf4_dequantize(w, out=ours, meta=meta)
+                        check(f"dequantize (launch candidate {i}, {call}) bit-exact with bitsandbytes {case}",
+                              torch.equal(ours, ref))
                 for transpose, a in ((True, torch.randn(37, k, device="cuda", dtype=dtype)),
                                      (False, torch.randn(37, n, device="cuda", dtype=dtype))):
                     err = rel(nf4_matmul(a, w, transpose), a.float() @ (ref.float().t() if transpose else ref.float()))
@@ -75,9 +77,11 @@ def stacked_dequantize():
             for heights, k in (((4096, 1024, 1024), 4096), ((333, 70, 1001), 515)):
                 layers = [make_nf4_linear(n, k, dtype, nested, device="cuda") for n in heights]
                 ref = torch.cat([F.dequantize_4bit(l.weight.data, l.weight.quant_state) for l in layers])
-                stacked = nf4_dequantize_stacked([nf4_weight_from_bnb(l.weight) for l in layers], dtype)
-                check(f"stacked q/k/v dequantize {heights}x{k} {dname} nested={nested} == bitsandbytes",
-                      torch.equal(stacked, ref))
+                weights = [nf4_weight_from_bnb(l.weight) for l in layers]
+                for call in ("launch", "relaunch"):
+                    stacked = nf4_dequantize_stacked(weights, dtype)
+                    check(f"stacked q/k/v dequantize ({call}) {heights}x{k} {dname} nested={nested} == bitsandbytes",
+                          torch.equal(stacked, ref))
 
 
 def scaled_mm_outputs():
@@ -247,10 +251,13 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("gpu_checks: needs a CUDA GPU")
     torch.manual_seed(0)
-    for step in (dequantize_and_in_gemm_matmul, stacked_dequantize, scaled_mm_outputs, low_rank_add_branches,
-                 cross_entropy, swiglu, swiglu_with_lora_terms, lora_layers_and_mlp, packed_attention_kernels,
-                 whole_models):
-        step()
+    steps = (dequantize_and_in_gemm_matmul, stacked_dequantize, scaled_mm_outputs, low_rank_add_branches,
+             cross_entropy, swiglu, swiglu_with_lora_terms, lora_layers_and_mlp, packed_attention_kernels,
+             whole_models)
+    chosen = sys.argv[1:] or [step.__name__ for step in steps]  # `gpu_checks.py stacked_dequantize ...`: those only
+    for step in steps:
+        if step.__name__ in chosen:
+            step()
     print(f"{sum(RESULTS)}/{len(RESULTS)} checks passed on {torch.cuda.get_device_name()}")
     sys.exit(0 if all(RESULTS) else 1)
 

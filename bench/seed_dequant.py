@@ -37,7 +37,7 @@ from transformers.activations import ACT2FN
 
 import qlora_fast
 from qlora_fast.kernels.nf4_dequantize import CANDIDATE_META, nf4_dequantize
-from qlora_fast.nf4 import nf4_weight_from_bnb
+from qlora_fast.nf4 import cached_nf4_weight, nf4_weight_from_bnb
 
 OPTIONS = [(2, 3333, 2048, 8192, 3407), (5, 777, 1024, 4096, 3409), (3, 2048, 4096, 14336, 3408)]
 
@@ -178,6 +178,29 @@ def host_us_per_call(fx, layer, calls=2000) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
+@triton.jit
+def _noop_kernel(x_ptr):
+    pass
+
+
+def host_breakdown(layer, dtype) -> dict:
+    """Host us per back-to-back call of each piece of the public call, and of the floor pieces any eager
+    dequantize pays (an allocation, a launch, an aten op), on the same 64x64 weight."""
+    w = cached_nf4_weight(layer.weight)
+    out = torch.empty(w.shape, dtype=dtype, device="cuda")
+    a = torch.ones(64, device="cuda")
+    pieces = {
+        "torch.empty": lambda _: torch.empty(w.shape, dtype=dtype, device="cuda"),
+        "torch.add (aten op)": lambda _: torch.add(a, a),
+        "empty Triton kernel launch": lambda _: _noop_kernel[(1,)](a),
+        "cached_nf4_weight lookup": lambda lay: cached_nf4_weight(lay.weight),
+        "nf4_dequantize(w, out=out)": lambda _: nf4_dequantize(w, dtype, out=out),
+        "dequantize_nf4(layer)": lambda lay: qlora_fast.dequantize_nf4(lay),
+        "torch.cuda.synchronize (idle)": lambda _: torch.cuda.synchronize(),
+    }
+    return {name: host_us_per_call(fx, layer) for name, fx in pieces.items()}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="seed_dequant.md")
@@ -215,9 +238,11 @@ def main():
         small = bnb_linear4bit(64, 64, dtype).to("cuda")
         small.weight.quant_state.dtype = dtype
         host = {c: host_us_per_call(fx, small) for c, fx in CANDIDATES.items()}
+        pieces = host_breakdown(small, dtype)
         lines += ["", f"Host us per call, 64x64 weight, back to back ({dtype}): " +
-                  ", ".join(f"{c} {us:.1f}" for c, us in host.items()), ""]
-        record[str(dtype)] = {"harness_s": times, "device": rows, "host_us": host, "bit_exact_failures": failures}
+                  ", ".join(f"{c} {us:.1f}" for c, us in host.items()),
+                  "", "Pieces, us per call: " + ", ".join(f"{c} {us:.1f}" for c, us in pieces.items()), ""]
+        record[str(dtype)] = {"harness_s": times, "device": rows, "host_us": host, "host_pieces_us": pieces, "bit_exact_failures": failures}
         print("\n".join(lines), flush=True)
     text = "\n".join(lines) + "\n"
     print(text)

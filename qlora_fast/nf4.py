@@ -38,6 +38,12 @@ class NF4Weight:
     def device(self) -> torch.device:
         return self.packed.device
 
+    @cached_property
+    def launches(self) -> dict:
+        """The dequantize kernel's launches on this weight, kept for relaunching: (dtype, launch
+        parameters) -> kernels._utils.Relaunch, or None where a launch cannot be relaunched."""
+        return {}
+
     def kernel_tensors(self) -> tuple:
         """(packed, code, absmax, absmax2, code2, offset) as the kernels take them. Without double
         quantization the last three are unread, so absmax stands in for them."""

@@ -1,5 +1,6 @@
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -28,6 +29,36 @@ def cdiv(a: int, b: int) -> int:
 
 def next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
+
+
+class Relaunch:
+    """A compiled Triton kernel launched again with the specialization of its first launch, every argument
+    but the output fixed, pointers passed as addresses. Per call this skips Triton's binding (which
+    specializes each argument) and the launcher's data_ptr() call and driver pointer check per tensor:
+    ~2 us of host time per tensor argument on the lent H200's host. The output must be 16-byte aligned, as
+    the first launch's was (Triton specializes on it); the fixed tensors must outlive the Relaunch."""
+
+    def __init__(self, compiled, grid: tuple, args: tuple, out_position: int):
+        address = lambda a: a.data_ptr() if isinstance(a, torch.Tensor) else a
+        self.device = torch.cuda.current_device()
+        self._runner = compiled[grid]
+        self._head = tuple(address(a) for a in args[:out_position])
+        self._tail = tuple(address(a) for a in args[out_position + 1:])
+
+    @classmethod
+    def of(cls, compiled, grid: tuple, args: tuple, out_position: int) -> "Relaunch | None":
+        """The Relaunch of a launch's returned kernel; None under the interpreter (no compiled kernel) or
+        for an output not 16-byte aligned."""
+        if compiled is None or INTERPRETING or args[out_position].data_ptr() % 16:
+            return None
+        return cls(compiled, grid, args, out_position)
+
+    def takes(self, out: torch.Tensor) -> bool:
+        return out.data_ptr() % 16 == 0 and torch.cuda.current_device() == self.device
+
+    def __call__(self, out: torch.Tensor) -> torch.Tensor:
+        self._runner(*self._head, out.data_ptr(), *self._tail)
+        return out
 
 
 @triton.jit

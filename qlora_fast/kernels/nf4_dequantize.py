@@ -3,9 +3,9 @@
 Each program takes a tile of whole quantization blocks: it decodes each block's scale once, reads the
 packed bytes with wide loads, decodes both nibbles and writes the two values interleaved, so reads
 and writes stay contiguous. Bit-exact with bitsandbytes: the same fp32
-products, rounded once to the output dtype. With PAIRS (16-bit outputs) a byte's two values leave as
-one 32-bit store, the high nibble's in the low half (the lower address, little-endian), in place of
-the interleave's layout change.
+products, rounded once to the output dtype. With WORDS the packed bytes are read as 32-bit words, each
+thread's 8 values leave as one contiguous run and a warp's lanes write consecutive runs (one 512-byte
+span per store for 16-bit outputs), in place of a byte tile's interleave.
 
 `nf4_dequantize_stacked` writes several weights (an attention's q, k and v) one under the other in one
 launch: the second grid axis picks the weight, whose tensors' addresses the program reads from a small
@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ..nf4 import NF4Weight
-from ._utils import INTERPRETER_TILE, INTERPRETING, cdiv
+from ._utils import INTERPRETER_TILE, INTERPRETING, Relaunch, cdiv
 from ._utils import round_fp32_to
 from .nf4_decode import nf4_block_scale
 
@@ -34,31 +34,39 @@ CANDIDATE_META = [
     {"BLOCKS_PER_PROGRAM": 128, "num_warps": 8},
     {"BLOCKS_PER_PROGRAM": 256, "num_warps": 8},
     {"BLOCKS_PER_PROGRAM": 128, "num_warps": 4},
-    {"BLOCKS_PER_PROGRAM": 64, "num_warps": 4, "PAIRS": True},
-    {"BLOCKS_PER_PROGRAM": 128, "num_warps": 4, "PAIRS": True},
+    {"BLOCKS_PER_PROGRAM": 64, "num_warps": 4, "WORDS": True},
+    {"BLOCKS_PER_PROGRAM": 128, "num_warps": 4, "WORDS": True},
+    {"BLOCKS_PER_PROGRAM": 128, "num_warps": 8, "WORDS": True},
+    {"BLOCKS_PER_PROGRAM": 32, "num_warps": 4, "WORDS": True},
 ]
 
 
 @triton.jit
 def _dequantize_blocks(pid, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr,
                        n_elements, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-                       SOFTWARE_RTNE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr, PAIRS: tl.constexpr):
+                       SOFTWARE_RTNE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr, WORDS: tl.constexpr):
     # A tile of whole quantization blocks: one scale per row, decoded once and broadcast.
     HALF: tl.constexpr = BLOCKSIZE // 2  # bytes per block
     block = pid * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
     block_mask = block * BLOCKSIZE < n_elements
     scale = nf4_block_scale(block, block_mask, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
                             BLOCKSIZE2, NESTED)
-    byte_idx = block[:, None] * HALF + tl.arange(0, HALF)[None, :]
-    byte = tl.load(packed_ptr + byte_idx, mask=byte_idx < (n_elements + 1) // 2, other=0).to(tl.int32)
-    high = tl.load(code_ptr + (byte >> 4)) * scale[:, None]
-    low = tl.load(code_ptr + (byte & 15)) * scale[:, None]
-    if PAIRS:  # 16-bit outputs, an even element count, a 4-byte-aligned out (the launcher checks)
-        high_bits = round_fp32_to(high, out_ptr.dtype.element_ty, SOFTWARE_RTNE).to(tl.uint16, bitcast=True)
-        low_bits = round_fp32_to(low, out_ptr.dtype.element_ty, SOFTWARE_RTNE).to(tl.uint16, bitcast=True)
-        pairs = high_bits.to(tl.uint32) | (low_bits.to(tl.uint32) << 16)
-        tl.store(out_ptr.to(tl.pointer_type(tl.uint32)) + byte_idx, pairs, mask=byte_idx < n_elements // 2)
+    if WORDS:  # whole 32-bit words: an element count divisible by 8, a 4-byte-aligned packed (the launcher checks)
+        WORDS_PER_BLOCK: tl.constexpr = HALF // 4
+        word_idx = block[:, None] * WORDS_PER_BLOCK + tl.arange(0, WORDS_PER_BLOCK)[None, :]
+        word = tl.load(packed_ptr.to(tl.pointer_type(tl.uint32)) + word_idx, mask=word_idx < n_elements // 8, other=0)
+        # value j of a word: byte j // 2 (little-endian), its high nibble first
+        j = tl.arange(0, 8)
+        nibble = ((word[:, :, None] >> (8 * (j // 2) + 4 * (1 - j % 2)).to(tl.uint32)[None, None, :]) & 15)
+        values = tl.load(code_ptr + nibble.to(tl.int32)) * scale[:, None, None]
+        out_idx = word_idx[:, :, None] * 8 + j[None, None, :]
+        tl.store(out_ptr + out_idx, round_fp32_to(values, out_ptr.dtype.element_ty, SOFTWARE_RTNE),
+                 mask=out_idx < n_elements)
     else:
+        byte_idx = block[:, None] * HALF + tl.arange(0, HALF)[None, :]
+        byte = tl.load(packed_ptr + byte_idx, mask=byte_idx < (n_elements + 1) // 2, other=0).to(tl.int32)
+        high = tl.load(code_ptr + (byte >> 4)) * scale[:, None]
+        low = tl.load(code_ptr + (byte & 15)) * scale[:, None]
         values = round_fp32_to(tl.interleave(high, low), out_ptr.dtype.element_ty, SOFTWARE_RTNE)
         out_idx = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
         tl.store(out_ptr + out_idx, values, mask=out_idx < n_elements)
@@ -69,15 +77,15 @@ def _nf4_dequantize_kernel(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_
                            n_elements,
                            BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
                            SOFTWARE_RTNE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr,
-                           PAIRS: tl.constexpr = False):
+                           WORDS: tl.constexpr = False):
     _dequantize_blocks(tl.program_id(0), packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                       out_ptr, n_elements, BLOCKSIZE, BLOCKSIZE2, NESTED, SOFTWARE_RTNE, BLOCKS_PER_PROGRAM, PAIRS)
+                       out_ptr, n_elements, BLOCKSIZE, BLOCKSIZE2, NESTED, SOFTWARE_RTNE, BLOCKS_PER_PROGRAM, WORDS)
 
 
 @triton.jit
 def _nf4_dequantize_stacked_kernel(table_ptr, out_ptr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
                                    NESTED: tl.constexpr, SOFTWARE_RTNE: tl.constexpr,
-                                   BLOCKS_PER_PROGRAM: tl.constexpr, PAIRS: tl.constexpr = False):
+                                   BLOCKS_PER_PROGRAM: tl.constexpr, WORDS: tl.constexpr = False):
     # Weight program_id(1)'s table row: the addresses of its packed, code, absmax, absmax2, code2 and
     # offset tensors, where its rows start in out (in elements), and its element count.
     row = table_ptr + tl.program_id(1) * 8
@@ -91,50 +99,55 @@ def _nf4_dequantize_stacked_kernel(table_ptr, out_ptr, BLOCKSIZE: tl.constexpr, 
                            tl.load(row + 4).to(tl.pointer_type(tl.float32)),
                            tl.load(row + 5).to(tl.pointer_type(tl.float32)),
                            out_ptr + tl.load(row + 6), n_elements,
-                           BLOCKSIZE, BLOCKSIZE2, NESTED, SOFTWARE_RTNE, BLOCKS_PER_PROGRAM, PAIRS)
+                           BLOCKSIZE, BLOCKSIZE2, NESTED, SOFTWARE_RTNE, BLOCKS_PER_PROGRAM, WORDS)
 
 
-def _launch_meta(meta: dict, blocksize: int, out: torch.Tensor, weights) -> dict:
-    """`meta`, or in the interpreter (which pays per program) programs of INTERPRETER_TILE elements; PAIRS
-    only where every byte's two values fill one aligned 32-bit word of `out`: 16-bit values, even element
-    counts (so every weight starts on a word), an aligned buffer."""
-    if meta.get("PAIRS") and not (out.element_size() == 2 and out.data_ptr() % 4 == 0
-                                  and all(w.numel % 2 == 0 for w in weights)):
-        meta = dict(meta, PAIRS=False)
+OUT_POSITION = 6  # out_ptr among _nf4_dequantize_kernel's arguments
+
+
+def _launch_meta(meta: dict, blocksize: int, weights) -> dict:
+    """`meta`, or in the interpreter (which pays per program) programs of INTERPRETER_TILE elements; WORDS
+    only where every block and weight is whole 32-bit words of packed bytes (8 values each), aligned."""
+    if meta.get("WORDS") and not (blocksize % 8 == 0 and all(w.numel % 8 == 0 and w.packed.data_ptr() % 4 == 0
+                                                             for w in weights)):
+        meta = dict(meta, WORDS=False)
     return dict(meta, BLOCKS_PER_PROGRAM=INTERPRETER_TILE // blocksize) if INTERPRETING else meta
 
 
 def nf4_dequantize(weight: NF4Weight, dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
                    meta: dict = CANDIDATE_META[0]):
     """The (out_features, in_features) weight in `dtype` (default: the dtype bitsandbytes would give);
-    `meta`: launch parameters, one of CANDIDATE_META."""
+    `meta`: launch parameters, one of CANDIDATE_META. The first launch per dtype and parameters is kept
+    on the weight and relaunched (kernels/_utils.Relaunch)."""
     dtype = dtype or weight.dtype
     if out is None:
         out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
     elif out.shape != weight.shape or out.dtype != dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {tuple(weight.shape)} {dtype} tensor")
-    meta = _launch_meta(meta, weight.blocksize, out, (weight,))
-    n_blocks = cdiv(weight.numel, weight.blocksize)
-    _nf4_dequantize_kernel[(cdiv(n_blocks, meta["BLOCKS_PER_PROGRAM"]),)](
-        *weight.kernel_tensors(), out, weight.numel,
-        BLOCKSIZE=weight.blocksize, BLOCKSIZE2=weight.blocksize2, NESTED=weight.nested,
-        SOFTWARE_RTNE=INTERPRETING,
-        enable_fp_fusion=False,
-        **meta,
-    )
+    key = (dtype, id(meta))
+    relaunch = weight.launches.get(key)
+    if relaunch is not None and relaunch.takes(out):
+        return relaunch(out)
+    meta = _launch_meta(meta, weight.blocksize, (weight,))
+    grid = (cdiv(cdiv(weight.numel, weight.blocksize), meta["BLOCKS_PER_PROGRAM"]),)
+    args = (*weight.kernel_tensors(), out, weight.numel, weight.blocksize, weight.blocksize2, weight.nested,
+            INTERPRETING, meta["BLOCKS_PER_PROGRAM"], meta.get("WORDS", False))
+    compiled = _nf4_dequantize_kernel[grid](*args, num_warps=meta["num_warps"], enable_fp_fusion=False)
+    weight.launches[key] = Relaunch.of(compiled, grid, args, OUT_POSITION)
     return out
 
 
-_tables: dict = {}  # ids of a group's NF4Weights -> (weak references to them, their device table)
+_tables: dict = {}  # ids of a group's NF4Weights -> (weak references to them, their device table, relaunches)
 
 
-def _stacked_table(weights) -> torch.Tensor:
-    """The (weights, 8) int64 table of a stacked launch, built once per group while its weights live."""
+def _stacked_table(weights) -> tuple:
+    """The (weights, 8) int64 table of a stacked launch and the group's relaunches (dtype, launch parameters
+    -> Relaunch), built once per group while its weights live."""
     key = tuple(id(w) for w in weights)
     cached = _tables.get(key)
     if cached is not None and all(ref() is w for ref, w in zip(cached[0], weights)):
-        return cached[1]
-    for stale in [k for k, (refs, _) in _tables.items() if any(ref() is None for ref in refs)]:
+        return cached[1:]
+    for stale in [k for k, (refs, *_) in _tables.items() if any(ref() is None for ref in refs)]:
         del _tables[stale]
     rows, start = [], 0
     for w in weights:
@@ -142,8 +155,8 @@ def _stacked_table(weights) -> torch.Tensor:
         rows.append([t.data_ptr() for t in (packed, code, absmax, absmax2, code2, offset)] + [start, w.numel])
         start += w.numel
     table = torch.tensor(rows, dtype=torch.int64, device=weights[0].device)
-    _tables[key] = (tuple(weakref.ref(w) for w in weights), table)
-    return table
+    _tables[key] = (tuple(weakref.ref(w) for w in weights), table, {})
+    return _tables[key][1:]
 
 
 def stackable(weights) -> bool:
@@ -160,10 +173,16 @@ def nf4_dequantize_stacked(weights, dtype: torch.dtype, meta: dict = CANDIDATE_M
                          "quantization or device")
     first = weights[0]
     out = torch.empty(sum(w.shape[0] for w in weights), first.shape[1], dtype=dtype, device=first.device)
-    meta = _launch_meta(meta, first.blocksize, out, weights)
+    table, relaunches = _stacked_table(weights)
+    key = (dtype, id(meta))
+    relaunch = relaunches.get(key)
+    if relaunch is not None and relaunch.takes(out):
+        return relaunch(out)
+    meta = _launch_meta(meta, first.blocksize, weights)
     largest = max(w.numel for w in weights)
     grid = (cdiv(cdiv(largest, first.blocksize), meta["BLOCKS_PER_PROGRAM"]), len(weights))
-    _nf4_dequantize_stacked_kernel[grid](_stacked_table(weights), out, BLOCKSIZE=first.blocksize,
-                                         BLOCKSIZE2=first.blocksize2, NESTED=first.nested,
-                                         SOFTWARE_RTNE=INTERPRETING, enable_fp_fusion=False, **meta)
+    args = (table, out, first.blocksize, first.blocksize2, first.nested, INTERPRETING, meta["BLOCKS_PER_PROGRAM"],
+            meta.get("WORDS", False))
+    compiled = _nf4_dequantize_stacked_kernel[grid](*args, num_warps=meta["num_warps"], enable_fp_fusion=False)
+    relaunches[key] = Relaunch.of(compiled, grid, args, 1)
     return out

@@ -96,9 +96,9 @@ def main():
             weight = nf4_weight_from_bnb(make_nf4_linear(64, 128, dtype, nested).weight)
             nf4_dequantize(weight)
             nf4_dequantize_stacked([weight, weight], dtype)
-            paired = next(meta for meta in CANDIDATE_META if meta.get("PAIRS"))  # 32-bit paired stores
-            nf4_dequantize(weight, meta=paired)
-            nf4_dequantize_stacked([weight, weight], dtype, meta=paired)
+            words = next(meta for meta in CANDIDATE_META if meta.get("WORDS"))  # 32-bit word loads
+            nf4_dequantize(weight, meta=words)
+            nf4_dequantize_stacked([weight, weight], dtype, meta=words)
             nf4_matmul(torch.randn(8, 128, dtype=dtype), weight)
         x = torch.randn(8, 64, dtype=dtype)
         y, rstd = rms_norm_forward(x, torch.ones(64, dtype=dtype), 1e-6)

@@ -3,9 +3,12 @@ import bitsandbytes.functional as F
 import pytest
 import torch
 
+from qlora_fast.kernels import _utils
+from qlora_fast.kernels import nf4_dequantize as nf4_dequantize_module
 from qlora_fast.kernels.nf4_dequantize import CANDIDATE_META, nf4_dequantize, nf4_dequantize_stacked
-from qlora_fast.nf4 import nf4_weight_from_bnb
+from qlora_fast.nf4 import nf4_rows, nf4_weight_from_bnb
 from tests.helpers import reference_dequantize
+from tests.kernels.test_utils import RecordingCompiled
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
@@ -35,27 +38,34 @@ def test_bit_exact_with_bitsandbytes(shape, dtype, nested):
     assert torch.equal(nf4_dequantize(nf4_weight_from_bnb(p)), F.dequantize_4bit(p.data, p.quant_state))
 
 
-PAIRED = next(m for m in CANDIDATE_META if m.get("PAIRS"))
+WORDS = next(m for m in CANDIDATE_META if m.get("WORDS"))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(64, 128), (70, 130), (33, 67), (3, 5), (257, 64)])
-def test_paired_stores_bit_exact(shape, dtype):
-    """The 32-bit paired stores (16-bit outputs, even counts, aligned) and their fallback (odd counts, fp32,
-    an out starting mid-word) against the reference decode; the out buffer fully written."""
-    p = quantized(shape, dtype, True)
+@pytest.mark.parametrize("shape,blocksize", [((64, 128), 64), ((70, 136), 64), ((33, 64), 128), ((48, 100), 32),
+                                             ((33, 67), 64), ((3, 5), 64)])
+def test_word_loads_bit_exact(shape, blocksize, dtype):
+    """32-bit word loads and 8-value runs (element counts divisible by 8, partial last blocks included) and
+    their fallback (odd counts) against the reference decode, into a fresh and a given out."""
+    p = quantized(shape, dtype, True, blocksize=blocksize)
     weight, ref = nf4_weight_from_bnb(p), reference_dequantize(p)
-    assert torch.equal(nf4_dequantize(weight, meta=PAIRED), ref)
-    buffer = torch.full((ref.numel() + 1,), float("nan"), dtype=dtype)
-    out = buffer[1:].view(shape)  # 2 bytes past a 4-byte boundary for 16-bit dtypes
-    assert torch.equal(nf4_dequantize(weight, out=out, meta=PAIRED), ref)
+    assert torch.equal(nf4_dequantize(weight, meta=WORDS), ref)
+    out = torch.full(shape, float("nan"), dtype=dtype)
+    assert torch.equal(nf4_dequantize(weight, out=out, meta=WORDS), ref)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_paired_stores_in_a_stacked_launch(dtype):
+def test_word_loads_in_a_stacked_launch(dtype):
     params = [quantized((n, 128), dtype, True) for n in (64, 32, 32)]
-    stacked = nf4_dequantize_stacked([nf4_weight_from_bnb(p) for p in params], dtype, meta=PAIRED)
+    stacked = nf4_dequantize_stacked([nf4_weight_from_bnb(p) for p in params], dtype, meta=WORDS)
     assert torch.equal(stacked, torch.cat([reference_dequantize(p) for p in params]))
+
+
+def test_word_loads_of_a_row_view():
+    """A fused projection's second half (nf4_rows) starts mid-tensor: still whole words, still exact."""
+    p = quantized((512, 64), torch.bfloat16, True)
+    half = nf4_rows(nf4_weight_from_bnb(p), 256, 512)
+    assert torch.equal(nf4_dequantize(half, meta=WORDS), reference_dequantize(p)[256:])
 
 
 @pytest.mark.parametrize("blocksize", [32, 128, 256])
@@ -101,6 +111,30 @@ def test_stacked_table_follows_the_weights():
     nf4_dequantize_stacked(first, torch.bfloat16)
     other = [nf4_weight_from_bnb(quantized((64, 64), torch.bfloat16, True)), first[1]]
     assert nf4_dequantize_stacked(other, torch.bfloat16)[:64].equal(nf4_dequantize(other[0]))
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_later_calls_relaunch_the_first_launch(monkeypatch, stacked):
+    """After a weight's first launch per dtype, calls go to its Relaunch, not through Triton's launch."""
+    monkeypatch.setattr(_utils, "INTERPRETING", False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    name = "_nf4_dequantize_stacked_kernel" if stacked else "_nf4_dequantize_kernel"
+    kernel, compiled, launches = getattr(nf4_dequantize_module, name), RecordingCompiled(), []
+
+    class Launching:  # the interpreter's launch, returning a compiled kernel as a GPU launch does
+        def __getitem__(self, grid):
+            return lambda *args, **options: (launches.append(grid), kernel[grid](*args, **options), compiled)[2]
+
+    monkeypatch.setattr(nf4_dequantize_module, name, Launching())
+    weight = nf4_weight_from_bnb(quantized((64, 64), torch.bfloat16, True))
+    dequantize = (lambda dtype: nf4_dequantize_stacked([weight], dtype)) if stacked else (
+        lambda dtype: nf4_dequantize(weight, dtype))
+    first = dequantize(torch.bfloat16)
+    second = dequantize(torch.bfloat16)
+    assert len(launches) == 1 and len(compiled.calls) == 1
+    assert compiled.calls[0][1][6 if not stacked else 1] == second.data_ptr() != first.data_ptr()
+    dequantize(torch.float16)  # another dtype: its own first launch
+    assert len(launches) == 2
 
 
 def test_stacked_weights_must_agree():
