@@ -1,7 +1,8 @@
 """The NF4 -> Triton challenge's dequantize harness (../shared/seeds/004_*.txt, `test_dequantize`), reproduced
 for qlora_fast.dequantize_nf4, bitsandbytes and unsloth (when importable), fp16 and bf16 (GPU only).
 
-  python bench/seed_dequant.py --out $OUT/seed_dequant.md [--repeats 3]
+  QLORA_FAST_COMMIT=<sha> python bench/seed_dequant.py --out $OUT/seed_dequant.md [--repeats 3]
+  python bench/seed_dequant.py --render bench/seed_dequant.json --readme README.md   # README's summary
 
 As the seed: three bitsandbytes NF4 MLPs (hd x m = 2048x8192, 1024x4096, 4096x14336; double quant,
 blocksize 64; quant_state.dtype set to the harness dtype), seeds 3407/3409/3408, two warm-up rounds of
@@ -16,11 +17,39 @@ bandwidth, and the host cost per call.
 import argparse
 import datetime
 import json
+import os
 import statistics
+from pathlib import Path
 import time
 
 import torch
 import torch.nn as nn
+
+README_BEGIN, README_END = "<!-- seed:begin (bench/seed_dequant.py --render) -->", "<!-- seed:end -->"
+OURS, UNSLOTH = "qlora_fast.dequantize_nf4", "unsloth fast_dequantize"
+
+
+def readme_summary(record: dict) -> str:
+    """README's lines for a run: harness seconds against unsloth, the largest weight's share of copy
+    bandwidth, host us per call, per dtype."""
+    lines = [f"Measured {record['versions']}, commit {record.get('commit', '?')}, `{record.get('command', '?')}`:", "",
+             "| dtype | harness s (ours / unsloth) | vs unsloth | 4096x14336 % of copy bandwidth (ours / unsloth) "
+             "| host us per call (ours / unsloth) |", "|---|---|---|---|---|"]
+    for dtype in ("torch.float16", "torch.bfloat16"):
+        d = record[dtype]
+        ours, theirs = (statistics.median(d["harness_s"][c]) for c in (OURS, UNSLOTH))
+        largest = d["device"][-1]
+        share = lambda c: f"{largest['floor_ms'] / largest[c]:.0%}"
+        lines.append(f"| {dtype.split('.')[1]} | {ours:.3f} / {theirs:.3f} | {theirs / ours:.2f}x | {share(OURS)} / "
+                     f"{share(UNSLOTH)} | {d['host_us'][OURS]:.1f} / {d['host_us'][UNSLOTH]:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_readme(json_path: str, readme: str) -> None:
+    page = Path(readme).read_text()
+    start, end = page.index(README_BEGIN) + len(README_BEGIN), page.index(README_END)
+    Path(readme).write_text(page[:start] + "\n" + readme_summary(json.loads(Path(json_path).read_text())) + page[end:])
+
 
 try:  # as the seed does, unsloth first: it patches what it needs on import
     import unsloth  # noqa: F401
@@ -205,13 +234,18 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="seed_dequant.md")
     parser.add_argument("--repeats", type=int, default=3, help="harness runs per candidate and dtype (interleaved)")
+    parser.add_argument("--render", metavar="JSON", help="only rewrite --readme's summary from a run's JSON")
+    parser.add_argument("--readme", default="README.md")
     args = parser.parse_args()
+    if args.render:
+        return render_readme(args.render, args.readme)
     bandwidth = copy_bandwidth()
     versions = (f"{datetime.date.today()}, {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
                 f"{triton.__version__}, bitsandbytes {bitsandbytes.__version__}, unsloth "
                 f"{getattr(__import__('unsloth'), '__version__', '?') if fast_dequantize else 'not importable'}")
     lines = [f"# Seed dequantize harness ({versions})", "", f"Copy bandwidth (read + write): {bandwidth / 1e12:.2f} TB/s", ""]
-    record = {"versions": versions, "copy_TBps": bandwidth / 1e12}
+    record = {"versions": versions, "copy_TBps": bandwidth / 1e12, "commit": os.environ.get("QLORA_FAST_COMMIT", "?"),
+              "command": f"python bench/seed_dequant.py --repeats {args.repeats}"}
     for dtype in (torch.float16, torch.bfloat16):
         failures = bit_exactness(dtype)
         lines.append(f"Bit-exact with bitsandbytes ({dtype}, 7 shapes x nested/not x blocksize 64/128, the public call "

@@ -3,9 +3,7 @@
 Each program takes a tile of whole quantization blocks: it decodes each block's scale once, reads the
 packed bytes with wide loads, decodes both nibbles and writes the two values interleaved, so reads
 and writes stay contiguous. Bit-exact with bitsandbytes: the same fp32
-products, rounded once to the output dtype. With WORDS the packed bytes are read as 32-bit words, each
-thread's 8 values leave as one contiguous run and a warp's lanes write consecutive runs (one 512-byte
-span per store for 16-bit outputs), in place of a byte tile's interleave.
+products, rounded once to the output dtype.
 
 `nf4_dequantize_stacked` writes several weights (an attention's q, k and v) one under the other in one
 launch: the second grid axis picks the weight, whose tensors' addresses the program reads from a small
@@ -34,58 +32,41 @@ CANDIDATE_META = [
     {"BLOCKS_PER_PROGRAM": 128, "num_warps": 8},
     {"BLOCKS_PER_PROGRAM": 256, "num_warps": 8},
     {"BLOCKS_PER_PROGRAM": 128, "num_warps": 4},
-    {"BLOCKS_PER_PROGRAM": 64, "num_warps": 4, "WORDS": True},
-    {"BLOCKS_PER_PROGRAM": 128, "num_warps": 4, "WORDS": True},
-    {"BLOCKS_PER_PROGRAM": 128, "num_warps": 8, "WORDS": True},
-    {"BLOCKS_PER_PROGRAM": 32, "num_warps": 4, "WORDS": True},
 ]
 
 
 @triton.jit
 def _dequantize_blocks(pid, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr,
                        n_elements, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-                       SOFTWARE_RTNE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr, WORDS: tl.constexpr):
+                       SOFTWARE_RTNE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr):
     # A tile of whole quantization blocks: one scale per row, decoded once and broadcast.
     HALF: tl.constexpr = BLOCKSIZE // 2  # bytes per block
     block = pid * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
     block_mask = block * BLOCKSIZE < n_elements
     scale = nf4_block_scale(block, block_mask, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
                             BLOCKSIZE2, NESTED)
-    if WORDS:  # whole 32-bit words: an element count divisible by 8, a 4-byte-aligned packed (the launcher checks)
-        WORDS_PER_BLOCK: tl.constexpr = HALF // 4
-        word_idx = block[:, None] * WORDS_PER_BLOCK + tl.arange(0, WORDS_PER_BLOCK)[None, :]
-        word = tl.load(packed_ptr.to(tl.pointer_type(tl.uint32)) + word_idx, mask=word_idx < n_elements // 8, other=0)
-        # value j of a word: byte j // 2 (little-endian), its high nibble first
-        j = tl.arange(0, 8)
-        nibble = ((word[:, :, None] >> (8 * (j // 2) + 4 * (1 - j % 2)).to(tl.uint32)[None, None, :]) & 15)
-        values = tl.load(code_ptr + nibble.to(tl.int32)) * scale[:, None, None]
-        out_idx = word_idx[:, :, None] * 8 + j[None, None, :]
-        tl.store(out_ptr + out_idx, round_fp32_to(values, out_ptr.dtype.element_ty, SOFTWARE_RTNE),
-                 mask=out_idx < n_elements)
-    else:
-        byte_idx = block[:, None] * HALF + tl.arange(0, HALF)[None, :]
-        byte = tl.load(packed_ptr + byte_idx, mask=byte_idx < (n_elements + 1) // 2, other=0).to(tl.int32)
-        high = tl.load(code_ptr + (byte >> 4)) * scale[:, None]
-        low = tl.load(code_ptr + (byte & 15)) * scale[:, None]
-        values = round_fp32_to(tl.interleave(high, low), out_ptr.dtype.element_ty, SOFTWARE_RTNE)
-        out_idx = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-        tl.store(out_ptr + out_idx, values, mask=out_idx < n_elements)
+    byte_idx = block[:, None] * HALF + tl.arange(0, HALF)[None, :]
+    byte = tl.load(packed_ptr + byte_idx, mask=byte_idx < (n_elements + 1) // 2, other=0).to(tl.int32)
+    high = tl.load(code_ptr + (byte >> 4)) * scale[:, None]
+    low = tl.load(code_ptr + (byte & 15)) * scale[:, None]
+    values = round_fp32_to(tl.interleave(high, low), out_ptr.dtype.element_ty, SOFTWARE_RTNE)
+    out_idx = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    tl.store(out_ptr + out_idx, values, mask=out_idx < n_elements)
 
 
 @triton.jit
 def _nf4_dequantize_kernel(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr,
                            n_elements,
                            BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-                           SOFTWARE_RTNE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr,
-                           WORDS: tl.constexpr = False):
+                           SOFTWARE_RTNE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr):
     _dequantize_blocks(tl.program_id(0), packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                       out_ptr, n_elements, BLOCKSIZE, BLOCKSIZE2, NESTED, SOFTWARE_RTNE, BLOCKS_PER_PROGRAM, WORDS)
+                       out_ptr, n_elements, BLOCKSIZE, BLOCKSIZE2, NESTED, SOFTWARE_RTNE, BLOCKS_PER_PROGRAM)
 
 
 @triton.jit
 def _nf4_dequantize_stacked_kernel(table_ptr, out_ptr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
                                    NESTED: tl.constexpr, SOFTWARE_RTNE: tl.constexpr,
-                                   BLOCKS_PER_PROGRAM: tl.constexpr, WORDS: tl.constexpr = False):
+                                   BLOCKS_PER_PROGRAM: tl.constexpr):
     # Weight program_id(1)'s table row: the addresses of its packed, code, absmax, absmax2, code2 and
     # offset tensors, where its rows start in out (in elements), and its element count.
     row = table_ptr + tl.program_id(1) * 8
@@ -99,18 +80,14 @@ def _nf4_dequantize_stacked_kernel(table_ptr, out_ptr, BLOCKSIZE: tl.constexpr, 
                            tl.load(row + 4).to(tl.pointer_type(tl.float32)),
                            tl.load(row + 5).to(tl.pointer_type(tl.float32)),
                            out_ptr + tl.load(row + 6), n_elements,
-                           BLOCKSIZE, BLOCKSIZE2, NESTED, SOFTWARE_RTNE, BLOCKS_PER_PROGRAM, WORDS)
+                           BLOCKSIZE, BLOCKSIZE2, NESTED, SOFTWARE_RTNE, BLOCKS_PER_PROGRAM)
 
 
 OUT_POSITION = 6  # out_ptr among _nf4_dequantize_kernel's arguments
 
 
-def _launch_meta(meta: dict, blocksize: int, weights) -> dict:
-    """`meta`, or in the interpreter (which pays per program) programs of INTERPRETER_TILE elements; WORDS
-    only where every block and weight is whole 32-bit words of packed bytes (8 values each), aligned."""
-    if meta.get("WORDS") and not (blocksize % 8 == 0 and all(w.numel % 8 == 0 and w.packed.data_ptr() % 4 == 0
-                                                             for w in weights)):
-        meta = dict(meta, WORDS=False)
+def _launch_meta(meta: dict, blocksize: int) -> dict:
+    """`meta`, or in the interpreter (which pays per program) programs of INTERPRETER_TILE elements."""
     return dict(meta, BLOCKS_PER_PROGRAM=INTERPRETER_TILE // blocksize) if INTERPRETING else meta
 
 
@@ -128,10 +105,10 @@ def nf4_dequantize(weight: NF4Weight, dtype: torch.dtype | None = None, out: tor
     relaunch = weight.launches.get(key)
     if relaunch is not None and relaunch.takes(out):
         return relaunch(out)
-    meta = _launch_meta(meta, weight.blocksize, (weight,))
+    meta = _launch_meta(meta, weight.blocksize)
     grid = (cdiv(cdiv(weight.numel, weight.blocksize), meta["BLOCKS_PER_PROGRAM"]),)
     args = (*weight.kernel_tensors(), out, weight.numel, weight.blocksize, weight.blocksize2, weight.nested,
-            INTERPRETING, meta["BLOCKS_PER_PROGRAM"], meta.get("WORDS", False))
+            INTERPRETING, meta["BLOCKS_PER_PROGRAM"])
     compiled = _nf4_dequantize_kernel[grid](*args, num_warps=meta["num_warps"], enable_fp_fusion=False)
     weight.launches[key] = Relaunch.of(compiled, grid, args, OUT_POSITION)
     return out
@@ -178,11 +155,10 @@ def nf4_dequantize_stacked(weights, dtype: torch.dtype, meta: dict = CANDIDATE_M
     relaunch = relaunches.get(key)
     if relaunch is not None and relaunch.takes(out):
         return relaunch(out)
-    meta = _launch_meta(meta, first.blocksize, weights)
+    meta = _launch_meta(meta, first.blocksize)
     largest = max(w.numel for w in weights)
     grid = (cdiv(cdiv(largest, first.blocksize), meta["BLOCKS_PER_PROGRAM"]), len(weights))
-    args = (table, out, first.blocksize, first.blocksize2, first.nested, INTERPRETING, meta["BLOCKS_PER_PROGRAM"],
-            meta.get("WORDS", False))
+    args = (table, out, first.blocksize, first.blocksize2, first.nested, INTERPRETING, meta["BLOCKS_PER_PROGRAM"])
     compiled = _nf4_dequantize_stacked_kernel[grid](*args, num_warps=meta["num_warps"], enable_fp_fusion=False)
     relaunches[key] = Relaunch.of(compiled, grid, args, 1)
     return out

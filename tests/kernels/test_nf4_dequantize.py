@@ -6,7 +6,7 @@ import torch
 from qlora_fast.kernels import _utils
 from qlora_fast.kernels import nf4_dequantize as nf4_dequantize_module
 from qlora_fast.kernels.nf4_dequantize import CANDIDATE_META, nf4_dequantize, nf4_dequantize_stacked
-from qlora_fast.nf4 import nf4_rows, nf4_weight_from_bnb
+from qlora_fast.nf4 import nf4_weight_from_bnb
 from tests.helpers import reference_dequantize
 from tests.kernels.test_utils import RecordingCompiled
 
@@ -36,36 +36,6 @@ def test_bit_exact_with_bitsandbytes(shape, dtype, nested):
     # bitsandbytes' CPU kernel is exact where rows hold whole blocks (the GPU run checks odd shapes).
     p = quantized(shape, dtype, nested)
     assert torch.equal(nf4_dequantize(nf4_weight_from_bnb(p)), F.dequantize_4bit(p.data, p.quant_state))
-
-
-WORDS = next(m for m in CANDIDATE_META if m.get("WORDS"))
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,blocksize", [((64, 128), 64), ((70, 136), 64), ((33, 64), 128), ((48, 100), 32),
-                                             ((33, 67), 64), ((3, 5), 64)])
-def test_word_loads_bit_exact(shape, blocksize, dtype):
-    """32-bit word loads and 8-value runs (element counts divisible by 8, partial last blocks included) and
-    their fallback (odd counts) against the reference decode, into a fresh and a given out."""
-    p = quantized(shape, dtype, True, blocksize=blocksize)
-    weight, ref = nf4_weight_from_bnb(p), reference_dequantize(p)
-    assert torch.equal(nf4_dequantize(weight, meta=WORDS), ref)
-    out = torch.full(shape, float("nan"), dtype=dtype)
-    assert torch.equal(nf4_dequantize(weight, out=out, meta=WORDS), ref)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_word_loads_in_a_stacked_launch(dtype):
-    params = [quantized((n, 128), dtype, True) for n in (64, 32, 32)]
-    stacked = nf4_dequantize_stacked([nf4_weight_from_bnb(p) for p in params], dtype, meta=WORDS)
-    assert torch.equal(stacked, torch.cat([reference_dequantize(p) for p in params]))
-
-
-def test_word_loads_of_a_row_view():
-    """A fused projection's second half (nf4_rows) starts mid-tensor: still whole words, still exact."""
-    p = quantized((512, 64), torch.bfloat16, True)
-    half = nf4_rows(nf4_weight_from_bnb(p), 256, 512)
-    assert torch.equal(nf4_dequantize(half, meta=WORDS), reference_dequantize(p)[256:])
 
 
 @pytest.mark.parametrize("blocksize", [32, 128, 256])
