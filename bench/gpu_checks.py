@@ -145,6 +145,24 @@ def swiglu(shape=(1000, 1337)):
               f"differing {differing}, rel " + ", ".join(f"{e:.1e}" for e in errs))
 
 
+def geglu(shape=(1000, 1337)):
+    """GeGLU (Gemma's gelu_pytorch_tanh) against torch's gelu(approximate="tanh") * u and its autograd
+    gradients: tanh from exp here, CUDA's tanhf in torch, so a few elements one ulp apart (counted)."""
+    for dname, dtype in DTYPES.items():
+        g = (torch.randn(shape, device="cuda") * 4).to(dtype).requires_grad_(True)
+        u = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
+        dh = torch.randn(shape, device="cuda", dtype=dtype)
+        h = torch.nn.functional.gelu(g, approximate="tanh") * u
+        h.backward(dh)
+        h2, dg, du = swiglu_backward_(dh.clone(), g.detach().clone(), u.detach().clone(), activation="gelu_tanh")
+        pairs = ((swiglu_forward(g.detach(), u.detach(), activation="gelu_tanh"), h), (h2, h), (du, u.grad),
+                 (dg, g.grad))
+        differing = [int((a != b).sum()) for a, b in pairs]
+        errs = [rel(a, b) for a, b in pairs]
+        check(f"GeGLU h, h(backward), du, dg {dname} vs torch", max(errs) < 1e-2,
+              f"differing {differing} of {g.numel()}, rel " + ", ".join(f"{e:.1e}" for e in errs))
+
+
 def swiglu_with_lora_terms(shape=(1000, 1337), rank=16):
     """The LoRA terms added inside the SwiGLU kernels against cuBLAS' addmm_ followed by the plain kernels."""
     for dname, dtype in DTYPES.items():
@@ -252,7 +270,7 @@ def main():
         sys.exit("gpu_checks: needs a CUDA GPU")
     torch.manual_seed(0)
     steps = (dequantize_and_in_gemm_matmul, stacked_dequantize, scaled_mm_outputs, low_rank_add_branches,
-             cross_entropy, swiglu, swiglu_with_lora_terms, lora_layers_and_mlp, packed_attention_kernels,
+             cross_entropy, swiglu, geglu, swiglu_with_lora_terms, lora_layers_and_mlp, packed_attention_kernels,
              whole_models)
     chosen = sys.argv[1:] or [step.__name__ for step in steps]  # `gpu_checks.py stacked_dequantize ...`: those only
     for step in steps:

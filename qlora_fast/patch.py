@@ -1,7 +1,7 @@
 """patch_model / unpatch_model: the table of contents of the patches, one module each under patching/.
 
 - patching/lora_linear.py: every LoRA layer over an NF4 Linear4bit through the fused linear Function
-- patching/mlp.py (`fused_mlp`), patching/qkv.py (`fused_qkv`): SwiGLU MLPs and q/k/v as one Function
+- patching/mlp.py (`fused_mlp`), patching/qkv.py (`fused_qkv`): gated MLPs (SwiGLU, GeGLU) and q/k/v as one Function
 - patching/norms.py (`rms_norm`, `add_norm`), patching/rotary.py (`rope`), patching/loss.py (`chunked_loss`)
 - patching/packed_attention.py (`packed_attention`): padding-free packed batches attend per sequence
 - patching/checkpoints.py (`offload_checkpoints`), patching/bf16_weights.py (`bf16_frozen_weights`)
@@ -49,7 +49,7 @@ class PatchReport:
 
     def summary(self) -> str:
         line = f"qlora_fast: patched {self.patched} LoRA NF4 layers"
-        fused = [f"{self.mlps} SwiGLU MLPs"] if self.mlps else []
+        fused = [f"{self.mlps} gated MLPs"] if self.mlps else []
         fused += [f"{self.qkv} q/k/v triples"] if self.qkv else []
         if fused:
             line += f" ({' and '.join(fused)} fused whole)"
@@ -96,7 +96,8 @@ def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool
                 rope: bool = True, packed_attention: bool = True, offload_checkpoints: bool | None = None,
                 bf16_frozen_weights: bool = True) -> PatchReport:
     """Routes every LoRA layer over a bitsandbytes NF4 Linear4bit through the fused Triton path,
-    (`fused_mlp`) runs each SwiGLU MLP whose three projections are such layers as one autograd Function,
+    (`fused_mlp`) runs each gated MLP (SwiGLU, GeGLU) whose three projections are such layers as one autograd
+    Function,
     (`fused_qkv`) likewise each attention's q, k and v projections,
     (`chunked_loss`) computes a training forward's loss without materializing the full logits, and
     (`rms_norm`) runs frozen Llama-style RMSNorms on a Triton kernel, (`add_norm`) each with the residual

@@ -1,7 +1,9 @@
-"""SwiGLU, h = silu(g) * u, forward and backward, with the LoRA terms of the projections around it added
-on the fly, and torch's roundings: silu(g) is rounded to g's dtype before the product (as
-`act_fn(gate) * up` computes it in two ops). On the GPU the plain kernels match torch bit for bit in
-bf16; in fp16 a few elements differ by one ulp (Triton's exp vs CUDA's expf).
+"""Gated MLP activations, h = act(g) * u with act SiLU (SwiGLU: Llama, Qwen, Mistral, Phi-3) or GELU's
+tanh approximation (GeGLU: Gemma's gelu_pytorch_tanh), forward and backward, with the LoRA terms of the
+projections around it added on the fly, and torch's roundings: act(g) is rounded to g's dtype before the
+product (as `act_fn(gate) * up` computes it in two ops). On the GPU the plain SiLU kernels match torch bit
+for bit in bf16; in fp16 a few elements differ by one ulp (Triton's exp vs CUDA's expf); GELU's tanh is
+spelled with exp here (CUDA's tanhf there), so a few of its elements may differ by one ulp too.
 
 The LoRA terms s * xa @ B^T of gate and up and of dh (backward) are added here, tile by tile
 (kernels/low_rank.py), instead of by an in-place addmm_ over each (tokens x intermediate) tensor.
@@ -20,11 +22,35 @@ from ._utils import round_fp32_to
 
 
 @triton.jit
-def _silu_rounded(g, dtype: tl.constexpr, SOFTWARE_RTNE: tl.constexpr, WIDE: tl.constexpr):
-    """(sigmoid(g), silu(g) rounded to dtype and back to fp32 (kept in fp32 if WIDE)), g in fp32; silu as
-    torch writes it."""
-    denominator = 1.0 + tl.exp(-g)
-    return 1.0 / denominator, _rounded_unless(g / denominator, dtype, SOFTWARE_RTNE, WIDE)
+def _tanh(z):
+    # (1 - e) / (1 + e) with e = exp(-2|z|) <= 1: no overflow, exact limits at both ends
+    e = tl.exp(-2.0 * tl.abs(z))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(z < 0, -t, t)
+
+
+@triton.jit
+def _activation(g, dtype: tl.constexpr, SOFTWARE_RTNE: tl.constexpr, WIDE: tl.constexpr, GELU: tl.constexpr):
+    """act(g) rounded to dtype and back to fp32 (kept in fp32 if WIDE), g in fp32. GELU as torch writes it:
+    0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3)))."""
+    if GELU:
+        act = 0.5 * g * (1.0 + _tanh(0.7978845608028654 * (g + 0.044715 * (g * g * g))))
+    else:
+        act = g / (1.0 + tl.exp(-g))
+    return _rounded_unless(act, dtype, SOFTWARE_RTNE, WIDE)
+
+
+@triton.jit
+def _activation_grad(g, d_act, GELU: tl.constexpr):
+    """d_act * act'(g) in torch's order of operations (silu_backward, gelu_backward with tanh)."""
+    if GELU:
+        g_sq = g * g
+        t = _tanh(0.7978845608028654 * (g + 0.044715 * (g_sq * g)))
+        right_derivative = (0.5 * g) * (1.0 - t * t) * (0.7978845608028654 * (1.0 + 3.0 * 0.044715 * g_sq))
+        return d_act * (0.5 * (1.0 + t) + right_derivative)
+    else:
+        sig = 1.0 / (1.0 + tl.exp(-g))
+        return d_act * sig * (1.0 + g * (1.0 - sig))
 
 
 @triton.jit
@@ -42,15 +68,15 @@ def _swiglu_forward_kernel(g_ptr, u_ptr, h_ptr, n_rows, n_cols, rank,
                            xa_u_ptr, b_u_ptr, s_u, u_sxm, u_sxr, u_sbn, u_sbr,
                            GATE_TERM: tl.constexpr, UP_TERM: tl.constexpr, R: tl.constexpr,
                            UPCAST_DOT: tl.constexpr, SOFTWARE_RTNE: tl.constexpr, WIDE: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                           GELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows, cols, offs, mask = tile(n_rows, n_cols, n_cols, BLOCK_M, BLOCK_N)
     dtype: tl.constexpr = h_ptr.dtype.element_ty
     g = plus_low_rank(load_fp32(g_ptr, offs, mask), rows, cols, n_rows, n_cols, rank, xa_g_ptr, b_g_ptr,
                       s_g, g_sxm, g_sxr, g_sbn, g_sbr, GATE_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, dtype, not WIDE)
     u = plus_low_rank(load_fp32(u_ptr, offs, mask), rows, cols, n_rows, n_cols, rank, xa_u_ptr, b_u_ptr,
                       s_u, u_sxm, u_sxr, u_sbn, u_sbr, UP_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, dtype, not WIDE)
-    _, silu = _silu_rounded(g, dtype, SOFTWARE_RTNE, WIDE)
-    tl.store(h_ptr + offs, round_fp32_to(silu * u, dtype, SOFTWARE_RTNE), mask=mask)
+    act = _activation(g, dtype, SOFTWARE_RTNE, WIDE, GELU)
+    tl.store(h_ptr + offs, round_fp32_to(act * u, dtype, SOFTWARE_RTNE), mask=mask)
 
 
 @triton.jit(do_not_specialize=["n_rows"])
@@ -60,7 +86,7 @@ def _swiglu_backward_kernel(dh_ptr, g_ptr, u_ptr, n_rows, n_cols, rank,
                             xa_u_ptr, b_u_ptr, s_u, u_sxm, u_sxr, u_sbn, u_sbr,
                             DH_TERM: tl.constexpr, GATE_TERM: tl.constexpr, UP_TERM: tl.constexpr,
                             R: tl.constexpr, UPCAST_DOT: tl.constexpr, SOFTWARE_RTNE: tl.constexpr,
-                            WIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                            WIDE: tl.constexpr, GELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # In place: dh_ptr <- h, g_ptr <- dg, u_ptr <- du. Each element is read before it is overwritten.
     rows, cols, offs, mask = tile(n_rows, n_cols, n_cols, BLOCK_M, BLOCK_N)
     dtype: tl.constexpr = dh_ptr.dtype.element_ty
@@ -71,12 +97,11 @@ def _swiglu_backward_kernel(dh_ptr, g_ptr, u_ptr, n_rows, n_cols, rank,
                       s_g, g_sxm, g_sxr, g_sbn, g_sbr, GATE_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, dtype, not WIDE)
     u = plus_low_rank(load_fp32(u_ptr, offs, mask), rows, cols, n_rows, n_cols, rank, xa_u_ptr, b_u_ptr,
                       s_u, u_sxm, u_sxr, u_sbn, u_sbr, UP_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, dtype, not WIDE)
-    sig, silu = _silu_rounded(g, dtype, SOFTWARE_RTNE, WIDE)
-    d_silu = _rounded_unless(dh * u, dtype, SOFTWARE_RTNE, WIDE)
-    dg = d_silu * sig * (1.0 + g * (1.0 - sig))
-    tl.store(dh_ptr + offs, round_fp32_to(silu * u, dtype, SOFTWARE_RTNE), mask=mask)
+    act = _activation(g, dtype, SOFTWARE_RTNE, WIDE, GELU)
+    dg = _activation_grad(g, _rounded_unless(dh * u, dtype, SOFTWARE_RTNE, WIDE), GELU)
+    tl.store(dh_ptr + offs, round_fp32_to(act * u, dtype, SOFTWARE_RTNE), mask=mask)
     tl.store(g_ptr + offs, round_fp32_to(dg, dtype, SOFTWARE_RTNE), mask=mask)
-    tl.store(u_ptr + offs, round_fp32_to(dh * silu, dtype, SOFTWARE_RTNE), mask=mask)
+    tl.store(u_ptr + offs, round_fp32_to(dh * act, dtype, SOFTWARE_RTNE), mask=mask)
 
 
 def _check(*tensors):
@@ -86,29 +111,41 @@ def _check(*tensors):
             raise ValueError("swiglu: inputs must be contiguous tensors of one shape and dtype")
 
 
+ACTIVATIONS = ("silu", "gelu_tanh")
+
+
+def _is_gelu(activation: str) -> bool:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"swiglu: activation {activation!r} is not one of {ACTIVATIONS}")
+    return activation == "gelu_tanh"
+
+
 def swiglu_forward(g: torch.Tensor, u: torch.Tensor, gate_term: LowRank | None = None,
-                   up_term: LowRank | None = None, meta: dict = CANDIDATE_META[0], wide: bool = False) -> torch.Tensor:
-    """silu(g + gate_term) * (u + up_term) in g's dtype, each sum rounded once (as addmm_ would); with
-    `wide`, the sums and silu stay fp32 and only h is rounded (as stock computes an MLP whose input is
-    fp32: fp32 gate and up outputs, cast to the compute dtype at the down projection's input)."""
+                   up_term: LowRank | None = None, meta: dict = CANDIDATE_META[0], wide: bool = False,
+                   activation: str = "silu") -> torch.Tensor:
+    """act(g + gate_term) * (u + up_term) in g's dtype, each sum rounded once (as addmm_ would); with
+    `wide`, the sums and act stay fp32 and only h is rounded (as stock computes an MLP whose input is
+    fp32: fp32 gate and up outputs, cast to the compute dtype at the down projection's input). `activation`:
+    one of ACTIVATIONS."""
     _check(g, u)
     h = torch.empty_like(g)
     terms = (*term_args(gate_term, g), *term_args(up_term, u))
     launch_tiles(_swiglu_forward_kernel, g.view(-1, g.shape[-1]), (gate_term, up_term), meta, g, u, h,
-                 term_args=terms, GATE_TERM=gate_term is not None, UP_TERM=up_term is not None, WIDE=wide)
+                 term_args=terms, GATE_TERM=gate_term is not None, UP_TERM=up_term is not None, WIDE=wide,
+                 GELU=_is_gelu(activation))
     return h
 
 
 def swiglu_backward_(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, dh_term: LowRank | None = None,
                      gate_term: LowRank | None = None, up_term: LowRank | None = None,
-                     meta: dict = CANDIDATE_META[0], wide: bool = False):
-    """Overwrites (dh, g, u) with (h, dg, du) of the SwiGLU h = silu(g + gate_term) * (u + up_term) whose
-    output gradient is dh + dh_term, and returns them in that order; `wide` as in swiglu_forward."""
+                     meta: dict = CANDIDATE_META[0], wide: bool = False, activation: str = "silu"):
+    """Overwrites (dh, g, u) with (h, dg, du) of h = act(g + gate_term) * (u + up_term) whose output
+    gradient is dh + dh_term, and returns them in that order; `wide` and `activation` as in swiglu_forward."""
     _check(dh, g, u)
     terms = (*term_args(dh_term, dh), *term_args(gate_term, g), *term_args(up_term, u))
     launch_tiles(_swiglu_backward_kernel, g.view(-1, g.shape[-1]), (dh_term, gate_term, up_term), meta,
                  dh, g, u, term_args=terms, DH_TERM=dh_term is not None, GATE_TERM=gate_term is not None,
-                 UP_TERM=up_term is not None, WIDE=wide)
+                 UP_TERM=up_term is not None, WIDE=wide, GELU=_is_gelu(activation))
     for t in (dh, g, u):  # Triton wrote them behind autograd's back: a later reader of the old values fails loudly
         torch.autograd.graph.increment_version(t)
     return dh, g, u

@@ -1,5 +1,5 @@
-"""The fused QLoRA SwiGLU MLP: down(silu(gate(x)) * up(x)), each projection an NF4 weight plus LoRA, in
-one autograd Function.
+"""The fused QLoRA gated MLP: down(act(gate(x)) * up(x)), act SiLU (SwiGLU) or tanh-approximated GELU
+(GeGLU), each projection an NF4 weight plus LoRA, in one autograd Function.
 
 Saves x, the gate and up outputs g and u, and the rank-r products x @ A_gate^T, x @ A_up^T (one GEMM)
 and h @ A_down^T: never h = silu(g) * u, silu(g) or a dequantized weight. The six adapters are cast by
@@ -40,7 +40,7 @@ def _lora_project(x2, xa, weight: NF4Weight, lora_b, scaling: float, out_dtype):
 class LoRANF4MLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gate_a, gate_b, up_a, up_b, down_a, down_b, weights, scalings, compute_dtype,
-                output_needed=True):
+                output_needed=True, activation="silu"):
         w_gate, w_up, w_down = weights
         s_gate, s_up, s_down = scalings
         ctx.lora_dtypes = [t.dtype for t in (gate_a, gate_b, up_a, up_b, down_a, down_b)]
@@ -48,11 +48,12 @@ class LoRANF4MLPFunction(torch.autograd.Function):
                                                                  down_a, down_b)
         gate_up_a = stacked_rows((gate_a, up_a))
         x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype)
-        ctx.wide = wider(x.dtype, compute_dtype)
+        ctx.wide, ctx.activation = wider(x.dtype, compute_dtype), activation
 
         xa_gate, xa_up = (x2 @ gate_up_a.t()).split([gate_a.shape[0], up_a.shape[0]], 1)
         g, u = nf4_linear_forward(x2, w_gate), nf4_linear_forward(x2, w_up)
-        h = swiglu_forward(g, u, LowRank(xa_gate, gate_b, s_gate), LowRank(xa_up, up_b, s_up), wide=ctx.wide)
+        h = swiglu_forward(g, u, LowRank(xa_gate, gate_b, s_gate), LowRank(xa_up, up_b, s_up), wide=ctx.wide,
+                           activation=activation)
         ha_down = h @ down_a.t()
         if output_needed:
             y = _lora_project(h, ha_down, w_down, down_b, s_down, x.dtype)
@@ -75,7 +76,8 @@ class LoRANF4MLPFunction(torch.autograd.Function):
         dy_b = dy @ down_b
         dh = nf4_linear_backward(dy, w_down)
         h, dg, du = swiglu_backward_(dh, g, u, LowRank(dy_b, down_a.t(), s_down),
-                                     LowRank(xa_gate, gate_b, s_gate), LowRank(xa_up, up_b, s_up), wide=ctx.wide)
+                                     LowRank(xa_gate, gate_b, s_gate), LowRank(xa_up, up_b, s_up), wide=ctx.wide,
+                                     activation=ctx.activation)
         grad_down = lora_grads(dy, dy_b, h, ha_down, s_down, dtypes[4:6])
         del h, dh
 
@@ -92,12 +94,12 @@ class LoRANF4MLPFunction(torch.autograd.Function):
             grad_x = nf4_linear_backward(du, w_up, accumulate=nf4_linear_backward(dg, w_gate))
             add_shared_input_terms_(grad_x, dgu_b, gate_up_a, ranks, (s_gate, s_up))
             grad_x = grad_x.view(ctx.x_meta[0]).to(ctx.x_meta[1])
-        return (grad_x, *grad_gate, *grad_up, *grad_down, None, None, None, None)
+        return (grad_x, *grad_gate, *grad_up, *grad_down, None, None, None, None, None)
 
 
-def lora_nf4_mlp(x, gate, up, down, compute_dtype=None, output_needed=True):
+def lora_nf4_mlp(x, gate, up, down, compute_dtype=None, output_needed=True, activation="silu"):
     """Autograd entry point. gate, up and down are (lora_a, lora_b, scaling, NF4Weight) of each
-    projection; `compute_dtype` defaults to x's dtype."""
+    projection; `compute_dtype` defaults to x's dtype; `activation`: one of kernels/swiglu.ACTIVATIONS."""
     (gate_a, gate_b, s_gate, w_gate), (up_a, up_b, s_up, w_up), (down_a, down_b, s_down, w_down) = gate, up, down
     return apply(LoRANF4MLPFunction, x, gate_a, gate_b, up_a, up_b, down_a, down_b, (w_gate, w_up, w_down),
-                 (s_gate, s_up, s_down), compute_dtype or x.dtype, output_needed)
+                 (s_gate, s_up, s_down), compute_dtype or x.dtype, output_needed, activation)

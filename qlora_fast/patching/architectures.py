@@ -1,8 +1,8 @@
 """What each model family looks like to patch_model: one row per family, and the structural fallback.
 
 A row names the family's classes and says which of them compute exactly what a fused path replaces:
-- swiglu_mlp: the MLP's forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)) (act_fn checked as SiLU
-  per module); gate_up_mlp: it is down_proj(up * activation_fn(gate)) with [gate | up] = gate_up_proj(x)
+- gated_mlp: the MLP's forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)) (act_fn checked per module
+  as SiLU or torch's tanh-approximated GELU); gate_up_mlp: it is down_proj(up * activation_fn(gate)) with [gate | up] = gate_up_proj(x)
   (Phi-3; activation_fn checked as SiLU);
 - qkv_attention: the attention projects one hidden-states tensor with q_proj, k_proj and v_proj, in order;
 - llama_norm: the RMSNorm is w * round(x * rsqrt(mean(x^2) + eps)) (Gemma's (1 + w) is not);
@@ -32,7 +32,7 @@ class Architecture:
     attention: str
     mlp: str
     rms_norm: str
-    swiglu_mlp: bool
+    gated_mlp: bool
     qkv_attention: bool
     llama_norm: bool
     llama_layer: bool
@@ -44,7 +44,7 @@ class Architecture:
 
 def _llama_like(family: str, prefix: str) -> Architecture:
     return Architecture(family, f"{prefix}ForCausalLM", f"{prefix}DecoderLayer", f"{prefix}Attention", f"{prefix}MLP",
-                        f"{prefix}RMSNorm", swiglu_mlp=True, qkv_attention=True, llama_norm=True, llama_layer=True,
+                        f"{prefix}RMSNorm", gated_mlp=True, qkv_attention=True, llama_norm=True, llama_layer=True,
                         rotary=True, plain_head=True)
 
 
@@ -53,29 +53,29 @@ ARCHITECTURES = (
     _llama_like("mistral", "Mistral"),
     _llama_like("qwen2", "Qwen2"),  # q/k/v with a frozen base bias: fused, the bias inside the GEMM
     _llama_like("qwen3", "Qwen3"),  # q/k norms after the projections: the projections still fuse
-    # GELU MLPs, (1 + w) norms
+    # GeGLU MLPs (gelu_pytorch_tanh), (1 + w) norms
     Architecture("gemma", "GemmaForCausalLM", "GemmaDecoderLayer", "GemmaAttention", "GemmaMLP", "GemmaRMSNorm",
-                 swiglu_mlp=False, qkv_attention=True, llama_norm=False, llama_layer=False, rotary=True,
+                 gated_mlp=True, qkv_attention=True, llama_norm=False, llama_layer=False, rotary=True,
                  plain_head=True),
     # and the logits softcapped: the loss keeps the stock path
     # and the attention scores softcapped: packed batches keep the dense mask
     Architecture("gemma2", "Gemma2ForCausalLM", "Gemma2DecoderLayer", "Gemma2Attention", "Gemma2MLP",
-                 "Gemma2RMSNorm", swiglu_mlp=False, qkv_attention=True, llama_norm=False, llama_layer=False,
+                 "Gemma2RMSNorm", gated_mlp=True, qkv_attention=True, llama_norm=False, llama_layer=False,
                  rotary=True, plain_head=False, packed_attention=False),
     Architecture("gemma3", "Gemma3ForCausalLM", "Gemma3DecoderLayer", "Gemma3Attention", "Gemma3MLP",
-                 "Gemma3RMSNorm", swiglu_mlp=False, qkv_attention=True, llama_norm=False, llama_layer=False,
+                 "Gemma3RMSNorm", gated_mlp=True, qkv_attention=True, llama_norm=False, llama_layer=False,
                  rotary=True, plain_head=False),
     # fused qkv_proj (one LoRA layer already) and gate_up_proj (its halves fused as a SwiGLU MLP), partial rotary
     Architecture("phi3", "Phi3ForCausalLM", "Phi3DecoderLayer", "Phi3Attention", "Phi3MLP", "Phi3RMSNorm",
-                 swiglu_mlp=False, qkv_attention=False, llama_norm=True, llama_layer=False, rotary=False,
+                 gated_mlp=False, qkv_attention=False, llama_norm=True, llama_layer=False, rotary=False,
                  plain_head=True, gate_up_mlp=True),
 )
 
 # The role of each property: which class of a row it qualifies.
-_ROLE = {"swiglu_mlp": "mlp", "qkv_attention": "attention", "llama_norm": "rms_norm",
+_ROLE = {"gated_mlp": "mlp", "qkv_attention": "attention", "llama_norm": "rms_norm",
          "llama_layer": "decoder_layer", "rotary": "attention", "plain_head": "causal_lm",
          "packed_attention": "attention", "gate_up_mlp": "mlp"}
-_STRUCTURAL = ("swiglu_mlp", "qkv_attention", "llama_norm", "llama_layer", "packed_attention", "gate_up_mlp")
+_STRUCTURAL = ("gated_mlp", "qkv_attention", "llama_norm", "llama_layer", "packed_attention", "gate_up_mlp")
 
 
 @lru_cache(maxsize=None)

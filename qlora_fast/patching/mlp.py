@@ -1,5 +1,8 @@
-"""patch_model's `fused_mlp`: each SwiGLU MLP whose projections it serves as one Function: gate, up and
-down (Llama-style), or gate_up and down (Phi-3: gate and up are gate_up_proj's halves)."""
+"""patch_model's `fused_mlp`: each gated MLP whose projections it serves as one Function: gate, up and
+down (Llama-style SwiGLU, Gemma's GeGLU), or gate_up and down (Phi-3: gate and up are gate_up_proj's
+halves)."""
+
+import functools
 
 import torch
 
@@ -16,10 +19,24 @@ _MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 _GATE_UP_PROJECTIONS = ("gate_up_proj", "down_proj")
 
 
+def activation_name(act_fn) -> str | None:
+    """The fused kernels' name (kernels/swiglu.ACTIVATIONS) for what `act_fn` computes, or None: SiLU, or
+    transformers' GELUTanh when it calls torch's tanh-approximated gelu (not its Python spelling, which
+    rounds each step in the input's dtype)."""
+    if type(act_fn).__name__ in _SILU:
+        return "silu"
+    act = getattr(act_fn, "act", None)
+    if (type(act_fn).__name__ == "GELUTanh" and isinstance(act, functools.partial)
+            and act.func is torch.nn.functional.gelu and act.keywords == {"approximate": "tanh"}):
+        return "gelu_tanh"
+    return None
+
+
 def fusable_mlps(model: torch.nn.Module):
-    """SwiGLU MLPs whose three projections are patchable LoRA NF4 layers without base bias."""
+    """Gated MLPs whose activation the kernels compute and whose three projections are patchable LoRA NF4
+    layers without base bias."""
     return [m for m in model.modules()
-            if has(m, "swiglu_mlp") and type(getattr(m, "act_fn", None)).__name__ in _SILU
+            if has(m, "gated_mlp") and activation_name(getattr(m, "act_fn", None)) is not None
             and all(fusable(getattr(m, p, None)) for p in _MLP_PROJECTIONS)]
 
 
@@ -68,7 +85,7 @@ def gate_up_mlp_forward(self, x):
 
 @torch.compiler.disable
 def mlp_forward(self, x):
-    """The whole SwiGLU MLP in one Function when its three projections can take the fused path with the
+    """The whole gated MLP in one Function when its three projections can take the fused path with the
     same adapter and no dropout, and one rank (the SwiGLU kernels add their terms with one); otherwise
     the stock MLP forward (each projection then decides alone)."""
     projections = [self._modules[p] for p in _MLP_PROJECTIONS]
@@ -78,7 +95,7 @@ def mlp_forward(self, x):
     output_needed = not (recomputing() and vars(self).get(OUTPUT_ONLY_TO_RESIDUAL, False))
     CALLS["mlp"] += 1
     return lora_nf4_mlp(x, *(f[1:] for f in found), compute_dtype=compute_dtype(projections[0], x),
-                        output_needed=output_needed)
+                        output_needed=output_needed, activation=activation_name(self.act_fn))
 
 
 def mark_residual_mlps(model: torch.nn.Module) -> None:

@@ -135,7 +135,7 @@ def test_resume_from_checkpoint_continues_the_same_run(tmp_path):
 def test_patch_options_from_the_config_reach_patch_model(tmp_path, capsys):
     train(tiny_config(tmp_path, max_steps=1, lora_qkv_kernel=False, liger_rope=False))
     summary = [line for line in capsys.readouterr().out.splitlines() if line.startswith("qlora_fast: patched")]
-    assert summary and "SwiGLU MLPs" in summary[0]
+    assert summary and "gated MLPs" in summary[0]
     assert "q/k/v" not in summary[0] and "rotary" not in summary[0]
 
 

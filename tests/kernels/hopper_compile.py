@@ -112,6 +112,8 @@ def main():
                          term, term)
         swiglu_forward(x, x, term, term, wide=True)
         swiglu_backward_(x.clone(), x.clone(), x.clone(), term, term, term, wide=True)
+        swiglu_forward(x, x, term, term, activation="gelu_tanh")
+        swiglu_backward_(x.clone(), x.clone(), x.clone(), term, term, term, activation="gelu_tanh")
         low_rank_add_(torch.randn(8, 96, dtype=dtype)[:, 16:80], term)
         low_rank_add_(x, term, out=torch.empty(8, 64))
         q, k, cos = torch.randn(2, 4, 8, 16, dtype=dtype), torch.randn(2, 2, 8, 16, dtype=dtype), torch.randn(2, 8, 16, dtype=dtype)

@@ -7,11 +7,15 @@ from qlora_fast.kernels.swiglu import swiglu_backward_, swiglu_forward
 from tests.helpers import rel_err
 
 
-def torch_swiglu(g, u, dh):
+TORCH_ACTIVATIONS = {"silu": torch.nn.functional.silu,
+                     "gelu_tanh": lambda g: torch.nn.functional.gelu(g, approximate="tanh")}
+
+
+def torch_swiglu(g, u, dh, activation="silu"):
     """What the stock MLP computes: act_fn(gate) * up, and its autograd gradients."""
     g = g.clone().requires_grad_(True)
     u = u.clone().requires_grad_(True)
-    h = torch.nn.functional.silu(g) * u
+    h = TORCH_ACTIVATIONS[activation](g) * u
     h.backward(dh)
     return h.detach(), g.grad, u.grad
 
@@ -38,6 +42,34 @@ def test_matches_torch(dtype, shape):
     tolerance = 1e-6 if dtype == torch.float32 else 1e-2
     assert rel_err(dg, dg_ref) < tolerance
     assert rel_err(du, du_ref) < tolerance
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 5, 37), (2, 33000)])
+def test_gelu_tanh_matches_torch(dtype, shape):
+    """GeGLU (Gemma's gelu_pytorch_tanh) against torch's gelu(approximate="tanh") * u and its autograd
+    gradients; g spread over both tails, where tanh saturates."""
+    g = (torch.randn(shape) * 4).to(dtype)
+    u, dh = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
+    h_ref, dg_ref, du_ref = torch_swiglu(g, u, dh, "gelu_tanh")
+    h = swiglu_forward(g, u, activation="gelu_tanh")
+    # tanh spelled with exp: a last-bit difference before rounding can flip a rounding (one ulp of act(g))
+    one_ulp = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float16: dict(rtol=2**-9, atol=2**-14),
+               torch.bfloat16: dict(rtol=2**-6, atol=2**-10)}[dtype]
+    torch.testing.assert_close(h, h_ref, **one_ulp)
+    h2, dg, du = swiglu_backward_(dh.clone(), g.clone(), u.clone(), activation="gelu_tanh")
+    assert torch.equal(h2, h)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(dg, dg_ref) < tolerance
+    assert rel_err(du, du_ref) < tolerance
+    # SiLU's results fail the same checks: the activation switch reaches both kernels
+    assert not torch.allclose(swiglu_forward(g, u), h_ref, **one_ulp)
+    assert rel_err(swiglu_backward_(dh.clone(), g.clone(), u.clone())[1], dg_ref) > tolerance
+
+
+def test_rejects_unknown_activations():
+    with pytest.raises(ValueError, match="activation 'relu'"):
+        swiglu_forward(torch.randn(4, 8), torch.randn(4, 8), activation="relu")
 
 
 def test_backward_overwrites_its_inputs_and_bumps_their_version():

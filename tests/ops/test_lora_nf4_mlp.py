@@ -1,10 +1,11 @@
-"""The fused SwiGLU MLP against the stock MLP over peft's LoRA layers, on the same module."""
+"""The fused gated MLP (SwiGLU, GeGLU) against the stock MLP over peft's LoRA layers, on the same module."""
 
 import pytest
 import torch
 
 from qlora_fast import patch_model, unpatch_model
 from qlora_fast.harness.models import add_lora, quantize_to_nf4_, random_causal_lm
+from qlora_fast.patching import mlp as mlp_patching
 from tests.helpers import rel_err
 
 # As for one LoRA layer (test_lora_nf4_linear): the fused path keeps the LoRA products in the compute
@@ -29,7 +30,7 @@ def forward_backward(mlp, x, grad_out):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape", ["tiny-llama", "tiny-qwen2", "tiny-mistral"])
+@pytest.mark.parametrize("shape", ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gemma", "tiny-gemma2"])
 def test_matches_stock_mlp(dtype, shape):
     model, mlp = qlora_mlp(dtype, shape)
     x = torch.randn(2, 9, 64, dtype=dtype)
@@ -66,8 +67,24 @@ def test_dropout_disabled_adapter_and_hooks_take_the_stock_mlp():
     assert fused_grad_fn(mlp, x) == "LoRANF4LinearFunctionBackward"  # down_proj alone, fused
 
 
-def test_only_swiglu_mlps_with_all_three_projections_are_fused():
-    model, _ = qlora_mlp(torch.float32, "tiny-gemma")  # GeGLU
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_geglu_run_as_swiglu_fails_the_comparison(monkeypatch, dtype):
+    """The parity check can fail: Gemma's MLP fused with SiLU in place of its GELU is caught."""
+    model, mlp = qlora_mlp(dtype, "tiny-gemma")
+    x, grad_out = torch.randn(2, 9, 64, dtype=dtype), torch.randn(2, 9, 64, dtype=dtype)
+    y_ref, dx_ref, _, _ = forward_backward(mlp, x, grad_out)
+    monkeypatch.setattr(mlp_patching, "activation_name", lambda act_fn: "silu")
+    assert patch_model(model).mlps == 2
+    y, dx, _, _ = forward_backward(mlp, x, grad_out)
+    assert rel_err(y, y_ref) > TOLERANCE[dtype] and rel_err(dx, dx_ref) > TOLERANCE[dtype]
+
+
+def test_only_gated_mlps_with_all_three_projections_are_fused():
+    from transformers.activations import GELUTanh
+
+    model, mlp = qlora_mlp(torch.float32, "tiny-gemma")
+    for layer in model.base_model.model.model.layers:  # the Python spelling rounds each step: not ours
+        layer.mlp.act_fn = GELUTanh(use_gelu_tanh_python=True)
     assert patch_model(model).mlps == 0
     model, _ = qlora_mlp(torch.float32, target_modules=["gate_proj", "down_proj"])
     assert patch_model(model).mlps == 0
@@ -84,9 +101,9 @@ def test_unpatch_restores_the_mlp():
 
 def test_summary_names_the_fused_mlps():
     model, _ = qlora_mlp(torch.float32)
-    assert "(2 SwiGLU MLPs and 2 q/k/v triples fused whole)" in patch_model(model).summary()
+    assert "(2 gated MLPs and 2 q/k/v triples fused whole)" in patch_model(model).summary()
     unpatch_model(model)
-    assert "(2 SwiGLU MLPs fused whole)" in patch_model(model, fused_qkv=False).summary()
+    assert "(2 gated MLPs fused whole)" in patch_model(model, fused_qkv=False).summary()
 
 
 def qlora_mlp_with_patterns(dtype, **patterns):
