@@ -127,6 +127,25 @@ def cross_entropy(rows=300, vocab=128256):
               errs[0] < 1e-5 and errs[1] < 1e-2, "rel {:.1e}, {:.1e}".format(*errs))
 
 
+def softcapped_cross_entropy(rows=300, vocab=256000, softcap=30.0):
+    """Gemma-2's final_logit_softcapping inside the kernel against stock's three ops and float64 cross-entropy
+    through torch autograd."""
+    for dname, dtype in DTYPES.items():
+        logits = (torch.randn(rows, vocab, device="cuda") * 40).to(dtype)
+        targets = torch.randint(0, vocab, (rows,), device="cuda")
+        targets[::7] = -100
+        divisor = torch.tensor(float(rows), device="cuda")
+        x = logits.clone().requires_grad_(True)
+        ref_losses = torch.nn.functional.cross_entropy((torch.tanh(x / softcap) * softcap).double(), targets,
+                                                       reduction="none")
+        (ref_losses.sum() / divisor).backward()
+        losses = torch.full((rows,), float("nan"), device="cuda")
+        cross_entropy_forward_backward_(logits, targets, divisor, losses, softcap=softcap)
+        errs = rel(losses, ref_losses.detach()), rel(logits, x.grad)
+        check(f"softcapped cross-entropy kernel {rows}x{vocab} {dname}: losses, gradient vs stock",
+              errs[0] < 1e-4 and errs[1] < 1e-2, "rel {:.1e}, {:.1e}".format(*errs))
+
+
 def swiglu(shape=(1000, 1337)):
     """Bit-exact with torch's silu(g) * u and its autograd gradients in bf16. fp16 (finer): Triton's exp and
     CUDA's expf differ in the last bit, which moves a few roundings by one fp16 ulp, so relative errors."""
@@ -270,7 +289,7 @@ def main():
         sys.exit("gpu_checks: needs a CUDA GPU")
     torch.manual_seed(0)
     steps = (dequantize_and_in_gemm_matmul, stacked_dequantize, scaled_mm_outputs, low_rank_add_branches,
-             cross_entropy, swiglu, geglu, swiglu_with_lora_terms, lora_layers_and_mlp, packed_attention_kernels,
+             cross_entropy, softcapped_cross_entropy, swiglu, geglu, swiglu_with_lora_terms, lora_layers_and_mlp, packed_attention_kernels,
              whole_models)
     chosen = sys.argv[1:] or [step.__name__ for step in steps]  # `gpu_checks.py stacked_dequantize ...`: those only
     for step in steps:

@@ -71,3 +71,12 @@ def round_fp32_to(x, dtype: tl.constexpr, SOFTWARE_RTNE: tl.constexpr):
         return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(dtype)
+
+
+@triton.jit
+def tanh(z):
+    """tanh in fp32 as (1 - e) / (1 + e) with e = exp(-2|z|) <= 1: no overflow, exact limits at both ends
+    (CUDA's tanhf may differ in the last bit)."""
+    e = tl.exp(-2.0 * tl.abs(z))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(z < 0, -t, t)

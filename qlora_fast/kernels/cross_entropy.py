@@ -6,6 +6,10 @@ exponentials (the log-sum-exp, in fp32), the second overwrites each logit with
 0 for an ignored one (target -100). The logits are read as the model rounded them, and nothing of
 (rows x vocab) size is allocated beside them: the fp32 upcast, exponentials and one-hot that torch would
 materialize stay in registers.
+
+With SOFTCAP (Gemma-2's final_logit_softcapping c), the loss is of z = c * tanh(x / c), each step rounded
+to the logits' dtype as stock's three ops round it, and the gradient written is d/dx = d/dz * (1 - t^2)
+with t = tanh(x / c) (fp32, rounded once).
 """
 
 import torch
@@ -13,30 +17,43 @@ import triton
 import triton.language as tl
 
 from ._utils import INTERPRETER_TILE, INTERPRETING, cdiv, next_power_of_2
-from ._utils import round_fp32_to
+from ._utils import round_fp32_to, tanh
 
 IGNORE_INDEX = -100
 
 
 @triton.jit
-def _logit_tile(row_ptr, rows_mask, start, n_cols, BLOCK: tl.constexpr):
-    """(columns, fp32 logits) of one BLOCK-wide tile of the rows; -inf past the vocabulary."""
+def _softcapped(x, softcap, dtype: tl.constexpr, SOFTWARE_RTNE: tl.constexpr):
+    """(z, t): z = softcap * t, t = tanh(x / softcap), rounded to dtype after each op as stock computes them."""
+    t = round_fp32_to(tanh(round_fp32_to(x / softcap, dtype, SOFTWARE_RTNE).to(tl.float32)), dtype,
+                      SOFTWARE_RTNE).to(tl.float32)
+    return round_fp32_to(t * softcap, dtype, SOFTWARE_RTNE).to(tl.float32), t
+
+
+@triton.jit
+def _logit_tile(row_ptr, rows_mask, start, n_cols, softcap, SOFTCAP: tl.constexpr, SOFTWARE_RTNE: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """(columns, fp32 logits (softcapped with SOFTCAP), tanh of the scaled logits (with SOFTCAP; else the
+    logits, unused)) of one BLOCK-wide tile of the rows; -inf past the vocabulary."""
     cols = start + tl.arange(0, BLOCK)[None, :]
     x = tl.load(row_ptr + cols, mask=rows_mask & (cols < n_cols), other=0.0).to(tl.float32)
-    return cols, tl.where(cols < n_cols, x, float("-inf"))
+    t = x  # a compiled kernel returns tensors only
+    if SOFTCAP:
+        x, t = _softcapped(x, softcap, row_ptr.dtype.element_ty, SOFTWARE_RTNE)
+    return cols, tl.where(cols < n_cols, x, float("-inf")), t
 
 
 @triton.jit(do_not_specialize=["n_rows"])  # packed batches change the token count every step
-def _cross_entropy_kernel(logits_ptr, targets_ptr, loss_ptr, divisor_ptr, n_rows, n_cols, stride,
-                          IGNORE_INDEX: tl.constexpr, SOFTWARE_RTNE: tl.constexpr, ROWS: tl.constexpr,
-                          BLOCK: tl.constexpr):
+def _cross_entropy_kernel(logits_ptr, targets_ptr, loss_ptr, divisor_ptr, n_rows, n_cols, stride, softcap,
+                          IGNORE_INDEX: tl.constexpr, SOFTCAP: tl.constexpr, SOFTWARE_RTNE: tl.constexpr,
+                          ROWS: tl.constexpr, BLOCK: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     rows_mask = (rows < n_rows)[:, None]
     row_ptr = logits_ptr + rows[:, None] * stride
     running_max = tl.full((ROWS,), float("-inf"), tl.float32)
     running_sum = tl.zeros((ROWS,), tl.float32)
     for start in range(0, n_cols, BLOCK):
-        _, x = _logit_tile(row_ptr, rows_mask, start, n_cols, BLOCK)
+        _, x, _ = _logit_tile(row_ptr, rows_mask, start, n_cols, softcap, SOFTCAP, SOFTWARE_RTNE, BLOCK)
         new_max = tl.maximum(running_max, tl.max(x, axis=1))
         running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max[:, None]), axis=1)
         running_max = new_max
@@ -49,15 +66,20 @@ def _cross_entropy_kernel(logits_ptr, targets_ptr, loss_ptr, divisor_ptr, n_rows
     in_vocab = (target >= 0) & (target < n_cols)
     target = tl.where(counted & in_vocab, target, 0)
     target_logit = tl.load(logits_ptr + rows * stride + target, mask=rows < n_rows, other=0.0).to(tl.float32)
+    if SOFTCAP:
+        target_logit, _ = _softcapped(target_logit, softcap, logits_ptr.dtype.element_ty, SOFTWARE_RTNE)
     row_loss = tl.where(in_vocab, lse - target_logit, float("nan"))
     tl.store(loss_ptr + rows, tl.where(counted, row_loss, 0.0), mask=rows < n_rows)
 
     weight = tl.where(counted, tl.where(in_vocab, 1.0 / tl.load(divisor_ptr), float("nan")), 0.0)
     for start in range(0, n_cols, BLOCK):
-        cols, x = _logit_tile(row_ptr, rows_mask, start, n_cols, BLOCK)
+        cols, x, t = _logit_tile(row_ptr, rows_mask, start, n_cols, softcap, SOFTCAP, SOFTWARE_RTNE, BLOCK)
         p = tl.exp(x - lse[:, None])
         p = tl.where(cols == target[:, None], p - 1.0, p)
-        grad = round_fp32_to(p * weight[:, None], logits_ptr.dtype.element_ty, SOFTWARE_RTNE)
+        grad = p * weight[:, None]
+        if SOFTCAP:
+            grad = grad * (1.0 - t * t)
+        grad = round_fp32_to(grad, logits_ptr.dtype.element_ty, SOFTWARE_RTNE)
         tl.store(row_ptr + cols, grad, mask=rows_mask & (cols < n_cols))
 
 
@@ -67,11 +89,11 @@ _GPU_META = {"ROWS": 1, "BLOCK": 4096, "num_warps": 8}
 
 
 def cross_entropy_forward_backward_(logits: torch.Tensor, targets: torch.Tensor, divisor: torch.Tensor,
-                        losses: torch.Tensor) -> None:
-    """Writes each row's loss, logsumexp(logits) - logits[target] (0 where target is -100, NaN where it is
-    outside the vocabulary), into the fp32
-    `losses`, and overwrites the (rows, vocab) `logits` with the gradient of sum(losses) / divisor;
-    `divisor` is a one-element fp32 tensor on the logits' device (read there, never synchronized)."""
+                                    losses: torch.Tensor, softcap: float | None = None) -> None:
+    """Writes each row's loss, logsumexp(z) - z[target] (0 where target is -100, NaN where it is outside the
+    vocabulary), into the fp32 `losses`, and overwrites the (rows, vocab) `logits` with the gradient of
+    sum(losses) / divisor; z = logits, or softcap * tanh(logits / softcap) when `softcap` is given. `divisor`
+    is a one-element fp32 tensor on the logits' device (read there, never synchronized)."""
     n_rows, n_cols = logits.shape
     if logits.stride(1) != 1:
         raise ValueError("cross_entropy_forward_backward_: logits rows must be contiguous")
@@ -80,5 +102,5 @@ def cross_entropy_forward_backward_(logits: torch.Tensor, targets: torch.Tensor,
         block = min(next_power_of_2(n_cols), INTERPRETER_TILE)
         meta = {"ROWS": max(1, INTERPRETER_TILE // block), "BLOCK": block}
     _cross_entropy_kernel[(cdiv(n_rows, meta["ROWS"]),)](
-        logits, targets, losses, divisor, n_rows, n_cols, logits.stride(0), IGNORE_INDEX=IGNORE_INDEX,
-        SOFTWARE_RTNE=INTERPRETING, **meta)
+        logits, targets, losses, divisor, n_rows, n_cols, logits.stride(0), float(softcap or 1.0),
+        IGNORE_INDEX=IGNORE_INDEX, SOFTCAP=softcap is not None, SOFTWARE_RTNE=INTERPRETING, **meta)

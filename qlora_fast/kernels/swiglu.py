@@ -18,15 +18,7 @@ import triton
 import triton.language as tl
 
 from .low_rank import CANDIDATE_META, LowRank, launch_tiles, load_fp32, plus_low_rank, term_args, tile
-from ._utils import round_fp32_to
-
-
-@triton.jit
-def _tanh(z):
-    # (1 - e) / (1 + e) with e = exp(-2|z|) <= 1: no overflow, exact limits at both ends
-    e = tl.exp(-2.0 * tl.abs(z))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(z < 0, -t, t)
+from ._utils import round_fp32_to, tanh
 
 
 @triton.jit
@@ -34,7 +26,7 @@ def _activation(g, dtype: tl.constexpr, SOFTWARE_RTNE: tl.constexpr, WIDE: tl.co
     """act(g) rounded to dtype and back to fp32 (kept in fp32 if WIDE), g in fp32. GELU as torch writes it:
     0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3)))."""
     if GELU:
-        act = 0.5 * g * (1.0 + _tanh(0.7978845608028654 * (g + 0.044715 * (g * g * g))))
+        act = 0.5 * g * (1.0 + tanh(0.7978845608028654 * (g + 0.044715 * (g * g * g))))
     else:
         act = g / (1.0 + tl.exp(-g))
     return _rounded_unless(act, dtype, SOFTWARE_RTNE, WIDE)
@@ -45,7 +37,7 @@ def _activation_grad(g, d_act, GELU: tl.constexpr):
     """d_act * act'(g) in torch's order of operations (silu_backward, gelu_backward with tanh)."""
     if GELU:
         g_sq = g * g
-        t = _tanh(0.7978845608028654 * (g + 0.044715 * (g_sq * g)))
+        t = tanh(0.7978845608028654 * (g + 0.044715 * (g_sq * g)))
         right_derivative = (0.5 * g) * (1.0 - t * t) * (0.7978845608028654 * (1.0 + 3.0 * 0.044715 * g_sq))
         return d_act * (0.5 * (1.0 + t) + right_derivative)
     else:

@@ -11,8 +11,9 @@ A row names the family's classes and says which of them compute exactly what a f
 - rotary: the attention's modeling module applies transformers' standard apply_rotary_pos_emb;
 - packed_attention: the attention is causal softmax attention through transformers' attention functions,
   handed the decoder layer's kwargs, without softcapping (patching/packed_attention.py);
-- plain_head: the training loss is cross-entropy of lm_head(hidden states) (no logit scaling, softcapping
-  or auxiliary loss).
+- plain_head: the training loss is cross-entropy of lm_head(hidden states), softcapped as
+  c * tanh(logits / c) where config.final_logit_softcapping = c is set (no other logit scaling, no
+  auxiliary loss).
 A class whose name is in no row is still recognized for all but rotary and plain_head when its forward is one a row
 vouches for: inherited unchanged, or the same source (a renamed copy, as remote-code models often are).
 Adding a family is adding a row.
@@ -57,14 +58,14 @@ ARCHITECTURES = (
     Architecture("gemma", "GemmaForCausalLM", "GemmaDecoderLayer", "GemmaAttention", "GemmaMLP", "GemmaRMSNorm",
                  gated_mlp=True, qkv_attention=True, llama_norm=False, llama_layer=False, rotary=True,
                  plain_head=True),
-    # and the logits softcapped: the loss keeps the stock path
-    # and the attention scores softcapped: packed batches keep the dense mask
+    # and the logits softcapped (inside the loss kernel), the attention scores too: packed batches keep the
+    # dense mask
     Architecture("gemma2", "Gemma2ForCausalLM", "Gemma2DecoderLayer", "Gemma2Attention", "Gemma2MLP",
                  "Gemma2RMSNorm", gated_mlp=True, qkv_attention=True, llama_norm=False, llama_layer=False,
-                 rotary=True, plain_head=False, packed_attention=False),
+                 rotary=True, plain_head=True, packed_attention=False),
     Architecture("gemma3", "Gemma3ForCausalLM", "Gemma3DecoderLayer", "Gemma3Attention", "Gemma3MLP",
                  "Gemma3RMSNorm", gated_mlp=True, qkv_attention=True, llama_norm=False, llama_layer=False,
-                 rotary=True, plain_head=False),
+                 rotary=True, plain_head=True),
     # fused qkv_proj (one LoRA layer already) and gate_up_proj (its halves fused as a SwiGLU MLP), partial rotary
     Architecture("phi3", "Phi3ForCausalLM", "Phi3DecoderLayer", "Phi3Attention", "Phi3MLP", "Phi3RMSNorm",
                  gated_mlp=False, qkv_attention=False, llama_norm=True, llama_layer=False, rotary=False,

@@ -11,8 +11,7 @@ def causal_lm(model: torch.nn.Module):
     """The transformers *ForCausalLM module inside `model` whose loss can be chunked, or None."""
     for m in model.modules():
         head = m._modules.get("lm_head")  # own children only: peft wrappers forward attribute lookups
-        if (type(m).__name__ in class_names("plain_head") and type(head) is torch.nn.Linear and "model" in m._modules
-                and getattr(m.config, "final_logit_softcapping", None) is None):
+        if type(m).__name__ in class_names("plain_head") and type(head) is torch.nn.Linear and "model" in m._modules:
             return m
     return None
 
@@ -44,6 +43,7 @@ def forward_with_chunked_loss(self, *args, labels=None, **kwargs):
         hidden, weight = hidden.to(dtype), weight.to(dtype)
     else:
         weight = weight.to(hidden.dtype)  # a weight held in bf16 (hold_in_bf16) is exact in fp32
-    loss = causal_lm_loss(hidden, weight, labels, num_items_in_batch)
+    loss = causal_lm_loss(hidden, weight, labels, num_items_in_batch,
+                          softcap=getattr(self.config, "final_logit_softcapping", None))
     return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
                                   hidden_states=outputs.hidden_states, attentions=outputs.attentions)

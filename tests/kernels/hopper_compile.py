@@ -119,8 +119,9 @@ def main():
         q, k, cos = torch.randn(2, 4, 8, 16, dtype=dtype), torch.randn(2, 2, 8, 16, dtype=dtype), torch.randn(2, 8, 16, dtype=dtype)
         rope_forward(q, k, cos, cos.clone())
         rope_backward(q, k, cos, cos.clone())
-        cross_entropy_forward_backward_(torch.randn(4, 100, dtype=dtype), torch.zeros(4, dtype=torch.int64),
-                            torch.ones(()), torch.empty(4))
+        for softcap in (None, 30.0):
+            cross_entropy_forward_backward_(torch.randn(4, 100, dtype=dtype), torch.zeros(4, dtype=torch.int64),
+                                            torch.ones(()), torch.empty(4), softcap)
     print(json.dumps({"ops": {name: dict(ops) for name, ops in compiled.items()}, "spills": spills,
                       "unspecialized": unspecialized}))
 

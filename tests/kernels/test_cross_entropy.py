@@ -53,3 +53,30 @@ def test_a_label_outside_the_vocabulary_gives_nan_not_a_number_read_elsewhere():
     cross_entropy_forward_backward_(logits, torch.tensor([4, 50, -100]), torch.tensor(2.0), losses)
     assert torch.isfinite(losses[0]) and torch.isnan(losses[1]) and losses[2] == 0
     assert torch.isnan(logits[1]).all() and torch.isfinite(logits[0]).all() and torch.all(logits[2] == 0)
+
+
+def softcapped_reference(logits, targets, divisor, softcap):
+    """Stock's softcapped loss (logits / c, tanh, * c, each in the logits' dtype) and its autograd
+    gradient, through float64 cross-entropy."""
+    x = logits.clone().requires_grad_(True)
+    z = torch.tanh(x / softcap) * softcap
+    losses = torch.nn.functional.cross_entropy(z.double(), targets, reduction="none", ignore_index=IGNORE_INDEX)
+    (losses.sum() / divisor).backward()
+    return losses.detach(), x.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softcapped_logits_match_stock(dtype):
+    """Gemma-2's final_logit_softcapping inside the kernel: stock's loss and gradient, on logits beyond the
+    cap (tanh saturates) and within it; the same kernel without the cap fails the comparison."""
+    logits = (torch.randn(6, 3000) * 40).to(dtype)
+    targets = torch.randint(0, 3000, (6,))
+    targets[2] = IGNORE_INDEX
+    ref_losses, ref_grad = softcapped_reference(logits, targets, torch.tensor(5.0), 30.0)
+    losses, grad = torch.empty(6), logits.clone()
+    cross_entropy_forward_backward_(grad, targets, torch.tensor(5.0), losses, softcap=30.0)
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    assert rel_err(losses, ref_losses) < tolerance and rel_err(grad, ref_grad) < tolerance
+    uncapped, grad = torch.empty(6), logits.clone()
+    cross_entropy_forward_backward_(grad, targets, torch.tensor(5.0), uncapped)
+    assert rel_err(uncapped, ref_losses) > 0.1 and rel_err(grad, ref_grad) > 0.1

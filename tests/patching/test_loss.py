@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from qlora_fast import patch_model, unpatch_model
-from tests.helpers import tiny_qlora
+from tests.helpers import assert_same_loss_and_grads, loss_and_grads, tiny_qlora
 
 
 def test_chunked_loss_in_training_full_logits_elsewhere():
@@ -43,3 +43,25 @@ def test_chunked_loss_respects_num_items_in_batch():
     stock = model(input_ids=ids, labels=ids, num_items_in_batch=50).loss
     patch_model(model)
     assert model(input_ids=ids, labels=ids, num_items_in_batch=50).loss.item() == pytest.approx(stock.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("softcap", [0.5, None])
+def test_gemma2_softcapped_loss_is_chunked_and_matches_stock(monkeypatch, softcap):
+    """Gemma-2's final_logit_softcapping, set where it bites (the logits of a random tiny model are far
+    below the default 30), inside the chunked loss: stock's loss and gradients; dropping the cap fails."""
+    from qlora_fast.patching import loss as loss_patching
+
+    model = tiny_qlora("tiny-gemma2").train()
+    model.config.final_logit_softcapping = 0.5
+    ids = torch.randint(0, 512, (2, 16))
+    stock = loss_and_grads(model, ids)
+    if softcap is None:  # the mutant: the cap never reaches the kernel
+        kernel = loss_patching.causal_lm_loss
+        monkeypatch.setattr(loss_patching, "causal_lm_loss", lambda *a, softcap=None, **k: kernel(*a, **k))
+    assert patch_model(model).chunked_loss
+    patched = loss_and_grads(model, ids)
+    if softcap is None:
+        with pytest.raises(AssertionError):
+            assert_same_loss_and_grads(stock, patched)
+    else:
+        assert_same_loss_and_grads(stock, patched)
