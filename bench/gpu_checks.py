@@ -276,6 +276,10 @@ def whole_models():
         report = verify(model, packed_batches(512), torch.bfloat16)
         check(f"verify {shape} bf16, packed rows", report.passed and report.calls.get("packed_attention", 0) > 0,
               f"{report.verdict()} packed attention calls {report.calls.get('packed_attention', 0)}")
+    model = tiny(shape="tiny-gemma2")  # softcapped loss (chunked) and attention (stock), four Gemma norms a layer
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    report = verify(model, batches(512), torch.bfloat16)
+    check("verify tiny-gemma2 bf16, checkpoints offloaded", report.passed, report.verdict())
     from peft import prepare_model_for_kbit_training
 
     model = quantize_to_nf4_(random_causal_lm("llama-3.2-1b", torch.bfloat16, "cuda"))
@@ -289,8 +293,8 @@ def main():
         sys.exit("gpu_checks: needs a CUDA GPU")
     torch.manual_seed(0)
     steps = (dequantize_and_in_gemm_matmul, stacked_dequantize, scaled_mm_outputs, low_rank_add_branches,
-             cross_entropy, softcapped_cross_entropy, swiglu, geglu, swiglu_with_lora_terms, lora_layers_and_mlp, packed_attention_kernels,
-             whole_models)
+             cross_entropy, softcapped_cross_entropy, swiglu, geglu, swiglu_with_lora_terms, lora_layers_and_mlp,
+             packed_attention_kernels, whole_models)
     chosen = sys.argv[1:] or [step.__name__ for step in steps]  # `gpu_checks.py stacked_dequantize ...`: those only
     for step in steps:
         if step.__name__ in chosen:

@@ -23,7 +23,7 @@ from .patching.lora_linear import lora_layer_forward
 from .patching.loss import causal_lm, forward_with_chunked_loss, unchunked_causal_lm
 from .patching.mlp import (fusable_gate_up_mlps, fusable_mlps, gate_up_mlp_forward, mark_residual_mlps,
                            mlp_forward)
-from .patching.norms import add_norm_layer_forward, add_norm_layers, frozen_llama_style_norms, rms_norm_forward
+from .patching.norms import add_norm_layer_forward, add_norm_layers, frozen_norms
 from .patching.packed_attention import restore_packed_attention, use_packed_attention
 from .patching.projections import lora_nf4_layers, static_skip_reason
 from .patching.qkv import QKV_PROJECTIONS, fusable_qkv
@@ -100,7 +100,7 @@ def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool
     Function,
     (`fused_qkv`) likewise each attention's q, k and v projections,
     (`chunked_loss`) computes a training forward's loss without materializing the full logits, and
-    (`rms_norm`) runs frozen Llama-style RMSNorms on a Triton kernel, (`add_norm`) each with the residual
+    (`rms_norm`) runs frozen Llama- and Gemma-style RMSNorms on a Triton kernel, (`add_norm`) each with the residual
     add before it in Llama-style decoder layers, (`rope`)
     applies rotary embeddings to q and k in one Triton kernel, (`packed_attention`) lets a padding-free
     packed batch (position_ids restarting, no attention mask: TRL's packing=True) attend within each of its
@@ -119,8 +119,8 @@ def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool
         warnings.warn(f"qlora_fast: {refusal}; nothing was patched, the model keeps its stock forward",
                       stacklevel=2)
         return report
-    for norm in frozen_llama_style_norms(model) if rms_norm else []:
-        replace_forward(norm, rms_norm_forward)
+    for norm, forward in frozen_norms(model) if rms_norm else []:
+        replace_forward(norm, forward)
         report.rms_norms += 1
     lm = causal_lm(model) if chunked_loss else None
     if lm is not None:

@@ -1,6 +1,8 @@
 """RMSNorm forward and input-gradient, one row per program, as Llama/Mistral/Qwen2 compute it:
 y = w * round(x * rsqrt(mean(x^2) + eps)) with the mean in fp32 and the normalized row rounded to x's dtype
-before the weight multiplies it. The weight is frozen (QLoRA trains only adapters), so backward gives dX.
+before the weight multiplies it; or, with OFFSET_WEIGHT, as Gemma's: round(x * rsqrt(mean(x^2) + eps) *
+(1 + w)), all in fp32 and rounded once to x's dtype. The weight is frozen (QLoRA trains only adapters), so
+backward gives dX.
 
 A decoder layer normalizes the sum of its residual and a sublayer's output, and that sum's gradient is
 the norm's input gradient plus the one it gets straight from the residual path. The kernels take both
@@ -27,10 +29,20 @@ def _row_tile(n_rows, n_cols, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     return rows, rows[:, None] * n_cols + cols[None, :], mask
 
 
+@triton.jit
+def _weight(w_ptr, n_cols, OFFSET_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+    """The fp32 factor each column is scaled by: w, or 1 + w (Gemma)."""
+    cols = tl.arange(0, BLOCK)
+    w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    if OFFSET_WEIGHT:
+        w = 1.0 + w
+    return w
+
+
 @triton.jit(do_not_specialize=["n_rows"])  # packed batches change the token count every step
 def _rms_norm_forward_kernel(x_ptr, delta_ptr, sum_ptr, w_ptr, y_ptr, rstd_ptr, n_rows, n_cols, eps,
-                             HAS_DELTA: tl.constexpr, SOFTWARE_RTNE: tl.constexpr, ROWS: tl.constexpr,
-                             BLOCK: tl.constexpr):
+                             HAS_DELTA: tl.constexpr, OFFSET_WEIGHT: tl.constexpr, SOFTWARE_RTNE: tl.constexpr,
+                             ROWS: tl.constexpr, BLOCK: tl.constexpr):
     rows, offs, mask = _row_tile(n_rows, n_cols, ROWS, BLOCK)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_DELTA:  # normalize sum = round(x + delta), and write it: it is the layer's next residual
@@ -39,20 +51,24 @@ def _rms_norm_forward_kernel(x_ptr, delta_ptr, sum_ptr, w_ptr, y_ptr, rstd_ptr, 
         tl.store(sum_ptr + offs, rounded_sum, mask=mask)
         x = rounded_sum.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
-    normed = round_fp32_to(x * rstd[:, None], x_ptr.dtype.element_ty, SOFTWARE_RTNE).to(tl.float32)
-    cols = tl.arange(0, BLOCK)
-    w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offs, round_fp32_to(w[None, :] * normed, y_ptr.dtype.element_ty, SOFTWARE_RTNE), mask=mask)
+    normed = x * rstd[:, None]
+    if not OFFSET_WEIGHT:
+        normed = round_fp32_to(normed, x_ptr.dtype.element_ty, SOFTWARE_RTNE).to(tl.float32)
+    w = _weight(w_ptr, n_cols, OFFSET_WEIGHT, BLOCK)
+    if OFFSET_WEIGHT:  # Gemma: (normed * (1 + w)), as its forward orders the product
+        y = normed * w[None, :]
+    else:
+        y = w[None, :] * normed
+    tl.store(y_ptr + offs, round_fp32_to(y, y_ptr.dtype.element_ty, SOFTWARE_RTNE), mask=mask)
     tl.store(rstd_ptr + rows, rstd, mask=rows < n_rows)
 
 
 @triton.jit(do_not_specialize=["n_rows"])
 def _rms_norm_backward_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, residual_grad_ptr, dx_ptr, n_rows, n_cols,
-                              HAS_RESIDUAL_GRAD: tl.constexpr, SOFTWARE_RTNE: tl.constexpr,
-                              ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                              HAS_RESIDUAL_GRAD: tl.constexpr, OFFSET_WEIGHT: tl.constexpr,
+                              SOFTWARE_RTNE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     rows, offs, mask = _row_tile(n_rows, n_cols, ROWS, BLOCK)
-    cols = tl.arange(0, BLOCK)
-    w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    w = _weight(w_ptr, n_cols, OFFSET_WEIGHT, BLOCK)
     g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32) * w[None, :]
     rstd = tl.load(rstd_ptr + rows, mask=rows < n_rows, other=0.0)
     normed = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) * rstd[:, None]
@@ -75,33 +91,37 @@ def _launch(n_rows: int, n_cols: int):
     return (cdiv(n_rows, rows),), meta
 
 
-def rms_norm_forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float):
-    """(y, rstd) for a contiguous (rows, cols) x; y in the dtype torch gives weight * x."""
-    _, y, rstd = add_rms_norm_forward(x2d, None, weight, eps)
+def rms_norm_forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, offset_weight: bool = False):
+    """(y, rstd) for a contiguous (rows, cols) x; y in the dtype torch gives weight * x (Llama), or x's
+    (`offset_weight`: Gemma's (1 + w))."""
+    _, y, rstd = add_rms_norm_forward(x2d, None, weight, eps, offset_weight)
     return y, rstd
 
 
-def add_rms_norm_forward(x2d: torch.Tensor, delta2d: torch.Tensor | None, weight: torch.Tensor, eps: float):
+def add_rms_norm_forward(x2d: torch.Tensor, delta2d: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                         offset_weight: bool = False):
     """(sum, y, rstd) for sum = x + delta (contiguous, of one shape and dtype) and y = RMSNorm(sum);
     without a delta, sum is x itself."""
     rows, cols = x2d.shape
     has_delta = delta2d is not None
     total = torch.empty_like(x2d) if has_delta else x2d
-    y = torch.empty((rows, cols), dtype=torch.promote_types(weight.dtype, x2d.dtype), device=x2d.device)
+    y_dtype = x2d.dtype if offset_weight else torch.promote_types(weight.dtype, x2d.dtype)
+    y = torch.empty((rows, cols), dtype=y_dtype, device=x2d.device)
     rstd = torch.empty(rows, dtype=torch.float32, device=x2d.device)
     grid, meta = _launch(rows, cols)
     _rms_norm_forward_kernel[grid](x2d, delta2d if has_delta else x2d, total, weight, y, rstd, rows, cols, eps,
-                                   HAS_DELTA=has_delta, **meta)
+                                   HAS_DELTA=has_delta, OFFSET_WEIGHT=offset_weight, **meta)
     return total, y, rstd
 
 
 def rms_norm_backward(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
-                        residual_grad: torch.Tensor | None = None):
+                      residual_grad: torch.Tensor | None = None, offset_weight: bool = False):
     """dX of the norm, plus `residual_grad` (x's gradient from elsewhere, contiguous) when given."""
     rows, cols = x2d.shape
     dx = torch.empty_like(x2d)
     grid, meta = _launch(rows, cols)
     has_residual_grad = residual_grad is not None
     _rms_norm_backward_kernel[grid](dy2d, x2d, weight, rstd, residual_grad if has_residual_grad else dy2d, dx,
-                                    rows, cols, HAS_RESIDUAL_GRAD=has_residual_grad, **meta)
+                                    rows, cols, HAS_RESIDUAL_GRAD=has_residual_grad, OFFSET_WEIGHT=offset_weight,
+                                    **meta)
     return dx

@@ -17,16 +17,18 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps: float):
+    def forward(ctx, x, weight, eps: float, offset_weight: bool):
         x2d = _rows(x)
-        y, rstd = rms_norm_forward(x2d, weight, eps)
+        y, rstd = rms_norm_forward(x2d, weight, eps, offset_weight)
         ctx.save_for_backward(x2d, weight, rstd)
+        ctx.offset_weight = offset_weight
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
         x2d, weight, rstd = ctx.saved_tensors
-        return rms_norm_backward(_rows(grad_out), x2d, weight, rstd).view(grad_out.shape), None, None
+        dx = rms_norm_backward(_rows(grad_out), x2d, weight, rstd, offset_weight=ctx.offset_weight)
+        return dx.view(grad_out.shape), None, None, None
 
 
 class AddRMSNormFunction(torch.autograd.Function):
@@ -49,8 +51,9 @@ class AddRMSNormFunction(torch.autograd.Function):
         return grad, grad if ctx.has_delta else None, None, None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return apply(RMSNormFunction, x, weight, eps)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset_weight: bool = False) -> torch.Tensor:
+    """Llama's RMSNorm, or Gemma's ((1 + w), in fp32, y in x's dtype) with `offset_weight`."""
+    return apply(RMSNormFunction, x, weight, eps, offset_weight)
 
 
 def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float):

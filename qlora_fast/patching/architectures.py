@@ -2,10 +2,11 @@
 
 A row names the family's classes and says which of them compute exactly what a fused path replaces:
 - gated_mlp: the MLP's forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)) (act_fn checked per module
-  as SiLU or torch's tanh-approximated GELU); gate_up_mlp: it is down_proj(up * activation_fn(gate)) with [gate | up] = gate_up_proj(x)
-  (Phi-3; activation_fn checked as SiLU);
+  as SiLU or torch's tanh-approximated GELU); gate_up_mlp: it is down_proj(up * activation_fn(gate)) with
+  [gate | up] = gate_up_proj(x) (Phi-3; activation_fn checked as SiLU);
 - qkv_attention: the attention projects one hidden-states tensor with q_proj, k_proj and v_proj, in order;
-- llama_norm: the RMSNorm is w * round(x * rsqrt(mean(x^2) + eps)) (Gemma's (1 + w) is not);
+- llama_norm: the RMSNorm is w * round(x * rsqrt(mean(x^2) + eps)); gemma_norm: it is Gemma's
+  round(x * rsqrt(mean(x^2) + eps) * (1 + w)), in fp32 (eps in `.eps`);
 - llama_layer: the decoder layer is Llama's `residual + self_attn(input_layernorm(x))` then
   `residual + mlp(post_attention_layernorm(residual))` (add_norm and the recompute that skips the output);
 - rotary: the attention's modeling module applies transformers' standard apply_rotary_pos_emb;
@@ -41,6 +42,7 @@ class Architecture:
     plain_head: bool
     packed_attention: bool = True
     gate_up_mlp: bool = False
+    gemma_norm: bool = False
 
 
 def _llama_like(family: str, prefix: str) -> Architecture:
@@ -54,18 +56,18 @@ ARCHITECTURES = (
     _llama_like("mistral", "Mistral"),
     _llama_like("qwen2", "Qwen2"),  # q/k/v with a frozen base bias: fused, the bias inside the GEMM
     _llama_like("qwen3", "Qwen3"),  # q/k norms after the projections: the projections still fuse
-    # GeGLU MLPs (gelu_pytorch_tanh), (1 + w) norms
+    # GeGLU MLPs (gelu_pytorch_tanh), (1 + w) norms in fp32
     Architecture("gemma", "GemmaForCausalLM", "GemmaDecoderLayer", "GemmaAttention", "GemmaMLP", "GemmaRMSNorm",
                  gated_mlp=True, qkv_attention=True, llama_norm=False, llama_layer=False, rotary=True,
-                 plain_head=True),
+                 plain_head=True, gemma_norm=True),
     # and the logits softcapped (inside the loss kernel), the attention scores too: packed batches keep the
     # dense mask
     Architecture("gemma2", "Gemma2ForCausalLM", "Gemma2DecoderLayer", "Gemma2Attention", "Gemma2MLP",
                  "Gemma2RMSNorm", gated_mlp=True, qkv_attention=True, llama_norm=False, llama_layer=False,
-                 rotary=True, plain_head=True, packed_attention=False),
+                 rotary=True, plain_head=True, packed_attention=False, gemma_norm=True),
     Architecture("gemma3", "Gemma3ForCausalLM", "Gemma3DecoderLayer", "Gemma3Attention", "Gemma3MLP",
                  "Gemma3RMSNorm", gated_mlp=True, qkv_attention=True, llama_norm=False, llama_layer=False,
-                 rotary=True, plain_head=True),
+                 rotary=True, plain_head=True, gemma_norm=True),
     # fused qkv_proj (one LoRA layer already) and gate_up_proj (its halves fused as a SwiGLU MLP), partial rotary
     Architecture("phi3", "Phi3ForCausalLM", "Phi3DecoderLayer", "Phi3Attention", "Phi3MLP", "Phi3RMSNorm",
                  gated_mlp=False, qkv_attention=False, llama_norm=True, llama_layer=False, rotary=False,
@@ -75,8 +77,9 @@ ARCHITECTURES = (
 # The role of each property: which class of a row it qualifies.
 _ROLE = {"gated_mlp": "mlp", "qkv_attention": "attention", "llama_norm": "rms_norm",
          "llama_layer": "decoder_layer", "rotary": "attention", "plain_head": "causal_lm",
-         "packed_attention": "attention", "gate_up_mlp": "mlp"}
-_STRUCTURAL = ("gated_mlp", "qkv_attention", "llama_norm", "llama_layer", "packed_attention", "gate_up_mlp")
+         "packed_attention": "attention", "gate_up_mlp": "mlp", "gemma_norm": "rms_norm"}
+_STRUCTURAL = ("gated_mlp", "qkv_attention", "llama_norm", "llama_layer", "packed_attention", "gate_up_mlp",
+               "gemma_norm")
 
 
 @lru_cache(maxsize=None)

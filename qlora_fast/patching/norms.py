@@ -1,5 +1,5 @@
-"""patch_model's `rms_norm` and `add_norm`: frozen Llama-style RMSNorms on the kernel, and the residual
-adds of Llama-style decoder layers inside the norm after each."""
+"""patch_model's `rms_norm` and `add_norm`: frozen Llama- and Gemma-style RMSNorms on the kernel, and the
+residual adds of Llama-style decoder layers inside the norm after each."""
 
 import torch
 
@@ -18,13 +18,23 @@ def rms_norm_forward(self, x):
     return rms_norm_op(x, self.weight, self.variance_epsilon)
 
 
-def frozen_llama_style_norms(model: torch.nn.Module):
-    return [m for m in model.modules()
-            if has(m, "llama_norm") and not m.weight.requires_grad]
+@torch.compiler.disable
+def gemma_rms_norm_forward(self, x):
+    if self.weight.requires_grad:
+        return previous_forward(self)(x)
+    CALLS["rms_norm"] += 1
+    return rms_norm_op(x, self.weight, self.eps, offset_weight=True)
+
+
+def frozen_norms(model: torch.nn.Module):
+    """(norm, its patched forward) for each frozen RMSNorm the kernel computes: Llama's or Gemma's."""
+    return [(m, rms_norm_forward if has(m, "llama_norm") else gemma_rms_norm_forward) for m in model.modules()
+            if (has(m, "llama_norm") or has(m, "gemma_norm")) and not m.weight.requires_grad]
 
 
 def add_norm_layers(model: torch.nn.Module):
-    """Llama-style decoder layers whose two norms run on the kernel (patched, hook-free), in transformers 5
+    """Llama-style decoder layers whose two norms are Llama's on the kernel (patched, hook-free; Gemma's
+    layer is Llama's, its norms are not), in transformers 5
     (whose layer forward add_norm_layer_forward reproduces: past_key_values, a tensor returned)."""
     import transformers
 
@@ -32,7 +42,7 @@ def add_norm_layers(model: torch.nn.Module):
         return []
     return [m for m in model.modules()
             if has(m, "llama_layer")
-            and all(is_patched(n) and not has_hooks(n)
+            and all(is_patched(n) and has(n, "llama_norm") and not has_hooks(n)
                     for n in (m._modules.get("input_layernorm"), m._modules.get("post_attention_layernorm")))]
 
 

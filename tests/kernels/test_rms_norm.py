@@ -1,5 +1,6 @@
 import pytest
 import torch
+from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from qlora_fast.ops.rms_norm import add_rms_norm, rms_norm
@@ -28,6 +29,29 @@ def test_matches_transformers_llama_rms_norm(x_dtype, w_dtype, rows, cols):
     torch.testing.assert_close(y_ours, y_ref)
     tolerance = 1e-5 if x_dtype == torch.float32 else 1e-2
     assert rel_err(x_ours.grad, x_ref.grad) < tolerance
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                             (torch.float16, torch.float32)])
+@pytest.mark.parametrize("rows,cols", [(21, 100), (1100, 64)])
+def test_matches_transformers_gemma_rms_norm(x_dtype, w_dtype, rows, cols):
+    """Gemma's (1 + w), all in fp32, y in x's dtype; Llama's arithmetic on the same weight fails the check."""
+    norm = GemmaRMSNorm(cols, eps=1e-6).to(w_dtype).requires_grad_(False)
+    with torch.no_grad():
+        norm.weight.normal_(0.0, 0.5)
+    x = (torch.randn(rows, cols) * 3).to(x_dtype)
+    grad_out = torch.randn(rows, cols).to(x_dtype)
+    x_ref = x.clone().requires_grad_(True)
+    y_ref = norm(x_ref)
+    y_ref.backward(grad_out)
+    x_ours = x.clone().requires_grad_(True)
+    y_ours = rms_norm(x_ours, norm.weight, norm.eps, offset_weight=True)
+    y_ours.backward(grad_out)
+    assert y_ours.dtype == y_ref.dtype == x_dtype and x_ours.grad.dtype == x_dtype
+    torch.testing.assert_close(y_ours, y_ref)
+    tolerance = 1e-5 if x_dtype == torch.float32 else 1e-2
+    assert rel_err(x_ours.grad, x_ref.grad) < tolerance
+    assert rel_err(rms_norm(x, norm.weight, norm.eps).to(x_dtype), y_ref) > 0.1
 
 
 def _leaf(t: torch.Tensor) -> torch.Tensor:

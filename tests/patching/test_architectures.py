@@ -7,8 +7,8 @@ from tests.helpers import patched_keeps_loss_and_grads, tiny_qlora
 
 
 # Rows of the architecture table beyond the Llama family: Gemma-2/3 (q/k/v and GeGLU MLPs fused, the
-# loss chunked, softcapped inside the kernel for Gemma-2), Phi-3 (fused qkv_proj served as one LoRA layer, gate_up_proj's halves as a fused SwiGLU MLP;
-# Llama-style norms)
+# loss chunked, softcapped inside the kernel for Gemma-2), Phi-3 (fused qkv_proj served as one LoRA layer,
+# gate_up_proj's halves as a fused SwiGLU MLP; Llama-style norms)
 @pytest.mark.parametrize("shape, patched, fused", [("tiny-gemma2", 14, {"qkv": 2, "mlps": 2, "chunked_loss": True}),
                                                    ("tiny-gemma3", 14, {"qkv": 2, "mlps": 2, "chunked_loss": True}),
                                                    ("tiny-phi3", 8, {"qkv": 0, "mlps": 2, "rms_norms": 5,

@@ -9,8 +9,10 @@ from qlora_fast.ops.unread_sum import unread_sum
 from tests.helpers import loss_and_grads, patched_keeps_loss_and_grads, tiny_qlora
 
 
+# 2 layers x 2 + the final norm; Qwen3's and Gemma-3's q/k norms; Gemma-2/3's four norms per layer
 @pytest.mark.parametrize("shape,norms", [("tiny-llama", 5), ("tiny-qwen2", 5), ("tiny-mistral", 5),
-                                         ("tiny-qwen3", 9)])  # 2 layers x 2 + the final norm; Qwen3's q/k norms
+                                         ("tiny-qwen3", 9), ("tiny-gemma", 5), ("tiny-gemma2", 9),
+                                         ("tiny-gemma3", 13)])
 def test_rms_norm_option_keeps_loss_and_grads(shape, norms):
     model = tiny_qlora(shape).train()
     ids = torch.randint(0, 512, (2, 16))
@@ -62,8 +64,15 @@ def test_add_norm_needs_the_norm_kernel_and_hook_free_norms():
     assert patch_model(model).add_norms == 1
 
 
-def test_gemma_norms_are_left_alone():
-    assert patch_model(tiny_qlora("tiny-gemma"), rms_norm=True).rms_norms == 0
+def test_gemma_norms_with_llama_arithmetic_fail_the_comparison(monkeypatch):
+    """The model-level check can fail: Gemma's norms computed as Llama's (w, not 1 + w) are caught."""
+    model = tiny_qlora("tiny-gemma").train()
+    ids = torch.randint(0, 512, (2, 16))
+    stock = loss_and_grads(model, ids)
+    monkeypatch.setattr(norms, "gemma_rms_norm_forward", lambda self, x: norms.rms_norm_op(x, self.weight, self.eps))
+    patch_model(model)
+    patched = loss_and_grads(model, ids)
+    assert abs(patched[0] - stock[0]) > 1e-3
 
 
 def test_norms_unfrozen_after_patching_get_their_gradient():
