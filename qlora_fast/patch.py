@@ -43,6 +43,7 @@ class PatchReport:
     qkv: int = 0
     rope: bool = False
     packed_attention: int = 0  # decoder stacks whose packed batches attend within each sequence
+    dense_packed_attention: str | None = None  # why a decoder stack's packed batches keep the dense mask
     offloaded_checkpoints: bool = False
     bf16_stored: int = 0  # frozen fp32 embedding / lm_head weights held in bf16, losslessly
     stock_loss: str | None = None  # a causal LM whose loss keeps the stock path: its class name
@@ -67,6 +68,8 @@ class PatchReport:
             line += "; checkpointed layer inputs offloaded to the host"
         if self.bf16_stored:
             line += f"; {self.bf16_stored} frozen fp32 embedding/head weights held in bf16 (exact)"
+        if self.dense_packed_attention:
+            line += f"; packed batches keep the dense attention mask ({self.dense_packed_attention})"
         if self.stock_loss:
             line += f"; {self.stock_loss}'s loss keeps the stock path (its head is not known to be plain logits)"
         if self.skipped:
@@ -153,7 +156,7 @@ def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool
     if rope:
         report.rope = patch_rotary(model)
     if packed_attention:
-        report.packed_attention = use_packed_attention(model)
+        report.packed_attention, report.dense_packed_attention = use_packed_attention(model)
     if bf16_frozen_weights and not distributed():
         report.bf16_stored = hold_in_bf16(model)
     if offload_checkpoints is None:

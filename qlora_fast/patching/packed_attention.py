@@ -102,15 +102,29 @@ def _attentions(stack) -> list:
     return [m for m in stack.modules() if type(m).__name__.endswith("Attention")]
 
 
-def _servable(attention) -> bool:
-    """Causal softmax attention through transformers' attention functions, without dropout or softcapping."""
-    return (has(attention, "packed_attention") and not getattr(attention, "attention_dropout", 0.0)
-            and getattr(attention, "attn_logit_softcapping", None) is None)
+def _unservable_reason(attention) -> str | None:
+    """Why packed attention cannot stand in for this attention, or None: it must be causal softmax
+    attention through transformers' attention functions, without dropout or softcapping."""
+    if getattr(attention, "attn_logit_softcapping", None) is not None:
+        return "softcapped attention scores"
+    if getattr(attention, "attention_dropout", 0.0):
+        return "attention dropout"
+    if not has(attention, "packed_attention"):
+        return f"{type(attention).__name__} is not in the architecture table"
+    return None
 
 
-def _servable_stack(stack) -> bool:
+def _stack_refusal(stack) -> str | None:
+    """Why this decoder stack keeps the dense block-causal mask for packed batches, or None."""
     attentions = _attentions(stack)
-    return bool(attentions) and all(map(_servable, attentions))
+    if not attentions:
+        return "no attention modules found"
+    reason = next(filter(None, map(_unservable_reason, attentions)), None)
+    if reason is None and stack.config._attn_implementation != "sdpa":
+        return f"attention implementation {stack.config._attn_implementation!r}; load with attn_implementation='sdpa'"
+    if reason is None and not worth_it_on(next(stack.parameters()).device):
+        return "no varlen attention kernel on this GPU (flash-attn, or torch's varlen_attn)"
+    return reason
 
 
 def _window(stack) -> float:
@@ -126,19 +140,22 @@ def _passes_kwargs_on(forward) -> bool:
 
 
 def _decoder_stacks(model) -> list:
-    """The transformers models inside `model` that build the causal mask for a ModuleList of layers with
-    sdpa, and pass their keyword arguments on."""
+    """The transformers models inside `model` that build a dense causal mask (sdpa or eager attention) for
+    a ModuleList of layers, and pass their keyword arguments on. (Flash-attention implementations attend
+    within each packed sequence themselves.)"""
     from transformers import PreTrainedModel
 
     return [m for m in model.modules() if isinstance(m, PreTrainedModel)
             and isinstance(getattr(m, "layers", None), torch.nn.ModuleList)
-            and getattr(m.config, "_attn_implementation", None) == "sdpa" and _passes_kwargs_on(m.forward)]
+            and getattr(m.config, "_attn_implementation", None) in ("sdpa", "eager") and _passes_kwargs_on(m.forward)]
 
 
-def use_packed_attention(model: torch.nn.Module) -> int:
-    """Installs packed attention on every servable decoder stack; returns how many have it."""
+def use_packed_attention(model: torch.nn.Module) -> tuple[int, str | None]:
+    """Installs packed attention on every servable decoder stack; returns how many have it, and why a stack
+    that does not keeps the dense mask (None if every one has it)."""
     installed = sum(_HOOKS in vars(m) for m in model.modules())
-    stacks = [s for s in _decoder_stacks(model) if _servable_stack(s) and worth_it_on(next(s.parameters()).device)]
+    refusals = {s: _stack_refusal(s) for s in _decoder_stacks(model) if _HOOKS not in vars(s)}
+    stacks = [s for s, reason in refusals.items() if reason is None]
     if stacks:
         _register()
     for stack in stacks:
@@ -147,7 +164,7 @@ def use_packed_attention(model: torch.nn.Module) -> int:
         vars(stack)[_HOOKS] = (
             stack.register_forward_pre_hook(partial(_begin_forward, window=_window(stack)), with_kwargs=True),
             stack.register_forward_hook(_end_forward, with_kwargs=True, always_call=True))
-    return installed + len(stacks)
+    return installed + len(stacks), next(filter(None, refusals.values()), None)
 
 
 def restore_packed_attention(model: torch.nn.Module) -> None:

@@ -147,11 +147,23 @@ def test_a_stack_that_drops_keyword_arguments_is_not_served():
     assert patch_model(model).packed_attention == 0
 
 
-def test_softcapped_attention_is_not_served():
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_softcapped_attention_is_not_served_and_the_summary_says_why(implementation):
     model = tiny_qlora("tiny-gemma2").train()
+    model.config._attn_implementation = implementation
+    report = patch_model(model)
+    assert report.packed_attention == 0 and model.config._attn_implementation == implementation
+    assert "packed batches keep the dense attention mask (softcapped attention scores)" in report.summary()
+
+
+def test_eager_attention_is_not_served_and_the_summary_says_how_to_change_it():
+    model = tiny_qlora().train()
+    model.config._attn_implementation = "eager"
+    report = patch_model(model)
+    assert report.packed_attention == 0 and "load with attn_implementation='sdpa'" in report.summary()
+    unpatch_model(model)
     model.config._attn_implementation = "sdpa"
-    assert patch_model(model).packed_attention == 0
-    assert model.config._attn_implementation == "sdpa"
+    assert "dense attention mask" not in patch_model(model).summary()
 
 
 def test_switch_off_and_restore():
@@ -165,3 +177,11 @@ def test_switch_off_and_restore():
     unpatch_model(model)
     assert model.config._attn_implementation == "sdpa"
     assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+def test_a_gpu_without_a_varlen_kernel_keeps_the_mask_and_says_so(monkeypatch):
+    from qlora_fast.patching import packed_attention as patching_module
+
+    monkeypatch.setattr(patching_module, "worth_it_on", lambda device: False)
+    report = patch_model(tiny_qlora().train())
+    assert report.packed_attention == 0 and "no varlen attention kernel on this GPU" in report.summary()
