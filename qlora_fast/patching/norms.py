@@ -28,8 +28,13 @@ def gemma_rms_norm_forward(self, x):
 
 def frozen_norms(model: torch.nn.Module):
     """(norm, its patched forward) for each frozen RMSNorm the kernel computes: Llama's or Gemma's."""
-    return [(m, rms_norm_forward if has(m, "llama_norm") else gemma_rms_norm_forward) for m in model.modules()
-            if (has(m, "llama_norm") or has(m, "gemma_norm")) and not m.weight.requires_grad]
+    found = []
+    for m in model.modules():
+        forward = (rms_norm_forward if has(m, "llama_norm") else gemma_rms_norm_forward if has(m, "gemma_norm")
+                   else None)
+        if forward is not None and not m.weight.requires_grad:
+            found.append((m, forward))
+    return found
 
 
 def add_norm_layers(model: torch.nn.Module):

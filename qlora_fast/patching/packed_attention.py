@@ -120,11 +120,14 @@ def _stack_refusal(stack) -> str | None:
     if not attentions:
         return "no attention modules found"
     reason = next(filter(None, map(_unservable_reason, attentions)), None)
-    if reason is None and stack.config._attn_implementation != "sdpa":
-        return f"attention implementation {stack.config._attn_implementation!r}; load with attn_implementation='sdpa'"
-    if reason is None and not worth_it_on(next(stack.parameters()).device):
+    if reason is not None:
+        return reason
+    implementation = stack.config._attn_implementation
+    if implementation != "sdpa":
+        return f"attention implementation {implementation!r}; load with attn_implementation='sdpa'"
+    if not worth_it_on(next(stack.parameters()).device):
         return "no varlen attention kernel on this GPU (flash-attn, or torch's varlen_attn)"
-    return reason
+    return None
 
 
 def _window(stack) -> float:
