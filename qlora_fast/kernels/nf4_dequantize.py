@@ -28,17 +28,19 @@ from .nf4_decode import nf4_block_scale
 # first is the default.
 CANDIDATE_META = [
     {"BLOCKS_PER_PROGRAM": 64, "num_warps": 4},
+    # 4 packed bytes a thread: the 16-byte stores need no layout change through shared memory (sm_90 PTX)
+    {"BLOCKS_PER_PROGRAM": 64, "num_warps": 16},
+    {"BLOCKS_PER_PROGRAM": 32, "num_warps": 8},
+    {"BLOCKS_PER_PROGRAM": 16, "num_warps": 4},
+    {"BLOCKS_PER_PROGRAM": 128, "num_warps": 32},
     {"BLOCKS_PER_PROGRAM": 32, "num_warps": 4},
-    {"BLOCKS_PER_PROGRAM": 128, "num_warps": 8},
-    {"BLOCKS_PER_PROGRAM": 256, "num_warps": 8},
-    {"BLOCKS_PER_PROGRAM": 128, "num_warps": 4},
 ]
 
 
 @triton.jit
 def _dequantize_blocks(pid, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr,
                        n_elements, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-                       SOFTWARE_RTNE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr):
+                       SOFTWARE_RTNE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr, WHOLE_BLOCKS: tl.constexpr):
     # A tile of whole quantization blocks: one scale per row, decoded once and broadcast.
     HALF: tl.constexpr = BLOCKSIZE // 2  # bytes per block
     block = pid * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
@@ -46,41 +48,53 @@ def _dequantize_blocks(pid, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2
     scale = nf4_block_scale(block, block_mask, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
                             BLOCKSIZE2, NESTED)
     byte_idx = block[:, None] * HALF + tl.arange(0, HALF)[None, :]
-    byte = tl.load(packed_ptr + byte_idx, mask=byte_idx < (n_elements + 1) // 2, other=0).to(tl.int32)
+    out_idx = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    if WHOLE_BLOCKS:  # one mask per block: wide loads and stores
+        byte_mask = block_mask[:, None]
+        out_mask = block_mask[:, None]
+    else:
+        byte_mask = byte_idx < (n_elements + 1) // 2
+        out_mask = out_idx < n_elements
+    byte = tl.load(packed_ptr + byte_idx, mask=byte_mask, other=0).to(tl.int32)
     high = tl.load(code_ptr + (byte >> 4)) * scale[:, None]
     low = tl.load(code_ptr + (byte & 15)) * scale[:, None]
     values = round_fp32_to(tl.interleave(high, low), out_ptr.dtype.element_ty, SOFTWARE_RTNE)
-    out_idx = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-    tl.store(out_ptr + out_idx, values, mask=out_idx < n_elements)
+    tl.store(out_ptr + out_idx, values, mask=out_mask)
 
 
 @triton.jit
 def _nf4_dequantize_kernel(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr,
                            n_elements,
                            BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-                           SOFTWARE_RTNE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr):
+                           SOFTWARE_RTNE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr, WHOLE_BLOCKS: tl.constexpr):
     _dequantize_blocks(tl.program_id(0), packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                       out_ptr, n_elements, BLOCKSIZE, BLOCKSIZE2, NESTED, SOFTWARE_RTNE, BLOCKS_PER_PROGRAM)
+                       out_ptr, n_elements, BLOCKSIZE, BLOCKSIZE2, NESTED, SOFTWARE_RTNE, BLOCKS_PER_PROGRAM,
+                       WHOLE_BLOCKS)
 
 
 @triton.jit
 def _nf4_dequantize_stacked_kernel(table_ptr, out_ptr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
                                    NESTED: tl.constexpr, SOFTWARE_RTNE: tl.constexpr,
-                                   BLOCKS_PER_PROGRAM: tl.constexpr):
+                                   BLOCKS_PER_PROGRAM: tl.constexpr, WHOLE_BLOCKS: tl.constexpr):
     # Weight program_id(1)'s table row: the addresses of its packed, code, absmax, absmax2, code2 and
     # offset tensors, where its rows start in out (in elements), and its element count.
     row = table_ptr + tl.program_id(1) * 8
     n_elements = tl.load(row + 7)
     if tl.program_id(0) * BLOCKS_PER_PROGRAM * BLOCKSIZE < n_elements:  # the grid spans the largest weight
         absmax_type: tl.constexpr = tl.uint8 if NESTED else tl.float32
-        _dequantize_blocks(tl.program_id(0), tl.load(row + 0).to(tl.pointer_type(tl.uint8)),
+        packed_ptr = tl.load(row + 0).to(tl.pointer_type(tl.uint8))
+        out_start = tl.load(row + 6)
+        if WHOLE_BLOCKS:  # checked on the host: the alignment that lets loads and stores be 16 bytes wide
+            packed_ptr = tl.multiple_of(packed_ptr, 16)
+            out_start = tl.multiple_of(out_start, 16)
+        _dequantize_blocks(tl.program_id(0), packed_ptr,
                            tl.load(row + 1).to(tl.pointer_type(tl.float32)),
                            tl.load(row + 2).to(tl.pointer_type(absmax_type)),
                            tl.load(row + 3).to(tl.pointer_type(tl.float32)),
                            tl.load(row + 4).to(tl.pointer_type(tl.float32)),
                            tl.load(row + 5).to(tl.pointer_type(tl.float32)),
-                           out_ptr + tl.load(row + 6), n_elements,
-                           BLOCKSIZE, BLOCKSIZE2, NESTED, SOFTWARE_RTNE, BLOCKS_PER_PROGRAM)
+                           out_ptr + out_start, n_elements,
+                           BLOCKSIZE, BLOCKSIZE2, NESTED, SOFTWARE_RTNE, BLOCKS_PER_PROGRAM, WHOLE_BLOCKS)
 
 
 OUT_POSITION = 6  # out_ptr among _nf4_dequantize_kernel's arguments
@@ -108,7 +122,7 @@ def nf4_dequantize(weight: NF4Weight, dtype: torch.dtype | None = None, out: tor
     meta = _launch_meta(meta, weight.blocksize)
     grid = (cdiv(cdiv(weight.numel, weight.blocksize), meta["BLOCKS_PER_PROGRAM"]),)
     args = (*weight.kernel_tensors(), out, weight.numel, weight.blocksize, weight.blocksize2, weight.nested,
-            INTERPRETING, meta["BLOCKS_PER_PROGRAM"])
+            INTERPRETING, meta["BLOCKS_PER_PROGRAM"], weight.numel % weight.blocksize == 0)
     compiled = _nf4_dequantize_kernel[grid](*args, num_warps=meta["num_warps"], enable_fp_fusion=False)
     weight.launches[key] = Relaunch.of(compiled, grid, args, OUT_POSITION)
     return out
@@ -158,7 +172,10 @@ def nf4_dequantize_stacked(weights, dtype: torch.dtype, meta: dict = CANDIDATE_M
     meta = _launch_meta(meta, first.blocksize)
     largest = max(w.numel for w in weights)
     grid = (cdiv(cdiv(largest, first.blocksize), meta["BLOCKS_PER_PROGRAM"]), len(weights))
-    args = (table, out, first.blocksize, first.blocksize2, first.nested, INTERPRETING, meta["BLOCKS_PER_PROGRAM"])
+    # Whole blocks everywhere: each weight's rows start in out on a block, so 16-byte aligned like out.
+    whole_blocks = all(w.numel % first.blocksize == 0 and w.packed.data_ptr() % 16 == 0 for w in weights)
+    args = (table, out, first.blocksize, first.blocksize2, first.nested, INTERPRETING, meta["BLOCKS_PER_PROGRAM"],
+            whole_blocks)
     compiled = _nf4_dequantize_stacked_kernel[grid](*args, num_warps=meta["num_warps"], enable_fp_fusion=False)
     relaunches[key] = Relaunch.of(compiled, grid, args, 1)
     return out

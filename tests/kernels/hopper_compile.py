@@ -2,7 +2,8 @@
 
 Run as `python -m tests.kernels.hopper_compile`: each wrapper is called on small CPU tensors with
 Triton's launch replaced by a compile for sm_90 (Triton's compiler and ptxas ship in its wheel); prints,
-as JSON, each compiled kernel's name with the PTX instructions tests check ("ops"), the most bytes
+as JSON, each compiled kernel's name with the PTX instructions tests check ("ops": roundings, global
+memory accesses by width, and the number of compiled variants), the most bytes
 of registers ptxas spilled to local memory per thread in any of its compiled variants ("spills"), and
 the arguments Triton does not specialize on ("unspecialized").
 Nothing is launched.
@@ -45,13 +46,27 @@ def _arg_type(value) -> str:
     raise TypeError(f"no Triton type for {type(value).__name__}")
 
 
+def _divisible_by_16(value) -> bool:
+    """Whether Triton's launch would specialize this argument as 16-divisible (aligned pointer or integer):
+    its vectorization of loads and stores follows from it."""
+    if isinstance(value, torch.Tensor):
+        return value.data_ptr() % 16 == 0
+    return isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0
+
+
 def _compile(fn, args, kwargs):
     bound = dict(zip(fn.arg_names, args), **{k: v for k, v in kwargs.items() if k not in _OPTIONS})
     constexprs = {p.name: bound.get(p.name, p.default) for p in fn.params if p.is_constexpr}
     signature = {name: "constexpr" if name in constexprs else _arg_type(bound[name]) for name in fn.arg_names}
     options = {k: kwargs[k] for k in _OPTIONS if k in kwargs}
-    kernel = triton.compile(triton.compiler.ASTSource(fn, signature, constexprs), target=HOPPER, options=options)
-    ops = Counter(re.findall(r"^\s*((?:fma|add|sub|mul)\.rn\.[a-z0-9]+|fma\.[a-z0-9.]+)", kernel.asm["ptx"], re.M))
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if name not in constexprs and _divisible_by_16(bound[name])}
+    source = triton.compiler.ASTSource(fn, signature, constexprs, attrs)
+    kernel = triton.compile(source, target=HOPPER, options=options)
+    ptx = kernel.asm["ptx"]
+    ops = Counter(re.findall(r"^\s*((?:fma|add|sub|mul)\.rn\.[a-z0-9]+|fma\.[a-z0-9.]+)", ptx, re.M))
+    ops.update(re.findall(r"\b((?:ld|st)\.global\.[a-z0-9.]+)", ptx))  # access widths: b8 .. v4.b32
+    ops["variants"] = 1
     compiled.setdefault(fn.__name__, Counter()).update(ops)
     unspecialized[fn.__name__] = sorted(p.name for p in fn.params if p.do_not_specialize)
     spills[fn.__name__] = max(spills.get(fn.__name__, 0), _spill_bytes(kernel.asm["ptx"]))

@@ -47,6 +47,16 @@ def test_bit_exact_kernels_round_every_product(kernel, ptx_ops):
     assert not [op for op in ptx_ops[kernel] if op.startswith("fma")]
 
 
+@pytest.mark.parametrize("kernel", ["_nf4_dequantize_kernel", "_nf4_dequantize_stacked_kernel"])
+def test_dequantize_moves_wide_vectors(kernel, ptx_ops):
+    """A weight of whole quantization blocks (every model's) is read and written in vectors: one byte load
+    per variant at most (the block's absmax code), no 1- to 4-byte stores. Bytes loaded one by one held
+    the kernel at 71% of copy bandwidth; the stacked kernel stored 2 bytes at a time."""
+    ops = ptx_ops[kernel]
+    assert ops.get("ld.global.b8", 0) <= ops["variants"]
+    assert not [op for op in ops if op.startswith("st.global.") and not op.startswith("st.global.v")]
+
+
 # The token count changes every step with packed (padding-free) batches: a kernel specialized on it (its
 # divisibility by 16) compiles again mid-training. The NF4 kernels see only weight shapes.
 TOKEN_COUNT_ARGS = {"_rms_norm_forward_kernel": {"n_rows"}, "_rms_norm_backward_kernel": {"n_rows"},
