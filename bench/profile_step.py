@@ -21,7 +21,8 @@ from qlora_fast.harness.models import add_lora, quantize_to_nf4_, random_causal_
 from qlora_fast.harness.run import packed_batch, random_batches
 
 VARIANTS = {"stock peft": None, "qlora_fast default": {},
-            "qlora_fast dense packed mask": {"packed_attention": False}}
+            "qlora_fast dense packed mask": {"packed_attention": False},
+            "qlora_fast attention recomputed": {"keep_attention_outputs": False}}
 ATTENTION_KERNELS = ("flash", "fmha", "attention", "cudnn", "sdpa")  # substrings of attention kernels' names
 
 

@@ -4,7 +4,8 @@
 - patching/mlp.py (`fused_mlp`), patching/qkv.py (`fused_qkv`): gated MLPs (SwiGLU, GeGLU) and q/k/v as one Function
 - patching/norms.py (`rms_norm`, `add_norm`), patching/rotary.py (`rope`), patching/loss.py (`chunked_loss`)
 - patching/packed_attention.py (`packed_attention`): padding-free packed batches attend per sequence
-- patching/checkpoints.py (`offload_checkpoints`), patching/bf16_weights.py (`bf16_frozen_weights`)
+- patching/checkpoints.py (`offload_checkpoints`), patching/kept_outputs.py (`keep_attention_outputs`),
+  patching/bf16_weights.py (`bf16_frozen_weights`)
 - patching/architectures.py: the model families and what each of their classes computes
 - patching/core.py: installing and restoring forwards, call counts, fallback notes
 """
@@ -19,6 +20,7 @@ from .patching.bf16_weights import hold_in_bf16, release_bf16_holds
 from .patching.checkpoints import restore_checkpoints, use_offloaded_checkpoints
 from .patching.core import (CALLS, KV_SIBLINGS, OUTPUT_UNREAD_IN_RECOMPUTE, distributed, has_hooks, is_patched,
                             replace_forward, reset_call_counts, restore_forward)
+from .patching.kept_outputs import mark_attention_outputs
 from .patching.lora_linear import lora_layer_forward
 from .patching.loss import causal_lm, forward_with_chunked_loss, unchunked_causal_lm
 from .patching.mlp import (fusable_gate_up_mlps, fusable_mlps, gate_up_mlp_forward, mark_residual_mlps,
@@ -45,6 +47,7 @@ class PatchReport:
     packed_attention: int = 0  # decoder stacks whose packed batches attend within each sequence
     dense_packed_attention: str | None = None  # why a decoder stack's packed batches keep the dense mask
     offloaded_checkpoints: bool = False
+    kept_outputs: int = 0  # attention projections whose base outputs the recompute takes from the host
     bf16_stored: int = 0  # frozen fp32 embedding / lm_head weights held in bf16, losslessly
     stock_loss: str | None = None  # a causal LM whose loss keeps the stock path: its class name
 
@@ -66,6 +69,8 @@ class PatchReport:
             line += " and the LM loss (chunked, no full logits)"
         if self.offloaded_checkpoints:
             line += "; checkpointed layer inputs offloaded to the host"
+            if self.kept_outputs:
+                line += " (with the attention projections' outputs: not recomputed)"
         if self.bf16_stored:
             line += f"; {self.bf16_stored} frozen fp32 embedding/head weights held in bf16 (exact)"
         if self.dense_packed_attention:
@@ -97,7 +102,7 @@ def _refusal(model: torch.nn.Module) -> str | None:
 def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool = True,
                 fused_mlp: bool = True, fused_qkv: bool = True, rms_norm: bool = True, add_norm: bool = True,
                 rope: bool = True, packed_attention: bool = True, offload_checkpoints: bool | None = None,
-                bf16_frozen_weights: bool = True) -> PatchReport:
+                keep_attention_outputs: bool = True, bf16_frozen_weights: bool = True) -> PatchReport:
     """Routes every LoRA layer over a bitsandbytes NF4 Linear4bit through the fused Triton path,
     (`fused_mlp`) runs each gated MLP (SwiGLU, GeGLU) whose three projections are such layers as one autograd
     Function,
@@ -109,7 +114,9 @@ def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool
     packed batch (position_ids restarting, no attention mask: TRL's packing=True) attend within each of its
     sequences rather than through a dense block-causal mask, and (`offload_checkpoints`) keeps
     gradient checkpointing's per-layer inputs in host memory; None (default) offloads in single-process
-    training and leaves distributed runs (DDP, FSDP) to torch's checkpointing unless asked;
+    training and leaves distributed runs (DDP, FSDP) to torch's checkpointing unless asked, and
+    (`keep_attention_outputs`) with them the attention projections' base outputs, which the recompute
+    then takes back instead of recomputing (up to a quarter of the host memory available);
     (`bf16_frozen_weights`) holds frozen fp32 embedding and LM-head weights whose values are all bf16 (as
     `prepare_model_for_kbit_training` leaves a bf16 checkpoint's) in bf16, computing what they computed.
 
@@ -163,6 +170,8 @@ def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool
         offload_checkpoints = not distributed()
     if offload_checkpoints:
         report.offloaded_checkpoints = use_offloaded_checkpoints(model)
+        if keep_attention_outputs:
+            report.kept_outputs = mark_attention_outputs(model)
     if verbose and (report.skipped or report.stock_loss):
         warnings.warn(report.summary(), stacklevel=2)
     return report

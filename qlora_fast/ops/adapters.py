@@ -40,14 +40,15 @@ def wider(dtype: torch.dtype, compute_dtype: torch.dtype) -> bool:
     return dtype.is_floating_point and torch.finfo(dtype).bits > torch.finfo(compute_dtype).bits
 
 
-def plus_low_rank_terms(y: torch.Tensor, blocks, out_dtype: torch.dtype) -> torch.Tensor:
+def plus_low_rank_terms(y: torch.Tensor, blocks, out_dtype: torch.dtype, fresh: bool = False) -> torch.Tensor:
     """y with each (column block of y, LowRank term) in `blocks` added: in place, rounded once to y's dtype,
-    or, when out_dtype is wider than y's, into a new out_dtype tensor, unrounded."""
-    if not wider(out_dtype, y.dtype):
+    or into a new tensor (unrounded when out_dtype is wider than y's; always with `fresh`, which leaves y
+    as it was)."""
+    if not (fresh or wider(out_dtype, y.dtype)):
         for block, term in blocks:
             low_rank_add_(block, term)
         return y
-    out = torch.empty(y.shape, dtype=out_dtype, device=y.device)
+    out = torch.empty(y.shape, dtype=out_dtype if wider(out_dtype, y.dtype) else y.dtype, device=y.device)
     start = 0
     for block, term in blocks:
         width = block.shape[1]

@@ -4,7 +4,10 @@ Where x is wider than the compute dtype (fp32 hidden states, bf16 compute) the o
 the sum of the bf16 base output and the term is not rounded, as stock peft sums it (ops/adapters.py).
 Saves for backward only x_lora and x_lora @ A^T (never a dequantized W); backward computes
 dX = dY @ W + s * (dY @ B) @ A, dA = s * (dY @ B)^T @ x_lora, dB = s * dY^T @ (x_lora @ A^T).
-x_lora is x itself, or dropout(x) when the adapter has dropout.
+x_lora is x itself, or dropout(x) when the adapter has dropout. With `keep_output` (the attention
+projections), the base output x @ W^T of an offloaded checkpoint's first pass is kept for its recompute,
+which then skips the dequantize and the GEMM (ops/offloaded_checkpoint.py); the term is then added into
+a new tensor in both passes, leaving the kept one unchanged.
 """
 
 import torch
@@ -16,19 +19,25 @@ from .adapters import adapters_in, plus_low_rank_terms
 from .forward_only import apply
 from .lora_grads import scaled_mm
 from .nf4_linear import nf4_linear_backward, nf4_linear_forward
+from .offloaded_checkpoint import keep_for_recompute, kept_for_recompute
 
 
 class LoRANF4LinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, x_lora, lora_a, lora_b, scaling: float, weight: NF4Weight, bias, compute_dtype):
+    def forward(ctx, x, x_lora, lora_a, lora_b, scaling: float, weight: NF4Weight, bias, compute_dtype,
+                keep_output: bool = False):
         out_dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype)
         xl2 = x2 if x_lora is x else x_lora.reshape(-1, x_lora.shape[-1]).to(compute_dtype)
         a, b = (lora_a, lora_b) if lora_a.dtype == lora_b.dtype == compute_dtype else \
             adapters_in(compute_dtype, lora_a, lora_b)
-        y = nf4_linear_forward(x2, weight, None if bias is None else bias.to(compute_dtype))
+        y = kept_for_recompute(weight) if keep_output else None
+        if y is None:
+            y = nf4_linear_forward(x2, weight, None if bias is None else bias.to(compute_dtype))
+            if keep_output:
+                keep_for_recompute(weight, y)
         xa = xl2 @ a.t()
-        y = plus_low_rank_terms(y, [(y, LowRank(xa, b, scaling))], out_dtype)
+        y = plus_low_rank_terms(y, [(y, LowRank(xa, b, scaling))], out_dtype, fresh=keep_output)
 
         ctx.save_for_backward(xl2, xa, a, b)
         ctx.scaling = scaling
@@ -60,10 +69,11 @@ class LoRANF4LinearFunction(torch.autograd.Function):
                 grad_x = nf4_linear_backward(dy, ctx.weight).view(ctx.x_meta[0]).to(ctx.x_meta[1])
             if ctx.needs_input_grad[1]:
                 grad_x_lora = (dy_b @ a).mul_(s).view(ctx.x_lora_meta[0]).to(ctx.x_lora_meta[1])
-        return grad_x, grad_x_lora, grad_a, grad_b, None, None, None, None
+        return grad_x, grad_x_lora, grad_a, grad_b, None, None, None, None, None
 
 
-def lora_nf4_linear(x, x_lora, lora_a, lora_b, scaling, weight: NF4Weight, bias=None, compute_dtype=None):
+def lora_nf4_linear(x, x_lora, lora_a, lora_b, scaling, weight: NF4Weight, bias=None, compute_dtype=None,
+                    keep_output: bool = False):
     """Autograd entry point; `compute_dtype` defaults to x's dtype."""
     return apply(LoRANF4LinearFunction, x, x_lora, lora_a, lora_b, scaling, weight, bias,
-                                       compute_dtype or x.dtype)
+                 compute_dtype or x.dtype, keep_output)

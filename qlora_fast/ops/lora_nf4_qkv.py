@@ -12,7 +12,8 @@ by. Saves x, x @ A^T and the compute-dtype adapters; never a dequantized weight.
 Base biases (Qwen2's q/k/v) are cast in the same launch as the adapters, into the same buffer, where the
 three lie end to end: the stacked bias is a view, added inside the GEMM (rounded once, as bitsandbytes'
 F.linear adds it). Where x is wider than the compute dtype the outputs are x's dtype, base + term
-unrounded, as stock peft sums them (ops/adapters.py).
+unrounded, as stock peft sums them (ops/adapters.py). With `keep_output`, the stacked base output of an
+offloaded checkpoint's first pass is kept for its recompute, as in ops/lora_nf4_linear.py.
 """
 
 import torch
@@ -22,11 +23,13 @@ from ..kernels.nf4_dequantize import nf4_dequantize_stacked
 from .adapters import adapters_in, plus_low_rank_terms, stacked_rows
 from .forward_only import apply
 from .lora_grads import add_shared_input_terms_, products_side_by_side, scaled_mm, shared_input_a_grads
+from .offloaded_checkpoint import keep_for_recompute, kept_for_recompute
 
 
 class LoRANF4QKVFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, a_q, b_q, a_k, b_k, a_v, b_v, weights, scalings, compute_dtype, biases=None):
+    def forward(ctx, x, a_q, b_q, a_k, b_k, a_v, b_v, weights, scalings, compute_dtype, biases=None,
+                keep_output=False):
         lora_a, lora_b = (a_q, a_k, a_v), (b_q, b_k, b_v)
         ctx.lora_dtypes = [(a.dtype, b.dtype) for a, b in zip(lora_a, lora_b)]
         ctx.out_features = [w.shape[0] for w in weights]
@@ -38,10 +41,14 @@ class LoRANF4QKVFunction(torch.autograd.Function):
         if biases:  # the three copies lie end to end after b_v in adapters_in's buffer
             bias = b_v.as_strided((sum(ctx.out_features),), (1,), b_v.storage_offset() + b_v.numel())
 
-        y = torch.nn.functional.linear(x2, nf4_dequantize_stacked(weights, compute_dtype), bias)
+        y = kept_for_recompute(weights[0]) if keep_output else None
+        if y is None:
+            y = torch.nn.functional.linear(x2, nf4_dequantize_stacked(weights, compute_dtype), bias)
+            if keep_output:
+                keep_for_recompute(weights[0], y)
         xa = x2 @ a_all.t()
         terms = [LowRank(xa_i, b_i, s_i) for xa_i, b_i, s_i in zip(xa.split(ctx.ranks, 1), b_all, scalings)]
-        y = plus_low_rank_terms(y, list(zip(y.split(ctx.out_features, 1), terms)), x.dtype)
+        y = plus_low_rank_terms(y, list(zip(y.split(ctx.out_features, 1), terms)), x.dtype, fresh=keep_output)
 
         ctx.save_for_backward(x2, xa, a_all, *b_all)
         ctx.weights, ctx.scalings = weights, scalings
@@ -68,12 +75,12 @@ class LoRANF4QKVFunction(torch.autograd.Function):
                                              ctx.ranks, ctx.scalings)
             grad_x = grad_x.view(ctx.x_meta[0]).to(ctx.x_meta[1])
         adapter_grads = [g for pair in zip(grads_a, grads_b) for g in pair]
-        return (grad_x, *adapter_grads, None, None, None, None)
+        return (grad_x, *adapter_grads, None, None, None, None, None)
 
 
-def lora_nf4_qkv(x, q, k, v, compute_dtype=None, biases=None):
+def lora_nf4_qkv(x, q, k, v, compute_dtype=None, biases=None, keep_output: bool = False):
     """Autograd entry point: (q, k, v) outputs. q, k and v are (lora_a, lora_b, scaling, NF4Weight) of each
     projection; `biases`, the three frozen base biases or None; `compute_dtype` defaults to x's dtype."""
     (a_q, b_q, s_q, w_q), (a_k, b_k, s_k, w_k), (a_v, b_v, s_v, w_v) = q, k, v
     return apply(LoRANF4QKVFunction, x, a_q, b_q, a_k, b_k, a_v, b_v, (w_q, w_k, w_v), (s_q, s_k, s_v),
-                 compute_dtype or x.dtype, biases)
+                 compute_dtype or x.dtype, biases, keep_output)

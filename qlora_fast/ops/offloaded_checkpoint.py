@@ -5,8 +5,18 @@ per decoder layer: 2 GiB for Llama-3-8B at 4 x 2048 tokens. Here each input is c
 stream while the layer computes, and copied back during the backward of the layer after it, so neither
 copy waits on the compute stream. Recompute then runs as torch's checkpoint does: same RNG state (dropout
 masks) and autocast state as the forward.
+
+A Function inside the layer may also keep a tensor of its first pass for the recompute
+(`keep_for_recompute` / `kept_for_recompute`): the attention projections keep their base GEMM's output,
+so the recompute skips those GEMMs (q/k/v and o: ~20% of a Llama layer's recompute). Kept tensors travel
+like the layer's input, to the host and back; they are skipped (and recomputed) while the copies of
+earlier ones are still queued, or beyond a host-memory budget, so neither GPU nor host memory grows
+without bound.
 """
 
+import collections
+import functools
+import os
 import threading
 import weakref
 
@@ -14,8 +24,11 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 _copy_streams: dict = {}
-_last_forward_copy = None  # weakref to the previous layer's _HostCopy, for prefetching in backward
+_last_forward_record = None  # weakref to the previous layer's _LayerRecord, for prefetching in backward
 _recompute_state = threading.local()  # autograd runs each device's backward on its own thread
+_pending_copies: collections.deque = collections.deque()  # events of kept tensors' copies to the host
+_MAX_PENDING_COPIES = 4  # beyond this, a tensor is recomputed rather than kept: its copy would queue
+_kept_host_bytes = 0  # host memory held by kept tensors now
 
 
 def recomputing() -> bool:
@@ -67,6 +80,91 @@ class _HostCopy:
         return tensor.requires_grad_(self.requires_grad)
 
 
+@functools.lru_cache(maxsize=None)
+def _kept_bytes_budget() -> int:
+    """Host bytes kept tensors may hold: a quarter of the memory available when first asked (none where
+    that cannot be read)."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+class _KeptCopy(_HostCopy):
+    """A kept tensor's host copy; counts against the host budget until released."""
+
+    def __init__(self, tensor: torch.Tensor):
+        global _kept_host_bytes
+        super().__init__(tensor)
+        self.nbytes = tensor.nbytes
+        _kept_host_bytes += self.nbytes
+
+    def release(self) -> None:
+        global _kept_host_bytes
+        _kept_host_bytes -= self.nbytes
+        self.nbytes = 0
+
+    def __del__(self):
+        self.release()
+
+
+def _copies_queued(device: torch.device) -> bool:
+    """Whether kept tensors' copies to the host are falling behind the compute (their GPU memory waits)."""
+    while _pending_copies and _pending_copies[0].query():
+        _pending_copies.popleft()
+    return device.type == "cuda" and len(_pending_copies) >= _MAX_PENDING_COPIES
+
+
+class _LayerRecord:
+    """What a checkpointed layer's first pass leaves for its backward: its input and the tensors its
+    Functions kept, all in host memory (on the CPU: the tensors themselves)."""
+
+    def __init__(self, hidden_states: torch.Tensor):
+        self.input = _HostCopy(hidden_states)
+        self.kept: dict = {}  # key -> list of _KeptCopy, in the order kept
+
+    def keep(self, key, tensor: torch.Tensor) -> None:
+        if _copies_queued(tensor.device) or _kept_host_bytes + tensor.nbytes > _kept_bytes_budget():
+            return
+        self.kept.setdefault(key, []).append(_KeptCopy(tensor))
+        if tensor.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record(_copy_stream(tensor.device))
+            _pending_copies.append(event)
+
+    def prefetch(self) -> None:
+        self.input.prefetch()
+        for copies in self.kept.values():
+            for c in copies:
+                c.prefetch()
+
+    def fetch_kept(self) -> dict:
+        """key -> list of the kept tensors on their device, in the order kept; host copies released."""
+        fetched = {key: [c.fetch() for c in copies] for key, copies in self.kept.items()}
+        for copies in self.kept.values():
+            for c in copies:
+                c.release()
+        self.kept = {}
+        return fetched
+
+
+def keep_for_recompute(key, tensor: torch.Tensor) -> None:
+    """In the first pass of an offloaded checkpoint: hands `tensor` (which must not change afterwards) to
+    the layer's recompute, where `kept_for_recompute(key)` returns it, unless it was skipped. Elsewhere a
+    no-op. `key`: an object identifying the call within the layer (the same in the recompute)."""
+    record = getattr(_recompute_state, "keeping", None)
+    if record is not None:
+        record.keep(id(key), tensor)
+
+
+def kept_for_recompute(key) -> torch.Tensor | None:
+    """In an offloaded checkpoint's recompute: the tensor the first pass kept under `key` (each call takes
+    the next one kept under it), or None: not kept, or not recomputing."""
+    kept = getattr(_recompute_state, "kept", None)
+    tensors = None if kept is None else kept.get(id(key))
+    return tensors.pop(0) if tensors else None
+
+
 def _rng_states(device: torch.device):
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     return torch.get_rng_state(), cuda
@@ -79,23 +177,29 @@ def _autocast_state(device: torch.device):
 class OffloadedCheckpointFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run_function, hidden_states, *args):
-        global _last_forward_copy
+        global _last_forward_record
         ctx.run_function = run_function
         ctx.device = hidden_states.device
         ctx.rng = _rng_states(ctx.device)
         ctx.autocast = _autocast_state(ctx.device)
-        outputs = run_function(hidden_states, *args)
-        ctx.copy = _HostCopy(hidden_states)
-        ctx.previous_copy = _last_forward_copy
-        _last_forward_copy = weakref.ref(ctx.copy)
+        record = _LayerRecord(hidden_states)
+        _recompute_state.keeping = record
+        try:
+            outputs = run_function(hidden_states, *args)
+        finally:
+            _recompute_state.keeping = None
+        ctx.record = record
+        ctx.previous_record = _last_forward_record
+        _last_forward_record = weakref.ref(record)
         ctx.save_for_backward(*[a for a in args if isinstance(a, torch.Tensor)])
         ctx.args = [None if isinstance(a, torch.Tensor) else a for a in args]  # None: a saved tensor
         return outputs
 
     @staticmethod
     def backward(ctx, *grad_outputs):
-        hidden_states = ctx.copy.fetch()
-        previous = ctx.previous_copy() if ctx.previous_copy is not None else None
+        hidden_states = ctx.record.input.fetch()
+        kept = ctx.record.fetch_kept()
+        previous = ctx.previous_record() if ctx.previous_record is not None else None
         if previous is not None:
             previous.prefetch()  # the layer before this one is next in the backward
         saved = iter(ctx.saved_tensors)
@@ -108,11 +212,11 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
             if cuda_devices:
                 torch.cuda.set_rng_state(ctx.rng[1], ctx.device)
             with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=dtype, enabled=enabled):
-                _recompute_state.active = True
+                _recompute_state.active, _recompute_state.kept = True, kept
                 try:
                     outputs = ctx.run_function(hidden_states, *args)
                 finally:
-                    _recompute_state.active = False
+                    _recompute_state.active, _recompute_state.kept = False, None
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         pairs = [(o, g) for o, g in zip(outputs, grad_outputs)
                  if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]

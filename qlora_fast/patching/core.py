@@ -15,7 +15,8 @@ KV_SIBLINGS = "_qlora_fast_kv_siblings"  # on a q_proj: its (k_proj, v_proj), se
 STASHED = "_qlora_fast_stashed_output"  # on a k_proj / v_proj: (input, output) its q_proj computed
 OUTPUT_UNREAD_IN_RECOMPUTE = "_qlora_fast_output_unread_in_recompute"  # see add_norm_layer_forward
 HALVES = "_qlora_fast_halves"  # on a gate_up_proj: (its NF4Weight, the NF4Weights of its two halves)
-_PER_MODULE_STATE = (OUTPUT_ONLY_TO_RESIDUAL, KV_SIBLINGS, STASHED, OUTPUT_UNREAD_IN_RECOMPUTE, HALVES)
+KEEP_OUTPUT = "_qlora_fast_keep_output"  # on an attention projection: see patching/kept_outputs.py
+_PER_MODULE_STATE = (OUTPUT_ONLY_TO_RESIDUAL, KV_SIBLINGS, STASHED, OUTPUT_UNREAD_IN_RECOMPUTE, HALVES, KEEP_OUTPUT)
 
 
 def replace_forward(module: torch.nn.Module, forward) -> None:

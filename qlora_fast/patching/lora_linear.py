@@ -4,7 +4,7 @@ through the fused q/k/v one where its attention takes it)."""
 import torch
 
 from ..ops.lora_nf4_linear import lora_nf4_linear
-from .core import CALLS, KV_SIBLINGS, STASHED, stock_forward
+from .core import CALLS, KEEP_OUTPUT, KV_SIBLINGS, STASHED, stock_forward
 from .projections import adapter_dropout, compute_dtype, fused_projection
 from .qkv import fused_qkv_forward
 
@@ -33,4 +33,5 @@ def lora_layer_forward(self, x, *args, **kwargs):
         # Dropout on x in the adapter's dtype, as peft draws it, so both paths drop the same elements.
         x_lora = dropout(x if torch.is_autocast_enabled() else x.to(projection.lora_a.dtype))
     return lora_nf4_linear(x, x_lora, projection.lora_a, projection.lora_b, projection.scaling, projection.weight,
-                           self._modules["base_layer"].bias, compute_dtype(self, x))
+                           self._modules["base_layer"].bias, compute_dtype(self, x),
+                           keep_output=vars(self).get(KEEP_OUTPUT, False))

@@ -5,7 +5,7 @@ import torch
 from ..kernels.nf4_dequantize import stackable
 from ..ops.lora_nf4_qkv import lora_nf4_qkv
 from .architectures import has
-from .core import CALLS, STASHED
+from .core import CALLS, KEEP_OUTPUT, STASHED
 from .projections import compute_dtype, fusable, fused_group
 
 
@@ -31,7 +31,8 @@ def fused_qkv_forward(q_proj, siblings, x):
     biases = [p._modules["base_layer"].bias for p in projections]
     biases = None if biases[0] is None else biases  # all or none: fusable_qkv
     CALLS["qkv"] += 1
-    q, k, v = lora_nf4_qkv(x, *(f[1:] for f in found), compute_dtype=compute_dtype(q_proj, x), biases=biases)
+    q, k, v = lora_nf4_qkv(x, *(f[1:] for f in found), compute_dtype=compute_dtype(q_proj, x), biases=biases,
+                           keep_output=vars(q_proj).get(KEEP_OUTPUT, False))
     for projection, output in zip(siblings, (k, v)):
         vars(projection)[STASHED] = (x, output)
     return q

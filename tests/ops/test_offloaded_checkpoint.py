@@ -2,6 +2,7 @@
 only: bench/train_step.py's offload variant checks loss parity there)."""
 
 import functools
+from collections import Counter
 
 import pytest
 import torch
@@ -133,3 +134,85 @@ def test_recompute_skips_the_mlp_output_and_keeps_every_gradient(monkeypatch):
     assert calls == [True] * (2 * len(layers))
     assert full_loss == loss
     assert all(torch.equal(grads[n], full_grads[n]) for n in grads)
+
+
+def patched_tiny_llama(dtype, **options):
+    model = add_lora(quantize_to_nf4_(random_causal_lm("tiny-llama", dtype), dtype), init_b_std=0.02).train()
+    model.enable_input_require_grads()
+    model.gradient_checkpointing_enable()
+    report = patch_model(model, offload_checkpoints=True, verbose=False, **options)
+    return model, report
+
+
+def count_attention_gemms(monkeypatch):
+    """op -> calls during recomputes of the attention projections' base products: the stacked q/k/v
+    dequantize and the linear forward (o_proj; the MLP has its own Function)."""
+    import qlora_fast.ops.lora_nf4_linear as linear_op
+    import qlora_fast.ops.lora_nf4_qkv as qkv_op
+    from qlora_fast.ops.offloaded_checkpoint import recomputing
+
+    calls = Counter()
+
+    def counted(module, name):
+        original = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] += recomputing()
+            return original(*args, **kwargs)
+        monkeypatch.setattr(module, name, wrapper)
+
+    counted(qkv_op, "nf4_dequantize_stacked")
+    counted(linear_op, "nf4_linear_forward")
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_recompute_takes_the_kept_attention_outputs(monkeypatch, dtype):
+    model, report = patched_tiny_llama(dtype)
+    assert report.kept_outputs and "attention projections' outputs" in report.summary()
+    calls = count_attention_gemms(monkeypatch)
+    ids = torch.randint(0, 512, (2, 16))
+    loss, grads = loss_and_grads(model, ids)
+    layers = len(model.base_model.model.model.layers)
+    assert calls["nf4_dequantize_stacked"] == calls["nf4_linear_forward"] == 0
+
+    unpatch_model(model)
+    patch_model(model, offload_checkpoints=True, verbose=False, keep_attention_outputs=False)
+    calls.clear()
+    recomputed_loss, recomputed_grads = loss_and_grads(model, ids)
+    assert calls["nf4_dequantize_stacked"] == calls["nf4_linear_forward"] == layers
+    assert recomputed_loss == loss
+    assert all(torch.equal(grads[n], recomputed_grads[n]) for n in grads)
+
+
+def test_kept_outputs_are_what_the_backward_uses(monkeypatch):
+    """A kept tensor altered on its way back changes the gradients: the comparison above can fail."""
+    from qlora_fast.ops import offloaded_checkpoint as offload
+
+    model, _ = patched_tiny_llama(torch.float32)
+    ids = torch.randint(0, 512, (2, 16))
+    loss, grads = loss_and_grads(model, ids)
+    fetch = offload._LayerRecord.fetch_kept
+    monkeypatch.setattr(offload._LayerRecord, "fetch_kept",
+                        lambda self: {k: [t * 1.5 for t in ts] for k, ts in fetch(self).items()})
+    _, altered = loss_and_grads(model, ids)
+    assert any(not torch.equal(grads[n], altered[n]) for n in grads)
+
+
+def test_nothing_is_kept_beyond_the_host_budget(monkeypatch):
+    from qlora_fast.ops import offloaded_checkpoint as offload
+
+    monkeypatch.setattr(offload, "_kept_bytes_budget", lambda: 0)
+    model, _ = patched_tiny_llama(torch.float32)
+    calls = count_attention_gemms(monkeypatch)
+    loss_and_grads(model, torch.randint(0, 512, (2, 16)))
+    assert calls["nf4_dequantize_stacked"] == len(model.base_model.model.model.layers)
+    assert offload._kept_host_bytes == 0
+
+
+def test_keeping_outside_a_checkpoint_does_nothing():
+    from qlora_fast.ops.offloaded_checkpoint import keep_for_recompute, kept_for_recompute
+
+    key = object()
+    keep_for_recompute(key, torch.ones(3))
+    assert kept_for_recompute(key) is None
