@@ -9,9 +9,10 @@ masks) and autocast state as the forward.
 A Function inside the layer may also keep a tensor of its first pass for the recompute
 (`keep_for_recompute` / `kept_for_recompute`): the attention projections keep their base GEMM's output,
 so the recompute skips those GEMMs (q/k/v and o: ~20% of a Llama layer's recompute). Kept tensors travel
-like the layer's input, to the host and back; they are skipped (and recomputed) while the copies of
-earlier ones are still queued, or beyond a host-memory budget, so neither GPU nor host memory grows
-without bound.
+like the layer's input, to the host and back. Their copies must keep pace with the compute, or they would
+slow the forward they are meant to shorten: a tensor is not kept (its product is recomputed) while the
+compute stream runs several keeps ahead of the copies, nor beyond a host-memory budget; and the compute
+stream waits for copies that fall far behind, which bounds the GPU memory they hold.
 """
 
 import collections
@@ -26,8 +27,8 @@ from torch.utils.checkpoint import checkpoint
 _copy_streams: dict = {}
 _last_forward_record = None  # weakref to the previous layer's _LayerRecord, for prefetching in backward
 _recompute_state = threading.local()  # autograd runs each device's backward on its own thread
-_pending_copies: collections.deque = collections.deque()  # events of kept tensors' copies to the host
-_MAX_PENDING_COPIES = 4  # beyond this, a tensor is recomputed rather than kept: its copy would queue
+_queued_copies: collections.deque = collections.deque()  # (issued, copied) events of kept tensors' copies
+_LAG = 4  # a copy this many keeps behind the compute: the copies do not keep pace
 _kept_host_bytes = 0  # host memory held by kept tensors now
 
 
@@ -108,29 +109,37 @@ class _KeptCopy(_HostCopy):
         self.release()
 
 
-def _copies_queued(device: torch.device) -> bool:
-    """Whether kept tensors' copies to the host are falling behind the compute (their GPU memory waits)."""
-    while _pending_copies and _pending_copies[0].query():
-        _pending_copies.popleft()
-    return device.type == "cuda" and len(_pending_copies) >= _MAX_PENDING_COPIES
+def _copies_lag() -> bool:
+    """Whether kept tensors' copies fall behind the compute: the oldest unfinished copy was issued _LAG
+    keeps before a point the compute stream has passed. The host runs ahead of both streams, so unfinished
+    copies alone say nothing. Copies _LAG keeps further behind make the compute stream wait (GPU memory)."""
+    while _queued_copies and _queued_copies[0][1].query():
+        _queued_copies.popleft()
+    if len(_queued_copies) > 2 * _LAG:
+        torch.cuda.current_stream().wait_event(_queued_copies.popleft()[1])
+    return len(_queued_copies) > _LAG and _queued_copies[_LAG][0].query()
 
 
 class _LayerRecord:
     """What a checkpointed layer's first pass leaves for its backward: its input and the tensors its
     Functions kept, all in host memory (on the CPU: the tensors themselves)."""
 
-    def __init__(self, hidden_states: torch.Tensor):
-        self.input = _HostCopy(hidden_states)
+    def __init__(self):
+        self.input = None  # the layer's input, copied once the first pass has run
         self.kept: dict = {}  # key -> list of _KeptCopy, in the order kept
 
     def keep(self, key, tensor: torch.Tensor) -> None:
-        if _copies_queued(tensor.device) or _kept_host_bytes + tensor.nbytes > _kept_bytes_budget():
+        cuda = tensor.device.type == "cuda"
+        if (cuda and _copies_lag()) or _kept_host_bytes + tensor.nbytes > _kept_bytes_budget():
             return
+        if cuda:
+            issued = torch.cuda.Event()
+            issued.record()
         self.kept.setdefault(key, []).append(_KeptCopy(tensor))
-        if tensor.device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record(_copy_stream(tensor.device))
-            _pending_copies.append(event)
+        if cuda:
+            copied = torch.cuda.Event()
+            copied.record(_copy_stream(tensor.device))
+            _queued_copies.append((issued, copied))
 
     def prefetch(self) -> None:
         self.input.prefetch()
@@ -182,12 +191,13 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
         ctx.device = hidden_states.device
         ctx.rng = _rng_states(ctx.device)
         ctx.autocast = _autocast_state(ctx.device)
-        record = _LayerRecord(hidden_states)
+        record = _LayerRecord()
         _recompute_state.keeping = record
         try:
             outputs = run_function(hidden_states, *args)
         finally:
             _recompute_state.keeping = None
+        record.input = _HostCopy(hidden_states)
         ctx.record = record
         ctx.previous_record = _last_forward_record
         _last_forward_record = weakref.ref(record)
