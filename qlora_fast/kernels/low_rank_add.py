@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .low_rank import CANDIDATE_META, LowRank, launch_tiles, load_fp32, plus_low_rank, term_args, tile
+from .low_rank import LOW_RANK_ADD_META, LowRank, launch_tiles, load_fp32, plus_low_rank, term_args, tile
 
 
 @triton.jit(do_not_specialize=["n_rows"])  # packed batches change the token count every step
@@ -38,7 +38,7 @@ def _check_2d(t: torch.Tensor, name: str):
         raise ValueError(f"low_rank_add_: {name} must be 2-D with unit column stride; got strides {t.stride()}")
 
 
-def low_rank_add_(y: torch.Tensor, term: LowRank, meta: dict = CANDIDATE_META[0],
+def low_rank_add_(y: torch.Tensor, term: LowRank, meta: dict = LOW_RANK_ADD_META,
                   out: torch.Tensor | None = None) -> torch.Tensor:
     """Adds term.scale * term.xa @ term.b^T to the 2-D `y` in place (one rounding per element) and returns y;
     with `out` (y's shape, any float dtype), writes y + term there instead and returns out."""

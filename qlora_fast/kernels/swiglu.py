@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .low_rank import CANDIDATE_META, LowRank, launch_tiles, load_fp32, plus_low_rank, term_args, tile
+from .low_rank import SWIGLU_META, LowRank, launch_tiles, load_fp32, plus_low_rank, term_args, tile
 from ._utils import round_fp32_to, tanh
 
 
@@ -113,7 +113,7 @@ def _is_gelu(activation: str) -> bool:
 
 
 def swiglu_forward(g: torch.Tensor, u: torch.Tensor, gate_term: LowRank | None = None,
-                   up_term: LowRank | None = None, meta: dict = CANDIDATE_META[0], wide: bool = False,
+                   up_term: LowRank | None = None, meta: dict = SWIGLU_META, wide: bool = False,
                    activation: str = "silu") -> torch.Tensor:
     """act(g + gate_term) * (u + up_term) in g's dtype, each sum rounded once (as addmm_ would); with
     `wide`, the sums and act stay fp32 and only h is rounded (as stock computes an MLP whose input is
@@ -130,7 +130,7 @@ def swiglu_forward(g: torch.Tensor, u: torch.Tensor, gate_term: LowRank | None =
 
 def swiglu_backward_(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, dh_term: LowRank | None = None,
                      gate_term: LowRank | None = None, up_term: LowRank | None = None,
-                     meta: dict = CANDIDATE_META[0], wide: bool = False, activation: str = "silu"):
+                     meta: dict = SWIGLU_META, wide: bool = False, activation: str = "silu"):
     """Overwrites (dh, g, u) with (h, dg, du) of h = act(g + gate_term) * (u + up_term) whose output
     gradient is dh + dh_term, and returns them in that order; `wide` and `activation` as in swiglu_forward."""
     _check(dh, g, u)
