@@ -30,8 +30,8 @@ def test_patched_training_tracks_stock(dtype):
 def test_a_wrong_kernel_is_caught(monkeypatch):
     real = qlora_fast.patching.lora_linear.lora_nf4_linear
 
-    def doubled_scaling(x, x_lora, a, b, scaling, *rest):
-        return real(x, x_lora, a, b, 2 * scaling, *rest)
+    def doubled_scaling(x, x_lora, a, b, scaling, *rest, **kwargs):
+        return real(x, x_lora, a, b, 2 * scaling, *rest, **kwargs)
 
     monkeypatch.setattr(qlora_fast.patching.lora_linear, "lora_nf4_linear", doubled_scaling)
     result = compare_stock_and_patched(tiny_model(torch.float32), batches(), torch.float32, lr=1e-3)

@@ -40,11 +40,12 @@ def test_packed_rows_pass_with_packed_attention():
 
 
 def _dropped_terms(real):
-    return lambda y, blocks, out_dtype: y.to(out_dtype)
+    return lambda y, blocks, out_dtype, **kw: y.to(out_dtype)
 
 
 def _doubled_terms(real):
-    return lambda y, blocks, out_dtype: real(y, [(b, t._replace(scale=2 * t.scale)) for b, t in blocks], out_dtype)
+    return lambda y, blocks, out_dtype, **kw: real(y, [(b, t._replace(scale=2 * t.scale)) for b, t in blocks], out_dtype,
+                                                  **kw)
 
 
 def _doubled_gate_term(real):

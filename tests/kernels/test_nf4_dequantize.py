@@ -5,7 +5,7 @@ import torch
 
 from qlora_fast.kernels import _utils
 from qlora_fast.kernels import nf4_dequantize as nf4_dequantize_module
-from qlora_fast.kernels.nf4_dequantize import CANDIDATE_META, nf4_dequantize, nf4_dequantize_stacked
+from qlora_fast.kernels.nf4_dequantize import nf4_dequantize, nf4_dequantize_stacked
 from qlora_fast.nf4 import nf4_weight_from_bnb
 from tests.helpers import reference_dequantize
 from tests.kernels.test_utils import RecordingCompiled
