@@ -1,12 +1,15 @@
 """Where one training step's time goes: GPU kernel time against wall time, per patch_model variant.
 
   python bench/profile_step.py --sizes 4x512,4x2048,packed8192 --out $OUT/profile.md
+  python bench/profile_step.py --prepared --sizes 4x2048 --out $OUT/profile_peft.md   # peft's recipe
 
 Random-init model of the named shape (NF4, LoRA r=16 all linear, gradient checkpointing), one forward +
 backward per variant under torch.profiler after two warm-up steps. Wall time far above the summed kernel
 time means the step is host-bound (launches and Python), not GPU-bound. `packedN` is one padding-free row
 of N tokens packed from documents of 100-900 tokens (position_ids restarting, no mask: TRL's packing=True);
-the attention column is the share of kernel time in attention kernels.
+the attention column is the share of kernel time in attention kernels. `--prepared`: peft's QLoRA recipe
+(bench/recipes.py's "peft"): `prepare_model_for_kbit_training` (fp32 embeddings, norms and head) and each
+step under autocast(bf16), as Trainer(bf16=True) runs it.
 """
 
 import argparse
@@ -26,8 +29,10 @@ VARIANTS = {"stock peft": None, "qlora_fast default": {},
 ATTENTION_KERNELS = ("flash", "fmha", "attention", "cudnn", "sdpa")  # substrings of attention kernels' names
 
 
-def _step(model, batch):
-    model(**batch).loss.backward()
+def _step(model, batch, autocast=False):
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(**batch).loss
+    loss.backward()
     model.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
 
@@ -36,11 +41,12 @@ def _kernel_events(prof):
     return [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
-def _peaks_gib(model, batch):
+def _peaks_gib(model, batch, autocast):
     """Peak allocated GiB during the forward and during the backward of one step."""
     gib = 2**30
     torch.cuda.reset_peak_memory_stats()
-    loss = model(**batch).loss
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(**batch).loss
     torch.cuda.synchronize()
     forward = torch.cuda.max_memory_allocated() / gib
     torch.cuda.reset_peak_memory_stats()
@@ -67,22 +73,22 @@ def batch_for(size: str, vocab_size: int) -> dict:
     return {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def profile_variant(model, batch, options, timed_steps=5):
+def profile_variant(model, batch, options, autocast=False, timed_steps=5):
     """(median wall ms, summed kernel ms, attention kernels' share, kernel launches, peak GiB forward /
     backward, table of the top kernels) of one step."""
     if options is not None:
         patch_model(model, verbose=False, **options)
     try:
         for _ in range(2):
-            _step(model, batch)
+            _step(model, batch, autocast)
         walls = []
         for _ in range(timed_steps):
             started = time.perf_counter()
-            _step(model, batch)
+            _step(model, batch, autocast)
             walls.append((time.perf_counter() - started) * 1e3)
-        peaks = _peaks_gib(model, batch)
+        peaks = _peaks_gib(model, batch, autocast)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            _step(model, batch)
+            _step(model, batch, autocast)
     finally:
         unpatch_model(model)
     kernels = _kernel_events(prof)
@@ -99,10 +105,17 @@ def main():
                         help="comma-separated: BATCHxSEQ, or packedN (one padding-free row of N tokens)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names from VARIANTS")
     parser.add_argument("--out", default="profile.md")
+    parser.add_argument("--prepared", action="store_true",
+                        help="peft's recipe: prepare_model_for_kbit_training, steps under autocast(bf16)")
     args = parser.parse_args()
 
     model = quantize_to_nf4_(random_causal_lm(args.shape, torch.bfloat16, "cuda"))
     model.config.use_cache = False
+    if args.prepared:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model.enable_input_require_grads()
     model = add_lora(model, r=16, lora_alpha=16, init_b_std=1e-3)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     summary = ["| batch x seq | variant | wall ms (median of 5, no profiler) | kernel ms | attention share | "
@@ -112,8 +125,8 @@ def main():
     for size in args.sizes.split(","):
         batch = batch_for(size, model.config.vocab_size)
         for name in args.variants.split(","):
-            wall, kernel, attention, launches, (fwd_gib, bwd_gib), table = profile_variant(model, batch,
-                                                                                         VARIANTS[name])
+            wall, kernel, attention, launches, (fwd_gib, bwd_gib), table = profile_variant(
+                model, batch, VARIANTS[name], autocast=args.prepared)
             summary.append(f"| {size} | {name} | {wall:.1f} | {kernel:.1f} | {attention:.0%} | {launches} | "
                            f"{wall / kernel:.2f} | {fwd_gib:.2f} | {bwd_gib:.2f} |")
             print(summary[-1], flush=True)
