@@ -136,8 +136,8 @@ def test_recompute_skips_the_mlp_output_and_keeps_every_gradient(monkeypatch):
     assert all(torch.equal(grads[n], full_grads[n]) for n in grads)
 
 
-def patched_tiny_llama(dtype, **options):
-    model = add_lora(quantize_to_nf4_(random_causal_lm("tiny-llama", dtype), dtype), init_b_std=0.02).train()
+def patched_tiny(dtype, shape="tiny-llama", **options):
+    model = add_lora(quantize_to_nf4_(random_causal_lm(shape, dtype), dtype), init_b_std=0.02).train()
     model.enable_input_require_grads()
     model.gradient_checkpointing_enable()
     report = patch_model(model, offload_checkpoints=True, verbose=False, **options)
@@ -166,21 +166,25 @@ def count_attention_gemms(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_recompute_takes_the_kept_attention_outputs(monkeypatch, dtype):
-    model, report = patched_tiny_llama(dtype)
+@pytest.mark.parametrize("shape, dtype", [("tiny-llama", torch.float32), ("tiny-llama", torch.bfloat16),
+                                          ("tiny-qwen2", torch.float32), ("tiny-gemma2", torch.float32),
+                                          ("tiny-phi3", torch.float32)])
+def test_recompute_takes_the_kept_attention_outputs(monkeypatch, shape, dtype):
+    """q/k/v (stacked, Qwen2's with its bias; Phi-3's qkv_proj one layer) and o come back from the first pass:
+    no base product in the recompute, and bit for bit the gradients of recomputing them."""
+    model, report = patched_tiny(dtype, shape)
     assert report.kept_outputs and "attention projections' outputs" in report.summary()
     calls = count_attention_gemms(monkeypatch)
     ids = torch.randint(0, 512, (2, 16))
     loss, grads = loss_and_grads(model, ids)
-    layers = len(model.base_model.model.model.layers)
     assert calls["nf4_dequantize_stacked"] == calls["nf4_linear_forward"] == 0
 
     unpatch_model(model)
     patch_model(model, offload_checkpoints=True, verbose=False, keep_attention_outputs=False)
     calls.clear()
     recomputed_loss, recomputed_grads = loss_and_grads(model, ids)
-    assert calls["nf4_dequantize_stacked"] == calls["nf4_linear_forward"] == layers
+    layers = len(model.base_model.model.model.layers)
+    assert calls["nf4_dequantize_stacked"] + calls["nf4_linear_forward"] >= 2 * layers
     assert recomputed_loss == loss
     assert all(torch.equal(grads[n], recomputed_grads[n]) for n in grads)
 
@@ -189,7 +193,7 @@ def test_kept_outputs_are_what_the_backward_uses(monkeypatch):
     """A kept tensor altered on its way back changes the gradients: the comparison above can fail."""
     from qlora_fast.ops import offloaded_checkpoint as offload
 
-    model, _ = patched_tiny_llama(torch.float32)
+    model, _ = patched_tiny(torch.float32)
     ids = torch.randint(0, 512, (2, 16))
     loss, grads = loss_and_grads(model, ids)
     fetch = offload._LayerRecord.fetch_kept
@@ -203,7 +207,7 @@ def test_nothing_is_kept_beyond_the_host_budget(monkeypatch):
     from qlora_fast.ops import offloaded_checkpoint as offload
 
     monkeypatch.setattr(offload, "_kept_bytes_budget", lambda: 0)
-    model, _ = patched_tiny_llama(torch.float32)
+    model, _ = patched_tiny(torch.float32)
     calls = count_attention_gemms(monkeypatch)
     loss_and_grads(model, torch.randint(0, 512, (2, 16)))
     assert calls["nf4_dequantize_stacked"] == len(model.base_model.model.model.layers)
