@@ -17,7 +17,6 @@ stream waits for copies that fall far behind, which bounds the GPU memory they h
 
 import collections
 import functools
-import os
 import threading
 import weakref
 
@@ -87,12 +86,14 @@ class _HostCopy:
 
 @functools.lru_cache(maxsize=None)
 def _kept_bytes_budget() -> int:
-    """Host bytes kept tensors may hold: a quarter of the memory available when first asked (none where
-    that cannot be read)."""
+    """Host bytes kept tensors may hold: a quarter of the memory available when first asked (Linux's
+    MemAvailable, which counts reclaimable page cache; none where it cannot be read)."""
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
-    except (ValueError, OSError, AttributeError):
+        with open("/proc/meminfo") as meminfo:
+            available_kib = next(int(line.split()[1]) for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
         return 0
+    return available_kib * 1024 // 4
 
 
 class _KeptCopy(_HostCopy):
@@ -113,14 +114,14 @@ class _KeptCopy(_HostCopy):
         self.release()
 
 
-def _copies_lag() -> bool:
+def _copies_lag(device: torch.device) -> bool:
     """Whether kept tensors' copies fall behind the compute: the oldest unfinished copy was issued _LAG
     keeps before a point the compute stream has passed. The host runs ahead of both streams, so unfinished
     copies alone say nothing. Copies _LAG keeps further behind make the compute stream wait (GPU memory)."""
     while _queued_copies and _queued_copies[0][1].query():
         _queued_copies.popleft()
     if len(_queued_copies) > 2 * _LAG:
-        torch.cuda.current_stream().wait_event(_queued_copies.popleft()[1])
+        torch.cuda.current_stream(device).wait_event(_queued_copies.popleft()[1])
     return len(_queued_copies) > _LAG and _queued_copies[_LAG][0].query()
 
 
@@ -134,13 +135,13 @@ class _LayerRecord:
 
     def keep(self, key, tensor: torch.Tensor) -> None:
         cuda = tensor.device.type == "cuda"
-        if cuda and (tensor.numel() < KEEP_MIN_ELEMENTS or _copies_lag()):
+        if cuda and (tensor.numel() < KEEP_MIN_ELEMENTS or _copies_lag(tensor.device)):
             return
         if _kept_host_bytes + tensor.nbytes > _kept_bytes_budget():
             return
         if cuda:
             issued = torch.cuda.Event()
-            issued.record()
+            issued.record(torch.cuda.current_stream(tensor.device))
         self.kept.setdefault(key, []).append(_KeptCopy(tensor))
         if cuda:
             copied = torch.cuda.Event()

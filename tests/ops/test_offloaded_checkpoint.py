@@ -220,3 +220,11 @@ def test_keeping_outside_a_checkpoint_does_nothing():
     key = object()
     keep_for_recompute(key, torch.ones(3))
     assert kept_for_recompute(key) is None
+
+
+def test_the_host_budget_is_a_quarter_of_available_memory():
+    from qlora_fast.ops.offloaded_checkpoint import _kept_bytes_budget
+
+    with open("/proc/meminfo") as meminfo:
+        available = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    assert 0.2 * available < _kept_bytes_budget() < 0.3 * available  # read once; memory moves a little
