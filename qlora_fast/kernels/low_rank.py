@@ -80,8 +80,8 @@ def term_args(term: LowRank | None, like: torch.Tensor):
 # Launch parameters of the tile kernels on the GPU, fixed rather than autotuned (they overwrite their
 # inputs); bench/kernels.py times the candidates (bench/RESULTS.md).
 CANDIDATE_META = [
-    # SwiGLU's: the fastest both ways (H200, 8192 x 14336 with three LoRA terms: forward 0.246 ms against
-    # 64x64's 0.262, backward 0.583 against 0.698), and it fits in registers where 64x64 / 4 warps spills
+    # SwiGLU's: the fastest forward and backward with the three LoRA terms (bench/RESULTS.md, session 9),
+    # and it fits in registers where 64x64 / 4 warps spills
     {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4},
     {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4},  # low_rank_add_'s
     {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8},

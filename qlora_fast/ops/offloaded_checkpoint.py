@@ -28,9 +28,9 @@ _last_forward_record = None  # weakref to the previous layer's _LayerRecord, for
 _recompute_state = threading.local()  # autograd runs each device's backward on its own thread
 _queued_copies: collections.deque = collections.deque()  # (issued, copied) events of kept tensors' copies
 _LAG = 4  # a copy this many keeps behind the compute: the copies do not keep pace
-# Smaller tensors are recomputed: a keep costs the host ~tens of us (copies, events, pinned buffers), and
-# steps with fewer tokens are bound by the host (H200, Llama-3-8B, 1x2048: 258 ms a step keeping q/k/v and
-# o against 246 recomputing them; 4x2048, 8192 tokens: 627 against 656).
+# Smaller tensors are recomputed: a keep costs the host tens of us (copies, events, pinned buffers), and
+# steps of a few thousand tokens are bound by the host, where that outweighs the GEMM saved (Llama-3-8B:
+# slower at 1x2048, faster at 4x2048; bench/RESULTS.md, session 9).
 KEEP_MIN_ELEMENTS = 2**24
 _kept_host_bytes = 0  # host memory held by kept tensors now
 
