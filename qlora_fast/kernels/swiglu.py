@@ -22,11 +22,17 @@ from ._utils import round_fp32_to, tanh
 
 
 @triton.jit
+def _gelu_tanh_term(g):
+    """tanh(sqrt(2 / pi) (g + 0.044715 g^3)), as torch's tanh-approximated GELU computes it."""
+    return tanh(0.7978845608028654 * (g + 0.044715 * (g * g * g)))
+
+
+@triton.jit
 def _activation(g, dtype: tl.constexpr, SOFTWARE_RTNE: tl.constexpr, WIDE: tl.constexpr, GELU: tl.constexpr):
     """act(g) rounded to dtype and back to fp32 (kept in fp32 if WIDE), g in fp32. GELU as torch writes it:
     0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3)))."""
     if GELU:
-        act = 0.5 * g * (1.0 + tanh(0.7978845608028654 * (g + 0.044715 * (g * g * g))))
+        act = 0.5 * g * (1.0 + _gelu_tanh_term(g))
     else:
         act = g / (1.0 + tl.exp(-g))
     return _rounded_unless(act, dtype, SOFTWARE_RTNE, WIDE)
@@ -36,9 +42,8 @@ def _activation(g, dtype: tl.constexpr, SOFTWARE_RTNE: tl.constexpr, WIDE: tl.co
 def _activation_grad(g, d_act, GELU: tl.constexpr):
     """d_act * act'(g) in torch's order of operations (silu_backward, gelu_backward with tanh)."""
     if GELU:
-        g_sq = g * g
-        t = tanh(0.7978845608028654 * (g + 0.044715 * (g_sq * g)))
-        right_derivative = (0.5 * g) * (1.0 - t * t) * (0.7978845608028654 * (1.0 + 3.0 * 0.044715 * g_sq))
+        t = _gelu_tanh_term(g)
+        right_derivative = (0.5 * g) * (1.0 - t * t) * (0.7978845608028654 * (1.0 + 3.0 * 0.044715 * (g * g)))
         return d_act * (0.5 * (1.0 + t) + right_derivative)
     else:
         sig = 1.0 / (1.0 + tl.exp(-g))

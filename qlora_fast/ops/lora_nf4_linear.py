@@ -19,7 +19,7 @@ from .adapters import adapters_in, plus_low_rank_terms
 from .forward_only import apply
 from .lora_grads import scaled_mm
 from .nf4_linear import nf4_linear_backward, nf4_linear_forward
-from .offloaded_checkpoint import keep_for_recompute, kept_for_recompute
+from .offloaded_checkpoint import kept_or_computed
 
 
 class LoRANF4LinearFunction(torch.autograd.Function):
@@ -31,11 +31,8 @@ class LoRANF4LinearFunction(torch.autograd.Function):
         xl2 = x2 if x_lora is x else x_lora.reshape(-1, x_lora.shape[-1]).to(compute_dtype)
         a, b = (lora_a, lora_b) if lora_a.dtype == lora_b.dtype == compute_dtype else \
             adapters_in(compute_dtype, lora_a, lora_b)
-        y = kept_for_recompute(weight) if keep_output else None
-        if y is None:
-            y = nf4_linear_forward(x2, weight, None if bias is None else bias.to(compute_dtype))
-            if keep_output:
-                keep_for_recompute(weight, y)
+        base = lambda: nf4_linear_forward(x2, weight, None if bias is None else bias.to(compute_dtype))
+        y = kept_or_computed(weight, base) if keep_output else base()
         xa = xl2 @ a.t()
         y = plus_low_rank_terms(y, [(y, LowRank(xa, b, scaling))], out_dtype, fresh=keep_output)
 

@@ -23,7 +23,7 @@ from ..kernels.nf4_dequantize import nf4_dequantize_stacked
 from .adapters import adapters_in, plus_low_rank_terms, stacked_rows
 from .forward_only import apply
 from .lora_grads import add_shared_input_terms_, products_side_by_side, scaled_mm, shared_input_a_grads
-from .offloaded_checkpoint import keep_for_recompute, kept_for_recompute
+from .offloaded_checkpoint import kept_or_computed
 
 
 class LoRANF4QKVFunction(torch.autograd.Function):
@@ -41,11 +41,8 @@ class LoRANF4QKVFunction(torch.autograd.Function):
         if biases:  # the three copies lie end to end after b_v in adapters_in's buffer
             bias = b_v.as_strided((sum(ctx.out_features),), (1,), b_v.storage_offset() + b_v.numel())
 
-        y = kept_for_recompute(weights[0]) if keep_output else None
-        if y is None:
-            y = torch.nn.functional.linear(x2, nf4_dequantize_stacked(weights, compute_dtype), bias)
-            if keep_output:
-                keep_for_recompute(weights[0], y)
+        base = lambda: torch.nn.functional.linear(x2, nf4_dequantize_stacked(weights, compute_dtype), bias)
+        y = kept_or_computed(weights[0], base) if keep_output else base()
         xa = x2 @ a_all.t()
         terms = [LowRank(xa_i, b_i, s_i) for xa_i, b_i, s_i in zip(xa.split(ctx.ranks, 1), b_all, scalings)]
         y = plus_low_rank_terms(y, list(zip(y.split(ctx.out_features, 1), terms)), x.dtype, fresh=keep_output)

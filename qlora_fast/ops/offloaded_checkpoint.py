@@ -110,6 +110,11 @@ class _KeptCopy(_HostCopy):
         _kept_host_bytes -= self.nbytes
         self.nbytes = 0
 
+    def fetch(self) -> torch.Tensor:
+        tensor = super().fetch()
+        self.release()
+        return tensor
+
     def __del__(self):
         self.release()
 
@@ -139,12 +144,10 @@ class _LayerRecord:
             return
         if _kept_host_bytes + tensor.nbytes > _kept_bytes_budget():
             return
-        if cuda:
-            issued = torch.cuda.Event()
-            issued.record(torch.cuda.current_stream(tensor.device))
         self.kept.setdefault(key, []).append(_KeptCopy(tensor))
-        if cuda:
-            copied = torch.cuda.Event()
+        if cuda:  # the compute stream's point where the copy was queued, and the copy's end
+            issued, copied = torch.cuda.Event(), torch.cuda.Event()
+            issued.record(torch.cuda.current_stream(tensor.device))
             copied.record(_copy_stream(tensor.device))
             _queued_copies.append((issued, copied))
 
@@ -157,9 +160,6 @@ class _LayerRecord:
     def fetch_kept(self) -> dict:
         """key -> list of the kept tensors on their device, in the order kept; host copies released."""
         fetched = {key: [c.fetch() for c in copies] for key, copies in self.kept.items()}
-        for copies in self.kept.values():
-            for c in copies:
-                c.release()
         self.kept = {}
         return fetched
 
@@ -179,6 +179,16 @@ def kept_for_recompute(key) -> torch.Tensor | None:
     kept = getattr(_recompute_state, "kept", None)
     tensors = None if kept is None else kept.get(id(key))
     return tensors.pop(0) if tensors else None
+
+
+def kept_or_computed(key, compute) -> torch.Tensor:
+    """compute(), kept for the recompute (keep_for_recompute); in the recompute, what was kept instead,
+    where it was."""
+    tensor = kept_for_recompute(key)
+    if tensor is None:
+        tensor = compute()
+        keep_for_recompute(key, tensor)
+    return tensor
 
 
 def _rng_states(device: torch.device):

@@ -10,20 +10,21 @@ from .architectures import has
 from .core import CALLS, OUTPUT_UNREAD_IN_RECOMPUTE, has_hooks, is_patched, previous_forward
 
 
+def _frozen_norm(norm, x, eps: float, offset_weight: bool):
+    if norm.weight.requires_grad:  # unfrozen after patching: the kernel gives no weight gradient
+        return previous_forward(norm)(x)
+    CALLS["rms_norm"] += 1
+    return rms_norm_op(x, norm.weight, eps, offset_weight)
+
+
 @torch.compiler.disable
 def rms_norm_forward(self, x):
-    if self.weight.requires_grad:  # unfrozen after patching: the kernel gives no weight gradient
-        return previous_forward(self)(x)
-    CALLS["rms_norm"] += 1
-    return rms_norm_op(x, self.weight, self.variance_epsilon)
+    return _frozen_norm(self, x, self.variance_epsilon, offset_weight=False)
 
 
 @torch.compiler.disable
 def gemma_rms_norm_forward(self, x):
-    if self.weight.requires_grad:
-        return previous_forward(self)(x)
-    CALLS["rms_norm"] += 1
-    return rms_norm_op(x, self.weight, self.eps, offset_weight=True)
+    return _frozen_norm(self, x, self.eps, offset_weight=True)
 
 
 def frozen_norms(model: torch.nn.Module):
