@@ -11,6 +11,8 @@ from peft import prepare_model_for_kbit_training
 from qlora_fast import patch_model, unpatch_model
 from qlora_fast.harness.models import add_lora, quantize_to_nf4_, random_causal_lm
 from qlora_fast.ops import adapters
+from qlora_fast.patching import mlp, norms, qkv
+from qlora_fast.patching.core import NARROWED_FROM
 from tests.helpers import rel_err
 
 
@@ -101,3 +103,65 @@ def test_weights_with_values_beyond_bf16_stay_fp32():
         lm.lm_head.weight[0, 0] += 1e-6
     assert patch_model(model, verbose=False).bf16_stored == 1  # the embedding only
     assert lm.lm_head.weight.dtype == torch.float32
+
+
+def _autocast_loss_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _narrowed_norm_outputs(monkeypatch) -> list:
+    """Records the dtype of each norm output the patched decoder layers hand on narrowed."""
+    narrowed, add_norm_for = [], norms._add_norm_for
+
+    def recording(*args):
+        residual, hidden = add_norm_for(*args)
+        if hasattr(hidden, NARROWED_FROM):
+            narrowed.append(hidden.dtype)
+        return residual, hidden
+
+    monkeypatch.setattr(norms, "_add_norm_for", recording)
+    return narrowed
+
+
+@pytest.mark.parametrize("shape", ["tiny-llama", "tiny-qwen2"])
+@pytest.mark.parametrize("mutant", [False, True], ids=["narrowed", "mutant: narrowed outputs"])
+def test_norms_handed_on_narrowed_change_no_loss_or_gradient(shape, mutant, monkeypatch):
+    """Under autocast the norms before the fused q/k/v and MLP write bf16 (their consumers round to it
+    first): the loss and every gradient bit for bit as with the fp32 norms. The mutant's Functions return
+    the narrowed dtype instead of stock's (fp32): that must show."""
+    model = prepared_tiny(shape, b_std=0.02)
+    ids = torch.randint(0, 512, (2, 24))
+    patch_model(model, verbose=False)
+    with monkeypatch.context() as wide_norms:  # the reference: nothing narrowed
+        wide_norms.setattr(norms, "attention_rounds_its_input", lambda attention, x: False)
+        wide_norms.setattr(norms, "mlp_rounds_its_input", lambda mlp: False)
+        wide_loss, wide_grads = _autocast_loss_and_grads(model, ids)
+    narrowed = _narrowed_norm_outputs(monkeypatch)
+    if mutant:
+        for module in (qkv, mlp):
+            monkeypatch.setattr(module, "stock_dtype", lambda x: x.dtype)
+    loss, grads = _autocast_loss_and_grads(model, ids)
+    assert narrowed == [torch.bfloat16] * 4  # 2 layers x (attention, MLP)
+    same = torch.equal(loss, wide_loss) and all(torch.equal(grads[n], wide_grads[n]) for n in wide_grads)
+    assert same != mutant
+
+
+def test_norms_stay_wide_where_a_consumer_would_see_the_difference(monkeypatch):
+    """No narrowing without autocast, for an attention with a hook, or for adapters with dropout."""
+    model = prepared_tiny(b_std=0.02)
+    ids = torch.randint(0, 512, (2, 8))
+    patch_model(model, verbose=False)
+    narrowed = _narrowed_norm_outputs(monkeypatch)
+    model(input_ids=ids)
+    assert narrowed == []
+    layers = model.base_model.model.model.layers
+    handle = layers[0].self_attn.register_forward_pre_hook(lambda module, args: None)
+    layers[1].mlp.gate_proj.lora_dropout["default"] = torch.nn.Dropout(0.1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids)
+    assert narrowed == [torch.bfloat16] * 2  # layer 0's MLP and layer 1's attention only
+    handle.remove()

@@ -1,8 +1,14 @@
+import inspect
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+try:
+    from triton import knobs as _knobs
+except ImportError:  # older Triton: no knobs module, and a launcher layout _c_launch does not take
+    _knobs = None
 
 
 # True when Triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET=1). Triton reads the
@@ -35,15 +41,24 @@ class Relaunch:
     """A compiled Triton kernel launched again with the specialization of its first launch, every argument
     but the output fixed, pointers passed as addresses. Per call this skips Triton's binding (which
     specializes each argument) and the launcher's data_ptr() call and driver pointer check per tensor:
-    ~2 us of host time per tensor argument on the lent H200's host. The output must be 16-byte aligned, as
-    the first launch's was (Triton specializes on it); the fixed tensors must outlive the Relaunch."""
+    ~2 us of host time per tensor argument on the lent H200's host. Where the launcher has the layout
+    `_c_launch` knows and no launch hook is set, it also skips the runner's Python: the launch-metadata
+    dict, the two hook chains the C launcher would call back, and the device and stream lookups through
+    Triton's driver. The output must be 16-byte aligned, as the first launch's was (Triton specializes on
+    it); the fixed tensors must outlive the Relaunch."""
 
     def __init__(self, compiled, grid: tuple, args: tuple, out_position: int):
         address = lambda a: a.data_ptr() if isinstance(a, torch.Tensor) else a
         self.device = torch.cuda.current_device()
-        self._runner = compiled[(*grid, 1, 1)[:3]]  # the compiled kernel's runner reads all three axes
+        self._grid = (*grid, 1, 1)[:3]  # the compiled kernel's runner reads all three axes
+        self._runner = compiled[self._grid]
         self._head = tuple(address(a) for a in args[:out_position])
         self._tail = tuple(address(a) for a in args[out_position + 1:])
+        launch = _c_launch(compiled)
+        if launch is not None:
+            self._c_launch, self._c_head = launch[0], (*launch[1:], *self._head)
+        else:
+            self._c_launch = None
 
     @classmethod
     def of(cls, compiled, grid: tuple, args: tuple, out_position: int) -> "Relaunch | None":
@@ -57,8 +72,49 @@ class Relaunch:
         return out.data_ptr() % 16 == 0 and torch.cuda.current_device() == self.device
 
     def __call__(self, out: torch.Tensor) -> torch.Tensor:
-        self._runner(*self._head, out.data_ptr(), *self._tail)
+        if self._c_launch is not None and not launch_hooks_set():
+            self._c_launch(*self._grid, current_stream(self.device), *self._c_head, out.data_ptr(), *self._tail)
+        else:
+            self._runner(*self._head, out.data_ptr(), *self._tail)
         return out
+
+
+def current_stream(device: int) -> int:
+    """The current CUDA stream's handle on `device`, as Triton's runner reads it."""
+    return torch._C._cuda_getCurrentRawStream(device)
+
+
+def launch_hooks_set() -> bool:
+    """Whether a launch hook (a profiler's, Proton's) is set: then every launch goes through Triton's runner,
+    which calls it."""
+    if _knobs is None:
+        return True
+    hooks = (_knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook)
+    return any(h is not None and (type(h).__name__ != "HookChain" or h.calls) for h in hooks)
+
+
+# Triton 3.5/3.6's CUDA launcher: __call__(gridX, gridY, gridZ, stream, function, *args) hands its C `launch`
+# (gridX, gridY, gridZ, stream, function, cooperative_grid, pdl, global_scratch, profile_scratch, *args),
+# where args = (packed kernel metadata, launch metadata, enter hook, exit hook, *the kernel's arguments).
+_LAUNCHER_CALL = ["self", "gridX", "gridY", "gridZ", "stream", "function", "args"]
+
+
+def _c_launch(compiled) -> tuple | None:
+    """(the C launch function of `compiled`'s launcher, the arguments it takes between the stream and the
+    kernel's own), or None where the launcher has another layout or needs scratch memory allocated per
+    launch: those launch through Triton's runner."""
+    launcher = getattr(compiled, "run", None)
+    try:
+        params = list(inspect.signature(type(launcher).__call__).parameters)
+    except (TypeError, ValueError):
+        return None
+    needed = ("launch", "launch_cooperative_grid", "launch_pdl", "global_scratch_size", "profile_scratch_size")
+    if params != _LAUNCHER_CALL or _knobs is None or not all(hasattr(launcher, n) for n in needed):
+        return None
+    if launcher.global_scratch_size or launcher.profile_scratch_size:
+        return None
+    return (launcher.launch, compiled.function, launcher.launch_cooperative_grid, launcher.launch_pdl,
+            None, None, compiled.packed_metadata, None, None, None)
 
 
 @triton.jit

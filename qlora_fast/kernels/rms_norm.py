@@ -7,7 +7,9 @@ backward gives dX.
 A decoder layer normalizes the sum of its residual and a sublayer's output, and that sum's gradient is
 the norm's input gradient plus the one it gets straight from the residual path. The kernels take both
 additions in (HAS_DELTA forward, HAS_RESIDUAL_GRAD backward), rounding each as torch's separate add would,
-so neither costs a pass over the hidden states of its own.
+so neither costs a pass over the hidden states of its own. The delta may be narrower than x (a bf16
+sublayer output added to the fp32 residual stream of a model `prepare_model_for_kbit_training` upcast):
+it is widened exactly and the sum rounded once to x's dtype, as torch's promoting add computes it.
 """
 
 import functools
@@ -98,14 +100,20 @@ def rms_norm_forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, offset
     return y, rstd
 
 
+def norm_dtype(x_dtype: torch.dtype, weight_dtype: torch.dtype, offset_weight: bool = False) -> torch.dtype:
+    """The dtype of the norm's output as torch computes it: weight * x's promotion (Llama), x's (Gemma)."""
+    return x_dtype if offset_weight else torch.promote_types(weight_dtype, x_dtype)
+
+
 def add_rms_norm_forward(x2d: torch.Tensor, delta2d: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                         offset_weight: bool = False):
-    """(sum, y, rstd) for sum = x + delta (contiguous, of one shape and dtype) and y = RMSNorm(sum);
-    without a delta, sum is x itself."""
+                         offset_weight: bool = False, out_dtype: torch.dtype | None = None):
+    """(sum, y, rstd) for sum = x + delta (contiguous, of one shape; delta of x's dtype or narrower) and
+    y = RMSNorm(sum); without a delta, sum is x itself. y is computed in fp32 and rounded once to `out_dtype`
+    (default: `norm_dtype`'s): a narrower one gives the stock output rounded, nothing else."""
     rows, cols = x2d.shape
     has_delta = delta2d is not None
     total = torch.empty_like(x2d) if has_delta else x2d
-    y_dtype = x2d.dtype if offset_weight else torch.promote_types(weight.dtype, x2d.dtype)
+    y_dtype = out_dtype or norm_dtype(x2d.dtype, weight.dtype, offset_weight)
     y = torch.empty((rows, cols), dtype=y_dtype, device=x2d.device)
     rstd = torch.empty(rows, dtype=torch.float32, device=x2d.device)
     grid, meta = _launch(rows, cols)

@@ -12,7 +12,8 @@ also means fewer host calls per layer, which is what small batches are bound by.
 
 Where x is wider than the compute dtype (fp32 hidden states of a prepared model, bf16 compute), g, u and
 silu(g) * u stay fp32 inside the kernel until h is rounded for the down projection, and the output is
-x's dtype, base + term unrounded: what stock peft computes there (ops/adapters.py).
+x's dtype, base + term unrounded: what stock peft computes there (ops/adapters.py); so do they where
+`out_dtype` is wider (x handed on narrowed, its stock dtype that one: patching/norms.py).
 
 With `output_needed=False` (a checkpoint's recompute of a layer that only adds the MLP output to its
 residual) forward skips the down projection's GEMM and returns an unwritten tensor: backward needs
@@ -40,7 +41,8 @@ def _lora_project(x2, xa, weight: NF4Weight, lora_b, scaling: float, out_dtype):
 class LoRANF4MLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gate_a, gate_b, up_a, up_b, down_a, down_b, weights, scalings, compute_dtype,
-                output_needed=True, activation="silu"):
+                output_needed=True, activation="silu", out_dtype=None):
+        out_dtype = out_dtype or x.dtype
         w_gate, w_up, w_down = weights
         s_gate, s_up, s_down = scalings
         ctx.lora_dtypes = [t.dtype for t in (gate_a, gate_b, up_a, up_b, down_a, down_b)]
@@ -48,7 +50,7 @@ class LoRANF4MLPFunction(torch.autograd.Function):
                                                                  down_a, down_b)
         gate_up_a = stacked_rows((gate_a, up_a))
         x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype)
-        ctx.wide, ctx.activation = wider(x.dtype, compute_dtype), activation
+        ctx.wide, ctx.activation = wider(out_dtype, compute_dtype), activation
 
         xa_gate, xa_up = (x2 @ gate_up_a.t()).split([gate_a.shape[0], up_a.shape[0]], 1)
         g, u = nf4_linear_forward(x2, w_gate), nf4_linear_forward(x2, w_up)
@@ -56,14 +58,14 @@ class LoRANF4MLPFunction(torch.autograd.Function):
                            activation=activation)
         ha_down = h @ down_a.t()
         if output_needed:
-            y = _lora_project(h, ha_down, w_down, down_b, s_down, x.dtype)
+            y = _lora_project(h, ha_down, w_down, down_b, s_down, out_dtype)
         else:
-            y = x.new_empty(x2.shape[0], w_down.shape[0])
+            y = x.new_empty(x2.shape[0], w_down.shape[0], dtype=out_dtype)
 
         ctx.save_for_backward(x2, xa_gate, xa_up, g, u, ha_down, gate_up_a, gate_b, up_b, down_a, down_b)
         ctx.weights, ctx.scalings = weights, scalings
         ctx.x_meta = (x.shape, x.dtype)
-        return y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1]).to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -94,12 +96,13 @@ class LoRANF4MLPFunction(torch.autograd.Function):
             grad_x = nf4_linear_backward(du, w_up, accumulate=nf4_linear_backward(dg, w_gate))
             add_shared_input_terms_(grad_x, dgu_b, gate_up_a, ranks, (s_gate, s_up))
             grad_x = grad_x.view(ctx.x_meta[0]).to(ctx.x_meta[1])
-        return (grad_x, *grad_gate, *grad_up, *grad_down, None, None, None, None, None)
+        return (grad_x, *grad_gate, *grad_up, *grad_down, None, None, None, None, None, None)
 
 
-def lora_nf4_mlp(x, gate, up, down, compute_dtype=None, output_needed=True, activation="silu"):
+def lora_nf4_mlp(x, gate, up, down, compute_dtype=None, output_needed=True, activation="silu", out_dtype=None):
     """Autograd entry point. gate, up and down are (lora_a, lora_b, scaling, NF4Weight) of each
-    projection; `compute_dtype` defaults to x's dtype; `activation`: one of kernels/swiglu.ACTIVATIONS."""
+    projection; `compute_dtype` and `out_dtype` (the output's) default to x's dtype; `activation`: one of
+    kernels/swiglu.ACTIVATIONS."""
     (gate_a, gate_b, s_gate, w_gate), (up_a, up_b, s_up, w_up), (down_a, down_b, s_down, w_down) = gate, up, down
     return apply(LoRANF4MLPFunction, x, gate_a, gate_b, up_a, up_b, down_a, down_b, (w_gate, w_up, w_down),
-                 (s_gate, s_up, s_down), compute_dtype or x.dtype, output_needed, activation)
+                 (s_gate, s_up, s_down), compute_dtype or x.dtype, output_needed, activation, out_dtype)

@@ -12,7 +12,8 @@ by. Saves x, x @ A^T and the compute-dtype adapters; never a dequantized weight.
 Base biases (Qwen2's q/k/v) are cast in the same launch as the adapters, into the same buffer, where the
 three lie end to end: the stacked bias is a view, added inside the GEMM (rounded once, as bitsandbytes'
 F.linear adds it). Where x is wider than the compute dtype the outputs are x's dtype, base + term
-unrounded, as stock peft sums them (ops/adapters.py). With `keep_output`, the stacked base output of an
+unrounded, as stock peft sums them (ops/adapters.py); so they are where `out_dtype` is wider (x was handed
+on narrowed, its stock dtype that one: patching/norms.py). With `keep_output`, the stacked base output of an
 offloaded checkpoint's first pass is kept for its recompute, as in ops/lora_nf4_linear.py.
 """
 
@@ -29,7 +30,8 @@ from .offloaded_checkpoint import kept_or_computed
 class LoRANF4QKVFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, a_q, b_q, a_k, b_k, a_v, b_v, weights, scalings, compute_dtype, biases=None,
-                keep_output=False):
+                keep_output=False, out_dtype=None):
+        out_dtype = out_dtype or x.dtype
         lora_a, lora_b = (a_q, a_k, a_v), (b_q, b_k, b_v)
         ctx.lora_dtypes = [(a.dtype, b.dtype) for a, b in zip(lora_a, lora_b)]
         ctx.out_features = [w.shape[0] for w in weights]
@@ -45,14 +47,14 @@ class LoRANF4QKVFunction(torch.autograd.Function):
         y = kept_or_computed(weights[0], base) if keep_output else base()
         xa = x2 @ a_all.t()
         terms = [LowRank(xa_i, b_i, s_i) for xa_i, b_i, s_i in zip(xa.split(ctx.ranks, 1), b_all, scalings)]
-        y = plus_low_rank_terms(y, list(zip(y.split(ctx.out_features, 1), terms)), x.dtype, fresh=keep_output)
+        y = plus_low_rank_terms(y, list(zip(y.split(ctx.out_features, 1), terms)), out_dtype, fresh=keep_output)
 
         ctx.save_for_backward(x2, xa, a_all, *b_all)
         ctx.weights, ctx.scalings = weights, scalings
         ctx.x_meta = (x.shape, x.dtype)
         lead = x.shape[:-1]
-        return tuple(y_i.view(*lead, n).to(x.dtype) for y_i, n in zip(y.split(ctx.out_features, 1),
-                                                                      ctx.out_features))
+        return tuple(y_i.view(*lead, n).to(out_dtype) for y_i, n in zip(y.split(ctx.out_features, 1),
+                                                                        ctx.out_features))
 
     @staticmethod
     def backward(ctx, grad_q, grad_k, grad_v):
@@ -72,12 +74,13 @@ class LoRANF4QKVFunction(torch.autograd.Function):
                                              ctx.ranks, ctx.scalings)
             grad_x = grad_x.view(ctx.x_meta[0]).to(ctx.x_meta[1])
         adapter_grads = [g for pair in zip(grads_a, grads_b) for g in pair]
-        return (grad_x, *adapter_grads, None, None, None, None, None)
+        return (grad_x, *adapter_grads, None, None, None, None, None, None)
 
 
-def lora_nf4_qkv(x, q, k, v, compute_dtype=None, biases=None, keep_output: bool = False):
+def lora_nf4_qkv(x, q, k, v, compute_dtype=None, biases=None, keep_output: bool = False, out_dtype=None):
     """Autograd entry point: (q, k, v) outputs. q, k and v are (lora_a, lora_b, scaling, NF4Weight) of each
-    projection; `biases`, the three frozen base biases or None; `compute_dtype` defaults to x's dtype."""
+    projection; `biases`, the three frozen base biases or None; `compute_dtype` and `out_dtype` (the
+    outputs' dtype) default to x's dtype."""
     (a_q, b_q, s_q, w_q), (a_k, b_k, s_k, w_k), (a_v, b_v, s_v, w_v) = q, k, v
     return apply(LoRANF4QKVFunction, x, a_q, b_q, a_k, b_k, a_v, b_v, (w_q, w_k, w_v), (s_q, s_k, s_v),
-                 compute_dtype or x.dtype, biases, keep_output)
+                 compute_dtype or x.dtype, biases, keep_output, out_dtype)

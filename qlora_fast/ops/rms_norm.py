@@ -33,12 +33,13 @@ class RMSNormFunction(torch.autograd.Function):
 
 class AddRMSNormFunction(torch.autograd.Function):
     """(s, RMSNorm(s)) for s = residual + delta, or s = residual when delta is None (s is then returned
-    as a view of residual, so that its gradient still comes back through this Function)."""
+    as a view of residual, so that its gradient still comes back through this Function). A narrower delta
+    gets s's gradient rounded to its dtype (autograd casts it), as torch's add gives it."""
 
     @staticmethod
-    def forward(ctx, residual, delta, weight, eps: float):
+    def forward(ctx, residual, delta, weight, eps: float, out_dtype=None):
         delta2d = None if delta is None else _rows(delta)
-        total, y, rstd = add_rms_norm_forward(_rows(residual), delta2d, weight, eps)
+        total, y, rstd = add_rms_norm_forward(_rows(residual), delta2d, weight, eps, out_dtype=out_dtype)
         ctx.save_for_backward(total, weight, rstd)
         ctx.has_delta = delta is not None
         return total.view(residual.shape), y.view(*residual.shape[:-1], y.shape[-1])
@@ -48,7 +49,7 @@ class AddRMSNormFunction(torch.autograd.Function):
         total, weight, rstd = ctx.saved_tensors
         grad = rms_norm_backward(_rows(grad_normed), total, weight, rstd, residual_grad=_rows(grad_total))
         grad = grad.view(grad_total.shape)
-        return grad, grad if ctx.has_delta else None, None, None
+        return grad, grad if ctx.has_delta else None, None, None, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset_weight: bool = False) -> torch.Tensor:
@@ -56,9 +57,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset_weight: b
     return apply(RMSNormFunction, x, weight, eps, offset_weight)
 
 
-def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float):
+def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 out_dtype: torch.dtype | None = None):
     """(residual + delta, RMSNorm(residual + delta)) as torch computes them, with delta None meaning no
-    addition. A delta of another dtype or shape is added by torch first (its promotion rules apply)."""
-    if delta is not None and (delta.dtype != residual.dtype or delta.shape != residual.shape):
+    addition; the norm rounded to `out_dtype` where given (a consumer that rounds its input to it first).
+    A delta of another shape, or of a dtype the sum would not be in, is added by torch first."""
+    if delta is not None and (torch.promote_types(delta.dtype, residual.dtype) != residual.dtype
+                              or delta.shape != residual.shape):
         residual, delta = residual + delta, None
-    return apply(AddRMSNormFunction, residual, delta, weight, eps)
+    return apply(AddRMSNormFunction, residual, delta, weight, eps, out_dtype)

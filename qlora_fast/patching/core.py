@@ -85,6 +85,23 @@ def fallback(reason: str) -> None:
     warn_once(f"qlora_fast: some LoRA layer calls run on peft's path: {reason}")
 
 
+# On a norm's output written narrower than stock writes it (patching/norms.py): the dtype stock gives it.
+# A tensor attribute, so that it travels with the tensor to the projections the attention or MLP hands it.
+NARROWED_FROM = "_qlora_fast_narrowed_from"
+
+
+def stock_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype x has on the stock path: its own, or the one it was narrowed from."""
+    return getattr(x, NARROWED_FROM, None) or x.dtype
+
+
+def widened(x: torch.Tensor) -> torch.Tensor:
+    """x in its stock dtype, for a path that would not round it first (exact: the narrowing dropped only
+    bits such a consumer drops)."""
+    narrowed_from = getattr(x, NARROWED_FROM, None)
+    return x if narrowed_from is None else x.to(narrowed_from)
+
+
 def distributed() -> bool:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_world_size() > 1

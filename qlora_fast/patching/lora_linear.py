@@ -4,7 +4,7 @@ through the fused q/k/v one where its attention takes it)."""
 import torch
 
 from ..ops.lora_nf4_linear import lora_nf4_linear
-from .core import CALLS, KEEP_OUTPUT, KV_SIBLINGS, STASHED, stock_forward
+from .core import CALLS, KEEP_OUTPUT, KV_SIBLINGS, STASHED, stock_forward, widened
 from .projections import adapter_dropout, compute_dtype, fused_projection
 from .qkv import fused_qkv_forward
 
@@ -15,14 +15,15 @@ def lora_layer_forward(self, x, *args, **kwargs):
     `fused_projection` refuses go through peft's forward. A k_proj / v_proj returns what its q_proj
     computed for this same input; a q_proj computes all three when it can."""
     stashed = vars(self).pop(STASHED, None)
-    if args or kwargs:
-        return stock_forward(self, x, *args, **kwargs)
-    if stashed is not None and stashed[0] is x:
+    if stashed is not None and stashed[0] is x and not (args or kwargs):
         return stashed[1]
     siblings = vars(self).get(KV_SIBLINGS)
-    q = None if siblings is None else fused_qkv_forward(self, siblings, x)
+    q = None if siblings is None or args or kwargs else fused_qkv_forward(self, siblings, x)
     if q is not None:
         return q
+    x = widened(x)  # handed on narrowed for the fused q/k/v, which did not take it
+    if args or kwargs:
+        return stock_forward(self, x, *args, **kwargs)
     projection = fused_projection(self)
     if projection is None:
         return stock_forward(self, x, *args, **kwargs)

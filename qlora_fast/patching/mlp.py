@@ -10,7 +10,8 @@ from ..nf4 import nf4_rows
 from ..ops.lora_nf4_mlp import lora_nf4_mlp
 from ..ops.offloaded_checkpoint import recomputing
 from .architectures import has
-from .core import CALLS, HALVES, OUTPUT_ONLY_TO_RESIDUAL, has_hooks, is_patched, previous_forward
+from .core import (CALLS, HALVES, OUTPUT_ONLY_TO_RESIDUAL, has_hooks, is_patched, previous_forward, stock_dtype,
+                   widened)
 from .projections import compute_dtype, fusable, fused_group
 
 
@@ -83,19 +84,33 @@ def gate_up_mlp_forward(self, x):
     return lora_nf4_mlp(x, *gate_and_up, found[1][1:], compute_dtype=compute_dtype(projections[0], x))
 
 
+def _mlp_group(mlp) -> list | None:
+    """The gate, up and down Projections when one Function can serve them now: the same adapter, no
+    dropout, and one rank (the SwiGLU kernels add their terms with one); else None."""
+    projections = [mlp._modules[p] for p in _MLP_PROJECTIONS]
+    found = fused_group(projections, uncalled=projections)
+    return None if found is None or len({f.lora_a.shape[0] for f in found}) != 1 else found
+
+
+def rounds_its_input(mlp) -> bool:
+    """Whether this MLP's only use of its input is the fused Function now, which first rounds it to the
+    compute dtype (so it may be handed on in that dtype)."""
+    return vars(mlp).get("forward") is not None and vars(mlp)["forward"].__func__ is mlp_forward \
+        and not has_hooks(mlp) and _mlp_group(mlp) is not None
+
+
 @torch.compiler.disable
 def mlp_forward(self, x):
-    """The whole gated MLP in one Function when its three projections can take the fused path with the
-    same adapter and no dropout, and one rank (the SwiGLU kernels add their terms with one); otherwise
-    the stock MLP forward (each projection then decides alone)."""
-    projections = [self._modules[p] for p in _MLP_PROJECTIONS]
-    found = fused_group(projections, uncalled=projections)
-    if found is None or len({f.lora_a.shape[0] for f in found}) != 1:
-        return previous_forward(self)(x)
+    """The whole gated MLP in one Function when its three projections can take the fused path together
+    (`_mlp_group`); otherwise the stock MLP forward (each projection then decides alone)."""
+    found = _mlp_group(self)
+    if found is None:
+        return previous_forward(self)(widened(x))
     output_needed = not (recomputing() and vars(self).get(OUTPUT_ONLY_TO_RESIDUAL, False))
     CALLS["mlp"] += 1
-    return lora_nf4_mlp(x, *(f[1:] for f in found), compute_dtype=compute_dtype(projections[0], x),
-                        output_needed=output_needed, activation=activation_name(self.act_fn))
+    return lora_nf4_mlp(x, *(f[1:] for f in found), compute_dtype=compute_dtype(self._modules["gate_proj"], x),
+                        output_needed=output_needed, activation=activation_name(self.act_fn),
+                        out_dtype=stock_dtype(x))
 
 
 def mark_residual_mlps(model: torch.nn.Module) -> None:

@@ -3,11 +3,15 @@ residual adds of Llama-style decoder layers inside the norm after each."""
 
 import torch
 
+from ..kernels.rms_norm import norm_dtype
+from ..ops.adapters import wider
 from ..ops.offloaded_checkpoint import recomputing
 from ..ops.rms_norm import add_rms_norm, rms_norm as rms_norm_op
 from ..ops.unread_sum import unread_sum
 from .architectures import has
-from .core import CALLS, OUTPUT_UNREAD_IN_RECOMPUTE, has_hooks, is_patched, previous_forward
+from .core import CALLS, NARROWED_FROM, OUTPUT_UNREAD_IN_RECOMPUTE, has_hooks, is_patched, previous_forward
+from .mlp import rounds_its_input as mlp_rounds_its_input
+from .qkv import rounds_its_input as attention_rounds_its_input
 
 
 def _frozen_norm(norm, x, eps: float, offset_weight: bool):
@@ -52,6 +56,26 @@ def add_norm_layers(model: torch.nn.Module):
                     for n in (m._modules.get("input_layernorm"), m._modules.get("post_attention_layernorm")))]
 
 
+def _add_norm_for(residual, delta, norm, consumer_rounds_it: bool):
+    """add_rms_norm(residual, delta) with `norm`'s weight, its normalized output written in autocast's dtype
+    where stock's is wider and its consumer (the fused q/k/v or MLP Function) rounds it to that dtype before
+    any use, which makes the narrowing exact; such an output carries its stock dtype (core.NARROWED_FROM)
+    so that the consumer returns what stock returns. Spares the wide write and the consumer's cast pass on
+    a model `prepare_model_for_kbit_training` upcast (fp32 residual stream and norms, bf16 compute)."""
+    weight = norm._parameters["weight"]
+    wide = norm_dtype(residual.dtype if delta is None else torch.promote_types(residual.dtype, delta.dtype),
+                      weight.dtype)
+    device_type = residual.device.type
+    narrow = None
+    if consumer_rounds_it and torch.is_autocast_enabled(device_type):
+        narrow = torch.get_autocast_dtype(device_type)
+        narrow = narrow if wider(wide, narrow) else None
+    residual, hidden = add_rms_norm(residual, delta, weight, norm.variance_epsilon, out_dtype=narrow)
+    if narrow is not None:
+        setattr(hidden, NARROWED_FROM, wide)
+    return residual, hidden
+
+
 @torch.compiler.disable
 def add_norm_layer_forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
                             use_cache=False, position_embeddings=None, **kwargs):
@@ -63,12 +87,13 @@ def add_norm_layer_forward(self, hidden_states, attention_mask=None, position_id
                                        past_key_values=past_key_values, use_cache=use_cache,
                                        position_embeddings=position_embeddings, **kwargs)
     CALLS["rms_norm"] += 2
-    residual, hidden = add_rms_norm(hidden_states, None, first._parameters["weight"], first.variance_epsilon)
-    hidden, _ = self.self_attn(hidden_states=hidden, attention_mask=attention_mask, position_ids=position_ids,
-                               past_key_values=past_key_values, use_cache=use_cache,
-                               position_embeddings=position_embeddings, **kwargs)
-    residual, hidden = add_rms_norm(residual, hidden, second._parameters["weight"], second.variance_epsilon)
-    hidden = self.mlp(hidden)
+    attention, mlp = self._modules["self_attn"], self._modules["mlp"]
+    residual, hidden = _add_norm_for(hidden_states, None, first, attention_rounds_its_input(attention, hidden_states))
+    hidden, _ = attention(hidden_states=hidden, attention_mask=attention_mask, position_ids=position_ids,
+                          past_key_values=past_key_values, use_cache=use_cache,
+                          position_embeddings=position_embeddings, **kwargs)
+    residual, hidden = _add_norm_for(residual, hidden, second, mlp_rounds_its_input(mlp))
+    hidden = mlp(hidden)
     if recomputing() and vars(self)[OUTPUT_UNREAD_IN_RECOMPUTE] and hidden.shape == residual.shape:
         return unread_sum(residual, hidden)
     return residual + hidden

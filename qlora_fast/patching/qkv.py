@@ -5,7 +5,7 @@ import torch
 from ..kernels.nf4_dequantize import stackable
 from ..ops.lora_nf4_qkv import lora_nf4_qkv
 from .architectures import has
-from .core import CALLS, KEEP_OUTPUT, STASHED
+from .core import CALLS, KEEP_OUTPUT, KV_SIBLINGS, STASHED, has_hooks, is_patched, stock_dtype
 from .projections import compute_dtype, fusable, fused_group
 
 
@@ -20,19 +20,34 @@ def fusable_qkv(model: torch.nn.Module):
             and len({getattr(m, p).base_layer.bias is None for p in QKV_PROJECTIONS}) == 1]
 
 
+def qkv_group(q_proj, siblings) -> list | None:
+    """The three projections' Projections when one Function can serve them now, else None."""
+    found = fused_group((q_proj, *siblings), uncalled=siblings)
+    return found if found is not None and stackable([f.weight for f in found]) else None
+
+
+def rounds_its_input(attention, x) -> bool:
+    """Whether this attention's only use of its hidden-states input is the fused q/k/v Function now, which
+    first rounds it to the compute dtype (so it may be handed on in that dtype)."""
+    q_proj = attention._modules.get("q_proj")
+    siblings = None if q_proj is None else vars(q_proj).get(KV_SIBLINGS)
+    if siblings is None or has_hooks(attention) or has_hooks(q_proj) or not is_patched(q_proj):
+        return False
+    return qkv_group(q_proj, siblings) is not None and len({compute_dtype(p, x) for p in (q_proj, *siblings)}) == 1
+
+
 def fused_qkv_forward(q_proj, siblings, x):
     """q_proj's output from one Function over the three projections, k's and v's left on their modules
     for their own calls on this same x; None where the three cannot take it now (then each goes alone)."""
     projections = (q_proj, *siblings)
-    found = fused_group(projections, uncalled=siblings)
-    if (found is None or len({compute_dtype(p, x) for p in projections}) != 1
-            or not stackable([f.weight for f in found])):
+    found = qkv_group(q_proj, siblings)
+    if found is None or len({compute_dtype(p, x) for p in projections}) != 1:
         return None
     biases = [p._modules["base_layer"].bias for p in projections]
     biases = None if biases[0] is None else biases  # all or none: fusable_qkv
     CALLS["qkv"] += 1
     q, k, v = lora_nf4_qkv(x, *(f[1:] for f in found), compute_dtype=compute_dtype(q_proj, x), biases=biases,
-                           keep_output=vars(q_proj).get(KEEP_OUTPUT, False))
+                           keep_output=vars(q_proj).get(KEEP_OUTPUT, False), out_dtype=stock_dtype(x))
     for projection, output in zip(siblings, (k, v)):
         vars(projection)[STASHED] = (x, output)
     return q

@@ -89,3 +89,49 @@ def test_add_rms_norm_of_mixed_dtypes_adds_as_torch_promotes():
     total, normed = add_rms_norm(residual, delta, weight, 1e-6)
     assert total.dtype == torch.float32 and torch.equal(total, residual + delta)
     assert torch.equal(normed, rms_norm(residual + delta, weight, 1e-6))
+
+
+def test_narrower_delta_is_added_inside_the_kernel_as_torch_adds_it(monkeypatch):
+    """A bf16 sublayer output added to an fp32 residual stream (a prepared model): in the kernel, the sum,
+    its norm and both gradients (the delta's rounded to bf16) bit for bit as torch's promoting add gives."""
+    from qlora_fast.ops import rms_norm as ops_rms_norm
+
+    deltas_in_kernel = []
+    kernel_forward = ops_rms_norm.add_rms_norm_forward
+    monkeypatch.setattr(ops_rms_norm, "add_rms_norm_forward",
+                        lambda x, d, *a, **k: deltas_in_kernel.append(d) or kernel_forward(x, d, *a, **k))
+    shape = (3, 7, 100)
+    weight = torch.randn(shape[-1]).mul(0.2).add(1.0)
+    residual, delta = torch.randn(shape) * 3, torch.randn(shape).to(torch.bfloat16)
+    grad_total, grad_normed = torch.randn(shape), torch.randn(shape)
+
+    residual_ref, delta_ref = _leaf(residual), _leaf(delta)
+    total_ref = residual_ref + delta_ref
+    normed_ref = rms_norm(total_ref, weight, 1e-5)
+    torch.autograd.backward([total_ref, normed_ref], [grad_total, grad_normed])
+
+    residual_ours, delta_ours = _leaf(residual), _leaf(delta)
+    total, normed = add_rms_norm(residual_ours, delta_ours, weight, 1e-5)
+    torch.autograd.backward([total, normed], [grad_total, grad_normed])
+
+    assert deltas_in_kernel and deltas_in_kernel[0].dtype == torch.bfloat16
+    assert total.dtype == torch.float32 and torch.equal(total, total_ref) and torch.equal(normed, normed_ref)
+    assert torch.equal(residual_ours.grad, residual_ref.grad)
+    assert delta_ours.grad.dtype == torch.bfloat16 and torch.equal(delta_ours.grad, delta_ref.grad)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_norm_written_narrower_is_the_stock_norm_rounded(out_dtype):
+    """The fp32 norm of an fp32 residual written in the consumer's compute dtype: one rounding of the
+    stock output, and the gradient of a narrower grad_normed the same as of its fp32 copy."""
+    weight = torch.randn(100).mul(0.2).add(1.0)
+    residual = torch.randn(1100, 100) * 3
+    grad_normed = torch.randn(1100, 100).to(out_dtype)
+    wide_residual, narrow_residual = _leaf(residual), _leaf(residual)
+    _, wide = add_rms_norm(wide_residual, None, weight, 1e-5)
+    _, narrow = add_rms_norm(narrow_residual, None, weight, 1e-5, out_dtype=out_dtype)
+    assert wide.dtype == torch.float32 and narrow.dtype == out_dtype
+    assert torch.equal(narrow, wide.to(out_dtype)) and not torch.equal(wide, wide.to(out_dtype).float())
+    wide.backward(grad_normed.float())
+    narrow.backward(grad_normed)
+    assert torch.equal(narrow_residual.grad, wide_residual.grad)
