@@ -6,8 +6,8 @@
 The CPU tests cover every kernel under Triton's interpreter; these run the compiled kernels on the GPU
 against independent references (bitsandbytes, float64, torch autograd, stock peft) and the paths the
 interpreter never takes: dequantize and the in-GEMM matmul on odd shapes, fp16 and bf16; the stacked
-q/k/v dequantize's pointer table; the fp32-output GEMM of scaled_mm; low_rank_add_'s cuBLAS branch for
-small outputs and the wide (fp32 out) LoRA term; the cross-entropy and SwiGLU kernels (with LoRA terms);
+q/k/v dequantize's pointer table; the relaunch's C launch, side streams and launch hooks; the fp32-output
+GEMM of scaled_mm; low_rank_add_'s cuBLAS branch for small outputs and the wide (fp32 out) LoRA term; the cross-entropy and SwiGLU kernels (with LoRA terms);
 LoRA layers and the fused MLP against peft; the offloaded checkpoints' side-stream copies and whole
 patched models through verify() (step-0 gradients against stock peft, fused calls counted), in bf16 and
 under autocast on a prepared model. bench/kernels.py times the kernels; run this first.
@@ -82,6 +82,40 @@ def stacked_dequantize():
                     stacked = nf4_dequantize_stacked(weights, dtype)
                     check(f"stacked q/k/v dequantize ({call}) {heights}x{k} {dname} nested={nested} == bitsandbytes",
                           torch.equal(stacked, ref))
+
+
+def relaunch_paths():
+    """A weight's relaunch through Triton's C launch (where the launcher has the layout kernels/_utils knows),
+    on a side stream behind a long kernel (a launch on another stream would be overwritten by the NaN fill
+    queued before it), and through Triton's runner while a launch hook is set (the hook must be called)."""
+    import triton
+    from triton import knobs
+
+    layer = make_nf4_linear(4096, 1024, torch.bfloat16, True, device="cuda")
+    w = nf4_weight_from_bnb(layer.weight)
+    ref = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    nf4_dequantize(w)
+    relaunch = w.launches[(torch.bfloat16, id(CANDIDATE_META[0]))]
+    check(f"relaunch through Triton's C launch (triton {triton.__version__})",
+          relaunch is not None and relaunch._c_launch is not None)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        ours = torch.empty_like(ref)
+        torch.cuda._sleep(20_000_000)
+        ours.fill_(float("nan"))
+        nf4_dequantize(w, out=ours)
+    side.synchronize()
+    check("relaunch on a side stream, queued behind a long kernel, bit-exact", torch.equal(ours, ref))
+    seen = []
+    hook = lambda metadata: seen.append(metadata)
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        ours = torch.full_like(ref, float("nan"))
+        nf4_dequantize(w, out=ours)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    check("relaunch with a launch hook set: through Triton's runner, hook called, bit-exact",
+          len(seen) == 1 and torch.equal(ours, ref))
 
 
 def scaled_mm_outputs():
@@ -292,7 +326,7 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("gpu_checks: needs a CUDA GPU")
     torch.manual_seed(0)
-    steps = (dequantize_and_in_gemm_matmul, stacked_dequantize, scaled_mm_outputs, low_rank_add_branches,
+    steps = (dequantize_and_in_gemm_matmul, stacked_dequantize, relaunch_paths, scaled_mm_outputs, low_rank_add_branches,
              cross_entropy, softcapped_cross_entropy, swiglu, geglu, swiglu_with_lora_terms, lora_layers_and_mlp,
              packed_attention_kernels, whole_models)
     chosen = sys.argv[1:] or [step.__name__ for step in steps]  # `gpu_checks.py stacked_dequantize ...`: those only

@@ -34,8 +34,8 @@ class NF4Weight:
     def numel(self) -> int:
         return self.shape[0] * self.shape[1]
 
-    @property
-    def device(self) -> torch.device:
+    @cached_property
+    def device(self) -> torch.device:  # a tensor's .device builds a new torch.device per read
         return self.packed.device
 
     @cached_property
