@@ -1,9 +1,27 @@
 """qlora_fast: fused NF4 + LoRA Triton kernels for peft + bitsandbytes QLoRA training."""
 
+import logging
 import os
 import sys
 
 import torch
+
+
+class _DropMessages(logging.Filter):
+    """Drops third-party log lines that say nothing a user can act on."""
+
+    def __init__(self, *prefixes: str):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+# bitsandbytes logs this when it is imported on a CPU with AVX512-BF16 and without the optional `kernels`
+# package; its own CPU path works without it. Set before this package's modules import bitsandbytes.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    _DropMessages("Failed to load CPU gemm_4bit_forward from kernels-community"))
 
 
 def _reimport_triton() -> None:

@@ -1,28 +1,11 @@
 """Entry point of the `qlora-fast` command."""
 
 import argparse
-import logging
 import sys
 from importlib import resources
 
 from .config import ConfigError, load_config
 
-
-class _DropMessages(logging.Filter):
-    """Drops third-party log lines that say nothing a user can act on."""
-
-    def __init__(self, *prefixes: str):
-        super().__init__()
-        self.prefixes = prefixes
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefixes)
-
-
-# bitsandbytes logs this on every import on a CPU machine without the optional `kernels` package; its own
-# CPU path works without it.
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-    _DropMessages("Failed to load CPU gemm_4bit_forward from kernels-community"))
 
 CONFIG_HELP = "YAML training config (axolotl-style keys; see qlora_fast/cli/config.py)"
 
