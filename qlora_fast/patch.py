@@ -5,7 +5,7 @@
 - patching/norms.py (`rms_norm`, `add_norm`), patching/rotary.py (`rope`), patching/loss.py (`chunked_loss`)
 - patching/packed_attention.py (`packed_attention`): padding-free packed batches attend per sequence
 - patching/checkpoints.py (`offload_checkpoints`), patching/kept_outputs.py (`keep_attention_outputs`),
-  patching/bf16_weights.py (`bf16_frozen_weights`)
+  patching/bf16_weights.py (`bf16_frozen_weights`), patching/parameter_count.py (`parameter_count`)
 - patching/architectures.py: the model families and what each of their classes computes
 - patching/core.py: installing and restoring forwards, call counts, fallback notes
 """
@@ -27,6 +27,7 @@ from .patching.mlp import (fusable_gate_up_mlps, fusable_mlps, gate_up_mlp_forwa
                            mlp_forward)
 from .patching.norms import add_norm_layer_forward, add_norm_layers, frozen_norms
 from .patching.packed_attention import restore_packed_attention, use_packed_attention
+from .patching.parameter_count import restore_parameter_count, use_parameter_count
 from .patching.projections import lora_nf4_layers, static_skip_reason
 from .patching.qkv import QKV_PROJECTIONS, fusable_qkv
 from .patching.rotary import patch_rotary, restore_rotary
@@ -49,6 +50,7 @@ class PatchReport:
     offloaded_checkpoints: bool = False
     kept_outputs: int = 0  # attention projections whose base outputs the recompute takes from the host
     bf16_stored: int = 0  # frozen fp32 embedding / lm_head weights held in bf16, losslessly
+    parameter_count: bool = False  # transformers' num_parameters (Trainer's per-step FLOP count) in one walk
     stock_loss: str | None = None  # a causal LM whose loss keeps the stock path: its class name
 
     def summary(self) -> str:
@@ -102,7 +104,8 @@ def _refusal(model: torch.nn.Module) -> str | None:
 def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool = True,
                 fused_mlp: bool = True, fused_qkv: bool = True, rms_norm: bool = True, add_norm: bool = True,
                 rope: bool = True, packed_attention: bool = True, offload_checkpoints: bool | None = None,
-                keep_attention_outputs: bool = True, bf16_frozen_weights: bool = True) -> PatchReport:
+                keep_attention_outputs: bool = True, bf16_frozen_weights: bool = True,
+                parameter_count: bool = True) -> PatchReport:
     """Routes every LoRA layer over a bitsandbytes NF4 Linear4bit through the fused Triton path,
     (`fused_mlp`) runs each gated MLP (SwiGLU, GeGLU) whose three projections are such layers as one autograd
     Function,
@@ -118,7 +121,9 @@ def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool
     (`keep_attention_outputs`) with them the attention projections' base outputs, which the recompute
     then takes back instead of recomputing (up to a quarter of the host memory available);
     (`bf16_frozen_weights`) holds frozen fp32 embedding and LM-head weights whose values are all bf16 (as
-    `prepare_model_for_kbit_training` leaves a bf16 checkpoint's) in bf16, computing what they computed.
+    `prepare_model_for_kbit_training` leaves a bf16 checkpoint's) in bf16, computing what they computed;
+    (`parameter_count`) counts the model's parameters for transformers' `num_parameters`, which Trainer
+    calls every step while the GPU waits, in one walk (installed only where it gives transformers' counts).
 
     Layers that cannot be served exactly keep peft's forward; one warning line says which and why.
     Idempotent; `unpatch_model` undoes it. Saving and loading adapters is unchanged (plain peft).
@@ -166,6 +171,8 @@ def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool
         report.packed_attention, report.dense_packed_attention = use_packed_attention(model)
     if bf16_frozen_weights and not distributed():
         report.bf16_stored = hold_in_bf16(model)
+    if parameter_count:
+        report.parameter_count = use_parameter_count(model)
     if offload_checkpoints is None:
         offload_checkpoints = not distributed()
     if offload_checkpoints:
@@ -183,5 +190,6 @@ def unpatch_model(model: torch.nn.Module) -> int:
     restore_rotary(model)
     restore_packed_attention(model)
     release_bf16_holds(model)
+    restore_parameter_count(model)
     lora_layers = {id(layer) for _, layer in lora_nf4_layers(model)}
     return sum(restore_forward(m) and id(m) in lora_layers for m in list(model.modules()))

@@ -92,6 +92,7 @@ class TrainConfig:
     bf16_frozen_weights: bool = True  # frozen fp32 embedding/head holding only bf16 values, held in bf16
     packed_attention: bool = True  # packed rows (packing: true) attend within each sequence
     keep_attention_outputs: bool = True  # with offloaded checkpoints: q/k/v and o outputs not recomputed
+    parameter_count: bool = True  # transformers' num_parameters (Trainer's per-step FLOP count) in one walk
     distributed: str = "none"  # none | ddp | fsdp (launch with `accelerate launch`)
     source: str | None = field(default=None, repr=False)  # the YAML file read, for relative paths
 
@@ -249,4 +250,4 @@ def patch_options(cfg: "TrainConfig") -> dict:
             "rms_norm": cfg.rms_norm_kernel, "add_norm": cfg.add_norm_kernel, "chunked_loss": cfg.chunked_loss,
             "bf16_frozen_weights": cfg.bf16_frozen_weights, "packed_attention": cfg.packed_attention,
             "offload_checkpoints": True if cfg.gradient_checkpointing == "offload" else None,
-            "keep_attention_outputs": cfg.keep_attention_outputs}
+            "keep_attention_outputs": cfg.keep_attention_outputs, "parameter_count": cfg.parameter_count}

@@ -115,11 +115,11 @@ def test_patch_options_take_their_axolotl_and_liger_spellings(data_file):
     assert patch_options(parse_config(config(data_file))) == {
         "fused_mlp": True, "fused_qkv": True, "rope": True, "rms_norm": True, "add_norm": True, "chunked_loss": True,
         "bf16_frozen_weights": True, "packed_attention": True, "offload_checkpoints": None,
-        "keep_attention_outputs": True}
+        "keep_attention_outputs": True, "parameter_count": True}
     cfg = parse_config(config(data_file, lora_qkv_kernel=False, lora_mlp_kernel=False, liger_rope=False,
                               rms_norm_kernel=False, add_norm_kernel=False,
                               liger_fused_linear_cross_entropy=False, bf16_frozen_weights=False,
-                              packed_attention=False, keep_attention_outputs=False))
+                              packed_attention=False, keep_attention_outputs=False, parameter_count=False))
     assert not any(patch_options(cfg).values())
     assert patch_options(parse_config(config(data_file, gradient_checkpointing="offload")))["offload_checkpoints"]
 
