@@ -4,6 +4,10 @@
 """
 import sys
 
+if len(sys.argv) < 3:  # before the slow imports (and the log lines some of them print)
+    sys.exit(f"usage: python {sys.argv[0]} MODEL DATA.jsonl [MAX_STEPS]  (MODEL: a hub name or a local "
+             "directory; DATA: JSONL with prompt/completion or text fields)")
+
 import torch
 from datasets import load_dataset
 from peft import LoraConfig
@@ -12,9 +16,6 @@ from trl import SFTConfig, SFTTrainer
 
 import qlora_fast  # <- added
 
-if len(sys.argv) < 3:
-    sys.exit(f"usage: python {sys.argv[0]} MODEL DATA.jsonl [MAX_STEPS]  (MODEL: a hub name or a local "
-             "directory; DATA: JSONL with prompt/completion or text fields)")
 model_name, data_file = sys.argv[1], sys.argv[2]  # data: JSONL with prompt/completion (or text) fields
 max_steps = int(sys.argv[3]) if len(sys.argv) > 3 else 100
 gpu = torch.cuda.is_available()

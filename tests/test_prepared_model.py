@@ -11,7 +11,7 @@ from peft import prepare_model_for_kbit_training
 from qlora_fast import patch_model, unpatch_model
 from qlora_fast.harness.models import add_lora, quantize_to_nf4_, random_causal_lm
 from qlora_fast.ops import adapters
-from qlora_fast.patching import mlp, norms, qkv
+from qlora_fast.patching import mlp, norms, qkv, rotary
 from qlora_fast.patching.core import NARROWED_FROM
 from tests.helpers import rel_err
 
@@ -106,9 +106,10 @@ def test_weights_with_values_beyond_bf16_stay_fp32():
 
 
 def _autocast_loss_and_grads(model, ids):
+    """A training step's loss and gradients as Trainer(bf16=True) and TRL compute them: autocast, no KV cache."""
     model.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
     loss.backward()
     return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -165,3 +166,57 @@ def test_norms_stay_wide_where_a_consumer_would_see_the_difference(monkeypatch):
         model(input_ids=ids)
     assert narrowed == [torch.bfloat16] * 2  # layer 0's MLP and layer 1's attention only
     handle.remove()
+
+
+def _recorded_attention_input_dtypes(monkeypatch) -> list:
+    """Records the dtype of each RoPE output and each fused v the patched attentions hand on."""
+    from qlora_fast.ops import lora_nf4_qkv
+
+    seen, apply, fused_qkv = [], rotary.apply, qkv.lora_nf4_qkv
+    monkeypatch.setattr(rotary, "apply", lambda *args: seen.extend(t.dtype for t in apply(*args)) or apply(*args))
+    monkeypatch.setattr(qkv, "lora_nf4_qkv", lambda *a, **k: seen.append(fused_qkv(*a, **k)[2].dtype)
+                        or fused_qkv(*a, **k))
+    return seen
+
+
+@pytest.mark.parametrize("shape", ["tiny-llama", "tiny-qwen2"])
+@pytest.mark.parametrize("mutant", [False, True], ids=["rounded by attention", "mutant: q rounded before RoPE"])
+def test_attention_inputs_written_as_attention_rounds_them_change_nothing(shape, mutant, monkeypatch):
+    """Under autocast with sdpa, RoPE writes q and k and the fused q/k/v writes v in bf16, which sdpa rounds
+    them to first: the loss and every gradient bit for bit as with fp32 q, k and v. The mutant rotates q and
+    k rounded to bf16 first (RoPE's products in bf16): that must show."""
+    model = prepared_tiny(shape, b_std=0.02)
+    assert model.config._attn_implementation == "sdpa"
+    ids = torch.randint(0, 512, (2, 24))
+    patch_model(model, verbose=False)
+    with monkeypatch.context() as wide:  # the reference: q, k and v handed on in fp32
+        wide.setattr(norms, "_attention_rounding", lambda *args: None)
+        wide_loss, wide_grads = _autocast_loss_and_grads(model, ids)
+    if mutant:
+        apply = rotary.apply
+        monkeypatch.setattr(rotary, "apply", lambda fn, q, k, cos, sin, out: apply(
+            fn, *(t if out is None else t.to(out) for t in (q, k, cos, sin)), None))
+    seen = _recorded_attention_input_dtypes(monkeypatch)
+    loss, grads = _autocast_loss_and_grads(model, ids)
+    assert seen.count(torch.bfloat16) == 3 * 2  # q and k after RoPE, v: 2 layers
+    same = torch.equal(loss, wide_loss) and all(torch.equal(grads[n], wide_grads[n]) for n in wide_grads)
+    assert same != mutant
+
+
+def test_attention_inputs_stay_wide_where_the_attention_would_see_them(monkeypatch):
+    model = prepared_tiny(b_std=0.02)
+    attention = model.base_model.model.model.layers[0].self_attn
+    assert norms._attention_rounding(attention, None, "cpu") is None  # no autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert norms._attention_rounding(attention, None, "cpu") == torch.bfloat16  # sdpa
+        assert norms._attention_rounding(attention, object(), "cpu") is None  # a KV cache stores them
+        monkeypatch.setattr(attention.config, "_attn_implementation", "eager")
+        monkeypatch.setattr(attention, "attention_dropout", 0.1)
+        assert norms._attention_rounding(attention.eval(), None, "cpu") == torch.bfloat16
+        assert norms._attention_rounding(attention.train(), None, "cpu") is None  # dropout on fp32 weights
+        monkeypatch.setattr(attention.config, "_attn_implementation", "flex_attention")
+        assert norms._attention_rounding(attention.eval(), None, "cpu") is None
+        monkeypatch.setattr(attention.config, "_attn_implementation", "sdpa")
+        handle = attention.register_forward_hook(lambda *args: None)
+        assert norms._attention_rounding(attention, None, "cpu") is None
+        handle.remove()

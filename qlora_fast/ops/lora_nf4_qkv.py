@@ -30,8 +30,9 @@ from .offloaded_checkpoint import kept_or_computed
 class LoRANF4QKVFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, a_q, b_q, a_k, b_k, a_v, b_v, weights, scalings, compute_dtype, biases=None,
-                keep_output=False, out_dtype=None):
+                keep_output=False, out_dtype=None, v_dtype=None):
         out_dtype = out_dtype or x.dtype
+        dtypes = (out_dtype, out_dtype, v_dtype or out_dtype)
         lora_a, lora_b = (a_q, a_k, a_v), (b_q, b_k, b_v)
         ctx.lora_dtypes = [(a.dtype, b.dtype) for a, b in zip(lora_a, lora_b)]
         ctx.out_features = [w.shape[0] for w in weights]
@@ -47,14 +48,20 @@ class LoRANF4QKVFunction(torch.autograd.Function):
         y = kept_or_computed(weights[0], base) if keep_output else base()
         xa = x2 @ a_all.t()
         terms = [LowRank(xa_i, b_i, s_i) for xa_i, b_i, s_i in zip(xa.split(ctx.ranks, 1), b_all, scalings)]
-        y = plus_low_rank_terms(y, list(zip(y.split(ctx.out_features, 1), terms)), out_dtype, fresh=keep_output)
+        blocks = list(zip(y.split(ctx.out_features, 1), terms))
+        if dtypes[2] == out_dtype:
+            outputs = plus_low_rank_terms(y, blocks, out_dtype, fresh=keep_output).split(ctx.out_features, 1)
+        else:  # q and k in out_dtype, v in its own
+            qk_width = ctx.out_features[0] + ctx.out_features[1]
+            q_k = plus_low_rank_terms(y[:, :qk_width], blocks[:2], out_dtype, fresh=keep_output)
+            v = plus_low_rank_terms(blocks[2][0], blocks[2:], dtypes[2], fresh=keep_output)
+            outputs = (*q_k.split(ctx.out_features[:2], 1), v)
 
         ctx.save_for_backward(x2, xa, a_all, *b_all)
         ctx.weights, ctx.scalings = weights, scalings
         ctx.x_meta = (x.shape, x.dtype)
         lead = x.shape[:-1]
-        return tuple(y_i.view(*lead, n).to(out_dtype) for y_i, n in zip(y.split(ctx.out_features, 1),
-                                                                        ctx.out_features))
+        return tuple(y_i.view(*lead, n).to(dtype) for y_i, n, dtype in zip(outputs, ctx.out_features, dtypes))
 
     @staticmethod
     def backward(ctx, grad_q, grad_k, grad_v):
@@ -74,13 +81,15 @@ class LoRANF4QKVFunction(torch.autograd.Function):
                                              ctx.ranks, ctx.scalings)
             grad_x = grad_x.view(ctx.x_meta[0]).to(ctx.x_meta[1])
         adapter_grads = [g for pair in zip(grads_a, grads_b) for g in pair]
-        return (grad_x, *adapter_grads, None, None, None, None, None, None)
+        return (grad_x, *adapter_grads, None, None, None, None, None, None, None)
 
 
-def lora_nf4_qkv(x, q, k, v, compute_dtype=None, biases=None, keep_output: bool = False, out_dtype=None):
+def lora_nf4_qkv(x, q, k, v, compute_dtype=None, biases=None, keep_output: bool = False, out_dtype=None,
+                 v_dtype=None):
     """Autograd entry point: (q, k, v) outputs. q, k and v are (lora_a, lora_b, scaling, NF4Weight) of each
     projection; `biases`, the three frozen base biases or None; `compute_dtype` and `out_dtype` (the
-    outputs' dtype) default to x's dtype."""
+    outputs' dtype) default to x's dtype, `v_dtype` (v's, where it differs: base + term rounded once) to
+    out_dtype."""
     (a_q, b_q, s_q, w_q), (a_k, b_k, s_k, w_k), (a_v, b_v, s_v, w_v) = q, k, v
     return apply(LoRANF4QKVFunction, x, a_q, b_q, a_k, b_k, a_v, b_v, (w_q, w_k, w_v), (s_q, s_k, s_v),
-                 compute_dtype or x.dtype, biases, keep_output, out_dtype)
+                 compute_dtype or x.dtype, biases, keep_output, out_dtype, v_dtype)

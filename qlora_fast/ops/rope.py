@@ -7,16 +7,19 @@ from ..kernels.rope import rope_backward, rope_forward
 
 
 class RoPEFunction(torch.autograd.Function):
+    """q and k rotated, in `out_dtype` (default q's); their gradients in q's dtype."""
+
     @staticmethod
-    def forward(ctx, q, k, cos, sin):
+    def forward(ctx, q, k, cos, sin, out_dtype=None):
         ctx.save_for_backward(cos, sin)
-        return rope_forward(q, k, cos, sin)
+        ctx.in_dtype = q.dtype
+        return rope_forward(q, k, cos, sin, out_dtype)
 
     @staticmethod
     def backward(ctx, grad_q, grad_k):
         cos, sin = ctx.saved_tensors
-        dq, dk = rope_backward(grad_q, grad_k, cos, sin)
-        return dq, dk, None, None
+        dq, dk = rope_backward(grad_q, grad_k, cos, sin, out_dtype=ctx.in_dtype)
+        return dq, dk, None, None, None
 
 
 def fused_rope_applies(q, k, cos, sin, unsqueeze_dim=1) -> bool:

@@ -2,6 +2,7 @@
 fused-call counts and fallback notes shared by the patches."""
 
 import os
+import threading
 import types
 import warnings
 from collections import Counter
@@ -100,6 +101,17 @@ def widened(x: torch.Tensor) -> torch.Tensor:
     bits such a consumer drops)."""
     narrowed_from = getattr(x, NARROWED_FROM, None)
     return x if narrowed_from is None else x.to(narrowed_from)
+
+
+class _AttentionInputs(threading.local):
+    """While a patched decoder layer runs its attention (patching/norms.py): the dtype that attention's
+    function rounds q, k and v to before any other use of them, or None. The RoPE drop-in and the fused
+    q/k/v Function write them in that dtype, which spares the wide writes and the attention's casts."""
+
+    rounded_to: torch.dtype | None = None
+
+
+ATTENTION_INPUTS = _AttentionInputs()
 
 
 def distributed() -> bool:

@@ -9,7 +9,9 @@ from ..ops.offloaded_checkpoint import recomputing
 from ..ops.rms_norm import add_rms_norm, rms_norm as rms_norm_op
 from ..ops.unread_sum import unread_sum
 from .architectures import has
-from .core import CALLS, NARROWED_FROM, OUTPUT_UNREAD_IN_RECOMPUTE, has_hooks, is_patched, previous_forward
+from .core import (ATTENTION_INPUTS, CALLS, NARROWED_FROM, OUTPUT_UNREAD_IN_RECOMPUTE, has_hooks, is_patched,
+                   previous_forward)
+from .packed_attention import IMPLEMENTATION as PACKED_IMPLEMENTATION
 from .mlp import rounds_its_input as mlp_rounds_its_input
 from .qkv import rounds_its_input as attention_rounds_its_input
 
@@ -76,6 +78,25 @@ def _add_norm_for(residual, delta, norm, consumer_rounds_it: bool):
     return residual, hidden
 
 
+# Attention functions that, under autocast, round q, k and v to autocast's dtype before any use of them
+# (sdpa and flash attention cast them; packed attention does as sdpa; eager's matmul casts them, and only
+# its dropout would see the difference)
+_ROUNDING_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3", PACKED_IMPLEMENTATION)
+
+
+def _attention_rounding(attention, past_key_values, device_type: str) -> torch.dtype | None:
+    """Autocast's dtype where this hook-free attention hands q, k and v (after RoPE) to nothing but an
+    attention function that rounds them to it first, so they may be written in it (core.ATTENTION_INPUTS):
+    no KV cache (it would store them), no hooks (output capture reads attention weights)."""
+    if not torch.is_autocast_enabled(device_type) or past_key_values is not None or has_hooks(attention):
+        return None
+    implementation = getattr(attention.config, "_attn_implementation", None)
+    dropout = attention.training and getattr(attention, "attention_dropout", 0.0)
+    if implementation in _ROUNDING_ATTENTION or (implementation == "eager" and not dropout):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 @torch.compiler.disable
 def add_norm_layer_forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
                             use_cache=False, position_embeddings=None, **kwargs):
@@ -89,9 +110,13 @@ def add_norm_layer_forward(self, hidden_states, attention_mask=None, position_id
     CALLS["rms_norm"] += 2
     attention, mlp = self._modules["self_attn"], self._modules["mlp"]
     residual, hidden = _add_norm_for(hidden_states, None, first, attention_rounds_its_input(attention, hidden_states))
-    hidden, _ = attention(hidden_states=hidden, attention_mask=attention_mask, position_ids=position_ids,
-                          past_key_values=past_key_values, use_cache=use_cache,
-                          position_embeddings=position_embeddings, **kwargs)
+    ATTENTION_INPUTS.rounded_to = _attention_rounding(attention, past_key_values, hidden_states.device.type)
+    try:
+        hidden, _ = attention(hidden_states=hidden, attention_mask=attention_mask, position_ids=position_ids,
+                              past_key_values=past_key_values, use_cache=use_cache,
+                              position_embeddings=position_embeddings, **kwargs)
+    finally:
+        ATTENTION_INPUTS.rounded_to = None
     residual, hidden = _add_norm_for(residual, hidden, second, mlp_rounds_its_input(mlp))
     hidden = mlp(hidden)
     if recomputing() and vars(self)[OUTPUT_UNREAD_IN_RECOMPUTE] and hidden.shape == residual.shape:

@@ -3,9 +3,10 @@
 import torch
 
 from ..kernels.nf4_dequantize import stackable
+from ..ops.adapters import wider
 from ..ops.lora_nf4_qkv import lora_nf4_qkv
 from .architectures import has
-from .core import CALLS, KEEP_OUTPUT, KV_SIBLINGS, STASHED, has_hooks, is_patched, stock_dtype
+from .core import ATTENTION_INPUTS, CALLS, KEEP_OUTPUT, KV_SIBLINGS, STASHED, has_hooks, is_patched, stock_dtype
 from .projections import compute_dtype, fusable, fused_group
 
 
@@ -46,8 +47,10 @@ def fused_qkv_forward(q_proj, siblings, x):
     biases = [p._modules["base_layer"].bias for p in projections]
     biases = None if biases[0] is None else biases  # all or none: fusable_qkv
     CALLS["qkv"] += 1
+    out_dtype, rounded_to = stock_dtype(x), ATTENTION_INPUTS.rounded_to  # v goes to the attention alone
+    v_dtype = rounded_to if rounded_to is not None and wider(out_dtype, rounded_to) else None
     q, k, v = lora_nf4_qkv(x, *(f[1:] for f in found), compute_dtype=compute_dtype(q_proj, x), biases=biases,
-                           keep_output=vars(q_proj).get(KEEP_OUTPUT, False), out_dtype=stock_dtype(x))
+                           keep_output=vars(q_proj).get(KEEP_OUTPUT, False), out_dtype=out_dtype, v_dtype=v_dtype)
     for projection, output in zip(siblings, (k, v)):
         vars(projection)[STASHED] = (x, output)
     return q

@@ -4,10 +4,11 @@ import sys
 
 import torch
 
+from ..ops.adapters import wider
 from ..ops.forward_only import apply
 from ..ops.rope import RoPEFunction, fused_rope_applies
 from .architectures import has
-from .core import CALLS
+from .core import ATTENTION_INPUTS, CALLS
 
 
 def _rotary_modules(model: torch.nn.Module) -> list:
@@ -17,13 +18,16 @@ def _rotary_modules(model: torch.nn.Module) -> list:
 
 
 def _fused_rotary(stock):
-    """A drop-in for a modeling module's apply_rotary_pos_emb: the Triton kernel where it is exact."""
+    """A drop-in for a modeling module's apply_rotary_pos_emb: the Triton kernel where it is exact, its
+    outputs written in the dtype the attention rounds them to where that is narrower (core.ATTENTION_INPUTS)."""
 
     @torch.compiler.disable
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
         if not args and fused_rope_applies(q, k, cos, sin, **kwargs):
             CALLS["rope"] += 1
-            return apply(RoPEFunction, q, k, cos, sin)
+            rounded_to = ATTENTION_INPUTS.rounded_to
+            out_dtype = rounded_to if rounded_to is not None and wider(q.dtype, rounded_to) else None
+            return apply(RoPEFunction, q, k, cos, sin, out_dtype)
         return stock(q, k, cos, sin, *args, **kwargs)
 
     apply_rotary_pos_emb.qlora_fast_stock = stock

@@ -58,3 +58,20 @@ def test_positions_shared_by_the_batch(dtype):
     ref = grads(apply_rotary_pos_emb, q, k, cos, sin, dq_out, dk_out)
     ours = grads(RoPEFunction.apply, q, k, cos, sin, dq_out, dk_out)
     assert all(torch.equal(o, r) for o, r in zip(ours, ref))
+
+
+@pytest.mark.parametrize("narrow", [torch.bfloat16, torch.float16])
+def test_fp32_q_written_narrower_is_the_fp32_result_rounded_once(narrow):
+    """fp32 q and k (a prepared model) written in the dtype attention rounds them to: the fp32 rotation
+    rounded once; the bf16 output gradients give the fp32 gradients of their fp32 copies."""
+    q, k, cos, sin = inputs(torch.float32, seq=37)
+    dq_out, dk_out = torch.randn_like(q).to(narrow), torch.randn_like(k).to(narrow)
+    wide = grads(RoPEFunction.apply, q, k, cos, sin, dq_out.float(), dk_out.float())
+    narrowed = grads(lambda *a: RoPEFunction.apply(*a, narrow), q, k, cos, sin, dq_out, dk_out)
+    for name, w, n in zip(("q", "k"), wide[:2], narrowed[:2]):
+        assert n.dtype == narrow and torch.equal(n, w.to(narrow)), name
+    for name, w, n in zip(("dq", "dk"), wide[2:], narrowed[2:]):
+        assert n.dtype == torch.float32 and torch.equal(n, w), name
+    # products rounded in the narrow dtype instead (rotating q rounded first) must show
+    mutant = RoPEFunction.apply(q.to(narrow), k.to(narrow), cos.to(narrow), sin.to(narrow))
+    assert not torch.equal(mutant[0], narrowed[0])
