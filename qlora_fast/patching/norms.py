@@ -58,20 +58,21 @@ def add_norm_layers(model: torch.nn.Module):
                     for n in (m._modules.get("input_layernorm"), m._modules.get("post_attention_layernorm")))]
 
 
-def _add_norm_for(residual, delta, norm, consumer_rounds_it: bool):
+def _add_norm_for(residual, delta, norm, consumer_rounds_it):
     """add_rms_norm(residual, delta) with `norm`'s weight, its normalized output written in autocast's dtype
     where stock's is wider and its consumer (the fused q/k/v or MLP Function) rounds it to that dtype before
-    any use, which makes the narrowing exact; such an output carries its stock dtype (core.NARROWED_FROM)
-    so that the consumer returns what stock returns. Spares the wide write and the consumer's cast pass on
-    a model `prepare_model_for_kbit_training` upcast (fp32 residual stream and norms, bf16 compute)."""
+    any use (`consumer_rounds_it()`, asked only then), which makes the narrowing exact; such an output
+    carries its stock dtype (core.NARROWED_FROM) so that the consumer returns what stock returns. Spares the
+    wide write and the consumer's cast pass on a model `prepare_model_for_kbit_training` upcast (fp32
+    residual stream and norms, bf16 compute)."""
     weight = norm._parameters["weight"]
     wide = norm_dtype(residual.dtype if delta is None else torch.promote_types(residual.dtype, delta.dtype),
                       weight.dtype)
     device_type = residual.device.type
     narrow = None
-    if consumer_rounds_it and torch.is_autocast_enabled(device_type):
+    if (torch.is_autocast_enabled(device_type) and wider(wide, torch.get_autocast_dtype(device_type))
+            and consumer_rounds_it()):
         narrow = torch.get_autocast_dtype(device_type)
-        narrow = narrow if wider(wide, narrow) else None
     residual, hidden = add_rms_norm(residual, delta, weight, norm.variance_epsilon, out_dtype=narrow)
     if narrow is not None:
         setattr(hidden, NARROWED_FROM, wide)
@@ -109,7 +110,8 @@ def add_norm_layer_forward(self, hidden_states, attention_mask=None, position_id
                                        position_embeddings=position_embeddings, **kwargs)
     CALLS["rms_norm"] += 2
     attention, mlp = self._modules["self_attn"], self._modules["mlp"]
-    residual, hidden = _add_norm_for(hidden_states, None, first, attention_rounds_its_input(attention, hidden_states))
+    residual, hidden = _add_norm_for(hidden_states, None, first,
+                                     lambda: attention_rounds_its_input(attention, hidden_states))
     ATTENTION_INPUTS.rounded_to = _attention_rounding(attention, past_key_values, hidden_states.device.type)
     try:
         hidden, _ = attention(hidden_states=hidden, attention_mask=attention_mask, position_ids=position_ids,
@@ -117,7 +119,7 @@ def add_norm_layer_forward(self, hidden_states, attention_mask=None, position_id
                               position_embeddings=position_embeddings, **kwargs)
     finally:
         ATTENTION_INPUTS.rounded_to = None
-    residual, hidden = _add_norm_for(residual, hidden, second, mlp_rounds_its_input(mlp))
+    residual, hidden = _add_norm_for(residual, hidden, second, lambda: mlp_rounds_its_input(mlp))
     hidden = mlp(hidden)
     if recomputing() and vars(self)[OUTPUT_UNREAD_IN_RECOMPUTE] and hidden.shape == residual.shape:
         return unread_sum(residual, hidden)

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One device call's worth of GPU work per part, each inside the device's 10-minute limit and its 8 files
+# back under $OUT. Run from the repository root on the device machine, with .gpu (WITH_PEERS=1 bash
+# ../shared/gpu/make_site.sh) in the call's carry and the commit passed literally (the device's git may
+# name a stale one):
+#   QLORA_FAST_COMMIT=<sha> bash bench/lease.sh checks    # GPU checks of the paths changed since the last
+#                                                         # lease, then the seed dequantize harness
+#   QLORA_FAST_COMMIT=<sha> bash bench/lease.sh rows SHAPE [RECIPES] [STACKS]
+#       # recipe rows of one shape (default recipes peft,trl_padded; stacks qlora_fast,unsloth), appended to
+#       # a copy of bench/recipes.json under $OUT (copy it back, then bench/recipes.py --render)
+# Then fetch $OUT's files into bench/ (recipes.json, seed_dequant.json/.md) and write RESULTS.md / NOTES.md.
+set -euo pipefail
+: "${OUT:?run on the device machine, where OUT is set}" "${QLORA_FAST_COMMIT:?pass the commit}"
+mkdir -p /tmp/site && tar xzf .gpu/site.tgz -C /tmp/site
+export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 QLORA_FAST_COMMIT
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+
+case "${1:-}" in
+checks)
+  python bench/gpu_checks.py dequantize_and_in_gemm_matmul stacked_dequantize relaunch_paths lora_layers_and_mlp \
+    whole_models > "$OUT/gpu_checks.txt" 2>&1 || true
+  grep -v '^PASS' "$OUT/gpu_checks.txt" | tail -12
+  python bench/seed_dequant.py --out "$OUT/seed_dequant.md" --repeats 3 > "$OUT/seed_dequant.log" 2>&1
+  grep -A6 'harness seconds' "$OUT/seed_dequant.md"
+  grep 'Host us\|Pieces' "$OUT/seed_dequant.md"
+  ;;
+rows)
+  shape=${2:?rows SHAPE [RECIPES] [STACKS]}
+  cp bench/recipes.json "$OUT/recipes.json"
+  python bench/recipes.py --out "$OUT/recipes" --shapes "$shape" --recipes "${3:-peft,trl_padded}" \
+    --stacks "${4:-qlora_fast,unsloth}" | tail -n 20
+  (cd "$OUT" && tar czf recipe_logs.tgz recipes-*.log && rm recipes-*.log)
+  ;;
+*)
+  echo "usage: bash bench/lease.sh checks | rows SHAPE [RECIPES] [STACKS]" >&2
+  exit 2
+  ;;
+esac
