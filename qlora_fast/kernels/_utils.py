@@ -7,8 +7,9 @@ import triton.language as tl
 
 try:
     from triton import knobs as _knobs
+    from triton.knobs import HookChain as _HookChain
 except ImportError:  # older Triton: no knobs module, and a launcher layout _c_launch does not take
-    _knobs = None
+    _knobs = _HookChain = None
 
 
 # True when Triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET=1). Triton reads the
@@ -49,7 +50,7 @@ class Relaunch:
 
     def __init__(self, compiled, grid: tuple, args: tuple, out_position: int):
         address = lambda a: a.data_ptr() if isinstance(a, torch.Tensor) else a
-        self.device = torch.cuda.current_device()
+        self.device = current_device()
         self._grid = (*grid, 1, 1)[:3]  # the compiled kernel's runner reads all three axes
         self._runner = compiled[self._grid]
         self._head = tuple(address(a) for a in args[:out_position])
@@ -69,7 +70,7 @@ class Relaunch:
         return cls(compiled, grid, args, out_position)
 
     def takes(self, out: torch.Tensor) -> bool:
-        return out.data_ptr() % 16 == 0 and torch.cuda.current_device() == self.device
+        return out.data_ptr() % 16 == 0 and current_device() == self.device
 
     def __call__(self, out: torch.Tensor) -> torch.Tensor:
         if self._c_launch is not None and not launch_hooks_set():
@@ -79,6 +80,12 @@ class Relaunch:
         return out
 
 
+def current_device() -> int:
+    """torch.cuda.current_device() without its lazy-initialization check: CUDA is initialized once a
+    kernel was launched."""
+    return torch._C._cuda_getDevice()
+
+
 def current_stream(device: int) -> int:
     """The current CUDA stream's handle on `device`, as Triton's runner reads it."""
     return torch._C._cuda_getCurrentRawStream(device)
@@ -86,11 +93,12 @@ def current_stream(device: int) -> int:
 
 def launch_hooks_set() -> bool:
     """Whether a launch hook (a profiler's, Proton's) is set: then every launch goes through Triton's runner,
-    which calls it."""
+    which calls it. Asked per launch, so spelled without a generator."""
     if _knobs is None:
         return True
-    hooks = (_knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook)
-    return any(h is not None and (type(h).__name__ != "HookChain" or h.calls) for h in hooks)
+    enter, exit_ = _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook
+    return not ((enter is None or (type(enter) is _HookChain and not enter.calls))
+                and (exit_ is None or (type(exit_) is _HookChain and not exit_.calls)))
 
 
 # Triton 3.5/3.6's CUDA launcher: __call__(gridX, gridY, gridZ, stream, function, *args) hands its C `launch`
@@ -105,7 +113,7 @@ def _c_launch(compiled) -> tuple | None:
     launch: those launch through Triton's runner."""
     launcher = getattr(compiled, "run", None)
     try:
-        params = list(inspect.signature(type(launcher).__call__).parameters)
+        params = list(inspect.signature(type(launcher).__call__).parameters) if launcher is not None else []
     except (TypeError, ValueError):
         return None
     needed = ("launch", "launch_cooperative_grid", "launch_pdl", "global_scratch_size", "profile_scratch_size")

@@ -95,8 +95,8 @@ def _mlp_group(mlp) -> list | None:
 def rounds_its_input(mlp) -> bool:
     """Whether this MLP's only use of its input is the fused Function now, which first rounds it to the
     compute dtype (so it may be handed on in that dtype)."""
-    return vars(mlp).get("forward") is not None and vars(mlp)["forward"].__func__ is mlp_forward \
-        and not has_hooks(mlp) and _mlp_group(mlp) is not None
+    installed = getattr(vars(mlp).get("forward"), "__func__", None)
+    return installed is mlp_forward and not has_hooks(mlp) and _mlp_group(mlp) is not None
 
 
 @torch.compiler.disable

@@ -134,6 +134,10 @@ def main():
         q, k, cos = torch.randn(2, 4, 8, 16, dtype=dtype), torch.randn(2, 2, 8, 16, dtype=dtype), torch.randn(2, 8, 16, dtype=dtype)
         rope_forward(q, k, cos, cos.clone())
         rope_backward(q, k, cos, cos.clone())
+        wide_q, wide_k, wide_cos = q.float(), k.float(), cos.float()  # a prepared model's fp32 q, k
+        rope_forward(wide_q, wide_k, wide_cos, wide_cos.clone(), out_dtype=dtype)
+        rope_backward(q, k, wide_cos, wide_cos.clone(), out_dtype=torch.float32)
+        add_rms_norm_forward(x.float(), x, torch.ones(64), 1e-6, out_dtype=dtype)  # bf16 delta, fp32 stream
         for softcap in (None, 30.0):
             cross_entropy_forward_backward_(torch.randn(4, 100, dtype=dtype), torch.zeros(4, dtype=torch.int64),
                                             torch.ones(()), torch.empty(4), softcap)

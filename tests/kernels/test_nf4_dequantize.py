@@ -87,7 +87,7 @@ def test_stacked_table_follows_the_weights():
 def test_later_calls_relaunch_the_first_launch(monkeypatch, stacked):
     """After a weight's first launch per dtype, calls go to its Relaunch, not through Triton's launch."""
     monkeypatch.setattr(_utils, "INTERPRETING", False)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(_utils, "current_device", lambda: 0)
     name = "_nf4_dequantize_stacked_kernel" if stacked else "_nf4_dequantize_kernel"
     kernel, compiled, launches = getattr(nf4_dequantize_module, name), RecordingCompiled(), []
 

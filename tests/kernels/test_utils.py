@@ -27,7 +27,7 @@ class RecordingCompiled:
 
 def test_relaunch_passes_addresses_and_the_new_output(monkeypatch):
     monkeypatch.setattr(_utils, "INTERPRETING", False)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(_utils, "current_device", lambda: 0)
     compiled = RecordingCompiled()
     a, out, b = torch.zeros(4), torch.zeros(8), torch.zeros(2)
     relaunch = Relaunch.of(compiled, (3, 2), (a, out, 7, b, True), 1)
@@ -69,7 +69,7 @@ class CompiledWithLauncher(RecordingCompiled):
 
 def _relaunch_of(compiled, monkeypatch):
     monkeypatch.setattr(_utils, "INTERPRETING", False)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(_utils, "current_device", lambda: 0)
     monkeypatch.setattr(_utils, "current_stream", lambda device: 1234)
     a, out, b = torch.zeros(4), torch.zeros(8), torch.zeros(2)
     return Relaunch.of(compiled, (3, 2), (a, out, 7, b, True), 1), (a, b)
