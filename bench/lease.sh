@@ -8,8 +8,14 @@
 #   QLORA_FAST_COMMIT=<sha> bash bench/lease.sh rows SHAPE [RECIPES] [STACKS]
 #       # recipe rows of one shape (default recipes peft,trl_padded; stacks qlora_fast,unsloth), appended to
 #       # a copy of bench/recipes.json under $OUT (copy it back, then bench/recipes.py --render)
+#   QLORA_FAST_COMMIT=<sha> bash bench/lease.sh profile [SIZES]  # where peft's recipe step goes, stock and
+#                                                                # patched (default 4x2048)
 # Then fetch $OUT's files into bench/ (recipes.json, seed_dequant.json/.md) and write RESULTS.md / NOTES.md.
 set -euo pipefail
+case "${1:-}" in
+checks | rows | profile) ;;
+*) echo "usage: bash bench/lease.sh checks | rows SHAPE [RECIPES] [STACKS] | profile [SIZES]" >&2; exit 2 ;;
+esac
 : "${OUT:?run on the device machine, where OUT is set}" "${QLORA_FAST_COMMIT:?pass the commit}"
 mkdir -p /tmp/site && tar xzf .gpu/site.tgz -C /tmp/site
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 QLORA_FAST_COMMIT
@@ -31,8 +37,8 @@ rows)
     --stacks "${4:-qlora_fast,unsloth}" | tail -n 20
   (cd "$OUT" && tar czf recipe_logs.tgz recipes-*.log && rm recipes-*.log)
   ;;
-*)
-  echo "usage: bash bench/lease.sh checks | rows SHAPE [RECIPES] [STACKS]" >&2
-  exit 2
+profile)
+  python bench/profile_step.py --prepared --sizes "${2:-4x2048}" --variants "stock peft,qlora_fast default" \
+    --out "$OUT/profile_prepared.md" | tail -n 30
   ;;
 esac
