@@ -180,15 +180,22 @@ def _recorded_attention_input_dtypes(monkeypatch) -> list:
 
 
 @pytest.mark.parametrize("shape", ["tiny-llama", "tiny-qwen2"])
-@pytest.mark.parametrize("mutant", [False, True], ids=["rounded by attention", "mutant: q rounded before RoPE"])
-def test_attention_inputs_written_as_attention_rounds_them_change_nothing(shape, mutant, monkeypatch):
+@pytest.mark.parametrize("mutant,checkpointing", [(False, False), (False, True), (True, False)],
+                         ids=["rounded by attention", "rounded by attention, offloaded checkpoints",
+                              "mutant: q rounded before RoPE"])
+def test_attention_inputs_written_as_attention_rounds_them_change_nothing(shape, mutant, checkpointing,
+                                                                          monkeypatch):
     """Under autocast with sdpa, RoPE writes q and k and the fused q/k/v writes v in bf16, which sdpa rounds
-    them to first: the loss and every gradient bit for bit as with fp32 q, k and v. The mutant rotates q and
-    k rounded to bf16 first (RoPE's products in bf16): that must show."""
+    them to first: the loss and every gradient bit for bit as with fp32 q, k and v, with offloaded
+    checkpoints too (the recompute takes the kept q/k/v base outputs). The mutant rotates q and k rounded
+    to bf16 first (RoPE's products in bf16): that must show."""
     model = prepared_tiny(shape, b_std=0.02)
     assert model.config._attn_implementation == "sdpa"
     ids = torch.randint(0, 512, (2, 24))
-    patch_model(model, verbose=False)
+    if checkpointing:
+        model.enable_input_require_grads()
+        model.gradient_checkpointing_enable()
+    assert patch_model(model, verbose=False).kept_outputs == 8  # q/k/v and o of 2 layers, where checkpointed
     with monkeypatch.context() as wide:  # the reference: q, k and v handed on in fp32
         wide.setattr(norms, "_attention_rounding", lambda *args: None)
         wide_loss, wide_grads = _autocast_loss_and_grads(model, ids)
@@ -198,7 +205,7 @@ def test_attention_inputs_written_as_attention_rounds_them_change_nothing(shape,
             fn, *(t if out is None else t.to(out) for t in (q, k, cos, sin)), None))
     seen = _recorded_attention_input_dtypes(monkeypatch)
     loss, grads = _autocast_loss_and_grads(model, ids)
-    assert seen.count(torch.bfloat16) == 3 * 2  # q and k after RoPE, v: 2 layers
+    assert seen.count(torch.bfloat16) == 3 * 2 * (2 if checkpointing else 1)  # q, k, v: 2 layers, each pass
     same = torch.equal(loss, wide_loss) and all(torch.equal(grads[n], wide_grads[n]) for n in wide_grads)
     assert same != mutant
 

@@ -21,10 +21,15 @@ def fusable_qkv(model: torch.nn.Module):
             and len({getattr(m, p).base_layer.bias is None for p in QKV_PROJECTIONS}) == 1]
 
 
-def qkv_group(q_proj, siblings) -> list | None:
-    """The three projections' Projections when one Function can serve them now, else None."""
-    found = fused_group((q_proj, *siblings), uncalled=siblings)
-    return found if found is not None and stackable([f.weight for f in found]) else None
+def qkv_group(q_proj, siblings, x) -> list | None:
+    """The three projections' Projections when one Function can serve them now (one compute dtype for x,
+    stackable weights), else None."""
+    projections = (q_proj, *siblings)
+    found = fused_group(projections, uncalled=siblings)
+    if (found is None or len({compute_dtype(p, x) for p in projections}) != 1
+            or not stackable([f.weight for f in found])):
+        return None
+    return found
 
 
 def rounds_its_input(attention, x) -> bool:
@@ -34,17 +39,16 @@ def rounds_its_input(attention, x) -> bool:
     siblings = None if q_proj is None else vars(q_proj).get(KV_SIBLINGS)
     if siblings is None or has_hooks(attention) or has_hooks(q_proj) or not is_patched(q_proj):
         return False
-    return qkv_group(q_proj, siblings) is not None and len({compute_dtype(p, x) for p in (q_proj, *siblings)}) == 1
+    return qkv_group(q_proj, siblings, x) is not None
 
 
 def fused_qkv_forward(q_proj, siblings, x):
     """q_proj's output from one Function over the three projections, k's and v's left on their modules
     for their own calls on this same x; None where the three cannot take it now (then each goes alone)."""
-    projections = (q_proj, *siblings)
-    found = qkv_group(q_proj, siblings)
-    if found is None or len({compute_dtype(p, x) for p in projections}) != 1:
+    found = qkv_group(q_proj, siblings, x)
+    if found is None:
         return None
-    biases = [p._modules["base_layer"].bias for p in projections]
+    biases = [p._modules["base_layer"].bias for p in (q_proj, *siblings)]
     biases = None if biases[0] is None else biases  # all or none: fusable_qkv
     CALLS["qkv"] += 1
     out_dtype, rounded_to = stock_dtype(x), ATTENTION_INPUTS.rounded_to  # v goes to the attention alone
