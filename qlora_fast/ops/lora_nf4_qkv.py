@@ -66,8 +66,13 @@ class LoRANF4QKVFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_q, grad_k, grad_v):
         x2, xa, a_all, *b_all = ctx.saved_tensors
-        dy = torch.cat([g.reshape(-1, n) for g, n in zip((grad_q, grad_k, grad_v), ctx.out_features)], 1)
-        dy = dy.to(x2.dtype)
+        grads = [g.reshape(-1, n) for g, n in zip((grad_q, grad_k, grad_v), ctx.out_features)]
+        if all(g.dtype == x2.dtype for g in grads):
+            dy = torch.cat(grads, 1)
+        else:  # wider gradients (a prepared model's fp32 q and k) rounded as they are gathered: one pass each
+            dy = torch.empty(grads[0].shape[0], sum(ctx.out_features), dtype=x2.dtype, device=x2.device)
+            for block, grad in zip(dy.split(ctx.out_features, 1), grads):
+                block.copy_(grad)
         # [dy_q @ B_q | dy_k @ B_k | dy_v @ B_v] side by side: one GEMM for the three A gradients (with one
         # scaling) and one pass for the three LoRA terms of dX
         dy_b = products_side_by_side(dy.split(ctx.out_features, 1), b_all)

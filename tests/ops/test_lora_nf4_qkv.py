@@ -60,3 +60,31 @@ def test_an_unused_output_gets_no_gradient_trouble():
     q, k, v = fused(layers)(x.requires_grad_(True))
     (q.sum() + k.sum()).backward()
     assert torch.all(layers[2].lora_A["default"].weight.grad == 0) and x.grad is not None
+
+
+def fused_wide(layers, v_dtype=None):
+    """The fused Function on a narrowed (bf16) x whose stock dtype is fp32: q, k fp32, v in v_dtype."""
+    def fn(x):
+        args = [(l.lora_A["default"].weight, l.lora_B["default"].weight, l.scaling["default"],
+                 cached_nf4_weight(l.base_layer.weight)) for l in layers]
+        return lora_nf4_qkv(x, *args, compute_dtype=torch.bfloat16, out_dtype=torch.float32, v_dtype=v_dtype)
+    return fn
+
+
+def test_wide_outputs_and_their_gradients_round_as_stock_sums_and_casts():
+    """bf16 x handed on narrowed from fp32: q, k, v are fp32 base + term sums (v written in bf16 where asked:
+    the same sums rounded once); their fp32 (or mixed) output gradients, gathered and rounded to bf16 in one
+    pass each, give bit for bit what the same gradients rounded to bf16 first give on the bf16 outputs."""
+    layers = projections(torch.bfloat16)
+    x = torch.randn(3, 7, 128, dtype=torch.bfloat16)
+    grads_out = [torch.randn(3, 7, layer.out_features) for layer in layers]
+    bf16_outs, bf16_dx, bf16_adapters = run(fused(layers), layers, x, [g.bfloat16() for g in grads_out])
+    wide = run(fused_wide(layers), layers, x, grads_out)
+    narrow_v = run(fused_wide(layers, torch.bfloat16), layers, x, grads_out[:2] + [grads_out[2].bfloat16()])
+    assert [o.dtype for o in wide[0]] == [torch.float32] * 3
+    assert all(torch.equal(o.bfloat16(), b) for o, b in zip(wide[0], bf16_outs))
+    assert not torch.equal(wide[0][0], bf16_outs[0].float())  # unrounded sums
+    assert narrow_v[0][2].dtype == torch.bfloat16 and torch.equal(narrow_v[0][2], bf16_outs[2])
+    for other in (wide, narrow_v):
+        assert torch.equal(other[1], bf16_dx)
+        assert all(torch.equal(g, r) for g, r in zip(other[2], bf16_adapters))
