@@ -58,8 +58,10 @@ def is_patched(module: torch.nn.Module) -> bool:
 
 
 def has_hooks(module) -> bool:
-    """Hooks (peft's per-sample adapter_names, accelerate's offload) run only if the projection is called."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"))
+    """Hooks (peft's per-sample adapter_names, accelerate's offload) run only if the projection is called.
+    Asked several times per layer call: accelerate's `_hf_hook` is looked for in the instance dict, where
+    accelerate sets it (hasattr would raise and catch an AttributeError through nn.Module.__getattr__)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or "_hf_hook" in module.__dict__)
 
 
 # Calls of each fused Function since the last reset_call_counts(), and layer calls that fell back to peft's

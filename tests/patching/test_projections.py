@@ -102,3 +102,19 @@ def test_dora_layers_stay_stock_with_one_warning_line():
     assert report.patched == 0 and report.skipped == {"LoRA variant Dora": 4}
     assert len(caught) == 1 and "\n" not in str(caught[0].message)
     assert "kept 4 on the stock peft path" in str(caught[0].message)
+
+
+@pytest.mark.parametrize("where", ["base_layer", "lora_A"])
+def test_accelerate_hooks_send_the_layer_to_peft(where):
+    """accelerate's hooks (offload: they move weights in when the module is called) run only on peft's path."""
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+
+    layer = make_lora_nf4_linear(64, 64, dtype=torch.float32)
+    hooked = layer.base_layer if where == "base_layer" else layer.lora_A["default"]
+    assert projections.fused_projection(layer) is not None
+    add_hook_to_module(hooked, ModelHook())
+    core.CALLS.clear()
+    assert projections.fused_projection(layer) is None
+    assert any(key.startswith("fallback: hooks") for key in core.CALLS)
+    remove_hook_from_module(hooked)
+    assert projections.fused_projection(layer) is not None
