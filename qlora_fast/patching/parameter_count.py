@@ -59,8 +59,10 @@ def use_parameter_count(model: torch.nn.Module) -> bool:
     """Installs the walk as the transformers model's `num_parameters` where it gives transformers' own count
     for every flag (checked once, here); returns whether it did."""
     target = _outermost_transformers_model(model)
-    if target is None or "num_parameters" in vars(target):
+    if target is None:
         return False
+    if "num_parameters" in vars(target):  # patched already (ours), or set by someone else: left as it is
+        return getattr(vars(target)["num_parameters"], "__func__", None) is _num_parameters
     stock = type(target).num_parameters
     if any(stock(target, *flags) != count_parameters(target, *flags) for flags in _FLAGS):
         return False

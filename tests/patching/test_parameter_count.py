@@ -23,6 +23,7 @@ def test_patched_model_counts_what_transformers_counts(tied, monkeypatch):
     expected = {flags: stock_count(lm, *flags) for flags in FLAGS}
     assert len(set(expected.values())) == 3  # the embeddings are frozen: trainable counts agree
     assert patch_model(model, verbose=False).parameter_count
+    assert patch_model(model, verbose=False).parameter_count  # idempotent, and says so
     walks = []
     monkeypatch.setattr(parameter_count, "count_parameters",
                         lambda *args: walks.append(args) or count_parameters(*args))
