@@ -28,7 +28,7 @@ def dequantize_nf4(weight, quant_state=None, dtype: torch.dtype | None = None) -
     from a view of the weight cached on it (a few microseconds of host time); under `torch.compile` the
     call is a custom op the compiler traces.
     """
-    if isinstance(weight, torch.nn.Module):  # its parameter dict read directly: nn.Module's lookup costs ~0.7 us
+    if isinstance(weight, torch.nn.Module):  # the parameter dict read directly: nn.Module's lookup is slower
         weight = weight._parameters["weight"] if "weight" in weight._parameters else weight.weight
     if quant_state is not None:
         weight = _WithState(weight, quant_state)

@@ -11,8 +11,8 @@ from ..ops.unread_sum import unread_sum
 from .architectures import has
 from .core import (ATTENTION_INPUTS, CALLS, NARROWED_FROM, OUTPUT_UNREAD_IN_RECOMPUTE, has_hooks, is_patched,
                    previous_forward)
-from .packed_attention import IMPLEMENTATION as PACKED_IMPLEMENTATION
 from .mlp import rounds_its_input as mlp_rounds_its_input
+from .packed_attention import IMPLEMENTATION as PACKED_IMPLEMENTATION
 from .qkv import rounds_its_input as attention_rounds_its_input
 
 
