@@ -7,7 +7,8 @@
 #                                                         # lease, then the seed dequantize harness
 #   QLORA_FAST_COMMIT=<sha> bash bench/lease.sh rows SHAPE [RECIPES] [STACKS]
 #       # recipe rows of one shape (default recipes peft,trl_padded; stacks qlora_fast,unsloth), appended to
-#       # a copy of bench/recipes.json under $OUT (copy it back, then bench/recipes.py --render)
+#       # a copy of bench/recipes.json under $OUT (copy it back, then bench/recipes.py --render); with
+#       # PROFILE_STEP=N each row's Nth step is profiled (untimed): top kernels and GPU idle gaps
 #   QLORA_FAST_COMMIT=<sha> bash bench/lease.sh profile [SIZES]  # where peft's recipe step goes, stock and
 #                                                                # patched (default 4x2048)
 # Then fetch $OUT's files into bench/ (recipes.json, seed_dequant.json/.md) and write RESULTS.md / NOTES.md.
@@ -34,8 +35,9 @@ rows)
   shape=${2:?rows SHAPE [RECIPES] [STACKS]}
   cp bench/recipes.json "$OUT/recipes.json"
   python bench/recipes.py --out "$OUT/recipes" --shapes "$shape" --recipes "${3:-peft,trl_padded}" \
-    --stacks "${4:-qlora_fast,unsloth}" | tail -n 20
-  (cd "$OUT" && tar czf recipe_logs.tgz recipes-*.log && rm recipes-*.log)
+    --stacks "${4:-qlora_fast,unsloth}" ${PROFILE_STEP:+--profile-step "$PROFILE_STEP"} | tail -n 20
+  (cd "$OUT" && shopt -s nullglob && files=(recipes-*-*.log recipes-profile-*.md) \
+    && tar czf recipe_logs.tgz "${files[@]}" && rm -f "${files[@]}")
   ;;
 profile)
   python bench/profile_step.py --prepared --sizes "${2:-4x2048}" --variants "stock peft,qlora_fast default" \

@@ -19,6 +19,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from idle import idle_report
 from qlora_fast import patch_model, unpatch_model
 from qlora_fast.harness.models import add_lora, quantize_to_nf4_, random_causal_lm
 from qlora_fast.harness.run import packed_batch, random_batches
@@ -75,7 +76,7 @@ def batch_for(size: str, vocab_size: int) -> dict:
 
 def profile_variant(model, batch, options, autocast=False, timed_steps=5):
     """(median wall ms, summed kernel ms, attention kernels' share, kernel launches, peak GiB forward /
-    backward, table of the top kernels) of one step."""
+    backward, table of the top kernels and the GPU's idle gaps) of one step."""
     if options is not None:
         patch_model(model, verbose=False, **options)
     try:
@@ -95,7 +96,8 @@ def profile_variant(model, batch, options, autocast=False, timed_steps=5):
     kernel_ms = sum(e.device_time for e in kernels) / 1e3
     attention_ms = sum(e.device_time for e in kernels if any(s in e.name.lower() for s in ATTENTION_KERNELS)) / 1e3
     table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70)
-    return statistics.median(walls), kernel_ms, attention_ms / kernel_ms, len(kernels), peaks, table
+    return (statistics.median(walls), kernel_ms, attention_ms / kernel_ms, len(kernels), peaks, table,
+            idle_report(prof))
 
 
 def main():
@@ -125,12 +127,12 @@ def main():
     for size in args.sizes.split(","):
         batch = batch_for(size, model.config.vocab_size)
         for name in args.variants.split(","):
-            wall, kernel, attention, launches, (fwd_gib, bwd_gib), table = profile_variant(
+            wall, kernel, attention, launches, (fwd_gib, bwd_gib), table, idle = profile_variant(
                 model, batch, VARIANTS[name], autocast=args.prepared)
             summary.append(f"| {size} | {name} | {wall:.1f} | {kernel:.1f} | {attention:.0%} | {launches} | "
                            f"{wall / kernel:.2f} | {fwd_gib:.2f} | {bwd_gib:.2f} |")
             print(summary[-1], flush=True)
-            tables.append(f"### {size}, {name}\n\n```\n{table}\n```\n")
+            tables.append(f"### {size}, {name}\n\n```\n{table}\n```\n\n{idle}")
     text = "\n".join(summary) + "\n\n" + "\n".join(tables)
     with open(args.out, "w") as f:
         f.write(text)

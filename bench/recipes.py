@@ -22,6 +22,8 @@ Each (stack, shape) runs in its own process (unsloth patches transformers global
 fresh model. Per row: tokens/s from the median and the mean step after `--warmup` steps, the seconds the
 first steps took beyond the median (compilation, autotuning), peak memory, losses. Writes
 OUT.md (table) and OUT.json (every row); the driver appends to them across invocations.
+`--profile-step N` runs the Nth step of each row under torch.profiler (that step is left out of the
+timings) and writes its top kernels and GPU idle gaps (bench/idle.py) to OUT-profile-STACK-SHAPE-RECIPE.md.
 """
 
 import argparse
@@ -59,10 +61,32 @@ def _lora_config():
 
 
 class _Steps:
-    """Per-step seconds (synchronized), tokens and losses."""
+    """Per-step seconds (synchronized), tokens and losses; `profiled`: the step (0-based) to profile, or None,
+    and where to write what the profiler saw."""
 
-    def __init__(self):
+    def __init__(self, profiled: int | None = None, profile_path: str | None = None):
         self.seconds, self.tokens, self.losses = [], [], []
+        self.profiled, self.profile_path, self._profiler = profiled, profile_path, None
+
+    def begin_step(self, index: int) -> bool:
+        """Starts the profiler if step `index` is the one profiled; whether it is."""
+        if index != self.profiled:
+            return False
+        from torch.profiler import ProfilerActivity, profile
+
+        self._profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+        self._profiler.__enter__()
+        return True
+
+    def end_profiled_step(self) -> None:
+        """Stops the profiler and writes the step's top kernels and GPU idle gaps."""
+        from idle import idle_report
+
+        self._profiler.__exit__(None, None, None)
+        table = self._profiler.key_averages().table(sort_by="self_device_time_total", row_limit=25,
+                                                     max_name_column_width=70)
+        Path(self.profile_path).write_text(f"```\n{table}\n```\n\n{idle_report(self._profiler)}")
+        self._profiler = None
 
     def row(self, warmup: int) -> dict:
         import torch
@@ -86,17 +110,17 @@ def _random_batches(vocab, steps, batch=4, seq=2048):
     return [torch.randint(0, vocab, (batch, seq), generator=g) for _ in range(steps)]
 
 
-def _loop(model, steps, autocast: bool) -> _Steps:
+def _loop(model, steps, autocast: bool, record: _Steps) -> _Steps:
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
     adamw = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True)
-    record = _Steps()
     torch.cuda.reset_peak_memory_stats()  # the peak of training, not of building the random model
     model.train()
-    for ids in _random_batches(model.config.vocab_size, steps):
+    for index, ids in enumerate(_random_batches(model.config.vocab_size, steps)):
         ids = ids.cuda()
         torch.cuda.synchronize()
+        profiled = record.begin_step(index)
         start = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             loss = model(input_ids=ids, labels=ids).loss
@@ -104,6 +128,9 @@ def _loop(model, steps, autocast: bool) -> _Steps:
         adamw.step()
         adamw.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
+        if profiled:
+            record.end_profiled_step()
+            continue
         record.seconds.append(time.perf_counter() - start)
         record.tokens.append(ids.numel())
         record.losses.append(loss.item())
@@ -122,22 +149,26 @@ def _texts(packed_length: int | None, steps: int):
     return ["".join(rng.choice(alphabet) for _ in range(n)) for n in lengths]
 
 
-def _timed_training(trainer) -> _Steps:
+def _timed_training(trainer, record: _Steps) -> _Steps:
     """trainer.train() with each optimizer step timed (synchronized) and its tokens counted (those the
     attention mask keeps, or every one of a padding-free row)."""
     import torch
     from transformers import TrainerCallback
 
-    record = _Steps()
     counted = {"tokens": 0}
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             torch.cuda.synchronize()
+            self.profiled = record.begin_step(state.global_step)
             self.start = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
             torch.cuda.synchronize()
+            if self.profiled:
+                record.end_profiled_step()
+                counted["tokens"] = 0
+                return
             record.seconds.append(time.perf_counter() - self.start)
             record.tokens.append(counted["tokens"])
             counted["tokens"] = 0
@@ -159,7 +190,7 @@ def _timed_training(trainer) -> _Steps:
     return record
 
 
-def _trl(model, tokenizer, steps, packed_length: int | None, peft_config, patch: bool) -> _Steps:
+def _trl(model, tokenizer, steps, packed_length: int | None, peft_config, patch: bool, record: _Steps) -> _Steps:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -175,10 +206,10 @@ def _trl(model, tokenizer, steps, packed_length: int | None, peft_config, patch:
         import qlora_fast
 
         print(qlora_fast.patch_model(trainer.model, verbose=False).summary(), flush=True)
-    return _timed_training(trainer)
+    return _timed_training(trainer, record)
 
 
-def _cli(shape, steps, patch: bool) -> _Steps:
+def _cli(shape, steps, patch: bool, record: _Steps) -> _Steps:
     """`qlora-fast train` on the shipped Llama-3.1-8B Alpaca config (gradient accumulation 4, paged 8-bit
     AdamW, cosine schedule), with a random-init model of `shape` and documents of random text as the data;
     `patch: false` is the stock run."""
@@ -190,7 +221,7 @@ def _cli(shape, steps, patch: bool) -> _Steps:
     raw = config_to_dict(load_config(str(Path(__file__).parents[1] / "configs" / "llama-3.1-8b-alpaca.yaml")))
     raw.update(base_model=f"random:{shape}", datasets=[{"path": str(data), "type": "text"}], max_steps=steps,
                output_dir=tempfile.mkdtemp(), val_set_size=0.0, logging_steps=1, save_steps=10**6, patch=patch)
-    return _timed_training(build_trainer(parse_config(raw)))
+    return _timed_training(build_trainer(parse_config(raw)), record)
 
 
 def _unsloth_model(shape, max_length):
@@ -213,7 +244,7 @@ def _unsloth_model(shape, max_length):
     return model, tokenizer
 
 
-def run_recipe(stack, shape, recipe, steps) -> _Steps:
+def run_recipe(stack, shape, recipe, steps, record: _Steps) -> _Steps:
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
 
@@ -224,16 +255,16 @@ def run_recipe(stack, shape, recipe, steps) -> _Steps:
     if recipe == "cli":
         if stack == "unsloth":
             raise NotImplementedError("qlora-fast train is qlora_fast's own script; unsloth has no counterpart")
-        return _cli(shape, steps, patch=stack == "qlora_fast")
+        return _cli(shape, steps, patch=stack == "qlora_fast", record=record)
     if stack == "unsloth":
         model, tokenizer = _unsloth_model(shape, max(8192, packed_length or 0))
         if recipe in ("bare", "peft"):
-            return _loop(model, steps, autocast=recipe == "peft")
-        return _trl(model, tokenizer, steps, packed_length, None, patch=False)
+            return _loop(model, steps, autocast=recipe == "peft", record=record)
+        return _trl(model, tokenizer, steps, packed_length, None, patch=False, record=record)
     model = _quantized(shape)
     patch = stack == "qlora_fast"
     if recipe.startswith("trl"):
-        return _trl(model, byte_tokenizer(), steps, packed_length, _lora_config(), patch)
+        return _trl(model, byte_tokenizer(), steps, packed_length, _lora_config(), patch, record)
     if recipe == "peft":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = get_peft_model(model, _lora_config())
@@ -244,7 +275,7 @@ def run_recipe(stack, shape, recipe, steps) -> _Steps:
         import qlora_fast
 
         print(qlora_fast.patch_model(model, verbose=False).summary(), flush=True)
-    return _loop(model, steps, autocast=recipe == "peft")
+    return _loop(model, steps, autocast=recipe == "peft", record=record)
 
 
 def worker(args):
@@ -259,7 +290,9 @@ def worker(args):
         torch.cuda.empty_cache()
         row = {"stack": args.stack, "shape": args.shape, "recipe": recipe}
         try:
-            row.update(run_recipe(args.stack, args.shape, recipe, args.steps).row(args.warmup))
+            record = _Steps(None if args.profile_step is None else args.profile_step - 1,
+                            f"{args.out}-profile-{args.stack}-{args.shape}-{recipe}.md")
+            row.update(run_recipe(args.stack, args.shape, recipe, args.steps, record).row(args.warmup))
         except Exception as error:  # noqa: BLE001  (a stack that cannot run a recipe: the table says why)
             row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
         print("ROW " + json.dumps(row), flush=True)
@@ -338,7 +371,9 @@ def driver(args):
     for shape in args.shapes.split(","):
         for stack in args.stacks.split(","):
             command = [sys.executable, __file__, "--worker", "--stack", stack, "--shape", shape, "--recipes",
-                       args.recipes, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+                       args.recipes, "--steps", str(args.steps), "--warmup", str(args.warmup), "--out", args.out]
+            if args.profile_step is not None:
+                command += ["--profile-step", str(args.profile_step)]
             done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ))
             found = [json.loads(line[4:]) for line in done.stdout.splitlines() if line.startswith("ROW ")]
             if not found:
@@ -397,6 +432,7 @@ def main():
     parser.add_argument("--stacks", default="stock,qlora_fast,unsloth")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--profile-step", type=int, help="profile this step (1-based) of each row; untimed")
     parser.add_argument("--worker", action="store_true")
     parser.add_argument("--stack")
     parser.add_argument("--shape")
