@@ -30,11 +30,11 @@ def run(fn, layers, x, grads_out):
     return [o.detach() for o in outs], x.grad, adapters
 
 
-def fused(layers):
+def fused(layers, **options):
     def fn(x):
         args = [(l.lora_A["default"].weight, l.lora_B["default"].weight, l.scaling["default"],
                  cached_nf4_weight(l.base_layer.weight)) for l in layers]
-        return lora_nf4_qkv(x, *args)
+        return lora_nf4_qkv(x, *args, **options)
     return fn
 
 
@@ -64,11 +64,7 @@ def test_an_unused_output_gets_no_gradient_trouble():
 
 def fused_wide(layers, v_dtype=None):
     """The fused Function on a narrowed (bf16) x whose stock dtype is fp32: q, k fp32, v in v_dtype."""
-    def fn(x):
-        args = [(l.lora_A["default"].weight, l.lora_B["default"].weight, l.scaling["default"],
-                 cached_nf4_weight(l.base_layer.weight)) for l in layers]
-        return lora_nf4_qkv(x, *args, compute_dtype=torch.bfloat16, out_dtype=torch.float32, v_dtype=v_dtype)
-    return fn
+    return fused(layers, compute_dtype=torch.bfloat16, out_dtype=torch.float32, v_dtype=v_dtype)
 
 
 def test_wide_outputs_and_their_gradients_round_as_stock_sums_and_casts():
