@@ -1,4 +1,4 @@
-"""GPU idle time within a profiled training step, and what the host was doing before the GPU waited.
+"""A profiled training step: its top kernels, and the GPU's idle time with what the host did before it waited.
 
 A step whose kernels add up to much less than its wall time waits on the host somewhere: the gaps
 between one kernel's end and the next one's start, with the kernels on either side and the host's
@@ -45,3 +45,9 @@ def idle_report(prof, min_ms: float = 0.5, top: int = 12) -> str:
     for at, gap_ms, previous, following, waited_on in sorted(gaps, key=lambda g: -g[1])[:top]:
         lines.append(f"| {at:.1f} | {gap_ms:.2f} | {_short(previous)} | {_short(following)} | {waited_on or '-'} |")
     return "\n".join(lines) + "\n"
+
+
+def step_report(prof, rows: int = 30) -> str:
+    """Markdown: the profiled step's kernels by device time (a fenced table), then `idle_report`."""
+    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=70)
+    return f"```\n{table}\n```\n\n{idle_report(prof)}"

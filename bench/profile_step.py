@@ -19,7 +19,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from idle import idle_report
+from idle import step_report
 from qlora_fast import patch_model, unpatch_model
 from qlora_fast.harness.models import add_lora, quantize_to_nf4_, random_causal_lm
 from qlora_fast.harness.run import packed_batch, random_batches
@@ -76,7 +76,7 @@ def batch_for(size: str, vocab_size: int) -> dict:
 
 def profile_variant(model, batch, options, autocast=False, timed_steps=5):
     """(median wall ms, summed kernel ms, attention kernels' share, kernel launches, peak GiB forward /
-    backward, table of the top kernels and the GPU's idle gaps) of one step."""
+    backward, report of the top kernels and the GPU's idle gaps) of one step."""
     if options is not None:
         patch_model(model, verbose=False, **options)
     try:
@@ -95,9 +95,7 @@ def profile_variant(model, batch, options, autocast=False, timed_steps=5):
     kernels = _kernel_events(prof)
     kernel_ms = sum(e.device_time for e in kernels) / 1e3
     attention_ms = sum(e.device_time for e in kernels if any(s in e.name.lower() for s in ATTENTION_KERNELS)) / 1e3
-    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70)
-    return (statistics.median(walls), kernel_ms, attention_ms / kernel_ms, len(kernels), peaks, table,
-            idle_report(prof))
+    return statistics.median(walls), kernel_ms, attention_ms / kernel_ms, len(kernels), peaks, step_report(prof)
 
 
 def main():
@@ -127,12 +125,12 @@ def main():
     for size in args.sizes.split(","):
         batch = batch_for(size, model.config.vocab_size)
         for name in args.variants.split(","):
-            wall, kernel, attention, launches, (fwd_gib, bwd_gib), table, idle = profile_variant(
+            wall, kernel, attention, launches, (fwd_gib, bwd_gib), report = profile_variant(
                 model, batch, VARIANTS[name], autocast=args.prepared)
             summary.append(f"| {size} | {name} | {wall:.1f} | {kernel:.1f} | {attention:.0%} | {launches} | "
                            f"{wall / kernel:.2f} | {fwd_gib:.2f} | {bwd_gib:.2f} |")
             print(summary[-1], flush=True)
-            tables.append(f"### {size}, {name}\n\n```\n{table}\n```\n\n{idle}")
+            tables.append(f"### {size}, {name}\n\n{report}")
     text = "\n".join(summary) + "\n\n" + "\n".join(tables)
     with open(args.out, "w") as f:
         f.write(text)

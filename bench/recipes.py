@@ -80,12 +80,10 @@ class _Steps:
 
     def end_profiled_step(self) -> None:
         """Stops the profiler and writes the step's top kernels and GPU idle gaps."""
-        from idle import idle_report
+        from idle import step_report
 
         self._profiler.__exit__(None, None, None)
-        table = self._profiler.key_averages().table(sort_by="self_device_time_total", row_limit=25,
-                                                     max_name_column_width=70)
-        Path(self.profile_path).write_text(f"```\n{table}\n```\n\n{idle_report(self._profiler)}")
+        Path(self.profile_path).write_text(step_report(self._profiler))
         self._profiler = None
 
     def row(self, warmup: int) -> dict:
