@@ -10,7 +10,7 @@ q/k/v dequantize's pointer table; the relaunch's C launch, side streams and laun
 GEMM of scaled_mm; low_rank_add_'s cuBLAS branch for small outputs and the wide (fp32 out) LoRA term; the cross-entropy and SwiGLU kernels (with LoRA terms);
 LoRA layers and the fused MLP against peft; the offloaded checkpoints' side-stream copies and whole
 patched models through verify() (step-0 gradients against stock peft, fused calls counted), in bf16 and
-under autocast on a prepared model. bench/kernels.py times the kernels; run this first.
+under autocast on a prepared model. bench/kernel_timings.py times the kernels; run this first.
 """
 
 import sys

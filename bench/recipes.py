@@ -400,21 +400,37 @@ def _runs_lines(runs) -> list[str]:
 README_BEGIN, README_END = "<!-- recipes:begin (bench/recipes.py --render) -->", "<!-- recipes:end -->"
 
 
-def render(json_path: Path, md_path: Path, readme: str | None = None) -> None:
-    """The table of the latest row of each (recipe, shape, stack) across the runs recorded in json_path,
-    with the runs it draws on; into md_path, and between README's markers when `readme` is given."""
-    runs = json.loads(json_path.read_text())["runs"]
+def _device(run) -> str:
+    return run["versions"].split(",")[0]
+
+
+def _device_table(runs, device: str) -> list[str]:
+    """The table of the latest row of each (recipe, shape, stack) measured on `device`, with the runs it
+    draws on: ratios only between rows of one GPU."""
     latest, sources = {}, {}
     for i, run in enumerate(runs):
+        if _device(run) != device:
+            continue
         for r in run["rows"]:
             latest[(r["recipe"], r["shape"], r["stack"])] = r
             sources[(r["recipe"], r["shape"], r["stack"])] = i
     used = sorted(set(sources.values()))
-    lines = [*table(list(latest.values())), "",
-             "tokens/s: the median step's (the mean's) over the steps after the warm-up; ratios from the medians.",
-             *_runs_lines([runs[i] for i in used])]
-    text = "\n".join(lines) + "\n"
-    md_path.write_text("# Recipe matrix\n\n" + text)
+    return [*table(list(latest.values())), "",
+            "tokens/s: the median step's (the mean's) over the steps after the warm-up; ratios from the medians.",
+            *_runs_lines([runs[i] for i in used])]
+
+
+def render(json_path: Path, md_path: Path, readme: str | None = None) -> None:
+    """One table per GPU (the latest run's GPU first) into md_path; the latest run's GPU's table between
+    README's markers when `readme` is given."""
+    runs = json.loads(json_path.read_text())["runs"]
+    devices = list(dict.fromkeys(_device(run) for run in reversed(runs)))
+    sections = [[f"## {device}", "", *_device_table(runs, device), ""] for device in devices]
+    md_path.write_text("# Recipe matrix\n\n" + "\n".join(line for s in sections for line in s))
+    text = "\n".join(_device_table(runs, devices[0]))
+    if len(devices) > 1:
+        text += f"\n\nEarlier measurements on {', '.join(devices[1:])}: bench/recipes.md."
+    text += "\n"
     print(text)
     if readme:
         page = Path(readme).read_text()

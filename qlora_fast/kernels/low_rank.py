@@ -78,7 +78,7 @@ def term_args(term: LowRank | None, like: torch.Tensor):
 
 
 # Launch parameters of the tile kernels on the GPU, fixed rather than autotuned (they overwrite their
-# inputs); bench/kernels.py times the candidates (bench/RESULTS.md).
+# inputs); bench/kernel_timings.py times the candidates (bench/RESULTS.md).
 CANDIDATE_META = [
     # SwiGLU's: the fastest forward and backward with the three LoRA terms (bench/RESULTS.md, session 9),
     # and it fits in registers where 64x64 / 4 warps spills

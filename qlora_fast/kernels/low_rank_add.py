@@ -2,7 +2,7 @@
 first (q/k/v, o_proj, and the input gradients through them); or out = y + s * xa @ B^T into a wider
 `out` (fp32 outputs of a bf16 GEMM, for layers whose input is fp32).
 
-Against cuBLAS' `y.addmm_(xa, B^T, alpha=s)` (a GEMM with K = r over the whole output; bench/kernels.py
+Against cuBLAS' `y.addmm_(xa, B^T, alpha=s)` (a GEMM with K = r over the whole output; bench/kernel_timings.py
 times both): each tile of y is read once, takes its term from one tensor-core product
 (kernels/low_rank.py), and is written once, the sum rounded once to the output's dtype. y (and out) may
 be a column block of a wider tensor (row stride >= its width, unit column stride).

@@ -24,7 +24,7 @@ from .nf4_decode import nf4_block_scale
 
 # Launch parameters, fixed rather than autotuned: tuning at the first call of each weight shape costs a
 # 256 MB cache-flush buffer while the model's memory is in use (it set the peak of a whole training run)
-# and ~10 us of host time per launch. bench/seed_dequant.py and bench/kernels.py time the candidates; the
+# and ~10 us of host time per launch. bench/seed_dequant.py and bench/kernel_timings.py time the candidates; the
 # first is the default.
 CANDIDATE_META = [
     {"BLOCKS_PER_PROGRAM": 64, "num_warps": 4},

@@ -8,7 +8,7 @@ from ..kernels.nf4_dequantize import nf4_dequantize
 from ..kernels.nf4_matmul import nf4_matmul
 from ..nf4 import NF4Weight
 
-# Up to this many rows (tokens), take the in-GEMM kernel instead of dequantize + cuBLAS. bench/kernels.py
+# Up to this many rows (tokens), take the in-GEMM kernel instead of dequantize + cuBLAS. bench/kernel_timings.py
 # measured dequantize + cuBLAS faster at every row count from 1 up (bench/RESULTS.md), so the default
 # is 0; QLORA_FAST_FUSED_MAX_ROWS overrides it for experiments. CPU runs always dequantize + matmul.
 FUSED_MAX_ROWS = int(os.environ.get("QLORA_FAST_FUSED_MAX_ROWS", "0"))

@@ -30,7 +30,7 @@ def test_matches_torch(dtype, shape):
     h_ref, dg_ref, du_ref = torch_swiglu(g, u, dh)
 
     h = swiglu_forward(g, u)
-    # The same fp32 formula rounded at the same points as torch on the GPU (bench/kernels.py checks it
+    # The same fp32 formula rounded at the same points as torch on the GPU (bench/kernel_timings.py checks it
     # bit for bit in bf16 there); torch's CPU fp16 silu rounds a few elements differently: two fp16 ulps allowed
     # (one on silu(g), carried into the product).
     two_ulps = {torch.float16: dict(rtol=2**-9, atol=2**-24)}.get(dtype, {})

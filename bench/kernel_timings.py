@@ -1,6 +1,6 @@
 """Timings of the NF4 kernels and their peers (run through the device tool; see bench/RESULTS.md).
 
-  python bench/kernels.py --out $OUT/kernels.md
+  python bench/kernel_timings.py --out $OUT/kernels.md
 
 Correctness on the GPU is bench/gpu_checks.py's job (run it first); these are timings:
 1. dequantize time: qlora_fast vs bitsandbytes vs peft (vs unsloth's fast_dequantize when installed);
