@@ -65,7 +65,7 @@ from transformers import set_seed
 from transformers.activations import ACT2FN
 
 import qlora_fast
-from qlora_fast.kernels.nf4_dequantize import CANDIDATE_META, nf4_dequantize
+from qlora_fast.kernels.nf4_dequantize import CANDIDATE_META, new_output, nf4_dequantize
 from qlora_fast.nf4 import cached_nf4_weight, nf4_weight_from_bnb
 
 OPTIONS = [(2, 3333, 2048, 8192, 3407), (5, 777, 1024, 4096, 3409), (3, 2048, 4096, 14336, 3408)]
@@ -220,6 +220,7 @@ def host_breakdown(layer, dtype) -> dict:
     a = torch.ones(64, device="cuda")
     pieces = {
         "torch.empty": lambda _: torch.empty(w.shape, dtype=dtype, device="cuda"),
+        "new_output (empty_like of a template)": lambda _: new_output(w.output_templates, w.shape, dtype, w.device),
         "torch.add (aten op)": lambda _: torch.add(a, a),
         "empty Triton kernel launch": lambda _: _noop_kernel[(1,)](a),
         "cached_nf4_weight lookup": lambda lay: cached_nf4_weight(lay.weight),

@@ -44,6 +44,12 @@ class NF4Weight:
         parameters) -> kernels._utils.Relaunch, or None where a launch cannot be relaunched."""
         return {}
 
+    @cached_property
+    def output_templates(self) -> dict:
+        """dtype -> a one-element tensor on the weight's device, expanded (stride 0) to its shape: outputs are
+        allocated as `torch.empty_like` of it (kernels/nf4_dequantize.py `new_output`)."""
+        return {}
+
     def kernel_tensors(self) -> tuple:
         """(packed, code, absmax, absmax2, code2, offset) as the kernels take them. Without double
         quantization the last three are unread, so absmax stands in for them."""

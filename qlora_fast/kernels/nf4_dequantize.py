@@ -105,6 +105,17 @@ def _launch_meta(meta: dict, blocksize: int) -> dict:
     return dict(meta, BLOCKS_PER_PROGRAM=INTERPRETER_TILE // blocksize) if INTERPRETING else meta
 
 
+def new_output(templates: dict, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.empty(shape, dtype=dtype, device=device), contiguous, as `torch.empty_like` of a template kept in
+    `templates` per dtype: a one-element tensor expanded to `shape`. empty_like takes shape, dtype and device
+    from it instead of parsing them (about half of torch.empty's host time), and gives an overlapping
+    (stride-0) input contiguous strides."""
+    template = templates.get(dtype)
+    if template is None:
+        template = templates[dtype] = torch.empty(1, dtype=dtype, device=device).expand(shape)
+    return torch.empty_like(template)
+
+
 def nf4_dequantize(weight: NF4Weight, dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
                    meta: dict = CANDIDATE_META[0]):
     """The (out_features, in_features) weight in `dtype` (default: the dtype bitsandbytes would give);
@@ -112,7 +123,7 @@ def nf4_dequantize(weight: NF4Weight, dtype: torch.dtype | None = None, out: tor
     on the weight and relaunched (kernels/_utils.Relaunch)."""
     dtype = dtype or weight.dtype
     if out is None:
-        out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+        out = new_output(weight.output_templates, weight.shape, dtype, weight.device)
     elif out.shape != weight.shape or out.dtype != dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {tuple(weight.shape)} {dtype} tensor")
     key = (dtype, id(meta))
@@ -128,12 +139,13 @@ def nf4_dequantize(weight: NF4Weight, dtype: torch.dtype | None = None, out: tor
     return out
 
 
-_tables: dict = {}  # ids of a group's NF4Weights -> (weak references to them, their device table, relaunches)
+_tables: dict = {}  # ids of a group's NF4Weights -> (weak references to them, their device table, relaunches,
+#                     output templates)
 
 
 def _stacked_table(weights) -> tuple:
-    """The (weights, 8) int64 table of a stacked launch and the group's relaunches (dtype, launch parameters
-    -> Relaunch), built once per group while its weights live."""
+    """The (weights, 8) int64 table of a stacked launch, the group's relaunches (dtype, launch parameters
+    -> Relaunch) and its output templates (new_output), built once per group while its weights live."""
     key = tuple(id(w) for w in weights)
     cached = _tables.get(key)
     if cached is not None and all(ref() is w for ref, w in zip(cached[0], weights)):
@@ -146,7 +158,7 @@ def _stacked_table(weights) -> tuple:
         rows.append([t.data_ptr() for t in (packed, code, absmax, absmax2, code2, offset)] + [start, w.numel])
         start += w.numel
     table = torch.tensor(rows, dtype=torch.int64, device=weights[0].device)
-    _tables[key] = (tuple(weakref.ref(w) for w in weights), table, {})
+    _tables[key] = (tuple(weakref.ref(w) for w in weights), table, {}, {})
     return _tables[key][1:]
 
 
@@ -163,8 +175,8 @@ def nf4_dequantize_stacked(weights, dtype: torch.dtype, meta: dict = CANDIDATE_M
         raise ValueError("nf4_dequantize_stacked: the weights differ in width, block sizes, double "
                          "quantization or device")
     first = weights[0]
-    out = torch.empty(sum(w.shape[0] for w in weights), first.shape[1], dtype=dtype, device=first.device)
-    table, relaunches = _stacked_table(weights)
+    table, relaunches, templates = _stacked_table(weights)
+    out = new_output(templates, (sum(w.shape[0] for w in weights), first.shape[1]), dtype, first.device)
     key = (dtype, id(meta))
     relaunch = relaunches.get(key)
     if relaunch is not None and relaunch.takes(out):

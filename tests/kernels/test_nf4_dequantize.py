@@ -5,7 +5,7 @@ import torch
 
 from qlora_fast.kernels import _utils
 from qlora_fast.kernels import nf4_dequantize as nf4_dequantize_module
-from qlora_fast.kernels.nf4_dequantize import nf4_dequantize, nf4_dequantize_stacked
+from qlora_fast.kernels.nf4_dequantize import new_output, nf4_dequantize, nf4_dequantize_stacked
 from qlora_fast.nf4 import nf4_weight_from_bnb
 from tests.helpers import reference_dequantize
 from tests.kernels.test_utils import RecordingCompiled
@@ -61,6 +61,28 @@ def test_out_buffer_of_wrong_shape_is_refused():
     p = quantized((8, 64), torch.float16, False)
     with pytest.raises(ValueError, match="contiguous"):
         nf4_dequantize(nf4_weight_from_bnb(p), out=torch.empty(64, 8, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 3), (96, 520)])
+def test_new_output_is_a_fresh_contiguous_tensor(shape):
+    """Outputs made from a weight's stride-0 template: contiguous, their own memory, one template a dtype."""
+    templates = {}
+    first = new_output(templates, shape, torch.bfloat16, torch.device("cpu"))
+    second = new_output(templates, shape, torch.bfloat16, torch.device("cpu"))
+    assert first.shape == shape and first.dtype == torch.bfloat16 and first.is_contiguous()
+    assert first.stride() == torch.empty(shape).stride()
+    first.fill_(1.0)
+    second.fill_(2.0)
+    assert first.eq(1.0).all() and templates[torch.bfloat16].untyped_storage().nbytes() == 2
+    assert first.data_ptr() != second.data_ptr() != templates[torch.bfloat16].data_ptr()
+    assert new_output(templates, shape, torch.float16, torch.device("cpu")).dtype == torch.float16
+    assert len(templates) == 2
+
+
+def test_each_call_returns_a_new_tensor():
+    weight = nf4_weight_from_bnb(quantized((8, 64), torch.float16, True))
+    first, second = nf4_dequantize(weight), nf4_dequantize(weight)
+    assert first.equal(second) and first.data_ptr() != second.data_ptr() and first.is_contiguous()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
