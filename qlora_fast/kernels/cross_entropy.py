@@ -7,6 +7,11 @@ exponentials (the log-sum-exp, in fp32), the second overwrites each logit with
 (rows x vocab) size is allocated beside them: the fp32 upcast, exponentials and one-hot that torch would
 materialize stay in registers.
 
+With STATS the first pass also keeps the running sum of exp(z - max) * z, for each row's entropy
+lse - sum(p * z), and the first column of the row's maximum; a row's target is its top-1 prediction when
+that column is the target (TRL's `is_top1`: a tie with an earlier column does not count). A divisor of -1
+makes the written gradient d log p[target] / dz = onehot - p (TRL's per-token log-probabilities).
+
 With SOFTCAP (Gemma-2's final_logit_softcapping c), the loss is of z = c * tanh(x / c), each step rounded
 to the logits' dtype as stock's three ops round it, and the gradient written is d/dx = d/dz * (1 - t^2)
 with t = tanh(x / c) (fp32, rounded once).
@@ -44,18 +49,26 @@ def _logit_tile(row_ptr, rows_mask, start, n_cols, softcap, SOFTCAP: tl.constexp
 
 
 @triton.jit(do_not_specialize=["n_rows"])  # packed batches change the token count every step
-def _cross_entropy_kernel(logits_ptr, targets_ptr, loss_ptr, divisor_ptr, n_rows, n_cols, stride, softcap,
-                          IGNORE_INDEX: tl.constexpr, SOFTCAP: tl.constexpr, SOFTWARE_RTNE: tl.constexpr,
-                          ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def _cross_entropy_kernel(logits_ptr, targets_ptr, loss_ptr, divisor_ptr, entropy_ptr, top1_ptr, n_rows, n_cols,
+                          stride, softcap, IGNORE_INDEX: tl.constexpr, SOFTCAP: tl.constexpr, STATS: tl.constexpr,
+                          SOFTWARE_RTNE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     rows_mask = (rows < n_rows)[:, None]
     row_ptr = logits_ptr + rows[:, None] * stride
     running_max = tl.full((ROWS,), float("-inf"), tl.float32)
     running_sum = tl.zeros((ROWS,), tl.float32)
+    running_zsum = tl.zeros((ROWS,), tl.float32)  # sum of exp(z - running_max) * z, with STATS
+    argmax = tl.zeros((ROWS,), tl.int32)  # the first column of the row's maximum, with STATS
     for start in range(0, n_cols, BLOCK):
-        _, x, _ = _logit_tile(row_ptr, rows_mask, start, n_cols, softcap, SOFTCAP, SOFTWARE_RTNE, BLOCK)
-        new_max = tl.maximum(running_max, tl.max(x, axis=1))
-        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max[:, None]), axis=1)
+        cols, x, _ = _logit_tile(row_ptr, rows_mask, start, n_cols, softcap, SOFTCAP, SOFTWARE_RTNE, BLOCK)
+        tile_max = tl.max(x, axis=1)
+        new_max = tl.maximum(running_max, tile_max)
+        rescale = tl.exp(running_max - new_max)
+        e = tl.exp(x - new_max[:, None])
+        running_sum = running_sum * rescale + tl.sum(e, axis=1)
+        if STATS:
+            running_zsum = running_zsum * rescale + tl.sum(e * tl.where(cols < n_cols, x, 0.0), axis=1)
+            argmax = tl.where(tile_max > running_max, start + tl.argmax(x, axis=1), argmax)
         running_max = new_max
     lse = running_max + tl.log(running_sum)
 
@@ -70,6 +83,10 @@ def _cross_entropy_kernel(logits_ptr, targets_ptr, loss_ptr, divisor_ptr, n_rows
         target_logit, _ = _softcapped(target_logit, softcap, logits_ptr.dtype.element_ty, SOFTWARE_RTNE)
     row_loss = tl.where(in_vocab, lse - target_logit, float("nan"))
     tl.store(loss_ptr + rows, tl.where(counted, row_loss, 0.0), mask=rows < n_rows)
+    if STATS:
+        entropy = lse - running_zsum / running_sum
+        tl.store(entropy_ptr + rows, tl.where(counted, entropy, 0.0), mask=rows < n_rows)
+        tl.store(top1_ptr + rows, (counted & in_vocab & (argmax == target)).to(tl.int8), mask=rows < n_rows)
 
     weight = tl.where(counted, tl.where(in_vocab, 1.0 / tl.load(divisor_ptr), float("nan")), 0.0)
     for start in range(0, n_cols, BLOCK):
@@ -89,11 +106,14 @@ _GPU_META = {"ROWS": 1, "BLOCK": 4096, "num_warps": 8}
 
 
 def cross_entropy_forward_backward_(logits: torch.Tensor, targets: torch.Tensor, divisor: torch.Tensor,
-                                    losses: torch.Tensor, softcap: float | None = None) -> None:
+                                    losses: torch.Tensor, softcap: float | None = None,
+                                    entropy: torch.Tensor | None = None, top1: torch.Tensor | None = None) -> None:
     """Writes each row's loss, logsumexp(z) - z[target] (0 where target is -100, NaN where it is outside the
     vocabulary), into the fp32 `losses`, and overwrites the (rows, vocab) `logits` with the gradient of
     sum(losses) / divisor; z = logits, or softcap * tanh(logits / softcap) when `softcap` is given. `divisor`
-    is a one-element fp32 tensor on the logits' device (read there, never synchronized)."""
+    is a one-element fp32 tensor on the logits' device (read there, never synchronized). With `entropy`
+    (fp32) and `top1` (int8), also each row's entropy of softmax(z) and whether its target is the first
+    maximum of z (both 0 where target is -100)."""
     n_rows, n_cols = logits.shape
     if logits.stride(1) != 1:
         raise ValueError("cross_entropy_forward_backward_: logits rows must be contiguous")
@@ -101,6 +121,8 @@ def cross_entropy_forward_backward_(logits: torch.Tensor, targets: torch.Tensor,
     if INTERPRETING:
         block = min(next_power_of_2(n_cols), INTERPRETER_TILE)
         meta = {"ROWS": max(1, INTERPRETER_TILE // block), "BLOCK": block}
+    stats = entropy is not None
     _cross_entropy_kernel[(cdiv(n_rows, meta["ROWS"]),)](
-        logits, targets, losses, divisor, n_rows, n_cols, logits.stride(0), float(softcap or 1.0),
-        IGNORE_INDEX=IGNORE_INDEX, SOFTCAP=softcap is not None, SOFTWARE_RTNE=INTERPRETING, **meta)
+        logits, targets, losses, divisor, entropy if stats else losses, top1 if stats else losses, n_rows, n_cols,
+        logits.stride(0), float(softcap or 1.0), IGNORE_INDEX=IGNORE_INDEX, SOFTCAP=softcap is not None,
+        STATS=stats, SOFTWARE_RTNE=INTERPRETING, **meta)

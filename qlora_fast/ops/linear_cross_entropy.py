@@ -7,6 +7,12 @@ gives the chunk's share of the hidden-state gradient, which is all backward retu
 transformers' ForCausalLMLoss: labels shifted left, -100 ignored, sum / num_items_in_batch when given,
 else the mean over counted tokens; with `softcap` (Gemma-2's final_logit_softcapping), of the softcapped
 logits, inside the same kernel.
+
+`linear_log_probs` gives TRL's fused-head outputs instead: each token's log-probability of its target, its
+entropy and whether the target is its top-1. The gradient of each log-probability with respect to the
+token's hidden state, (onehot - p) @ weight, is computed in the forward while the chunk's logits are at
+hand; backward scales it by the token's incoming gradient. TRL's own head recomputes the logits in
+backward: three (tokens x hidden x vocab) GEMMs against two here.
 """
 
 import torch
@@ -58,3 +64,69 @@ def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     chunk = chunk_tokens or max(1, CHUNK_ELEMENTS // weight.shape[0])
     targets = targets.to(hidden.device).contiguous()
     return LinearCrossEntropyFunction.apply(hidden.contiguous(), weight, targets, divisor, chunk, softcap)
+
+
+class LinearLogProbFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_tokens: int, softcap: float | None):
+        ctx.set_materialize_grads(False)  # the entropy is mostly logged, not differentiated
+        n_tokens = hidden.shape[0]
+        # d log p[target] / d hidden per token; the kernel writes d log p / d logits for a divisor of -1
+        grad_log_prob = torch.empty_like(hidden)
+        minus_one = torch.full((), -1.0, dtype=torch.float32, device=hidden.device)
+        neg_log_probs = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
+        entropy = torch.empty_like(neg_log_probs)
+        top1 = torch.empty(n_tokens, dtype=torch.int8, device=hidden.device)
+        logits = hidden.new_empty(min(chunk_tokens, n_tokens), weight.shape[0])
+        for start in range(0, n_tokens, chunk_tokens):
+            end = min(start + chunk_tokens, n_tokens)
+            chunk_logits = torch.mm(hidden[start:end], weight.t(), out=logits[:end - start])
+            cross_entropy_forward_backward_(chunk_logits, targets[start:end], minus_one, neg_log_probs[start:end],
+                                            softcap, entropy[start:end], top1[start:end])
+            torch.mm(chunk_logits, weight, out=grad_log_prob[start:end])
+        ctx.save_for_backward(grad_log_prob, hidden, weight, targets, entropy)
+        ctx.chunk_tokens, ctx.softcap = chunk_tokens, softcap
+        top1 = top1.view(torch.bool)
+        ctx.mark_non_differentiable(top1)
+        return neg_log_probs.neg_(), entropy, top1
+
+    @staticmethod
+    def backward(ctx, grad_log_probs, grad_entropy, _):
+        grad_log_prob, hidden, weight, targets, entropy = ctx.saved_tensors
+        grad = None
+        if grad_log_probs is not None:  # the product in fp32, rounded once to the hidden states' dtype
+            grad = torch.mul(grad_log_prob, grad_log_probs[:, None], out=torch.empty_like(grad_log_prob))
+        if grad_entropy is not None:
+            from_entropy = _entropy_backward(hidden, weight, targets, entropy, grad_entropy, ctx.chunk_tokens,
+                                             ctx.softcap)
+            grad = from_entropy.to(hidden.dtype) if grad is None else (from_entropy + grad).to(hidden.dtype)
+        return grad, None, None, None, None
+
+
+def _entropy_backward(hidden, weight, targets, entropy, grad_entropy, chunk_tokens: int,
+                      softcap: float | None) -> torch.Tensor:
+    """d(sum(grad_entropy * entropy)) / d hidden, in fp32, the logits recomputed chunk by chunk:
+    dH/dz = -p * (log p + H), times 1 - tanh^2 through a softcap."""
+    grad = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
+    scale = torch.where(targets != IGNORE_INDEX, grad_entropy, 0.0)
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        end = min(start + chunk_tokens, hidden.shape[0])
+        z = (hidden[start:end] @ weight.t()).float()
+        if softcap is not None:
+            t = torch.tanh(z / softcap)
+            z = softcap * t
+        log_p = torch.log_softmax(z, dim=-1)
+        grad_z = -log_p.exp() * (log_p + entropy[start:end, None]) * scale[start:end, None]
+        if softcap is not None:
+            grad_z = grad_z * (1 - t * t)
+        grad[start:end] = grad_z.to(weight.dtype) @ weight
+    return grad
+
+
+@torch.compiler.disable
+def linear_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                     softcap: float | None = None, chunk_tokens: int | None = None):
+    """(log p[target], entropy, target is the first argmax) per row of hidden (tokens, hidden_size), for
+    p = softmax(hidden @ weight^T) (softcapped with `softcap`); 0, 0 and False where the target is -100."""
+    chunk = chunk_tokens or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    return LinearLogProbFunction.apply(hidden.contiguous(), weight, targets.contiguous(), chunk, softcap)

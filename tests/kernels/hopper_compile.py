@@ -141,6 +141,9 @@ def main():
         for softcap in (None, 30.0):
             cross_entropy_forward_backward_(torch.randn(4, 100, dtype=dtype), torch.zeros(4, dtype=torch.int64),
                                             torch.ones(()), torch.empty(4), softcap)
+        cross_entropy_forward_backward_(torch.randn(4, 100, dtype=dtype), torch.zeros(4, dtype=torch.int64),
+                                        torch.ones(()), torch.empty(4), None, torch.empty(4),
+                                        torch.empty(4, dtype=torch.int8))  # TRL's entropy and top-1
     print(json.dumps({"ops": {name: dict(ops) for name, ops in compiled.items()}, "spills": spills,
                       "unspecialized": unspecialized}))
 

@@ -34,6 +34,35 @@ def test_losses_and_in_place_gradient_match_float64(rows, vocab, dtype):
     assert rel_err(logits, ref_grad) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("rows,vocab", [(5, 1000), (3, 70001)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_entropy_top1_and_log_prob_gradient_match_float64(rows, vocab, dtype):
+    """Divisor -1: the gradient written is d log p[target] / dz; entropy and top-1 (first maximum) per row."""
+    logits = (torch.randn(rows, vocab) * 4).to(dtype)
+    targets = logits.float().argmax(1)
+    targets[1] = IGNORE_INDEX
+    targets[2] = (targets[2] + 1) % vocab  # not the row's maximum
+    logits[0, vocab - 1] = logits[0].max()  # a tie after the target's first maximum still counts
+    p = torch.softmax(logits.double(), dim=1)
+    ref_entropy = -(p * torch.log_softmax(logits.double(), dim=1)).sum(1) * (targets != IGNORE_INDEX)
+    ref_losses, ref_grad = reference(logits, targets, torch.tensor(-1.0))
+    losses, entropy, top1 = torch.empty(rows), torch.empty(rows), torch.empty(rows, dtype=torch.int8)
+    cross_entropy_forward_backward_(logits, targets, torch.tensor(-1.0), losses, None, entropy, top1)
+    assert rel_err(losses, ref_losses) < 1e-6 and rel_err(logits, ref_grad) < TOLERANCE[dtype]
+    assert rel_err(entropy, ref_entropy) < 1e-5 and entropy[1] == 0
+    assert top1.tolist() == [1, 0, 0] + [1] * (rows - 3)
+
+
+def test_a_tie_before_the_target_is_not_top1():
+    logits = torch.zeros(1, 8)
+    logits[0, 2] = logits[0, 5] = 3.0
+    for target, expected in ((2, 1), (5, 0)):
+        top1 = torch.empty(1, dtype=torch.int8)
+        cross_entropy_forward_backward_(logits.clone(), torch.tensor([target]), torch.tensor(1.0), torch.empty(1),
+                                        None, torch.empty(1), top1)
+        assert top1.item() == expected
+
+
 def test_rows_of_a_wider_buffer():
     """A chunk of a (rows, vocab) buffer whose row stride is not the vocabulary size."""
     wide = torch.randn(4, 96)

@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from qlora_fast.ops.linear_cross_entropy import causal_lm_loss
+from qlora_fast.ops.linear_cross_entropy import causal_lm_loss, linear_log_probs
 from tests.helpers import rel_err
 
 
@@ -39,3 +39,55 @@ def test_all_ignored_gives_zero_loss_and_grad():
     loss = causal_lm_loss(hidden, torch.randn(13, 8), torch.full((1, 5), -100))
     loss.backward()
     assert loss.item() == 0.0 and hidden.grad.abs().sum() == 0
+
+
+def log_prob_reference(hidden, weight, targets, softcap=None):
+    """float64 log p[target], entropy and top-1 per row (0, 0, False where the target is -100)."""
+    z = hidden.double() @ weight.double().t()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    log_p = torch.log_softmax(z, dim=-1)
+    counted = targets != -100
+    safe = targets.masked_fill(~counted, 0)
+    log_probs = log_p.gather(1, safe[:, None]).squeeze(1) * counted
+    entropy = -(log_p.exp() * log_p).sum(1) * counted
+    return log_probs, entropy, (z.argmax(1) == targets) & counted
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_log_probs_entropy_and_their_gradients_match_float64(dtype, tol, softcap, chunk):
+    """Non-uniform per-token gradients on both outputs (TRL's DFT loss weighs tokens; an entropy bonus
+    differentiates the entropy): the gradient scaled in backward, and the entropy's recomputed."""
+    hidden = torch.randn(23, 32, dtype=dtype)
+    weight = (torch.randn(101, 32) * 0.3).to(dtype)
+    targets = torch.randint(0, 101, (23,))
+    targets[:4] = -100
+    g_log_p, g_entropy = torch.randn(23), torch.randn(23)
+
+    def run(fn, h):
+        h = h.detach().requires_grad_(True)
+        log_probs, entropy, top1 = fn(h)
+        ((log_probs * g_log_p.to(log_probs.dtype)).sum() + (entropy * g_entropy.to(entropy.dtype)).sum()).backward()
+        return log_probs.detach(), entropy.detach(), top1, h.grad
+
+    log_probs, entropy, top1, grad = run(lambda h: linear_log_probs(h, weight, targets, softcap, chunk), hidden)
+    ref_log_probs, ref_entropy, ref_top1, ref_grad = run(lambda h: log_prob_reference(h, weight, targets, softcap),
+                                                         hidden.double())
+    assert log_probs.dtype == entropy.dtype == torch.float32 and top1.dtype == torch.bool
+    assert grad.dtype == dtype and rel_err(grad, ref_grad) < tol
+    assert rel_err(log_probs, ref_log_probs) < tol and rel_err(entropy, ref_entropy) < tol
+    if dtype == torch.float32:
+        assert torch.equal(top1, ref_top1)
+    assert log_probs[:4].eq(0).all() and entropy[:4].eq(0).all() and not top1[:4].any()
+
+
+def test_log_probs_gradient_alone_skips_the_entropy_recompute(monkeypatch):
+    import qlora_fast.ops.linear_cross_entropy as module
+
+    monkeypatch.setattr(module, "_entropy_backward", lambda *args: pytest.fail("entropy recomputed"))
+    hidden = torch.randn(9, 16, requires_grad=True)
+    log_probs, entropy, _ = linear_log_probs(hidden, torch.randn(50, 16), torch.randint(0, 50, (9,)))
+    (log_probs.sum() + entropy.detach().sum()).backward()
+    assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
