@@ -19,7 +19,7 @@ import torch
 from .patching.bf16_weights import hold_in_bf16, release_bf16_holds
 from .patching.checkpoints import restore_checkpoints, use_offloaded_checkpoints
 from .patching.core import (CALLS, KV_SIBLINGS, OUTPUT_UNREAD_IN_RECOMPUTE, distributed, has_hooks, is_patched,
-                            replace_forward, reset_call_counts, restore_forward)
+                            previous_forward, replace_forward, reset_call_counts, restore_forward)
 from .patching.kept_outputs import mark_attention_outputs
 from .patching.lora_linear import lora_layer_forward
 from .patching.loss import causal_lm, forward_with_chunked_loss, unchunked_causal_lm
@@ -31,6 +31,7 @@ from .patching.parameter_count import restore_parameter_count, use_parameter_cou
 from .patching.projections import lora_nf4_layers, static_skip_reason
 from .patching.qkv import QKV_PROJECTIONS, fusable_qkv
 from .patching.rotary import patch_rotary, restore_rotary
+from .patching.trl_head import trl_head_settings
 
 __all__ = ["PatchReport", "patch_model", "unpatch_model", "is_patched", "CALLS", "reset_call_counts"]
 
@@ -40,6 +41,7 @@ class PatchReport:
     patched: int = 0
     skipped: Counter = field(default_factory=Counter)  # reason -> number of layers
     chunked_loss: bool = False
+    trl_head: bool = False  # TRL's fused head installed below the chunked loss: its calls are answered too
     rms_norms: int = 0
     add_norms: int = 0
     mlps: int = 0
@@ -68,7 +70,7 @@ class PatchReport:
         if self.packed_attention:
             line += ", attention of packed batches within each sequence"
         if self.chunked_loss:
-            line += " and the LM loss (chunked, no full logits)"
+            line += " and the LM loss (chunked, no full logits" + ("; TRL's fused-head calls too)" if self.trl_head else ")")
         if self.offloaded_checkpoints:
             line += "; checkpointed layer inputs offloaded to the host"
             if self.kept_outputs:
@@ -141,6 +143,7 @@ def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool
     if lm is not None:
         replace_forward(lm, forward_with_chunked_loss)
         report.chunked_loss = True
+        report.trl_head = trl_head_settings(previous_forward(lm)) is not None
     elif chunked_loss:
         report.stock_loss = unchunked_causal_lm(model)
     for _, layer in lora_nf4_layers(model):

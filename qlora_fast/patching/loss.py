@@ -5,6 +5,7 @@ import torch
 from ..ops.linear_cross_entropy import causal_lm_loss
 from .architectures import class_names
 from .core import CALLS, has_hooks, previous_forward
+from .trl_head import fused_head_forward, serves, trl_head_settings
 
 
 def causal_lm(model: torch.nn.Module):
@@ -26,8 +27,14 @@ def unchunked_causal_lm(model: torch.nn.Module) -> str | None:
 
 def forward_with_chunked_loss(self, *args, labels=None, **kwargs):
     """Training forward with labels: the loss from the hidden states, chunk by chunk, and no logits
-    (outputs.logits is None). Evaluation, generation, TRL's own fused head and an lm_head with hooks
-    (FSDP's, which gather its weight only when it is called) take the stock forward."""
+    (outputs.logits is None); TRL's fused-head calls answered with its outputs where trl_head serves them.
+    Evaluation, generation, other fused-head calls and an lm_head with hooks (FSDP's, which gather its
+    weight only when it is called) take the stock forward."""
+    if kwargs.get("fused_lm_head") and labels is not None:
+        settings = trl_head_settings(previous_forward(self))
+        if serves(self, settings, args, kwargs):
+            kwargs.pop("fused_lm_head")
+            return fused_head_forward(self, settings, labels, **kwargs)
     if (labels is None or args or not self.training or kwargs.get("fused_lm_head")
             or kwargs.get("return_dict") is False or has_hooks(self.lm_head)):
         return previous_forward(self)(*args, labels=labels, **kwargs)
