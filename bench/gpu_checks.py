@@ -8,7 +8,7 @@ against independent references (bitsandbytes, float64, torch autograd, stock pef
 interpreter never takes: dequantize and the in-GEMM matmul on odd shapes, fp16 and bf16; the stacked
 q/k/v dequantize's pointer table; the relaunch's C launch, side streams and launch hooks; the fp32-output
 GEMM of scaled_mm; low_rank_add_'s cuBLAS branch for small outputs and the wide (fp32 out) LoRA term; the cross-entropy and SwiGLU kernels (with LoRA terms);
-LoRA layers and the fused MLP against peft; the offloaded checkpoints' side-stream copies and whole
+LoRA layers and the fused MLP against peft; TRL's fused-head calls against TRL's head; the offloaded checkpoints' side-stream copies and whole
 patched models through verify() (step-0 gradients against stock peft, fused calls counted), in bf16 and
 under autocast on a prepared model. bench/kernel_timings.py times the kernels; run this first.
 """
@@ -234,6 +234,39 @@ def swiglu_with_lora_terms(shape=(1000, 1337), rank=16):
               max(errs) < (1e-2 if dtype == torch.bfloat16 else 1e-3), "rel " + ", ".join(f"{e:.1e}" for e in errs))
 
 
+def trl_fused_head(shape="tiny-llama", steps_dtype=torch.bfloat16):
+    """TRL's fused-head call (SFTTrainer's) answered by the chunked kernel against TRL's own head on the
+    GPU (its fp32-accumulating cuBLAS path), under autocast: outputs and the LoRA gradients."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    from qlora_fast.patching.core import CALLS
+
+    results = []
+    for patched in (False, True):
+        torch.manual_seed(0)
+        model = quantize_to_nf4_(random_causal_lm(shape, steps_dtype, "cuda"), compute_dtype=steps_dtype)
+        model = add_lora(model, init_b_std=0.02)  # B != 0: every adapter gets a gradient
+        add_fused_lm_head(model.get_base_model(), outputs=("log_probs", "entropy", "is_top1"))
+        if patched:
+            patch_model(model, verbose=False)
+        CALLS.clear()
+        ids = torch.randint(0, model.config.vocab_size, (2, 128), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+        labels = ids.clone()
+        labels[:, :16] = -100
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+        out.loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out, grads, CALLS["trl_head"]))
+    (theirs, their_grads, _), (ours, our_grads, served) = results
+    errs = [rel(getattr(ours, f).detach(), getattr(theirs, f).detach()) for f in ("loss", "log_probs", "entropy")]
+    grad_err = max(rel(our_grads[n], their_grads[n]) for n in their_grads)
+    top1 = (ours.is_top1 == theirs.is_top1).float().mean().item()
+    check(f"TRL fused head served ({shape}, autocast bf16) vs TRL's own", served == 1 and max(errs) < 2e-2
+          and grad_err < 5e-2 and top1 > 0.99, "rel loss/log_probs/entropy {:.1e}/{:.1e}/{:.1e}, grads {:.1e}, "
+          "top-1 agree {:.3f}".format(*errs, grad_err, top1))
+
+
 def patched_against_peft(name, module, x, grad_out, bound=2e-2, seed=1):
     """Output, input gradient and every adapter gradient of `module` before and after patch_model."""
     torch.manual_seed(seed)
@@ -328,7 +361,7 @@ def main():
     torch.manual_seed(0)
     steps = (dequantize_and_in_gemm_matmul, stacked_dequantize, relaunch_paths, scaled_mm_outputs, low_rank_add_branches,
              cross_entropy, softcapped_cross_entropy, swiglu, geglu, swiglu_with_lora_terms, lora_layers_and_mlp,
-             packed_attention_kernels, whole_models)
+             packed_attention_kernels, trl_fused_head, whole_models)
     chosen = sys.argv[1:] or [step.__name__ for step in steps]  # `gpu_checks.py stacked_dequantize ...`: those only
     for step in steps:
         if step.__name__ in chosen:
