@@ -68,11 +68,12 @@ def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
 
 class LinearLogProbFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_tokens: int, softcap: float | None):
+    def forward(ctx, hidden, weight, targets, chunk_tokens: int, softcap: float | None, with_grad: bool):
         ctx.set_materialize_grads(False)  # the entropy is mostly logged, not differentiated
         n_tokens = hidden.shape[0]
-        # d log p[target] / d hidden per token; the kernel writes d log p / d logits for a divisor of -1
-        grad_log_prob = torch.empty_like(hidden)
+        # d log p[target] / d hidden per token, where a gradient will be asked (not under no_grad, where TRL
+        # reads the outputs for metrics); the kernel writes d log p / d logits for a divisor of -1
+        grad_log_prob = torch.empty_like(hidden) if with_grad else None
         minus_one = torch.full((), -1.0, dtype=torch.float32, device=hidden.device)
         neg_log_probs = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
         entropy = torch.empty_like(neg_log_probs)
@@ -83,7 +84,8 @@ class LinearLogProbFunction(torch.autograd.Function):
             chunk_logits = torch.mm(hidden[start:end], weight.t(), out=logits[:end - start])
             cross_entropy_forward_backward_(chunk_logits, targets[start:end], minus_one, neg_log_probs[start:end],
                                             softcap, entropy[start:end], top1[start:end])
-            torch.mm(chunk_logits, weight, out=grad_log_prob[start:end])
+            if grad_log_prob is not None:
+                torch.mm(chunk_logits, weight, out=grad_log_prob[start:end])
         ctx.save_for_backward(grad_log_prob, hidden, weight, targets, entropy)
         ctx.chunk_tokens, ctx.softcap = chunk_tokens, softcap
         top1 = top1.view(torch.bool)
@@ -100,7 +102,7 @@ class LinearLogProbFunction(torch.autograd.Function):
             from_entropy = _entropy_backward(hidden, weight, targets, entropy, grad_entropy, ctx.chunk_tokens,
                                              ctx.softcap)
             grad = from_entropy.to(hidden.dtype) if grad is None else (from_entropy + grad).to(hidden.dtype)
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 def _entropy_backward(hidden, weight, targets, entropy, grad_entropy, chunk_tokens: int,
@@ -129,4 +131,5 @@ def linear_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
     """(log p[target], entropy, target is the first argmax) per row of hidden (tokens, hidden_size), for
     p = softmax(hidden @ weight^T) (softcapped with `softcap`); 0, 0 and False where the target is -100."""
     chunk = chunk_tokens or max(1, CHUNK_ELEMENTS // weight.shape[0])
-    return LinearLogProbFunction.apply(hidden.contiguous(), weight, targets.contiguous(), chunk, softcap)
+    with_grad = torch.is_grad_enabled() and hidden.requires_grad  # Function.forward runs without grad mode
+    return LinearLogProbFunction.apply(hidden.contiguous(), weight, targets.contiguous(), chunk, softcap, with_grad)

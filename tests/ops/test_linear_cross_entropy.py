@@ -91,3 +91,17 @@ def test_log_probs_gradient_alone_skips_the_entropy_recompute(monkeypatch):
     log_probs, entropy, _ = linear_log_probs(hidden, torch.randn(50, 16), torch.randint(0, 50, (9,)))
     (log_probs.sum() + entropy.detach().sum()).backward()
     assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
+
+
+def test_no_gradient_asked_no_gradient_product(monkeypatch):
+    """Under no_grad (TRL reads the fused head's outputs for metrics so) only the logits' GEMM runs."""
+    hidden, weight, targets = torch.randn(9, 16), torch.randn(50, 16), torch.randint(0, 50, (9,))
+    with_grad = linear_log_probs(hidden.requires_grad_(True), weight, targets)
+    products = []
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *args, **kwargs: products.append(1) or real_mm(*args, **kwargs))
+    with torch.no_grad():
+        without = linear_log_probs(hidden, weight, targets)
+    assert len(products) == 1
+    for a, b in zip(with_grad, without):
+        assert torch.equal(a.detach(), b)
