@@ -31,7 +31,7 @@ from .patching.parameter_count import restore_parameter_count, use_parameter_cou
 from .patching.projections import lora_nf4_layers, static_skip_reason
 from .patching.qkv import QKV_PROJECTIONS, fusable_qkv
 from .patching.rotary import patch_rotary, restore_rotary
-from .patching.trl_head import trl_head_settings
+from .patching.trl_head import peft_tuner_of, trl_head_settings, tuner_forward
 
 __all__ = ["PatchReport", "patch_model", "unpatch_model", "is_patched", "CALLS", "reset_call_counts"]
 
@@ -144,6 +144,9 @@ def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool
         replace_forward(lm, forward_with_chunked_loss)
         report.chunked_loss = True
         report.trl_head = trl_head_settings(previous_forward(lm)) is not None
+        tuner = peft_tuner_of(model, lm)
+        if tuner is not None:
+            replace_forward(tuner, tuner_forward)
     elif chunked_loss:
         report.stock_loss = unchunked_causal_lm(model)
     for _, layer in lora_nf4_layers(model):

@@ -3,9 +3,10 @@
 TRL's trainers call `model(..., labels=..., fused_lm_head=True)` (SFTTrainer's compute_loss does, every step)
 through the forward `trl.trainer.utils.add_fused_lm_head` installs: it projects the tokens whose label is
 kept, chunk by chunk, and recomputes each chunk's logits in backward (three tokens x hidden x vocab GEMMs).
-Patched after the trainer is built (`patch_model(trainer.model)`), the causal LM's forward sees that call
-first and answers it with `linear_log_probs` (two GEMMs), mirroring TRL's forward: the same rows, shift,
-loss and output fields. It does so only where TRL's settings are SFTTrainer's, read from the forward TRL
+The call is answered with `linear_log_probs` (two GEMMs), mirroring TRL's forward: the same rows, shift,
+loss and output fields. Patched after the trainer is built (`patch_model(trainer.model)`), the causal LM's
+chunked-loss forward sits above TRL's and sees the call first; patched before, TRL's head was installed
+above ours, and peft's tuner, which calls the causal LM, answers it (`tuner_forward`). It does so only where TRL's settings are SFTTrainer's, read from the forward TRL
 installed (temperature 1, no logit scale, no fp32 head, outputs among log-probabilities, entropy and
 top-1), no router logits are asked for, and the head is a frozen Linear without bias or hooks; anything
 else goes through TRL's head.
@@ -14,7 +15,7 @@ else goes through TRL's head.
 import torch
 
 from ..ops.linear_cross_entropy import linear_log_probs
-from .core import CALLS, has_hooks
+from .core import CALLS, has_hooks, is_patched, previous_forward
 
 SERVED_OUTPUTS = {"log_probs", "entropy", "is_top1"}
 
@@ -69,3 +70,21 @@ def fused_head_forward(model, settings: dict, labels, shift_labels=None, num_ite
     loss = -per_token["log_probs"].sum() / divisor
     return settings["output_class"](loss=loss, log_probs=per_token["log_probs"], entropy=per_token.get("entropy"),
                                     is_top1=per_token.get("is_top1"), label_mask=mask)
+
+
+def tuner_forward(self, *args, **kwargs):
+    """peft's tuner forward (`self.model(...)`), answering a fused-head call itself where TRL's head was
+    installed over the patched causal LM's forward (the trainer built after patch_model)."""
+    model = self.model
+    if kwargs.get("fused_lm_head") and kwargs.get("labels") is not None and is_patched(model) and not has_hooks(model):
+        settings = trl_head_settings(vars(model).get("forward"))
+        if serves(model, settings, args, kwargs):
+            kwargs.pop("fused_lm_head")
+            return fused_head_forward(model, settings, kwargs.pop("labels"), **kwargs)
+    return previous_forward(self)(*args, **kwargs)
+
+
+def peft_tuner_of(model: torch.nn.Module, causal_lm: torch.nn.Module):
+    """The peft tuner (LoraModel) inside `model` whose `model` is `causal_lm`, or None."""
+    return next((m for m in model.modules() if m._modules.get("model") is causal_lm and hasattr(m, "peft_config")),
+                None)

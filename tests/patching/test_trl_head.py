@@ -123,3 +123,20 @@ def test_unpatched_model_calls_trls_head_again():
     CALLS.clear()
     fused_head_step(model)
     assert CALLS["trl_head"] == 0
+
+
+def test_trls_head_installed_after_patch_model_is_answered_too():
+    """patch_model, then the trainer (TRL installs its head over the patched forward), as the Colab notebook
+    orders them: peft's tuner answers the call."""
+    stock = fused_head_step(with_trl_head())
+    torch.manual_seed(0)
+    model = tiny_qlora().train()
+    patch_model(model, verbose=False)
+    add_fused_lm_head(model.get_base_model(), outputs=SFT_OUTPUTS)
+    CALLS.clear()
+    ours = fused_head_step(model)
+    assert CALLS["trl_head"] == 1
+    assert_same_outputs(ours[0], stock[0], 1e-5)
+    assert all(rel_err(ours[1][n], stock[1][n]) < 1e-4 for n in stock[1])
+    unpatch_model(model)
+    assert "forward" not in vars(model.base_model)  # the tuner's own forward again
