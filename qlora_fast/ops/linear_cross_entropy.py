@@ -15,11 +15,19 @@ hand; backward scales it by the token's incoming gradient. TRL's own head recomp
 backward: three (tokens x hidden x vocab) GEMMs against two here.
 """
 
+import math
+
 import torch
 
 from ..kernels.cross_entropy import IGNORE_INDEX, cross_entropy_forward_backward_
 
-CHUNK_ELEMENTS = 2**25  # logits per chunk: 64 MiB in bf16, the only (chunk x vocab) buffer
+CHUNK_ELEMENTS = 2**25  # logits per chunk: ~64 MiB in bf16, the only (chunk x vocab) buffer
+
+
+def default_chunk_tokens(vocab_size: int) -> int:
+    """Tokens per chunk: the power of two nearest (in ratio) to CHUNK_ELEMENTS / vocab_size, so a chunk is
+    whole GEMM tiles of 128 or 256 rows, not, say, 261 rows of a 128k vocabulary padded to 384."""
+    return 1 << max(0, round(math.log2(CHUNK_ELEMENTS / vocab_size)))
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -61,7 +69,7 @@ def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
         divisor = (targets != IGNORE_INDEX).sum().clamp(min=1).float()
     else:
         divisor = torch.as_tensor(num_items_in_batch, device=hidden.device, dtype=torch.float32).reshape(())
-    chunk = chunk_tokens or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    chunk = chunk_tokens or default_chunk_tokens(weight.shape[0])
     targets = targets.to(hidden.device).contiguous()
     return LinearCrossEntropyFunction.apply(hidden.contiguous(), weight, targets, divisor, chunk, softcap)
 
@@ -130,6 +138,6 @@ def linear_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
                      softcap: float | None = None, chunk_tokens: int | None = None):
     """(log p[target], entropy, target is the first argmax) per row of hidden (tokens, hidden_size), for
     p = softmax(hidden @ weight^T) (softcapped with `softcap`); 0, 0 and False where the target is -100."""
-    chunk = chunk_tokens or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    chunk = chunk_tokens or default_chunk_tokens(weight.shape[0])
     with_grad = torch.is_grad_enabled() and hidden.requires_grad  # Function.forward runs without grad mode
     return LinearLogProbFunction.apply(hidden.contiguous(), weight, targets.contiguous(), chunk, softcap, with_grad)

@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from qlora_fast.ops.linear_cross_entropy import causal_lm_loss, linear_log_probs
+from qlora_fast.ops.linear_cross_entropy import causal_lm_loss, default_chunk_tokens, linear_log_probs
 from tests.helpers import rel_err
 
 
@@ -105,3 +105,9 @@ def test_no_gradient_asked_no_gradient_product(monkeypatch):
     assert len(products) == 1
     for a, b in zip(with_grad, without):
         assert torch.equal(a.detach(), b)
+
+
+@pytest.mark.parametrize("vocab,tokens", [(128256, 256), (152064, 256), (256000, 128), (32000, 1024), (2**26, 1)])
+def test_default_chunks_are_powers_of_two_near_the_logit_budget(vocab, tokens):
+    """Llama-3's, Qwen2.5's and Gemma-2's vocabularies: whole GEMM tiles; never below one token."""
+    assert default_chunk_tokens(vocab) == tokens
