@@ -250,7 +250,8 @@ def trl_fused_head(shape="tiny-llama", steps_dtype=torch.bfloat16):
         if patched:
             patch_model(model, verbose=False)
         CALLS.clear()
-        ids = torch.randint(0, model.config.vocab_size, (2, 128), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+        ids = torch.randint(0, model.config.vocab_size, (2, 128), device="cuda",
+                            generator=torch.Generator("cuda").manual_seed(1))
         labels = ids.clone()
         labels[:, :16] = -100
         with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -70,7 +70,8 @@ class PatchReport:
         if self.packed_attention:
             line += ", attention of packed batches within each sequence"
         if self.chunked_loss:
-            line += " and the LM loss (chunked, no full logits" + ("; TRL's fused-head calls too)" if self.trl_head else ")")
+            line += " and the LM loss (chunked, no full logits"
+            line += "; TRL's fused-head calls too)" if self.trl_head else ")"
         if self.offloaded_checkpoints:
             line += "; checkpointed layer inputs offloaded to the host"
             if self.kept_outputs:

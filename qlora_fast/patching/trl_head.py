@@ -6,10 +6,10 @@ kept, chunk by chunk, and recomputes each chunk's logits in backward (three toke
 The call is answered with `linear_log_probs` (two GEMMs), mirroring TRL's forward: the same rows, shift,
 loss and output fields. Patched after the trainer is built (`patch_model(trainer.model)`), the causal LM's
 chunked-loss forward sits above TRL's and sees the call first; patched before, TRL's head was installed
-above ours, and peft's tuner, which calls the causal LM, answers it (`tuner_forward`). It does so only where TRL's settings are SFTTrainer's, read from the forward TRL
-installed (temperature 1, no logit scale, no fp32 head, outputs among log-probabilities, entropy and
-top-1), no router logits are asked for, and the head is a frozen Linear without bias or hooks; anything
-else goes through TRL's head.
+above ours, and peft's tuner, which calls the causal LM, answers it (`tuner_forward`). Either only where
+TRL's settings are SFTTrainer's, read from the forward TRL installed (temperature 1, no logit scale, no
+fp32 head, outputs among log-probabilities, entropy and top-1), no router logits are asked for, and the
+head is a frozen Linear without bias or hooks; anything else goes through TRL's head.
 """
 
 import torch
@@ -27,7 +27,7 @@ def trl_head_settings(forward) -> dict | None:
     code = getattr(function, "__code__", None)  # its name and module are the model's (functools.wraps)
     if code is None or code.co_name != "_fused_forward" or not function.__globals__["__name__"].startswith("trl."):
         return None
-    settings = dict(zip(function.__code__.co_freevars, (cell.cell_contents for cell in function.__closure__)))
+    settings = dict(zip(code.co_freevars, (cell.cell_contents for cell in function.__closure__)))
     settings["output_class"] = function.__globals__.get("FusedCausalLMOutput")
     return settings
 
