@@ -20,26 +20,44 @@ KEEP_OUTPUT = "_qlora_fast_keep_output"  # on an attention projection: see patch
 _PER_MODULE_STATE = (OUTPUT_ONLY_TO_RESIDUAL, KV_SIBLINGS, STASHED, OUTPUT_UNREAD_IN_RECOMPUTE, HALVES, KEEP_OUTPUT)
 
 
+INSTALLED = "_qlora_fast_installed_forward"  # the function replace_forward installed
+PASSING_THROUGH = "_qlora_fast_passing_through"  # unpatched, but wrapped over by another library: see below
+
+
 def replace_forward(module: torch.nn.Module, forward) -> None:
     """Installs `forward` on this instance, remembering an instance-level forward another library (TRL,
-    accelerate) may have wrapped it with, so that falling back goes through that wrapper."""
+    accelerate) may have wrapped it with, so that falling back goes through that wrapper. A forward left
+    inside another library's wrapper by restore_forward is switched back on where it is."""
     if is_patched(module):
+        return
+    if vars(module).pop(PASSING_THROUGH, False) and vars(module).get(INSTALLED) is forward:
+        setattr(module, PATCHED, True)
         return
     module._qlora_fast_previous_forward = vars(module).get("forward")
     module.forward = types.MethodType(forward, module)
+    vars(module)[INSTALLED] = forward
     setattr(module, PATCHED, True)
 
 
 def restore_forward(module: torch.nn.Module) -> bool:
+    """Takes the installed forward off. Where another library has wrapped it since (TRL installs its fused
+    head over the causal LM's forward when a trainer is built) and the forward can pass calls through
+    (`passes_through_when_unpatched`), the wrapper stays and the forward inside it calls the previous one."""
     if not is_patched(module):
         return False
-    previous = vars(module).pop("_qlora_fast_previous_forward")
     for state in _PER_MODULE_STATE:
         vars(module).pop(state, None)
+    delattr(module, PATCHED)
+    installed = vars(module)[INSTALLED]
+    if (getattr(vars(module).get("forward"), "__func__", None) is not installed
+            and getattr(installed, "passes_through_when_unpatched", False)):
+        vars(module)[PASSING_THROUGH] = True
+        return True
+    previous = vars(module).pop("_qlora_fast_previous_forward")
+    vars(module).pop(INSTALLED)
     del module.forward
     if previous is not None:
         module.forward = previous
-    delattr(module, PATCHED)
     return True
 
 

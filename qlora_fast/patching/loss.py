@@ -4,7 +4,7 @@ import torch
 
 from ..ops.linear_cross_entropy import causal_lm_loss
 from .architectures import class_names
-from .core import CALLS, has_hooks, previous_forward
+from .core import CALLS, has_hooks, is_patched, previous_forward
 from .trl_head import fused_head_forward, serves, trl_head_settings
 
 
@@ -30,6 +30,8 @@ def forward_with_chunked_loss(self, *args, labels=None, **kwargs):
     (outputs.logits is None); TRL's fused-head calls answered with its outputs where trl_head serves them.
     Evaluation, generation, other fused-head calls and an lm_head with hooks (FSDP's, which gather its
     weight only when it is called) take the stock forward."""
+    if not is_patched(self):  # unpatched, inside the fused head TRL installed over it
+        return previous_forward(self)(*args, labels=labels, **kwargs)
     if kwargs.get("fused_lm_head") and labels is not None:
         settings = trl_head_settings(previous_forward(self))
         if serves(self, settings, args, kwargs):
@@ -54,3 +56,6 @@ def forward_with_chunked_loss(self, *args, labels=None, **kwargs):
                           softcap=getattr(self.config, "final_logit_softcapping", None))
     return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
                                   hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+
+forward_with_chunked_loss.passes_through_when_unpatched = True  # see core.restore_forward

@@ -140,3 +140,22 @@ def test_trls_head_installed_after_patch_model_is_answered_too():
     assert all(rel_err(ours[1][n], stock[1][n]) < 1e-4 for n in stock[1])
     unpatch_model(model)
     assert "forward" not in vars(model.base_model)  # the tuner's own forward again
+
+
+def test_unpatch_keeps_trls_head_installed_over_the_patched_forward():
+    """unpatch_model, then the trainer's next step (TRL's head, stock below it), then patch_model again."""
+    stock = fused_head_step(with_trl_head())
+    torch.manual_seed(0)
+    model = tiny_qlora().train()
+    patch_model(model, verbose=False)
+    add_fused_lm_head(model.get_base_model(), outputs=SFT_OUTPUTS)
+    trl_forward = model.get_base_model().forward
+    unpatch_model(model)
+    assert model.get_base_model().forward == trl_forward
+    CALLS.clear()
+    unpatched = fused_head_step(model)
+    assert sum(CALLS.values()) == 0  # nothing of qlora_fast ran
+    assert_same_outputs(unpatched[0], stock[0], 1e-6)
+    assert calls_served(model) == 1
+    ids = batch()["input_ids"]
+    assert model(input_ids=ids, labels=ids).loss.isfinite()  # a plain call through TRL's and our forward
