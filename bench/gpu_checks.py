@@ -243,9 +243,7 @@ def trl_fused_head(shape="tiny-llama", steps_dtype=torch.bfloat16):
 
     results = []
     for patched in (False, True):
-        torch.manual_seed(0)
-        model = quantize_to_nf4_(random_causal_lm(shape, steps_dtype, "cuda"), compute_dtype=steps_dtype)
-        model = add_lora(model, init_b_std=0.02)  # B != 0: every adapter gets a gradient
+        model = tiny(steps_dtype, shape, init_b_std=0.02)  # B != 0: every adapter gets a gradient
         add_fused_lm_head(model.get_base_model(), outputs=("log_probs", "entropy", "is_top1"))
         if patched:
             patch_model(model, verbose=False)
@@ -321,9 +319,9 @@ def packed_attention_kernels():
           "rel " + ", ".join(f"{e:.1e}" for e in errs))
 
 
-def tiny(dtype=torch.bfloat16, shape="tiny-llama"):
+def tiny(dtype=torch.bfloat16, shape="tiny-llama", init_b_std=0.0):
     model = quantize_to_nf4_(random_causal_lm(shape, dtype, "cuda"), compute_dtype=dtype)
-    return add_lora(model, r=16, lora_alpha=32, alpha_pattern={"down_proj": 8})
+    return add_lora(model, r=16, lora_alpha=32, alpha_pattern={"down_proj": 8}, init_b_std=init_b_std)
 
 
 def batches(vocab, n=2, batch=2, seq=128):

@@ -5,7 +5,7 @@ import torch
 from ..ops.linear_cross_entropy import causal_lm_loss
 from .architectures import class_names
 from .core import CALLS, has_hooks, is_patched, previous_forward
-from .trl_head import fused_head_forward, serves, trl_head_settings
+from .trl_head import answer_fused_head_call
 
 
 def causal_lm(model: torch.nn.Module):
@@ -32,11 +32,9 @@ def forward_with_chunked_loss(self, *args, labels=None, **kwargs):
     weight only when it is called) take the stock forward."""
     if not is_patched(self):  # unpatched, inside the fused head TRL installed over it
         return previous_forward(self)(*args, labels=labels, **kwargs)
-    if kwargs.get("fused_lm_head") and labels is not None:
-        settings = trl_head_settings(previous_forward(self))
-        if serves(self, settings, args, kwargs):
-            kwargs.pop("fused_lm_head")
-            return fused_head_forward(self, settings, labels, **kwargs)
+    answer = answer_fused_head_call(self, previous_forward(self), args, labels, kwargs)
+    if answer is not None:
+        return answer
     if (labels is None or args or not self.training or kwargs.get("fused_lm_head")
             or kwargs.get("return_dict") is False or has_hooks(self.lm_head)):
         return previous_forward(self)(*args, labels=labels, **kwargs)

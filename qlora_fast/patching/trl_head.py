@@ -72,15 +72,27 @@ def fused_head_forward(model, settings: dict, labels, shift_labels=None, num_ite
                                     is_top1=per_token.get("is_top1"), label_mask=mask)
 
 
+def answer_fused_head_call(model, trl_forward, args: tuple, labels, kwargs: dict):
+    """The outputs of this call to `model` (labels apart from the other keyword arguments) where it is a
+    fused-head call this module serves through `trl_forward` (TRL's forward, above or below ours); else
+    None, and the call goes its usual way."""
+    if not kwargs.get("fused_lm_head") or labels is None:
+        return None
+    settings = trl_head_settings(trl_forward)
+    if not serves(model, settings, args, kwargs):
+        return None
+    rest = {key: value for key, value in kwargs.items() if key not in ("fused_lm_head", "labels")}
+    return fused_head_forward(model, settings, labels, **rest)
+
+
 def tuner_forward(self, *args, **kwargs):
     """peft's tuner forward (`self.model(...)`), answering a fused-head call itself where TRL's head was
     installed over the patched causal LM's forward (the trainer built after patch_model)."""
     model = self.model
-    if kwargs.get("fused_lm_head") and kwargs.get("labels") is not None and is_patched(model) and not has_hooks(model):
-        settings = trl_head_settings(vars(model).get("forward"))
-        if serves(model, settings, args, kwargs):
-            kwargs.pop("fused_lm_head")
-            return fused_head_forward(model, settings, kwargs.pop("labels"), **kwargs)
+    if is_patched(model) and not has_hooks(model):
+        answer = answer_fused_head_call(model, vars(model).get("forward"), args, kwargs.get("labels"), kwargs)
+        if answer is not None:
+            return answer
     return previous_forward(self)(*args, **kwargs)
 
 

@@ -17,6 +17,15 @@ def with_trl_head(shape="tiny-llama", dtype=torch.float32, **settings):
     return model
 
 
+def patched_then_trl_head():
+    """with_trl_head's model, patched before TRL's head is installed (a trainer built after patch_model)."""
+    torch.manual_seed(0)
+    model = tiny_qlora().train()
+    patch_model(model, verbose=False)
+    add_fused_lm_head(model.get_base_model(), outputs=SFT_OUTPUTS)
+    return model
+
+
 def batch():
     ids = torch.randint(0, 512, (2, 12))
     mask = torch.ones_like(ids)
@@ -129,10 +138,7 @@ def test_trls_head_installed_after_patch_model_is_answered_too():
     """patch_model, then the trainer (TRL installs its head over the patched forward), as the Colab notebook
     orders them: peft's tuner answers the call."""
     stock = fused_head_step(with_trl_head())
-    torch.manual_seed(0)
-    model = tiny_qlora().train()
-    patch_model(model, verbose=False)
-    add_fused_lm_head(model.get_base_model(), outputs=SFT_OUTPUTS)
+    model = patched_then_trl_head()
     CALLS.clear()
     ours = fused_head_step(model)
     assert CALLS["trl_head"] == 1
@@ -145,10 +151,7 @@ def test_trls_head_installed_after_patch_model_is_answered_too():
 def test_unpatch_keeps_trls_head_installed_over_the_patched_forward():
     """unpatch_model, then the trainer's next step (TRL's head, stock below it), then patch_model again."""
     stock = fused_head_step(with_trl_head())
-    torch.manual_seed(0)
-    model = tiny_qlora().train()
-    patch_model(model, verbose=False)
-    add_fused_lm_head(model.get_base_model(), outputs=SFT_OUTPUTS)
+    model = patched_then_trl_head()
     trl_forward = model.get_base_model().forward
     unpatch_model(model)
     assert model.get_base_model().forward == trl_forward
