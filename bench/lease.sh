@@ -9,8 +9,8 @@
 #       # recipe rows of one shape (default recipes peft,trl_padded; stacks qlora_fast,unsloth), appended to
 #       # a copy of bench/recipes.json under $OUT (copy it back, then bench/recipes.py --render); with
 #       # PROFILE_STEP=N each row's Nth step is profiled (untimed): top kernels and GPU idle gaps
-#   QLORA_FAST_COMMIT=<sha> bash bench/lease.sh profile [SIZES]  # where peft's recipe step goes, stock and
-#                                                                # patched (default 4x2048)
+#   QLORA_FAST_COMMIT=<sha> bash bench/lease.sh profile [SIZES] [VARIANTS]  # where the bare loop's and
+#       # peft's recipe step go (default 4x2048, qlora_fast default and with attention recomputed)
 # Then fetch $OUT's files into bench/ (recipes.json, seed_dequant.json/.md) and write RESULTS.md / NOTES.md.
 set -euo pipefail
 case "${1:-}" in
@@ -40,7 +40,10 @@ rows)
     && tar czf recipe_logs.tgz "${files[@]}" && rm -f "${files[@]}")
   ;;
 profile)
-  python bench/profile_step.py --prepared --sizes "${2:-4x2048}" --variants "stock peft,qlora_fast default" \
-    --out "$OUT/profile_prepared.md" | tail -n 30
+  for recipe in bare peft; do
+    python bench/profile_step.py $([ $recipe = peft ] && echo --prepared) --sizes "${2:-4x2048}" \
+      --variants "${3:-qlora_fast default,qlora_fast attention recomputed}" --out "$OUT/profile_$recipe.md" \
+      | tail -n 3
+  done
   ;;
 esac

@@ -23,6 +23,7 @@ from idle import step_report
 from qlora_fast import patch_model, unpatch_model
 from qlora_fast.harness.models import add_lora, quantize_to_nf4_, random_causal_lm
 from qlora_fast.harness.run import packed_batch, random_batches
+from qlora_fast.ops.offloaded_checkpoint import keep_outcomes
 
 VARIANTS = {"stock peft": None, "qlora_fast default": {},
             "qlora_fast dense packed mask": {"packed_attention": False},
@@ -76,7 +77,8 @@ def batch_for(size: str, vocab_size: int) -> dict:
 
 def profile_variant(model, batch, options, autocast=False, timed_steps=5):
     """(median wall ms, summed kernel ms, attention kernels' share, kernel launches, peak GiB forward /
-    backward, report of the top kernels and the GPU's idle gaps) of one step."""
+    backward, keep_outcomes of a timed step, report of the top kernels and the GPU's idle gaps) of one
+    step."""
     if options is not None:
         patch_model(model, verbose=False, **options)
     try:
@@ -84,9 +86,11 @@ def profile_variant(model, batch, options, autocast=False, timed_steps=5):
             _step(model, batch, autocast)
         walls = []
         for _ in range(timed_steps):
+            keep_outcomes(reset=True)
             started = time.perf_counter()
             _step(model, batch, autocast)
             walls.append((time.perf_counter() - started) * 1e3)
+        keeps = keep_outcomes(reset=True)
         peaks = _peaks_gib(model, batch, autocast)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             _step(model, batch, autocast)
@@ -95,7 +99,8 @@ def profile_variant(model, batch, options, autocast=False, timed_steps=5):
     kernels = _kernel_events(prof)
     kernel_ms = sum(e.device_time for e in kernels) / 1e3
     attention_ms = sum(e.device_time for e in kernels if any(s in e.name.lower() for s in ATTENTION_KERNELS)) / 1e3
-    return statistics.median(walls), kernel_ms, attention_ms / kernel_ms, len(kernels), peaks, step_report(prof)
+    return (statistics.median(walls), kernel_ms, attention_ms / kernel_ms, len(kernels), peaks, keeps,
+            step_report(prof))
 
 
 def main():
@@ -119,16 +124,17 @@ def main():
     model = add_lora(model, r=16, lora_alpha=16, init_b_std=1e-3)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     summary = ["| batch x seq | variant | wall ms (median of 5, no profiler) | kernel ms | attention share | "
-               "kernels launched | wall / kernel | peak GiB forward | peak GiB backward |",
-               "|---|---|---|---|---|---|---|---|---|"]
+               "kernels launched | wall / kernel | peak GiB forward | peak GiB backward | kept for the recompute |",
+               "|---|---|---|---|---|---|---|---|---|---|"]
     tables = []
     for size in args.sizes.split(","):
         batch = batch_for(size, model.config.vocab_size)
         for name in args.variants.split(","):
-            wall, kernel, attention, launches, (fwd_gib, bwd_gib), report = profile_variant(
+            wall, kernel, attention, launches, (fwd_gib, bwd_gib), keeps, report = profile_variant(
                 model, batch, VARIANTS[name], autocast=args.prepared)
+            kept = ", ".join(f"{why} {n}" for why, n in sorted(keeps.items())) or "-"
             summary.append(f"| {size} | {name} | {wall:.1f} | {kernel:.1f} | {attention:.0%} | {launches} | "
-                           f"{wall / kernel:.2f} | {fwd_gib:.2f} | {bwd_gib:.2f} |")
+                           f"{wall / kernel:.2f} | {fwd_gib:.2f} | {bwd_gib:.2f} | {kept} |")
             print(summary[-1], flush=True)
             tables.append(f"### {size}, {name}\n\n{report}")
     text = "\n".join(summary) + "\n\n" + "\n".join(tables)

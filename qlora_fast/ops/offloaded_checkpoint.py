@@ -33,6 +33,7 @@ _LAG = 4  # a copy this many keeps behind the compute: the copies do not keep pa
 # slower at 1x2048, faster at 4x2048; bench/RESULTS.md, session 9).
 KEEP_MIN_ELEMENTS = 2**24
 _kept_host_bytes = 0  # host memory held by kept tensors now
+_keep_outcomes: collections.Counter = collections.Counter()  # "kept", or why a tensor was not
 
 
 def recomputing() -> bool:
@@ -130,6 +131,27 @@ def _copies_lag(device: torch.device) -> bool:
     return len(_queued_copies) > _LAG and _queued_copies[_LAG][0].query()
 
 
+def _skip_reason(tensor: torch.Tensor, cuda: bool) -> str | None:
+    """Why a tensor is not kept, or None where it is (size and pace matter on a GPU only)."""
+    if cuda and tensor.numel() < KEEP_MIN_ELEMENTS:
+        return "small"
+    if cuda and _copies_lag(tensor.device):
+        return "copies lagging"
+    if _kept_host_bytes + tensor.nbytes > _kept_bytes_budget():
+        return "host budget"
+    return None
+
+
+def keep_outcomes(reset: bool = False) -> dict:
+    """How many tensors offered to `keep_for_recompute` were kept, and how many were not and why
+    ("small", "copies lagging", "host budget"), since the last reset: bench/profile_step.py reports them
+    per step (a lagging copy stream means the recompute's GEMMs come back)."""
+    outcomes = dict(_keep_outcomes)
+    if reset:
+        _keep_outcomes.clear()
+    return outcomes
+
+
 class _LayerRecord:
     """What a checkpointed layer's first pass leaves for its backward: its input and the tensors its
     Functions kept, all in host memory (on the CPU: the tensors themselves)."""
@@ -140,9 +162,9 @@ class _LayerRecord:
 
     def keep(self, key, tensor: torch.Tensor) -> None:
         cuda = tensor.device.type == "cuda"
-        if cuda and (tensor.numel() < KEEP_MIN_ELEMENTS or _copies_lag(tensor.device)):
-            return
-        if _kept_host_bytes + tensor.nbytes > _kept_bytes_budget():
+        reason = _skip_reason(tensor, cuda)
+        _keep_outcomes[reason or "kept"] += 1
+        if reason is not None:
             return
         self.kept.setdefault(key, []).append(_KeptCopy(tensor))
         if cuda:  # the compute stream's point where the copy was queued, and the copy's end

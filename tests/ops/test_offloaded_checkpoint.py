@@ -10,7 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 from qlora_fast import patch_model, unpatch_model
 from qlora_fast.harness.models import add_lora, quantize_to_nf4_, random_causal_lm
-from qlora_fast.ops.offloaded_checkpoint import OffloadedCheckpointFunction, offloaded_checkpoint
+from qlora_fast.ops.offloaded_checkpoint import OffloadedCheckpointFunction, keep_outcomes, offloaded_checkpoint
 from tests.helpers import rel_err
 
 
@@ -176,14 +176,16 @@ def test_recompute_takes_the_kept_attention_outputs(monkeypatch, shape, dtype):
     assert report.kept_outputs and "attention projections' outputs" in report.summary()
     calls = count_attention_gemms(monkeypatch)
     ids = torch.randint(0, 512, (2, 16))
+    keep_outcomes(reset=True)
     loss, grads = loss_and_grads(model, ids)
     assert calls["nf4_dequantize_stacked"] == calls["nf4_linear_forward"] == 0
+    layers = len(model.base_model.model.model.layers)
+    assert keep_outcomes(reset=True) == {"kept": 2 * layers}  # q/k/v (or qkv) and o, once a layer
 
     unpatch_model(model)
     patch_model(model, offload_checkpoints=True, verbose=False, keep_attention_outputs=False)
     calls.clear()
     recomputed_loss, recomputed_grads = loss_and_grads(model, ids)
-    layers = len(model.base_model.model.model.layers)
     assert calls["nf4_dequantize_stacked"] + calls["nf4_linear_forward"] >= 2 * layers
     assert recomputed_loss == loss
     assert all(torch.equal(grads[n], recomputed_grads[n]) for n in grads)
@@ -209,8 +211,11 @@ def test_nothing_is_kept_beyond_the_host_budget(monkeypatch):
     monkeypatch.setattr(offload, "_kept_bytes_budget", lambda: 0)
     model, _ = patched_tiny(torch.float32)
     calls = count_attention_gemms(monkeypatch)
+    keep_outcomes(reset=True)
     loss_and_grads(model, torch.randint(0, 512, (2, 16)))
-    assert calls["nf4_dequantize_stacked"] == len(model.base_model.model.model.layers)
+    layers = len(model.base_model.model.model.layers)
+    assert calls["nf4_dequantize_stacked"] == layers
+    assert keep_outcomes(reset=True) == {"host budget": 2 * layers}
     assert offload._kept_host_bytes == 0
 
 
