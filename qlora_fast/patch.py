@@ -125,8 +125,9 @@ def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool
     then takes back instead of recomputing (up to a quarter of the host memory available);
     (`bf16_frozen_weights`) holds frozen fp32 embedding and LM-head weights whose values are all bf16 (as
     `prepare_model_for_kbit_training` leaves a bf16 checkpoint's) in bf16, computing what they computed;
-    (`parameter_count`) counts the model's parameters for transformers' `num_parameters`, which Trainer
-    calls every step while the GPU waits, in one walk (installed only where it gives transformers' counts).
+    (`parameter_count`) counts the model's parameters for transformers' `num_parameters` and lists them
+    for `model.parameters()`, which Trainer calls every step while the GPU waits, each in one walk
+    (installed only where it gives transformers' counts / the stock list).
 
     Layers that cannot be served exactly keep peft's forward; one warning line says which and why.
     Idempotent; `unpatch_model` undoes it. Saving and loading adapters is unchanged (plain peft).

@@ -63,3 +63,29 @@ def test_walk_order_and_deduplication_are_named_parameters():
     module = SharedFirstInALinear()
     for flags in FLAGS:
         assert count_parameters(module, *flags) == stock_count(module, *flags), flags
+
+
+def test_parameters_lists_the_stock_parameters_in_one_walk(monkeypatch):
+    """Trainer's clip and zero_grad call model.parameters(): the walk's list is the stock one, by identity
+    and order (tied weights once), recurse=False keeps stock, and unpatch_model removes it."""
+    model = tiny_qlora(dtype=torch.bfloat16)
+    lm = model.base_model.model
+    lm.lm_head.weight = lm.model.embed_tokens.weight
+    stock = list(model.parameters())
+    patch_model(model, verbose=False)
+    assert "parameters" in vars(model)
+    walks, owners = [], parameter_count.parameter_owners
+    monkeypatch.setattr(parameter_count, "parameter_owners", lambda m: walks.append(m) or owners(m))
+    patched = list(model.parameters())
+    assert walks == [model] and len(patched) == len(stock) and all(a is b for a, b in zip(patched, stock))
+    assert list(model.parameters(recurse=False)) == []
+    unpatch_model(model)
+    assert "parameters" not in vars(model) and len(list(model.parameters())) == len(stock)
+
+
+def test_a_walk_that_differs_from_stock_is_not_installed(monkeypatch):
+    model = tiny_qlora(dtype=torch.bfloat16)
+    owners = parameter_count.parameter_owners
+    monkeypatch.setattr(parameter_count, "parameter_owners", lambda m: owners(m)[1:])  # mutant: one missed
+    patch_model(model, verbose=False)
+    assert "parameters" not in vars(model)
