@@ -97,12 +97,15 @@ def time_low_rank_add(rows):
             term = LowRank(torch.randn(tokens, 16, device="cuda", dtype=torch.bfloat16),
                            torch.randn(y.shape[1], 16, device="cuda", dtype=torch.bfloat16) * 0.1, 0.5)
             expected = y.clone().addmm_(term.xa, term.b.t(), alpha=term.scale)
-            ours = low_rank_add_(y.clone(), term)
             gb = 2 * y.numel() * 2 / 1e9
             addmm_ms = median_ms(lambda: y.addmm_(term.xa, term.b.t(), alpha=term.scale))
-            kernel_ms = median_ms(lambda: low_rank_add_(y, term))
-            rows.append({"tokens": tokens, "output": f"{name} {tuple(y.shape)}", "addmm__ms": addmm_ms,
-                         "kernel_ms": kernel_ms, "kernel_TB_per_s": gb / kernel_ms, "rel_err": rel_err(ours, expected)})
+            rows.append({"tokens": tokens, "output": f"{name} {tuple(y.shape)}", "meta": "addmm_",
+                         "ms": addmm_ms, "TB_per_s": gb / addmm_ms})
+            for meta in TILE_META:
+                ours = low_rank_add_(y.clone(), term, meta)
+                kernel_ms = median_ms(lambda: low_rank_add_(y, term, meta))
+                rows.append({"tokens": tokens, "output": f"{name} {tuple(y.shape)}", "meta": str(meta),
+                             "ms": kernel_ms, "TB_per_s": gb / kernel_ms, "rel_err": rel_err(ours, expected)})
 
 
 

@@ -23,6 +23,7 @@ from idle import step_report
 from qlora_fast import patch_model, unpatch_model
 from qlora_fast.harness.models import add_lora, quantize_to_nf4_, random_causal_lm
 from qlora_fast.harness.run import packed_batch, random_batches
+from qlora_fast.ops import linear_cross_entropy
 from qlora_fast.ops.offloaded_checkpoint import keep_outcomes
 
 VARIANTS = {"stock peft": None, "qlora_fast default": {},
@@ -75,10 +76,10 @@ def batch_for(size: str, vocab_size: int) -> dict:
     return {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def profile_variant(model, batch, options, autocast=False, timed_steps=5):
+def profile_variant(model, batch, options, autocast=False, timed_steps=5, profiled=True):
     """(median wall ms, summed kernel ms, attention kernels' share, kernel launches, peak GiB forward /
     backward, keep_outcomes of a timed step, report of the top kernels and the GPU's idle gaps) of one
-    step."""
+    step; without `profiled`, the kernel figures are None."""
     if options is not None:
         patch_model(model, verbose=False, **options)
     try:
@@ -92,6 +93,8 @@ def profile_variant(model, batch, options, autocast=False, timed_steps=5):
             walls.append((time.perf_counter() - started) * 1e3)
         keeps = keep_outcomes(reset=True)
         peaks = _peaks_gib(model, batch, autocast)
+        if not profiled:
+            return statistics.median(walls), None, None, None, peaks, keeps, ""
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             _step(model, batch, autocast)
     finally:
@@ -112,6 +115,9 @@ def main():
     parser.add_argument("--out", default="profile.md")
     parser.add_argument("--prepared", action="store_true",
                         help="peft's recipe: prepare_model_for_kbit_training, steps under autocast(bf16)")
+    parser.add_argument("--chunk-log2", default="",
+                        help="comma-separated log2 of the loss' logits per chunk (CHUNK_ELEMENTS) to time "
+                             "each variant with as well (timings and peaks, no profile)")
     args = parser.parse_args()
 
     model = quantize_to_nf4_(random_causal_lm(args.shape, torch.bfloat16, "cuda"))
@@ -137,6 +143,16 @@ def main():
                            f"{wall / kernel:.2f} | {fwd_gib:.2f} | {bwd_gib:.2f} | {kept} |")
             print(summary[-1], flush=True)
             tables.append(f"### {size}, {name}\n\n{report}")
+            for log2 in filter(None, args.chunk_log2.split(",")):
+                default, linear_cross_entropy.CHUNK_ELEMENTS = linear_cross_entropy.CHUNK_ELEMENTS, 2 ** int(log2)
+                try:
+                    wall, *_, (fwd_gib, bwd_gib), kept, _ = profile_variant(
+                        model, batch, VARIANTS[name], autocast=args.prepared, profiled=False)
+                finally:
+                    linear_cross_entropy.CHUNK_ELEMENTS = default
+                summary.append(f"| {size} | {name}, 2^{log2} logits a loss chunk | {wall:.1f} | | | | | "
+                               f"{fwd_gib:.2f} | {bwd_gib:.2f} | |")
+                print(summary[-1], flush=True)
     text = "\n".join(summary) + "\n\n" + "\n".join(tables)
     with open(args.out, "w") as f:
         f.write(text)

@@ -26,10 +26,15 @@ class LowRank(NamedTuple):
 
 
 @triton.jit
-def tile(n_rows, n_cols, stride, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """This program's (BLOCK_M, BLOCK_N) tile: rows, columns, element offsets and mask."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+def tile(n_rows, n_cols, stride, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, COLS_FAST: tl.constexpr):
+    """This program's (BLOCK_M, BLOCK_N) tile: rows, columns, element offsets and mask. COLS_FAST: the
+    grid's first axis runs along the columns, so programs launched together read whole rows."""
+    if COLS_FAST:
+        row_block, col_block = tl.program_id(1), tl.program_id(0)
+    else:
+        row_block, col_block = tl.program_id(0), tl.program_id(1)
+    rows = row_block.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     return rows, cols, rows[:, None] * stride + cols[None, :], mask
 
@@ -87,6 +92,10 @@ CANDIDATE_META = [
     {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8},
     {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8},
     {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8},
+    {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "COLS_FAST": True},
+    {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "COLS_FAST": True},
+    {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 4, "COLS_FAST": True},
+    {"BLOCK_M": 16, "BLOCK_N": 256, "num_warps": 4, "COLS_FAST": True},
 ]
 SWIGLU_META, LOW_RANK_ADD_META = CANDIDATE_META[0], CANDIDATE_META[1]
 
@@ -102,6 +111,9 @@ def launch_tiles(kernel, like: torch.Tensor, terms, meta: dict, *args, **constex
         block_n = max(16, min(next_power_of_2(cols), 1024))
         meta = dict(meta, BLOCK_N=block_n, BLOCK_M=max(16, INTERPRETER_TILE // block_n))
     grid = (cdiv(rows, meta["BLOCK_M"]), cdiv(cols, meta["BLOCK_N"]))
+    meta = dict(meta)
+    if meta.setdefault("COLS_FAST", False):
+        grid = grid[::-1]
     kernel[grid](*args, rows, cols, rank, *constexprs.pop("term_args"), R=max(16, next_power_of_2(rank)),
                  UPCAST_DOT=INTERPRETING or like.dtype == torch.float32, SOFTWARE_RTNE=INTERPRETING,
                  **meta, **constexprs)
