@@ -66,9 +66,10 @@ def _rms_norm_forward_kernel(x_ptr, delta_ptr, sum_ptr, w_ptr, y_ptr, rstd_ptr, 
 
 
 @triton.jit(do_not_specialize=["n_rows"])
-def _rms_norm_backward_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, residual_grad_ptr, dx_ptr, n_rows, n_cols,
-                              HAS_RESIDUAL_GRAD: tl.constexpr, OFFSET_WEIGHT: tl.constexpr,
-                              SOFTWARE_RTNE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_backward_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, residual_grad_ptr, dx_ptr, narrow_ptr, n_rows,
+                              n_cols, HAS_RESIDUAL_GRAD: tl.constexpr, HAS_NARROW: tl.constexpr,
+                              OFFSET_WEIGHT: tl.constexpr, SOFTWARE_RTNE: tl.constexpr, ROWS: tl.constexpr,
+                              BLOCK: tl.constexpr):
     rows, offs, mask = _row_tile(n_rows, n_cols, ROWS, BLOCK)
     w = _weight(w_ptr, n_cols, OFFSET_WEIGHT, BLOCK)
     g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32) * w[None, :]
@@ -80,6 +81,9 @@ def _rms_norm_backward_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, residual_grad_ptr,
         residual_grad = tl.load(residual_grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dx = round_fp32_to(dx.to(tl.float32) + residual_grad, dx_ptr.dtype.element_ty, SOFTWARE_RTNE)
     tl.store(dx_ptr + offs, dx, mask=mask)
+    if HAS_NARROW:  # dx rounded once more, to a narrower dtype, as autograd's cast of it would round
+        tl.store(narrow_ptr + offs, round_fp32_to(dx.to(tl.float32), narrow_ptr.dtype.element_ty, SOFTWARE_RTNE),
+                 mask=mask)
 
 
 @functools.lru_cache(maxsize=256)  # the same few shapes every layer: skip recomputing them per launch
@@ -123,13 +127,17 @@ def add_rms_norm_forward(x2d: torch.Tensor, delta2d: torch.Tensor | None, weight
 
 
 def rms_norm_backward(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
-                      residual_grad: torch.Tensor | None = None, offset_weight: bool = False):
-    """dX of the norm, plus `residual_grad` (x's gradient from elsewhere, contiguous) when given."""
+                      residual_grad: torch.Tensor | None = None, offset_weight: bool = False,
+                      narrow_copy: torch.Tensor | None = None):
+    """dX of the norm, plus `residual_grad` (x's gradient from elsewhere, contiguous) when given; with
+    `narrow_copy` (contiguous, x's shape, a narrower dtype) dX is also written there, rounded to it (the
+    gradient autograd would cast for a narrower addend of x), sparing that cast its read of dX."""
     rows, cols = x2d.shape
     dx = torch.empty_like(x2d)
     grid, meta = _launch(rows, cols)
     has_residual_grad = residual_grad is not None
     _rms_norm_backward_kernel[grid](dy2d, x2d, weight, rstd, residual_grad if has_residual_grad else dy2d, dx,
-                                    rows, cols, HAS_RESIDUAL_GRAD=has_residual_grad, OFFSET_WEIGHT=offset_weight,
-                                    **meta)
+                                    dx if narrow_copy is None else narrow_copy, rows, cols,
+                                    HAS_RESIDUAL_GRAD=has_residual_grad, HAS_NARROW=narrow_copy is not None,
+                                    OFFSET_WEIGHT=offset_weight, **meta)
     return dx

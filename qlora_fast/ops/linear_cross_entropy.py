@@ -21,7 +21,9 @@ import torch
 
 from ..kernels.cross_entropy import IGNORE_INDEX, cross_entropy_forward_backward_
 
-CHUNK_ELEMENTS = 2**25  # logits per chunk: ~64 MiB in bf16, the only (chunk x vocab) buffer
+# Logits per chunk: 128 MiB in bf16, the only (chunk x vocab) buffer; 512 tokens of a 128k vocabulary (twice
+# session 12's 256: the head's GEMMs run at M = 512, peak memory unchanged; bench/NOTES.md, session 13).
+CHUNK_ELEMENTS = 2**26
 
 
 def default_chunk_tokens(vocab_size: int) -> int:

@@ -34,7 +34,8 @@ class RMSNormFunction(torch.autograd.Function):
 class AddRMSNormFunction(torch.autograd.Function):
     """(s, RMSNorm(s)) for s = residual + delta, or s = residual when delta is None (s is then returned
     as a view of residual, so that its gradient still comes back through this Function). A narrower delta
-    gets s's gradient rounded to its dtype (autograd casts it), as torch's add gives it."""
+    gets s's gradient rounded to its dtype, as torch's add gives it: written by the backward kernel beside
+    s's (a bf16 o_proj output added to the fp32 residual of a prepared model), not cast from it."""
 
     @staticmethod
     def forward(ctx, residual, delta, weight, eps: float, out_dtype=None):
@@ -42,14 +43,18 @@ class AddRMSNormFunction(torch.autograd.Function):
         total, y, rstd = add_rms_norm_forward(_rows(residual), delta2d, weight, eps, out_dtype=out_dtype)
         ctx.save_for_backward(total, weight, rstd)
         ctx.has_delta = delta is not None
+        ctx.delta_dtype = None if delta is None or delta.dtype == residual.dtype else delta.dtype
         return total.view(residual.shape), y.view(*residual.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_total, grad_normed):
         total, weight, rstd = ctx.saved_tensors
-        grad = rms_norm_backward(_rows(grad_normed), total, weight, rstd, residual_grad=_rows(grad_total))
+        narrow = None if ctx.delta_dtype is None else torch.empty_like(total, dtype=ctx.delta_dtype)
+        grad = rms_norm_backward(_rows(grad_normed), total, weight, rstd, residual_grad=_rows(grad_total),
+                                 narrow_copy=narrow)
         grad = grad.view(grad_total.shape)
-        return grad, grad if ctx.has_delta else None, None, None, None
+        grad_delta = (grad if narrow is None else narrow.view(grad_total.shape)) if ctx.has_delta else None
+        return grad, grad_delta, None, None, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset_weight: bool = False) -> torch.Tensor:

@@ -119,6 +119,8 @@ def main():
         rms_norm_backward(x, x, torch.ones(64, dtype=dtype), rstd)
         add_rms_norm_forward(x, x, torch.ones(64, dtype=dtype), 1e-6)
         rms_norm_backward(x, x, torch.ones(64, dtype=dtype), rstd, residual_grad=x)
+        rms_norm_backward(x, x, torch.ones(64, dtype=dtype), rstd, residual_grad=x,
+                          narrow_copy=torch.empty_like(x, dtype=torch.bfloat16))
         swiglu_forward(x, x)
         swiglu_backward_(x.clone(), x.clone(), x.clone())
         term = LowRank(torch.randn(8, 16, dtype=dtype), torch.randn(64, 16, dtype=dtype), 2.0)

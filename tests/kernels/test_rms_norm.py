@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
@@ -91,6 +92,20 @@ def test_add_rms_norm_of_mixed_dtypes_adds_as_torch_promotes():
     assert torch.equal(normed, rms_norm(residual + delta, weight, 1e-6))
 
 
+class CastCount(TorchDispatchMode):
+    """Counts the conversions from one floating dtype to another run under it (Triton's CPU interpreter
+    copies its arguments, in their dtypes)."""
+
+    count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
+            source, target = (args[1], args[0]) if func is torch.ops.aten.copy_.default else (args[0], out)
+            self.count += source.dtype.is_floating_point and source.dtype != target.dtype
+        return out
+
+
 def test_narrower_delta_is_added_inside_the_kernel_as_torch_adds_it(monkeypatch):
     """A bf16 sublayer output added to an fp32 residual stream (a prepared model): in the kernel, the sum,
     its norm and both gradients (the delta's rounded to bf16) bit for bit as torch's promoting add gives."""
@@ -112,8 +127,10 @@ def test_narrower_delta_is_added_inside_the_kernel_as_torch_adds_it(monkeypatch)
 
     residual_ours, delta_ours = _leaf(residual), _leaf(delta)
     total, normed = add_rms_norm(residual_ours, delta_ours, weight, 1e-5)
-    torch.autograd.backward([total, normed], [grad_total, grad_normed])
+    with CastCount() as casts:  # the delta's bf16 gradient comes from the kernel, not from a cast of its fp32 one
+        torch.autograd.backward([total, normed], [grad_total, grad_normed])
 
+    assert casts.count == 0
     assert deltas_in_kernel and deltas_in_kernel[0].dtype == torch.bfloat16
     assert total.dtype == torch.float32 and torch.equal(total, total_ref) and torch.equal(normed, normed_ref)
     assert torch.equal(residual_ours.grad, residual_ref.grad)
