@@ -325,6 +325,10 @@ def _commit() -> str:
         return "?"
 
 
+CROSS_RUN_MARK = " (†)"  # a ratio of figures measured at two commits: not side by side in one lease
+CROSS_RUN_NOTE = "(†): the two figures were measured at different commits, in different leases of this GPU type."
+
+
 def table(rows) -> list[str]:
     by = {(r["recipe"], r["shape"], r["stack"]): r for r in rows}
     lines = ["| recipe | shape | stock tok/s | qlora_fast tok/s | unsloth tok/s | qlora_fast vs stock | qlora_fast vs unsloth "
@@ -344,8 +348,10 @@ def table(rows) -> list[str]:
                 return f"{c['tokens_per_s_median']:.0f} ({c['tokens_per_s_mean']:.0f})"
 
             def ratio(a, b):
-                ok = a and b and "error" not in a and "error" not in b
-                return f"{a['tokens_per_s_median'] / b['tokens_per_s_median']:.2f}x" if ok else "-"
+                if not (a and b and "error" not in a and "error" not in b):
+                    return "-"
+                apart = CROSS_RUN_MARK if a.get("commit") != b.get("commit") else ""
+                return f"{a['tokens_per_s_median'] / b['tokens_per_s_median']:.3f}x{apart}"
 
             def peak(c):
                 return f"{c['peak_gib']:.2f}" if c and "error" not in c else "-"
@@ -412,12 +418,14 @@ def _device_table(runs, device: str) -> list[str]:
         if _device(run) != device:
             continue
         for r in run["rows"]:
-            latest[(r["recipe"], r["shape"], r["stack"])] = r
+            latest[(r["recipe"], r["shape"], r["stack"])] = dict(r, commit=run["commit"])
             sources[(r["recipe"], r["shape"], r["stack"])] = i
     used = sorted(set(sources.values()))
-    return [*table(list(latest.values())), "",
+    lines = table(list(latest.values()))
+    notes = [CROSS_RUN_NOTE] if any(CROSS_RUN_MARK in line for line in lines) else []
+    return [*lines, "",
             "tokens/s: the median step's (the mean's) over the steps after the warm-up; ratios from the medians.",
-            *_runs_lines([runs[i] for i in used])]
+            *notes, *_runs_lines([runs[i] for i in used])]
 
 
 def render(json_path: Path, md_path: Path, readme: str | None = None) -> None:

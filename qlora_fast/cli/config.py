@@ -92,7 +92,7 @@ class TrainConfig:
     bf16_frozen_weights: bool = True  # frozen fp32 embedding/head holding only bf16 values, held in bf16
     packed_attention: bool = True  # packed rows (packing: true) attend within each sequence
     keep_attention_outputs: bool = True  # with offloaded checkpoints: q/k/v and o outputs not recomputed
-    parameter_count: bool = True  # transformers' num_parameters (Trainer's per-step FLOP count) in one walk
+    parameter_count: bool = True  # num_parameters and parameters() (Trainer's per-step walks) in one walk each
     distributed: str = "none"  # none | ddp | fsdp (launch with `accelerate launch`)
     source: str | None = field(default=None, repr=False)  # the YAML file read, for relative paths
 
