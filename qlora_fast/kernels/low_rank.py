@@ -113,7 +113,9 @@ def launch_tiles(kernel, like: torch.Tensor, terms, meta: dict, *args, **constex
         meta = dict(meta, BLOCK_N=block_n, BLOCK_M=max(16, INTERPRETER_TILE // block_n))
     grid = (cdiv(rows, meta["BLOCK_M"]), cdiv(cols, meta["BLOCK_N"]))
     meta = dict(meta)
-    if meta.setdefault("COLS_FAST", False):
+    # CUDA's second grid axis takes at most 65535 blocks: past that many row blocks, rows go first
+    meta["COLS_FAST"] = meta.get("COLS_FAST", False) and grid[0] <= 65535
+    if meta["COLS_FAST"]:
         grid = grid[::-1]
     kernel[grid](*args, rows, cols, rank, *constexprs.pop("term_args"), R=max(16, next_power_of_2(rank)),
                  UPCAST_DOT=INTERPRETING or like.dtype == torch.float32, SOFTWARE_RTNE=INTERPRETING,

@@ -35,3 +35,18 @@ def test_rejects_a_transposed_output():
     y = torch.randn(8, 4).t()
     with pytest.raises(ValueError, match="unit column stride"):
         low_rank_add_(y, LowRank(torch.randn(4, 2), torch.randn(8, 2), 1.0))
+
+
+@pytest.mark.parametrize("cols_fast", [False, True])
+def test_tiles_launched_along_rows_or_columns_cover_the_output(cols_fast, monkeypatch):
+    """Small tiles (the interpreter's large ones would cover the output in one program): each launch order
+    adds the term to every element once, into a column block."""
+    from qlora_fast.kernels import low_rank
+
+    monkeypatch.setattr(low_rank, "INTERPRETING", False)  # keep the tiles asked for
+    wide = torch.randn(37, 300)
+    block = wide[:, 100:233]
+    term = LowRank(torch.randn(37, 16), torch.randn(133, 16), 0.75)
+    expected = _reference(block, term)
+    low_rank_add_(block, term, {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "COLS_FAST": cols_fast})
+    assert rel_err(block, expected) < 1e-6
