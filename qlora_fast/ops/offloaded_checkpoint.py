@@ -213,6 +213,16 @@ def kept_or_computed(key, compute) -> torch.Tensor:
     return tensor
 
 
+def prefetch_last_layer() -> None:
+    """Starts copying the last checkpointed layer's input and kept tensors back to its GPU. The backward
+    begins with that layer, and would otherwise fetch them with nothing to overlap the copy (Llama-3-8B at
+    4x2048: 0.23-0.3 GB, ~5 ms of an idle GPU); called as the forward computes its loss, the copy runs
+    beside the head's GEMMs. A no-op once that layer's backward has fetched them (or released them)."""
+    record = _last_forward_record() if _last_forward_record is not None else None
+    if record is not None and record.input is not None and record.input.host is not None:
+        record.prefetch()
+
+
 def _rng_states(device: torch.device):
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     return torch.get_rng_state(), cuda

@@ -3,6 +3,7 @@
 import torch
 
 from ..ops.linear_cross_entropy import causal_lm_loss
+from ..ops.offloaded_checkpoint import prefetch_last_layer
 from .architectures import class_names
 from .core import CALLS, has_hooks, is_patched, previous_forward
 from .trl_head import answer_fused_head_call
@@ -44,6 +45,7 @@ def forward_with_chunked_loss(self, *args, labels=None, **kwargs):
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
     kwargs.pop("logits_to_keep", None)
     outputs = self.model(**kwargs)
+    prefetch_last_layer()  # the backward's first need, copied while the head computes
     hidden, weight = outputs.last_hidden_state, self.lm_head.weight
     if torch.is_autocast_enabled(hidden.device.type):  # the head's matmul in autocast's dtype, as stock's
         dtype = torch.get_autocast_dtype(hidden.device.type)

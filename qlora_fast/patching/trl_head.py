@@ -15,6 +15,7 @@ head is a frozen Linear without bias or hooks; anything else goes through TRL's 
 import torch
 
 from ..ops.linear_cross_entropy import linear_log_probs
+from ..ops.offloaded_checkpoint import prefetch_last_layer
 from .core import CALLS, has_hooks, is_patched, previous_forward
 
 SERVED_OUTPUTS = {"log_probs", "entropy", "is_top1"}
@@ -51,6 +52,7 @@ def fused_head_forward(model, settings: dict, labels, shift_labels=None, num_ite
     CALLS["trl_head"] += 1
     kwargs["use_cache"] = False
     hidden = getattr(model, settings["backbone_attr"])(**kwargs).last_hidden_state
+    prefetch_last_layer()  # the backward's first need, copied while the head computes
     if shift_labels is None:
         hidden, labels = hidden[:, :-1], labels[:, 1:]
     else:

@@ -233,3 +233,31 @@ def test_the_host_budget_is_a_quarter_of_available_memory():
     with open("/proc/meminfo") as meminfo:
         available = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
     assert 0.2 * available < _kept_bytes_budget() < 0.3 * available  # read once; memory moves a little
+
+
+@pytest.mark.parametrize("fused_head", [False, True], ids=["chunked loss", "TRL's fused-head call"])
+def test_the_loss_starts_bringing_back_the_last_layer(fused_head, monkeypatch):
+    """The backward's first need, the last layer's input and kept tensors, is asked back as the loss is
+    computed, before the backward: once, for the last layer's record (later layers fetch while the one
+    after them computes, as before)."""
+    from qlora_fast.ops import offloaded_checkpoint as offload
+    from qlora_fast.patching.core import CALLS
+
+    CALLS.clear()
+    model, _ = patched_tiny(torch.float32)
+    asked = []
+    prefetch = offload._LayerRecord.prefetch
+    monkeypatch.setattr(offload._LayerRecord, "prefetch", lambda self: asked.append(self) or prefetch(self))
+    ids = torch.randint(0, 512, (2, 16))
+    if fused_head:  # a trainer built after patch_model installs TRL's head; its calls are answered by ours
+        from trl.trainer.utils import add_fused_lm_head
+
+        add_fused_lm_head(model.get_base_model(), outputs=("log_probs", "entropy", "is_top1"))
+        loss = model(input_ids=ids, labels=ids, fused_lm_head=True).loss
+        assert CALLS["trl_head"]
+    else:
+        loss = model(input_ids=ids, labels=ids).loss
+    assert len(asked) == 1 and asked[0] is offload._last_forward_record()
+    loss.backward()
+    layers = len(model.base_model.model.model.layers)
+    assert len(asked) == layers  # then each earlier layer's, during the backward of the one after it
