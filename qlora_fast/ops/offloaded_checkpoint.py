@@ -213,6 +213,7 @@ def kept_or_computed(key, compute) -> torch.Tensor:
     return tensor
 
 
+@torch.compiler.disable  # host-side bookkeeping: nothing for a compiled graph to trace
 def prefetch_last_layer() -> None:
     """Starts copying the last checkpointed layer's input and kept tensors back to its GPU. The backward
     begins with that layer, and would otherwise fetch them with nothing to overlap the copy (Llama-3-8B at
