@@ -77,6 +77,9 @@ def time_swiglu(rows):
                "fwd_ms": median_ms(lambda: swiglu_forward(add(work[0], gate), add(work[1], up))),
                "bwd_ms": median_ms(lambda: swiglu_backward_(add(work[2], dh_term), work[0], work[1]))}
         rows.append(row)
+        rows.append({"tokens": tokens, "meta": "plain kernel, no terms (what the terms cost)",
+                     "fwd_ms": median_ms(lambda: swiglu_forward(work[0], work[1])),
+                     "bwd_ms": median_ms(lambda: swiglu_backward_(work[2], work[0], work[1]))})
         for meta in TILE_META:
             h = swiglu_forward(g, u, gate, up, meta=meta)
             # addmm_ may round the product before adding it; the kernels round the sum once, as peft does
