@@ -100,7 +100,7 @@ def main():
     from qlora_fast.kernels.nf4_matmul import nf4_matmul
     from qlora_fast.kernels.rms_norm import add_rms_norm_forward, rms_norm_forward, rms_norm_backward
     from qlora_fast.kernels.rope import rope_backward, rope_forward
-    from qlora_fast.kernels.low_rank import LowRank
+    from qlora_fast.kernels.low_rank import CANDIDATE_META as TILE_META, LowRank
     from qlora_fast.kernels.low_rank_add import low_rank_add_
     from qlora_fast.kernels.swiglu import swiglu_backward_, swiglu_forward
     from qlora_fast.nf4 import nf4_weight_from_bnb
@@ -133,6 +133,10 @@ def main():
         swiglu_backward_(x.clone(), x.clone(), x.clone(), term, term, term, activation="gelu_tanh")
         low_rank_add_(torch.randn(8, 96, dtype=dtype)[:, 16:80], term)
         low_rank_add_(x, term, out=torch.empty(8, 64))
+        for meta in TILE_META[1:] if dtype == torch.bfloat16 else []:  # what bench/kernel_timings.py times
+            swiglu_forward(x, x, term, term, meta=meta)
+            swiglu_backward_(x.clone(), x.clone(), x.clone(), term, term, term, meta=meta)
+            low_rank_add_(x.clone(), term, meta)
         q, k, cos = torch.randn(2, 4, 8, 16, dtype=dtype), torch.randn(2, 2, 8, 16, dtype=dtype), torch.randn(2, 8, 16, dtype=dtype)
         rope_forward(q, k, cos, cos.clone())
         rope_backward(q, k, cos, cos.clone())
