@@ -9,13 +9,16 @@
 #       # recipe rows of one shape (default recipes peft,trl_padded; stacks qlora_fast,unsloth), appended to
 #       # a copy of bench/recipes.json under $OUT (copy it back, then bench/recipes.py --render); with
 #       # PROFILE_STEP=N each row's Nth step is profiled (untimed): top kernels and GPU idle gaps
+#   QLORA_FAST_COMMIT=<sha> bash bench/lease.sh kernels   # the tile kernels' launch candidates (SwiGLU with
+#                                                         # LoRA terms, low_rank_add_), then pick the defaults
 #   QLORA_FAST_COMMIT=<sha> bash bench/lease.sh profile [SIZES] [VARIANTS]  # where the bare loop's and
 #       # peft's recipe step go (default 4x2048, qlora_fast default and with attention recomputed)
 # Then fetch $OUT's files into bench/ (recipes.json, seed_dequant.json/.md) and write RESULTS.md / NOTES.md.
 set -euo pipefail
 case "${1:-}" in
-checks | rows | profile) ;;
-*) echo "usage: bash bench/lease.sh checks | rows SHAPE [RECIPES] [STACKS] | profile [SIZES]" >&2; exit 2 ;;
+checks | rows | kernels | profile) ;;
+*) echo "usage: bash bench/lease.sh checks | rows SHAPE [RECIPES] [STACKS] | kernels | profile [SIZES] [VARIANTS]" >&2
+   exit 2 ;;
 esac
 : "${OUT:?run on the device machine, where OUT is set}" "${QLORA_FAST_COMMIT:?pass the commit}"
 mkdir -p /tmp/site && tar xzf .gpu/site.tgz -C /tmp/site
@@ -38,6 +41,10 @@ rows)
     --stacks "${4:-qlora_fast,unsloth}" ${PROFILE_STEP:+--profile-step "$PROFILE_STEP"} | tail -n 20
   (cd "$OUT" && shopt -s nullglob && files=(recipes-*-*.log recipes-profile-*.md) \
     && tar czf recipe_logs.tgz "${files[@]}" && rm -f "${files[@]}")
+  ;;
+kernels)
+  python bench/kernel_timings.py --only swiglu low_rank_add --out "$OUT/kernels.md" > "$OUT/kernels.log" 2>&1
+  cut -c1-160 "$OUT/kernels.md"
   ;;
 profile)
   for recipe in bare peft; do
