@@ -21,8 +21,8 @@ import torch
 
 from ..kernels.cross_entropy import IGNORE_INDEX, cross_entropy_forward_backward_
 
-# Logits per chunk: 128 MiB in bf16, the only (chunk x vocab) buffer; 512 tokens of a 128k vocabulary (twice
-# session 12's 256: the head's GEMMs run at M = 512, peak memory unchanged; bench/NOTES.md, session 13).
+# Logits per chunk: 128 MiB in bf16, the only (chunk x vocab) buffer; 512 tokens of a 128k vocabulary, so
+# the head's GEMMs run at M = 512 (peak memory of a 4x2048 Llama-3-8B step unchanged: bench/NOTES.md).
 CHUNK_ELEMENTS = 2**26
 
 
@@ -30,6 +30,17 @@ def default_chunk_tokens(vocab_size: int) -> int:
     """Tokens per chunk: the power of two nearest (in ratio) to CHUNK_ELEMENTS / vocab_size, so a chunk is
     whole GEMM tiles of 128 or 256 rows, not, say, 261 rows of a 128k vocabulary padded to 384."""
     return 1 << max(0, round(math.log2(CHUNK_ELEMENTS / vocab_size)))
+
+
+def in_head_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> tuple:
+    """(hidden, weight) in the dtype the head's matmul runs in, as stock's (and TRL's head) computes it:
+    autocast's where autocast is on, else the hidden states' (a weight held in bf16 by hold_in_bf16 is exact
+    in fp32)."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        return hidden.to(dtype), weight.to(dtype)
+    return hidden, weight.to(hidden.dtype)
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):

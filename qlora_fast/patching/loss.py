@@ -2,7 +2,7 @@
 
 import torch
 
-from ..ops.linear_cross_entropy import causal_lm_loss
+from ..ops.linear_cross_entropy import causal_lm_loss, in_head_dtype
 from ..ops.offloaded_checkpoint import prefetch_last_layer
 from .architectures import class_names
 from .core import CALLS, has_hooks, is_patched, previous_forward
@@ -46,12 +46,7 @@ def forward_with_chunked_loss(self, *args, labels=None, **kwargs):
     kwargs.pop("logits_to_keep", None)
     outputs = self.model(**kwargs)
     prefetch_last_layer()  # the backward's first need, copied while the head computes
-    hidden, weight = outputs.last_hidden_state, self.lm_head.weight
-    if torch.is_autocast_enabled(hidden.device.type):  # the head's matmul in autocast's dtype, as stock's
-        dtype = torch.get_autocast_dtype(hidden.device.type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-    else:
-        weight = weight.to(hidden.dtype)  # a weight held in bf16 (hold_in_bf16) is exact in fp32
+    hidden, weight = in_head_dtype(outputs.last_hidden_state, self.lm_head.weight)
     loss = causal_lm_loss(hidden, weight, labels, num_items_in_batch,
                           softcap=getattr(self.config, "final_logit_softcapping", None))
     return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,

@@ -14,7 +14,7 @@ head is a frozen Linear without bias or hooks; anything else goes through TRL's 
 
 import torch
 
-from ..ops.linear_cross_entropy import linear_log_probs
+from ..ops.linear_cross_entropy import in_head_dtype, linear_log_probs
 from ..ops.offloaded_checkpoint import prefetch_last_layer
 from .core import CALLS, has_hooks, is_patched, previous_forward
 
@@ -60,11 +60,8 @@ def fused_head_forward(model, settings: dict, labels, shift_labels=None, num_ite
     weight = model.lm_head.weight
     hidden, labels = hidden.to(weight.device), labels.to(weight.device)
     mask = labels != -100
-    rows = hidden[mask]  # TRL's rows: only tokens with a label are projected
-    # TRL's head computes in autocast's dtype where autocast is on, else in the hidden states'
-    dtype = torch.get_autocast_dtype(rows.device.type) if torch.is_autocast_enabled(rows.device.type) else rows.dtype
-    log_probs, entropy, is_top1 = linear_log_probs(rows.to(dtype), weight.to(dtype), labels[mask],
-                                                   settings.get("final_logit_softcapping"))
+    rows, weight = in_head_dtype(hidden[mask], weight)  # TRL's rows: only tokens with a label are projected
+    log_probs, entropy, is_top1 = linear_log_probs(rows, weight, labels[mask], settings.get("final_logit_softcapping"))
     per_token = {name: value.new_zeros(mask.shape).masked_scatter(mask, value)
                  for name, value in (("log_probs", log_probs), ("entropy", entropy), ("is_top1", is_top1))
                  if name == "log_probs" or name in settings["outputs"]}
