@@ -47,30 +47,21 @@ def load_fp32(ptr, offs, mask):
 @triton.jit
 def plus_low_rank(base, rows, cols, n_rows, n_cols, rank, xa_ptr, b_ptr, scale,
                   stride_xm, stride_xr, stride_bn, stride_br, HAS_TERM: tl.constexpr, R: tl.constexpr,
-                  UPCAST_DOT: tl.constexpr, TERM_BY_FMA: tl.constexpr, SOFTWARE_RTNE: tl.constexpr,
+                  UPCAST_DOT: tl.constexpr, SOFTWARE_RTNE: tl.constexpr,
                   dtype: tl.constexpr, ROUND_SUM: tl.constexpr = True):
     """base + scale * xa[rows] @ b[cols]^T in fp32, rounded to dtype as addmm_ rounds it (base as is
     without a term); with ROUND_SUM False the fp32 sum is kept, as peft's fp32 sum of a bf16 base output
     and the LoRA term is when the layer's input is wider than its compute dtype."""
     if HAS_TERM:
-        if TERM_BY_FMA:  # R outer products on the CUDA cores, in the tile's own layout: no tensor-core tile,
-            # so no layout conversion through shared memory (and its barriers); products of 16-bit values
-            # are exact in fp32, summed in order of r
-            term = tl.zeros_like(base)
-            for r in tl.range(0, rank, loop_unroll_factor=1):  # unrolled, all the loads rise to the top
-                xa_r = tl.load(xa_ptr + rows * stride_xm + r * stride_xr, mask=rows < n_rows, other=0.0)
-                b_r = tl.load(b_ptr + cols * stride_bn + r * stride_br, mask=cols < n_cols, other=0.0)
-                term += xa_r.to(tl.float32)[:, None] * b_r.to(tl.float32)[None, :]
-        else:  # one tensor-core product of xa's rows by b's rows, the rank padded to R >= 16
-            r = tl.arange(0, R)
-            xa = tl.load(xa_ptr + rows[:, None] * stride_xm + r[None, :] * stride_xr,
-                         mask=(rows[:, None] < n_rows) & (r[None, :] < rank), other=0.0)
-            b_t = tl.load(b_ptr + cols[None, :] * stride_bn + r[:, None] * stride_br,
-                          mask=(cols[None, :] < n_cols) & (r[:, None] < rank), other=0.0)
-            if UPCAST_DOT:  # fp32 operands exactly, and the CPU interpreter's dot is wrong on bf16
-                term = tl.dot(xa.to(tl.float32), b_t.to(tl.float32), input_precision="ieee")
-            else:
-                term = tl.dot(xa, b_t)
+        r = tl.arange(0, R)  # one tensor-core product of xa's rows by b's rows, the rank padded to R >= 16
+        xa = tl.load(xa_ptr + rows[:, None] * stride_xm + r[None, :] * stride_xr,
+                     mask=(rows[:, None] < n_rows) & (r[None, :] < rank), other=0.0)
+        b_t = tl.load(b_ptr + cols[None, :] * stride_bn + r[:, None] * stride_br,
+                      mask=(cols[None, :] < n_cols) & (r[:, None] < rank), other=0.0)
+        if UPCAST_DOT:  # fp32 operands exactly, and the CPU interpreter's dot is wrong on bf16
+            term = tl.dot(xa.to(tl.float32), b_t.to(tl.float32), input_precision="ieee")
+        else:
+            term = tl.dot(xa, b_t)
         if ROUND_SUM:
             return round_fp32_to(base + scale * term, dtype, SOFTWARE_RTNE).to(tl.float32)
         return base + scale * term
@@ -105,16 +96,8 @@ CANDIDATE_META = [
     {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8},
     {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "COLS_FAST": True},
     {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "COLS_FAST": True},
-    # the terms as outer products on the CUDA cores (TERM_BY_FMA; sm_90 builds of SwiGLU's backward: 64-160
-    # registers, no spills, 5-11 barriers a program against the tensor-core product's 29): not yet timed
-    {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "TERM_BY_FMA": True},
-    {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 8, "TERM_BY_FMA": True},
-    {"BLOCK_M": 16, "BLOCK_N": 128, "num_warps": 8, "TERM_BY_FMA": True},
-    {"BLOCK_M": 8, "BLOCK_N": 128, "num_warps": 4, "TERM_BY_FMA": True},
-    {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 8, "COLS_FAST": True, "TERM_BY_FMA": True},
 ]
 SWIGLU_META, LOW_RANK_ADD_META = CANDIDATE_META[0], CANDIDATE_META[1]
-TERM_BY_FMA_MAX_RANK = 32
 
 
 def launch_tiles(kernel, like: torch.Tensor, terms, meta: dict, *args, **constexprs):
@@ -134,8 +117,6 @@ def launch_tiles(kernel, like: torch.Tensor, terms, meta: dict, *args, **constex
     if meta["COLS_FAST"]:
         grid = grid[::-1]
     padded_rank = max(16, next_power_of_2(rank))
-    # outer products cost R FMAs an element a term: for LoRA's usual ranks only
-    meta["TERM_BY_FMA"] = meta.get("TERM_BY_FMA", False) and padded_rank <= TERM_BY_FMA_MAX_RANK
     kernel[grid](*args, rows, cols, rank, *constexprs.pop("term_args"), R=padded_rank,
                  UPCAST_DOT=INTERPRETING or like.dtype == torch.float32, SOFTWARE_RTNE=INTERPRETING,
                  **meta, **constexprs)

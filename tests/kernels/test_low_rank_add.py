@@ -51,20 +51,3 @@ def test_tiles_launched_along_rows_or_columns_cover_the_output(cols_fast, monkey
     low_rank_add_(block, term, {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "COLS_FAST": cols_fast})
     assert rel_err(block, expected) < 1e-6
 
-
-FMA_META = {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "TERM_BY_FMA": True}
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rank", [16, 5, 48])
-def test_term_as_outer_products_is_the_same_sum(dtype, rank):
-    """TERM_BY_FMA: the rank-r term as r outer products (ranks up to 32; beyond, the tensor-core product
-    itself), against float64 and the tensor-core product's sums."""
-    y = torch.randn(37, 133).to(dtype)
-    term = LowRank(torch.randn(37, rank).to(dtype), torch.randn(133, rank).to(dtype), 0.75)
-    by_fma, by_dot = low_rank_add_(y.clone(), term, FMA_META), low_rank_add_(y.clone(), term)
-    assert rel_err(by_fma, _reference(y, term)) < (1e-6 if dtype == torch.float32 else 1e-2)
-    if rank > 32:
-        assert torch.equal(by_fma, by_dot)
-    elif dtype != torch.float32:  # sums in another order: a rounding to 16 bits may land on the other side
-        assert (by_fma == by_dot).float().mean() > 0.99
