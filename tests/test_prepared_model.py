@@ -227,3 +227,33 @@ def test_attention_inputs_stay_wide_where_the_attention_would_see_them(monkeypat
         handle = attention.register_forward_hook(lambda *args: None)
         assert norms._attention_rounding(attention, None, "cpu") is None
         handle.remove()
+
+
+def _doubled_gate_term(swiglu_forward):
+    return lambda g, u, gate_term=None, up_term=None, **kw: swiglu_forward(
+        g, u, gate_term._replace(scale=2 * gate_term.scale), up_term, **kw)
+
+
+@pytest.mark.parametrize("shape", ["tiny-gemma2", "tiny-phi3", "tiny-qwen3"])
+@pytest.mark.parametrize("mutant", [False, True], ids=["patched", "mutant: MLP gate scaling doubled"])
+def test_other_families_prepared_and_checkpointed_match_stock(shape, mutant, monkeypatch):
+    """peft's recipe (prepared, autocast, checkpointing) on the families whose layers differ from Llama's:
+    Gemma-2's offset norms around both sublayers and softcapped logits, Phi-3's fused gate/up and q/k/v
+    projections, Qwen3's q/k norms. Loss and every LoRA gradient as stock's; the mutant must show."""
+    from qlora_fast.ops import lora_nf4_mlp
+
+    model = prepared_tiny(shape, b_std=0.02)
+    model.enable_input_require_grads()
+    model.gradient_checkpointing_enable()
+    ids = torch.randint(0, 512, (2, 24))
+    stock_loss, stock_grads = _autocast_loss_and_grads(model, ids)
+    report = patch_model(model, verbose=False)
+    assert report.mlps == 2
+    if mutant:
+        monkeypatch.setattr(lora_nf4_mlp, "swiglu_forward", _doubled_gate_term(lora_nf4_mlp.swiglu_forward))
+    loss, grads = _autocast_loss_and_grads(model, ids)
+    assert grads.keys() == stock_grads.keys()
+    worst = min(torch.nn.functional.cosine_similarity(grads[n].float().flatten(), stock_grads[n].float().flatten(),
+                                                      dim=0).item() for n in grads)
+    matches = loss.item() == pytest.approx(stock_loss.item(), rel=2e-3) and worst > 0.999
+    assert matches != mutant, (loss.item(), stock_loss.item(), worst)
