@@ -66,3 +66,9 @@ def patched_keeps_loss_and_grads(model, ids, **options):
     report = patch_model(model, **options)
     assert_same_loss_and_grads(stock, loss_and_grads(model, ids))
     return report
+
+
+def doubled_gate_term(swiglu_forward):
+    """A mutant of a SwiGLU forward launcher: the gate projection's LoRA term at twice its scaling."""
+    return lambda g, u, gate_term=None, up_term=None, **kw: swiglu_forward(
+        g, u, gate_term._replace(scale=2 * gate_term.scale), up_term, **kw)

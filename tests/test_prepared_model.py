@@ -13,7 +13,7 @@ from qlora_fast.harness.models import add_lora, quantize_to_nf4_, random_causal_
 from qlora_fast.ops import adapters
 from qlora_fast.patching import mlp, norms, qkv, rotary
 from qlora_fast.patching.core import NARROWED_FROM
-from tests.helpers import rel_err
+from tests.helpers import doubled_gate_term, rel_err
 
 
 def prepared_tiny(shape="tiny-llama", b_std=1e-5):
@@ -229,11 +229,6 @@ def test_attention_inputs_stay_wide_where_the_attention_would_see_them(monkeypat
         handle.remove()
 
 
-def _doubled_gate_term(swiglu_forward):
-    return lambda g, u, gate_term=None, up_term=None, **kw: swiglu_forward(
-        g, u, gate_term._replace(scale=2 * gate_term.scale), up_term, **kw)
-
-
 @pytest.mark.parametrize("shape", ["tiny-gemma2", "tiny-phi3", "tiny-qwen3"])
 @pytest.mark.parametrize("mutant", [False, True], ids=["patched", "mutant: MLP gate scaling doubled"])
 def test_other_families_prepared_and_checkpointed_match_stock(shape, mutant, monkeypatch):
@@ -250,7 +245,7 @@ def test_other_families_prepared_and_checkpointed_match_stock(shape, mutant, mon
     report = patch_model(model, verbose=False)
     assert report.mlps == 2
     if mutant:
-        monkeypatch.setattr(lora_nf4_mlp, "swiglu_forward", _doubled_gate_term(lora_nf4_mlp.swiglu_forward))
+        monkeypatch.setattr(lora_nf4_mlp, "swiglu_forward", doubled_gate_term(lora_nf4_mlp.swiglu_forward))
     loss, grads = _autocast_loss_and_grads(model, ids)
     assert grads.keys() == stock_grads.keys()
     worst = min(torch.nn.functional.cosine_similarity(grads[n].float().flatten(), stock_grads[n].float().flatten(),

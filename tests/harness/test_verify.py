@@ -7,6 +7,7 @@ import torch
 
 from qlora_fast.harness.models import add_lora, quantize_to_nf4_, random_causal_lm
 from qlora_fast.harness.verify import verify
+from tests.helpers import doubled_gate_term
 
 
 def tiny(dtype=torch.bfloat16, **lora):
@@ -48,11 +49,6 @@ def _doubled_terms(real):
                                                   **kw)
 
 
-def _doubled_gate_term(real):
-    return lambda g, u, gate_term=None, up_term=None, **kw: real(g, u, gate_term._replace(scale=2 * gate_term.scale),
-                                                                up_term, **kw)
-
-
 def _dropped_up_term(real):
     return lambda g, u, gate_term=None, up_term=None, **kw: real(g, u, gate_term, None, **kw)
 
@@ -63,7 +59,7 @@ MUTANTS = {  # name: (patch_model options, function replaced, mutant of it)
     "linear, scaling doubled": ({"fused_mlp": False, "fused_qkv": False}, "lora_nf4_linear.plus_low_rank_terms",
                                 _doubled_terms),
     "mlp, up term dropped": ({}, "lora_nf4_mlp.swiglu_forward", _dropped_up_term),
-    "mlp, gate scaling doubled": ({}, "lora_nf4_mlp.swiglu_forward", _doubled_gate_term),
+    "mlp, gate scaling doubled": ({}, "lora_nf4_mlp.swiglu_forward", doubled_gate_term),
     "qkv, terms dropped": ({}, "lora_nf4_qkv.plus_low_rank_terms", _dropped_terms),
     "qkv, scaling doubled": ({}, "lora_nf4_qkv.plus_low_rank_terms", _doubled_terms),
 }
