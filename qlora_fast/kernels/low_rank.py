@@ -47,13 +47,13 @@ def load_fp32(ptr, offs, mask):
 @triton.jit
 def plus_low_rank(base, rows, cols, n_rows, n_cols, rank, xa_ptr, b_ptr, scale,
                   stride_xm, stride_xr, stride_bn, stride_br, HAS_TERM: tl.constexpr, R: tl.constexpr,
-                  UPCAST_DOT: tl.constexpr, SOFTWARE_RTNE: tl.constexpr,
-                  dtype: tl.constexpr, ROUND_SUM: tl.constexpr = True):
+                  UPCAST_DOT: tl.constexpr, SOFTWARE_RTNE: tl.constexpr, dtype: tl.constexpr,
+                  ROUND_SUM: tl.constexpr = True):
     """base + scale * xa[rows] @ b[cols]^T in fp32, rounded to dtype as addmm_ rounds it (base as is
     without a term); with ROUND_SUM False the fp32 sum is kept, as peft's fp32 sum of a bf16 base output
     and the LoRA term is when the layer's input is wider than its compute dtype."""
-    if HAS_TERM:
-        r = tl.arange(0, R)  # one tensor-core product of xa's rows by b's rows, the rank padded to R >= 16
+    if HAS_TERM:  # one tensor-core product of xa's rows by b's rows, the rank padded to R >= 16
+        r = tl.arange(0, R)
         xa = tl.load(xa_ptr + rows[:, None] * stride_xm + r[None, :] * stride_xr,
                      mask=(rows[:, None] < n_rows) & (r[None, :] < rank), other=0.0)
         b_t = tl.load(b_ptr + cols[None, :] * stride_bn + r[:, None] * stride_br,
@@ -116,7 +116,6 @@ def launch_tiles(kernel, like: torch.Tensor, terms, meta: dict, *args, **constex
     meta["COLS_FAST"] = meta.get("COLS_FAST", False) and grid[0] <= 65535
     if meta["COLS_FAST"]:
         grid = grid[::-1]
-    padded_rank = max(16, next_power_of_2(rank))
-    kernel[grid](*args, rows, cols, rank, *constexprs.pop("term_args"), R=padded_rank,
+    kernel[grid](*args, rows, cols, rank, *constexprs.pop("term_args"), R=max(16, next_power_of_2(rank)),
                  UPCAST_DOT=INTERPRETING or like.dtype == torch.float32, SOFTWARE_RTNE=INTERPRETING,
                  **meta, **constexprs)

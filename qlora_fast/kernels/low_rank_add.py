@@ -18,14 +18,12 @@ from .low_rank import LOW_RANK_ADD_META, LowRank, launch_tiles, load_fp32, plus_
 @triton.jit(do_not_specialize=["n_rows"])  # packed batches change the token count every step
 def _low_rank_add_kernel(y_ptr, stride_ym, out_ptr, stride_om, n_rows, n_cols, rank, xa_ptr, b_ptr, scale,
                          stride_xm, stride_xr, stride_bn, stride_br,
-                         R: tl.constexpr, UPCAST_DOT: tl.constexpr,
-                         SOFTWARE_RTNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         COLS_FAST: tl.constexpr):
+                         R: tl.constexpr, UPCAST_DOT: tl.constexpr, SOFTWARE_RTNE: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, COLS_FAST: tl.constexpr):
     rows, cols, offs, mask = tile(n_rows, n_cols, stride_ym, BLOCK_M, BLOCK_N, COLS_FAST)
     dtype: tl.constexpr = out_ptr.dtype.element_ty
     y = plus_low_rank(load_fp32(y_ptr, offs, mask), rows, cols, n_rows, n_cols, rank, xa_ptr, b_ptr, scale,
-                      stride_xm, stride_xr, stride_bn, stride_br, True, R, UPCAST_DOT, SOFTWARE_RTNE,
-                      dtype)
+                      stride_xm, stride_xr, stride_bn, stride_br, True, R, UPCAST_DOT, SOFTWARE_RTNE, dtype)
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], y.to(dtype), mask=mask)
 
 

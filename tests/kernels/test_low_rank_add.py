@@ -50,4 +50,3 @@ def test_tiles_launched_along_rows_or_columns_cover_the_output(cols_fast, monkey
     expected = _reference(block, term)
     low_rank_add_(block, term, {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "COLS_FAST": cols_fast})
     assert rel_err(block, expected) < 1e-6
-

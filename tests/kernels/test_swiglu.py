@@ -137,4 +137,3 @@ def test_rejects_a_term_of_the_wrong_shape():
     g, u = torch.randn(4, 8), torch.randn(4, 8)
     with pytest.raises(ValueError, match="LoRA term"):
         swiglu_forward(g, u, LowRank(torch.randn(4, 2), torch.randn(7, 2), 1.0))
-
