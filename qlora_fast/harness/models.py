@@ -4,7 +4,8 @@ import torch
 from torch import nn
 
 # Real shapes; the "tiny-*" ones keep every dimension a multiple of 64 so that bitsandbytes' CPU
-# kernels (the stock reference on CPU) are exact.
+# kernels (the stock reference on CPU) are exact, and the Llama-like ones' heads 32 wide, the narrowest the
+# fused q/k/v rotates (patching/qkv.py), so that CPU tests take the path real shapes take.
 MODEL_SHAPES = {
     "llama-3-8b": ("llama", dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
@@ -20,12 +21,14 @@ MODEL_SHAPES = {
                                   query_pre_attn_scalar=256, sliding_window=4096, attn_logit_softcapping=50.0,
                                   final_logit_softcapping=30.0, max_position_embeddings=8192)),
     "tiny-llama": ("llama", dict(vocab_size=512, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)),
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                 max_position_embeddings=512)),
     "tiny-qwen2": ("qwen2", dict(vocab_size=512, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)),
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                 max_position_embeddings=512)),
     "tiny-mistral": ("mistral", dict(vocab_size=512, hidden_size=64, intermediate_size=192,
                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                     max_position_embeddings=512)),
+                                     head_dim=32, max_position_embeddings=512)),
     "tiny-qwen3": ("qwen3", dict(vocab_size=512, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                  max_position_embeddings=512)),

@@ -10,19 +10,22 @@ A row names the family's classes and says which of them compute exactly what a f
 - llama_layer: the decoder layer is Llama's `residual + self_attn(input_layernorm(x))` then
   `residual + mlp(post_attention_layernorm(residual))` (add_norm and the recompute that skips the output);
 - rotary: the attention's modeling module applies transformers' standard apply_rotary_pos_emb;
+  rotary_projections: and the attention hands it q_proj's and k_proj's outputs on its hidden states, viewed
+  as (batch, heads, seq, head_dim), and the decoder layer's position_embeddings, with nothing in between
+  (no q/k norms), so the fused q/k/v may return them rotated;
 - packed_attention: the attention is causal softmax attention through transformers' attention functions,
   handed the decoder layer's kwargs, without softcapping (patching/packed_attention.py);
 - plain_head: the training loss is cross-entropy of lm_head(hidden states), softcapped as
   c * tanh(logits / c) where config.final_logit_softcapping = c is set (no other logit scaling, no
   auxiliary loss).
-A class whose name is in no row is still recognized for all but rotary and plain_head when its forward is one a row
+A class whose name is in no row is still recognized for all but the rotary ones and plain_head when its forward is one a row
 vouches for: inherited unchanged, or the same source (a renamed copy, as remote-code models often are).
 Adding a family is adding a row.
 """
 
 import inspect
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 
@@ -43,19 +46,21 @@ class Architecture:
     packed_attention: bool = True
     gate_up_mlp: bool = False
     gemma_norm: bool = False
+    rotary_projections: bool = False
 
 
 def _llama_like(family: str, prefix: str) -> Architecture:
     return Architecture(family, f"{prefix}ForCausalLM", f"{prefix}DecoderLayer", f"{prefix}Attention", f"{prefix}MLP",
                         f"{prefix}RMSNorm", gated_mlp=True, qkv_attention=True, llama_norm=True, llama_layer=True,
-                        rotary=True, plain_head=True)
+                        rotary=True, plain_head=True, rotary_projections=True)
 
 
 ARCHITECTURES = (
     _llama_like("llama", "Llama"),
     _llama_like("mistral", "Mistral"),
     _llama_like("qwen2", "Qwen2"),  # q/k/v with a frozen base bias: fused, the bias inside the GEMM
-    _llama_like("qwen3", "Qwen3"),  # q/k norms after the projections: the projections still fuse
+    # q/k norms after the projections: the projections still fuse, RoPE stays apart
+    replace(_llama_like("qwen3", "Qwen3"), rotary_projections=False),
     # GeGLU MLPs (gelu_pytorch_tanh), (1 + w) norms in fp32
     Architecture("gemma", "GemmaForCausalLM", "GemmaDecoderLayer", "GemmaAttention", "GemmaMLP", "GemmaRMSNorm",
                  gated_mlp=True, qkv_attention=True, llama_norm=False, llama_layer=False, rotary=True,
@@ -77,7 +82,8 @@ ARCHITECTURES = (
 # The role of each property: which class of a row it qualifies.
 _ROLE = {"gated_mlp": "mlp", "qkv_attention": "attention", "llama_norm": "rms_norm",
          "llama_layer": "decoder_layer", "rotary": "attention", "plain_head": "causal_lm",
-         "packed_attention": "attention", "gate_up_mlp": "mlp", "gemma_norm": "rms_norm"}
+         "packed_attention": "attention", "gate_up_mlp": "mlp", "gemma_norm": "rms_norm",
+         "rotary_projections": "attention"}
 _STRUCTURAL = ("gated_mlp", "qkv_attention", "llama_norm", "llama_layer", "packed_attention", "gate_up_mlp",
                "gemma_norm")
 

@@ -126,9 +126,14 @@ def widened(x: torch.Tensor) -> torch.Tensor:
 class _AttentionInputs(threading.local):
     """While a patched decoder layer runs its attention (patching/norms.py): the dtype that attention's
     function rounds q, k and v to before any other use of them, or None. The RoPE drop-in and the fused
-    q/k/v Function write them in that dtype, which spares the wide writes and the attention's casts."""
+    q/k/v Function write them in that dtype, which spares the wide writes and the attention's casts.
+    `rotary`: the layer's (cos, sin) where its attention rotates q_proj's and k_proj's outputs with them
+    through the RoPE drop-in (architectures' rotary_projections), offered to the fused q/k/v to rotate;
+    `rotated`: the (q, k) it returned rotated, for the drop-in to pass through once."""
 
     rounded_to: torch.dtype | None = None
+    rotary: tuple | None = None
+    rotated: tuple | None = None
 
 
 ATTENTION_INPUTS = _AttentionInputs()

@@ -14,6 +14,7 @@ from .core import (ATTENTION_INPUTS, CALLS, NARROWED_FROM, OUTPUT_UNREAD_IN_RECO
 from .mlp import rounds_its_input as mlp_rounds_its_input
 from .packed_attention import IMPLEMENTATION as PACKED_IMPLEMENTATION
 from .qkv import rounds_its_input as attention_rounds_its_input
+from .rotary import rotates_through_drop_in
 
 
 def _frozen_norm(norm, x, eps: float, offset_weight: bool):
@@ -98,6 +99,15 @@ def _attention_rounding(attention, past_key_values, device_type: str) -> torch.d
     return None
 
 
+def _rotary_offer(attention, position_embeddings) -> tuple | None:
+    """(cos, sin) for the fused q/k/v to rotate q and k with, where this hook-free attention hands its
+    projections' outputs straight to the RoPE drop-in (core.ATTENTION_INPUTS)."""
+    if (has_hooks(attention) or not has(attention, "rotary_projections") or not rotates_through_drop_in(attention)
+            or not isinstance(position_embeddings, tuple) or len(position_embeddings) != 2):
+        return None
+    return position_embeddings
+
+
 @torch.compiler.disable
 def add_norm_layer_forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
                             use_cache=False, position_embeddings=None, **kwargs):
@@ -113,12 +123,16 @@ def add_norm_layer_forward(self, hidden_states, attention_mask=None, position_id
     residual, hidden = _add_norm_for(hidden_states, None, first,
                                      lambda: attention_rounds_its_input(attention, hidden_states))
     ATTENTION_INPUTS.rounded_to = _attention_rounding(attention, past_key_values, hidden_states.device.type)
+    ATTENTION_INPUTS.rotary = _rotary_offer(attention, position_embeddings)
     try:
         hidden, _ = attention(hidden_states=hidden, attention_mask=attention_mask, position_ids=position_ids,
                               past_key_values=past_key_values, use_cache=use_cache,
                               position_embeddings=position_embeddings, **kwargs)
+        if ATTENTION_INPUTS.rotated is not None:
+            raise RuntimeError(f"qlora_fast: {type(attention).__name__} did not apply RoPE to the q and k the fused "
+                               "q/k/v had rotated; patch the model with rope=False (and report the model class)")
     finally:
-        ATTENTION_INPUTS.rounded_to = None
+        ATTENTION_INPUTS.rounded_to = ATTENTION_INPUTS.rotary = ATTENTION_INPUTS.rotated = None
     residual, hidden = _add_norm_for(residual, hidden, second, lambda: mlp_rounds_its_input(mlp))
     hidden = mlp(hidden)
     if recomputing() and vars(self)[OUTPUT_UNREAD_IN_RECOMPUTE] and hidden.shape == residual.shape:

@@ -99,7 +99,7 @@ def main():
     from qlora_fast.kernels.nf4_dequantize import CANDIDATE_META, nf4_dequantize, nf4_dequantize_stacked
     from qlora_fast.kernels.nf4_matmul import nf4_matmul
     from qlora_fast.kernels.rms_norm import add_rms_norm_forward, rms_norm_forward, rms_norm_backward
-    from qlora_fast.kernels.rope import rope_backward, rope_forward
+    from qlora_fast.kernels.rope import rope_backward, rope_forward, rope_plus_low_rank
     from qlora_fast.kernels.low_rank import CANDIDATE_META as TILE_META, LowRank
     from qlora_fast.kernels.low_rank_add import low_rank_add_
     from qlora_fast.kernels.swiglu import swiglu_backward_, swiglu_forward
@@ -143,6 +143,12 @@ def main():
         wide_q, wide_k, wide_cos = q.float(), k.float(), cos.float()  # a prepared model's fp32 q, k
         rope_forward(wide_q, wide_k, wide_cos, wide_cos.clone(), out_dtype=dtype)
         rope_backward(q, k, wide_cos, wide_cos.clone(), out_dtype=torch.float32)
+        qk = torch.randn(16, 6 * 32, dtype=dtype)  # 4 q heads and 2 k heads of 32, rotated with their terms
+        xa, b = torch.randn(16, 3 * 16, dtype=dtype), torch.randn(6 * 32, 16, dtype=dtype)
+        terms = LowRank(xa[:, :16], b[:128], 2.0), LowRank(xa[:, 16:32], b[128:], 0.5)
+        trig = torch.randn(2, 8, 32, dtype=dtype)
+        rope_plus_low_rank(qk, *terms, trig, trig.clone(), 8, qk, dtype)
+        rope_plus_low_rank(qk, *terms, trig.float(), trig.float(), 8, qk, torch.float32)  # a prepared model's
         add_rms_norm_forward(x.float(), x, torch.ones(64), 1e-6, out_dtype=dtype)  # bf16 delta, fp32 stream
         for softcap in (None, 30.0):
             cross_entropy_forward_backward_(torch.randn(4, 100, dtype=dtype), torch.zeros(4, dtype=torch.int64),

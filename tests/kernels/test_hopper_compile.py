@@ -10,7 +10,7 @@ import pytest
 
 KERNELS = {"_nf4_dequantize_kernel", "_nf4_dequantize_stacked_kernel", "_nf4_matmul_kernel", "_rms_norm_forward_kernel",
            "_rms_norm_backward_kernel", "_swiglu_forward_kernel", "_swiglu_backward_kernel", "_rope_kernel",
-           "_cross_entropy_kernel", "_low_rank_add_kernel"}
+           "_cross_entropy_kernel", "_low_rank_add_kernel", "_rope_lora_kernel"}
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,8 @@ def test_kernel_fits_in_registers(kernel, compiled):
     assert compiled["spills"][kernel] == 0
 
 
-@pytest.mark.parametrize("kernel", ["_nf4_dequantize_kernel", "_nf4_dequantize_stacked_kernel", "_rope_kernel"])
+@pytest.mark.parametrize("kernel", ["_nf4_dequantize_kernel", "_nf4_dequantize_stacked_kernel", "_rope_kernel",
+                                    "_rope_lora_kernel"])
 def test_bit_exact_kernels_round_every_product(kernel, ptx_ops):
     """bitsandbytes and torch round a product before adding to it: a fused multiply-add would not."""
     assert not [op for op in ptx_ops[kernel] if op.startswith("fma")]
@@ -61,7 +62,8 @@ def test_dequantize_moves_wide_vectors(kernel, ptx_ops):
 TOKEN_COUNT_ARGS = {"_rms_norm_forward_kernel": {"n_rows"}, "_rms_norm_backward_kernel": {"n_rows"},
                     "_swiglu_forward_kernel": {"n_rows"}, "_swiglu_backward_kernel": {"n_rows"},
                     "_low_rank_add_kernel": {"n_rows"}, "_cross_entropy_kernel": {"n_rows"},
-                    "_rope_kernel": {"n_rows", "seq_len", "qs_b", "ks_b", "qo_b", "ko_b", "cs_b"}}
+                    "_rope_kernel": {"n_rows", "seq_len", "qs_b", "ks_b", "qo_b", "ko_b", "cs_b"},
+                    "_rope_lora_kernel": {"n_rows", "seq_len"}}
 
 
 @pytest.mark.parametrize("kernel", sorted(TOKEN_COUNT_ARGS))

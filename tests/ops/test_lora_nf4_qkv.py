@@ -84,3 +84,62 @@ def test_wide_outputs_and_their_gradients_round_as_stock_sums_and_casts():
     for other in (wide, narrow_v):
         assert torch.equal(other[1], bf16_dx)
         assert all(torch.equal(g, r) for g, r in zip(other[2], bf16_adapters))
+
+
+HEAD_DIM = 32  # the rotated path's smallest: the kernel's term product needs half a head of >= 16 columns
+
+
+def rotary_inputs(dtype, batch=3, seq=7, shared_positions=False):
+    """cos and sin as a Llama rotary embedding makes them, (batch or 1, seq, head_dim) in `dtype`."""
+    angles = torch.arange(seq)[:, None] * torch.rand(HEAD_DIM // 2)[None, :] * 3
+    angles = torch.cat([angles, angles], -1).expand(1 if shared_positions else batch, seq, HEAD_DIM)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotated_after(fn, cos, sin, out_dtype):
+    """fn's q, k, v with q and k then rotated by transformers' apply_rotary_pos_emb, as attention does."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    def rotated(x):
+        q, k, v = fn(x)
+        heads = lambda t: t.view(*t.shape[:2], -1, HEAD_DIM).transpose(1, 2)
+        flat = lambda t: t.transpose(1, 2).reshape(*t.shape[:1], t.shape[2], -1)
+        q, k = apply_rotary_pos_emb(heads(q), heads(k), cos, sin)
+        return flat(q.to(out_dtype)), flat(k.to(out_dtype)), v
+    return rotated
+
+
+# (stock q dtype of x, compute dtype, dtype attention takes q and k in): a bf16 / fp16 / fp32 model, and
+# a prepared one (bf16 x narrowed from fp32, fp32 q and k written in bf16)
+ROTARY_CASES = {"bf16": (torch.bfloat16, torch.bfloat16, torch.bfloat16),
+                "fp16": (torch.float16, torch.float16, torch.float16),
+                "fp32": (torch.float32, torch.float32, torch.float32),
+                "prepared": (torch.float32, torch.bfloat16, torch.bfloat16)}
+
+
+@pytest.mark.parametrize("case", list(ROTARY_CASES))
+@pytest.mark.parametrize("shared_positions", [False, True])
+def test_rotated_q_and_k_are_the_unrotated_path_then_rope(case, shared_positions):
+    """q and k rotated inside the Function: bit for bit the unrotated Function's outputs rotated by
+    transformers (products and sums rounded where torch rounds them), gradients included; and within
+    tolerance of stock peft's layers rotated the same way."""
+    from qlora_fast.ops.lora_nf4_qkv import Rotary
+
+    q_dtype, compute, attention_dtype = ROTARY_CASES[case]
+    layers = [make_lora_nf4_linear(out, 128, r=8, lora_alpha=alpha, dtype=compute)
+              for out, alpha in ((4 * HEAD_DIM, 16), (2 * HEAD_DIM, 32), (2 * HEAD_DIM, 16))]
+    x = torch.randn(3, 7, 128, dtype=compute)
+    cos, sin = rotary_inputs(q_dtype, shared_positions=shared_positions)
+    grads_out = [torch.randn(3, 7, layer.out_features, dtype=attention_dtype) for layer in layers]
+    wide = dict(compute_dtype=compute, out_dtype=q_dtype, v_dtype=attention_dtype)
+    reference = run(rotated_after(fused(layers, **wide), cos, sin, attention_dtype), layers, x, grads_out)
+    ours = run(fused(layers, **wide, rotary=Rotary(cos, sin, attention_dtype)), layers, x, grads_out)
+    for o, r in zip(ours[0], reference[0]):
+        assert o.dtype == r.dtype and torch.equal(o, r)
+    assert torch.equal(ours[1], reference[1])
+    assert all(torch.equal(g, r) for g, r in zip(ours[2], reference[2]))
+    stock = run(rotated_after(lambda x: [layer(x.to(q_dtype)) for layer in layers], cos, sin, attention_dtype),
+                layers, x, grads_out)
+    tolerance = TOLERANCE[compute]
+    assert all(rel_err(o, r) < tolerance for o, r in zip(ours[0], stock[0]))
+    assert all(rel_err(g, r) < tolerance for g, r in zip(ours[2], stock[2]))
