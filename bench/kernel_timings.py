@@ -8,7 +8,8 @@ Correctness on the GPU is bench/gpu_checks.py's job (run it first); these are ti
 3. LoRA linear forward+backward: stock peft vs patched, time and peak memory;
 4. RMSNorm forward+backward: transformers' LlamaRMSNorm vs the Triton kernel;
 5. SwiGLU MLP (gate/up/down LoRA on NF4) forward+backward: stock peft vs the fused MLP Function;
-6. rotary embedding of q and k forward+backward: transformers' apply_rotary_pos_emb vs the kernel;
+6. rotary embedding of q and k forward+backward: transformers' apply_rotary_pos_emb vs the kernel; and
+   the fused q/k/v with RoPE inside it against the fused q/k/v followed by the RoPE kernel;
 7. the LM loss: transformers' (full logits) vs the chunked loss with the cross-entropy kernel;
 8. host cost per call (tiny inputs, so launches and Python dominate): a torch op, Triton launches, a LoRA
    layer and an MLP forward+backward, stock peft vs patched.
@@ -440,12 +441,66 @@ def markdown(title, rows):
     return "\n".join(lines) + "\n\n"
 
 
+def time_rotated_qkv(rows):
+    """Llama-3-8B's fused q/k/v (NF4, r=16) forward+backward at 4x2048 with q and k rotated inside it, per
+    launch candidate of the rotating kernel, against the same Function unrotated and then the RoPE kernel;
+    a bf16 model and a prepared one (bf16 compute, fp32 q and k in stock, bf16 into attention)."""
+    from qlora_fast.kernels import rope
+    from qlora_fast.nf4 import cached_nf4_weight
+    from qlora_fast.ops.lora_nf4_qkv import Rotary, lora_nf4_qkv
+    from qlora_fast.ops.rope import RoPEFunction
+
+    layers = [make_lora_nf4_linear(n, 4096, r=16, lora_alpha=32, dtype=torch.bfloat16, device="cuda")
+              for n in (4096, 1024, 1024)]
+    args = [(l.lora_A["default"].weight, l.lora_B["default"].weight, l.scaling["default"],
+             cached_nf4_weight(l.base_layer.weight)) for l in layers]
+    batch, seq = 4, 2048
+    x = torch.randn(batch, seq, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    angles = torch.arange(seq, device="cuda")[:, None] * torch.rand(64, device="cuda")[None, :]
+    angles = torch.cat([angles, angles], -1)[None]
+    heads = lambda t: t.view(batch, seq, -1, 128).transpose(1, 2)
+    for recipe, q_dtype in (("bf16 model", torch.bfloat16), ("prepared", torch.float32)):
+        cos, sin = angles.cos().to(q_dtype), angles.sin().to(q_dtype)
+        options = dict(compute_dtype=torch.bfloat16, out_dtype=q_dtype, v_dtype=torch.bfloat16)
+        grads = [torch.randn(batch, 32 if i == 0 else 8, seq, 128, device="cuda", dtype=torch.bfloat16)
+                 for i in range(3)]
+
+        def unrotated():
+            q, k, v = lora_nf4_qkv(x, *args, **options)
+            q, k = RoPEFunction.apply(heads(q), heads(k), cos, sin, torch.bfloat16)
+            return q, k, heads(v)
+
+        def rotated():
+            q, k, v = lora_nf4_qkv(x, *args, **options, rotary=Rotary(cos, sin, torch.bfloat16))
+            return heads(q), heads(k), heads(v)
+
+        def run(fn):
+            x.grad = None
+            for layer in layers:
+                layer.zero_grad(set_to_none=True)
+            outs = fn()
+            torch.autograd.backward(outs, grads)
+            return [o.detach() for o in outs] + [x.grad] + [l.lora_A["default"].weight.grad for l in layers]
+
+        pairs = list(zip(run(rotated), run(unrotated)))
+        differing = [int((a != b).sum()) for a, b in pairs]
+        max_diff = max(float((a.float() - b.float()).abs().max()) for a, b in pairs)
+        rows.append({"recipe": recipe, "path": "unrotated + RoPE kernel", "fwd_bwd_ms": median_ms(lambda: run(unrotated))})
+        default = dict(rope.ROPE_LORA_META)
+        for meta in ({"BLOCK_M": 64, "num_warps": 4}, {"BLOCK_M": 32, "num_warps": 4}, {"BLOCK_M": 128, "num_warps": 8},
+                     {"BLOCK_M": 64, "num_warps": 8}):
+            rope.ROPE_LORA_META.update(meta)
+            rows.append({"recipe": recipe, "path": f"rotated inside {meta}", "fwd_bwd_ms": median_ms(lambda: run(rotated)),
+                         "q/k/v/dX/dA elements differing": differing, "max abs diff": max_diff})
+        rope.ROPE_LORA_META.update(default)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="kernels.md")
     parser.add_argument("--skip", nargs="*", default=[],
                         help="sections to skip: dequant crossover lora rmsnorm add_rms_norm mlp rope "
-                             "attention loss host swiglu low_rank_add")
+                             "rotated_qkv attention loss host swiglu low_rank_add")
     parser.add_argument("--only", nargs="*", default=None, help="sections to run (default: all but --skip)")
     args = parser.parse_args()
     import bitsandbytes, peft
@@ -460,6 +515,8 @@ def main():
                 ("mlp", "SwiGLU MLP forward+backward, LoRA r=16 on NF4 gate/up/down, bf16 (median ms, peak MiB)",
                  time_mlp),
                 ("rope", "Rotary embedding of q and k forward+backward, bf16 (median ms)", time_rope),
+                ("rotated_qkv", "Fused q/k/v forward+backward with RoPE inside, Llama-3-8B 4x2048 r=16 (median ms)",
+                 time_rotated_qkv),
                 ("attention", "Causal SDPA per backend, Llama-3-8B heads, bf16 (median ms)", time_attention),
                 ("loss", "LM loss forward+backward, hidden 4096, vocab 128256, bf16 (median ms, peak MiB)",
                  time_loss),
