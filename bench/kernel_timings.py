@@ -487,7 +487,7 @@ def time_rotated_qkv(rows):
         max_diff = max(float((a.float() - b.float()).abs().max()) for a, b in pairs)
         rows.append({"recipe": recipe, "path": "unrotated + RoPE kernel", "fwd_bwd_ms": median_ms(lambda: run(unrotated))})
         default = dict(rope.ROPE_LORA_META)
-        for meta in ({"BLOCK_M": 64, "num_warps": 4}, {"BLOCK_M": 32, "num_warps": 4}, {"BLOCK_M": 128, "num_warps": 8},
+        for meta in ({"BLOCK_M": 32, "num_warps": 4}, {"BLOCK_M": 64, "num_warps": 4}, {"BLOCK_M": 128, "num_warps": 8},
                      {"BLOCK_M": 64, "num_warps": 8}):
             rope.ROPE_LORA_META.update(meta)
             rows.append({"recipe": recipe, "path": f"rotated inside {meta}", "fwd_bwd_ms": median_ms(lambda: run(rotated)),

@@ -10,7 +10,7 @@ from peft import prepare_model_for_kbit_training
 
 from qlora_fast import patch_model, unpatch_model
 from qlora_fast.harness.models import add_lora, quantize_to_nf4_, random_causal_lm
-from qlora_fast.ops import adapters
+from qlora_fast.ops import adapters, lora_nf4_qkv
 from qlora_fast.patching import mlp, norms, qkv, rotary
 from qlora_fast.patching.core import NARROWED_FROM
 from tests.helpers import doubled_gate_term, rel_err
@@ -26,7 +26,8 @@ def prepared_tiny(shape="tiny-llama", b_std=1e-5):
 def _outputs(layer, x):
     """Each LoRA module's output of layer 0 for input x: q, k, v (called in that order), o_proj, the MLP."""
     attn = layer.self_attn
-    return {"q": attn.q_proj(x), "k": attn.k_proj(x), "v": attn.v_proj(x), "o": attn.o_proj(x), "mlp": layer.mlp(x)}
+    x_o = x.repeat(1, 1, attn.o_proj.in_features // x.shape[-1])  # the heads may be wider than the model
+    return {"q": attn.q_proj(x), "k": attn.k_proj(x), "v": attn.v_proj(x), "o": attn.o_proj(x_o), "mlp": layer.mlp(x)}
 
 
 def _lora_terms(model, x):
@@ -169,13 +170,21 @@ def test_norms_stay_wide_where_a_consumer_would_see_the_difference(monkeypatch):
 
 
 def _recorded_attention_input_dtypes(monkeypatch) -> list:
-    """Records the dtype of each RoPE output and each fused v the patched attentions hand on."""
-    from qlora_fast.ops import lora_nf4_qkv
-
+    """Records the dtype of each RoPE output and each fused v the patched attentions hand on (and of q and
+    k where the fused q/k/v rotates them)."""
     seen, apply, fused_qkv = [], rotary.apply, qkv.lora_nf4_qkv
-    monkeypatch.setattr(rotary, "apply", lambda *args: seen.extend(t.dtype for t in apply(*args)) or apply(*args))
-    monkeypatch.setattr(qkv, "lora_nf4_qkv", lambda *a, **k: seen.append(fused_qkv(*a, **k)[2].dtype)
-                        or fused_qkv(*a, **k))
+
+    def recorded(outputs):
+        seen.extend(t.dtype for t in outputs)
+        return outputs
+
+    def recorded_qkv(*args, **kwargs):
+        q, k, v = fused_qkv(*args, **kwargs)
+        recorded((q, k, v) if kwargs.get("rotary") is not None else (v,))
+        return q, k, v
+
+    monkeypatch.setattr(rotary, "apply", lambda *args: recorded(apply(*args)))
+    monkeypatch.setattr(qkv, "lora_nf4_qkv", recorded_qkv)
     return seen
 
 
@@ -199,10 +208,13 @@ def test_attention_inputs_written_as_attention_rounds_them_change_nothing(shape,
     with monkeypatch.context() as wide:  # the reference: q, k and v handed on in fp32
         wide.setattr(norms, "_attention_rounding", lambda *args: None)
         wide_loss, wide_grads = _autocast_loss_and_grads(model, ids)
-    if mutant:
-        apply = rotary.apply
+    if mutant:  # on the RoPE drop-in's path and on the fused q/k/v's
+        apply, rope = rotary.apply, lora_nf4_qkv.rope_plus_low_rank
         monkeypatch.setattr(rotary, "apply", lambda fn, q, k, cos, sin, out: apply(
             fn, *(t if out is None else t.to(out) for t in (q, k, cos, sin)), None))
+        monkeypatch.setattr(lora_nf4_qkv, "rope_plus_low_rank", lambda y, q_term, k_term, cos, sin, seq_len, out,
+                            q_dtype: rope(y, q_term, k_term, cos.to(out.dtype), sin.to(out.dtype), seq_len, out,
+                                          out.dtype))
     seen = _recorded_attention_input_dtypes(monkeypatch)
     loss, grads = _autocast_loss_and_grads(model, ids)
     assert seen.count(torch.bfloat16) == 3 * 2 * (2 if checkpointing else 1)  # q, k, v: 2 layers, each pass

@@ -143,8 +143,9 @@ def _rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 
 
 # The rows of one program of rope_plus_low_rank on the GPU: its term is a (BLOCK_M, r) x (r, head_dim / 2)
-# tensor-core product per half.
-ROPE_LORA_META = {"BLOCK_M": 64, "num_warps": 4}
+# tensor-core product per half. 32 rows / 4 warps: the fastest of four candidates on the H100, by ~1% of the
+# fused q/k/v's forward + backward (bench/RESULTS.md, session 15).
+ROPE_LORA_META = {"BLOCK_M": 32, "num_warps": 4}
 
 
 @triton.jit(do_not_specialize=["n_rows", "seq_len"])

@@ -88,10 +88,11 @@ class LoRANF4QKVFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_q, grad_k, grad_v):
-        x2, xa, a_all, *b_all = ctx.saved_tensors[:6]
+        saved = ctx.saved_tensors  # unpacked once: torch's checkpointing refuses a second unpack
+        x2, xa, a_all, *b_all = saved[:6]
         grads = [g.reshape(-1, n) for g, n in zip((grad_q, grad_k, grad_v), ctx.out_features)]
-        if ctx.rotated:
-            dy = _unrotated_gradients(grads, *ctx.saved_tensors[6:], ctx.x_meta[0][:2], ctx.q_dtype, x2.dtype)
+        if ctx.rotated:  # cos and sin saved after the B's
+            dy = _unrotated_gradients(grads, *saved[6:], ctx.x_meta[0][:2], ctx.q_dtype, x2.dtype)
         elif all(g.dtype == x2.dtype for g in grads):
             dy = torch.cat(grads, 1)
         else:  # wider gradients (a prepared model's fp32 q and k) rounded as they are gathered: one pass each
