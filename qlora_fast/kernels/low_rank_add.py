@@ -1,6 +1,8 @@
 """y += s * xa @ B^T in place, the LoRA term of a projection whose output no other kernel of ours reads
 first (q/k/v, o_proj, and the input gradients through them); or out = y + s * xa @ B^T into a wider
-`out` (fp32 outputs of a bf16 GEMM, for layers whose input is fp32).
+`out` (fp32 outputs of a bf16 GEMM, for layers whose input is fp32); with a `residual`, out = residual + that
+sum (a decoder layer's MLP output added to its residual stream: each sum rounded to out's dtype, as torch
+rounds the two adds).
 
 Against cuBLAS' `y.addmm_(xa, B^T, alpha=s)` (a GEMM with K = r over the whole output; bench/kernel_timings.py
 times both): each tile of y is read once, takes its term from one tensor-core product
@@ -12,18 +14,23 @@ import torch
 import triton
 import triton.language as tl
 
+from ._utils import round_fp32_to
 from .low_rank import LOW_RANK_ADD_META, LowRank, launch_tiles, load_fp32, plus_low_rank, term_args, tile
 
 
 @triton.jit(do_not_specialize=["n_rows"])  # packed batches change the token count every step
-def _low_rank_add_kernel(y_ptr, stride_ym, out_ptr, stride_om, n_rows, n_cols, rank, xa_ptr, b_ptr, scale,
-                         stride_xm, stride_xr, stride_bn, stride_br,
-                         R: tl.constexpr, UPCAST_DOT: tl.constexpr, SOFTWARE_RTNE: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, COLS_FAST: tl.constexpr):
+def _low_rank_add_kernel(y_ptr, stride_ym, out_ptr, stride_om, residual_ptr, stride_rm, n_rows, n_cols, rank,
+                         xa_ptr, b_ptr, scale, stride_xm, stride_xr, stride_bn, stride_br,
+                         HAS_RESIDUAL: tl.constexpr, R: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                         SOFTWARE_RTNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         COLS_FAST: tl.constexpr):
     rows, cols, offs, mask = tile(n_rows, n_cols, stride_ym, BLOCK_M, BLOCK_N, COLS_FAST)
     dtype: tl.constexpr = out_ptr.dtype.element_ty
     y = plus_low_rank(load_fp32(y_ptr, offs, mask), rows, cols, n_rows, n_cols, rank, xa_ptr, b_ptr, scale,
                       stride_xm, stride_xr, stride_bn, stride_br, True, R, UPCAST_DOT, SOFTWARE_RTNE, dtype)
+    if HAS_RESIDUAL:
+        residual = load_fp32(residual_ptr, rows[:, None] * stride_rm + cols[None, :], mask)
+        y = round_fp32_to(residual + y, dtype, SOFTWARE_RTNE).to(tl.float32)
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], y.to(dtype), mask=mask)
 
 
@@ -39,11 +46,14 @@ def _check_2d(t: torch.Tensor, name: str):
 
 
 def low_rank_add_(y: torch.Tensor, term: LowRank, meta: dict = LOW_RANK_ADD_META,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
+                  out: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """Adds term.scale * term.xa @ term.b^T to the 2-D `y` in place (one rounding per element) and returns y;
-    with `out` (y's shape, any float dtype), writes y + term there instead and returns out."""
+    with `out` (y's shape, any float dtype), writes y + term there instead and returns out; with a
+    `residual` too (out's shape and dtype), writes residual + (y + term), each sum rounded to out's dtype."""
     _check_2d(y, "y")
     if out is None:
+        if residual is not None:
+            raise ValueError("low_rank_add_: a residual needs an out")
         if y.is_cuda and y.numel() < KERNEL_MIN_ELEMENTS:
             return y.addmm_(term.xa, term.b.t(), alpha=term.scale)
         out = y
@@ -51,7 +61,13 @@ def low_rank_add_(y: torch.Tensor, term: LowRank, meta: dict = LOW_RANK_ADD_META
         _check_2d(out, "out")
         if out.shape != y.shape:
             raise ValueError(f"low_rank_add_: out {tuple(out.shape)} differs from y {tuple(y.shape)}")
+    if residual is not None:
+        _check_2d(residual, "residual")
+        if residual.shape != out.shape or residual.dtype != out.dtype:
+            raise ValueError(f"low_rank_add_: residual {tuple(residual.shape)} {residual.dtype} differs from out "
+                             f"{tuple(out.shape)} {out.dtype}")
     launch_tiles(_low_rank_add_kernel, y, (term,), meta, y, y.stride(0), out, out.stride(0),
-                 term_args=term_args(term, y))
+                 y if residual is None else residual, 0 if residual is None else residual.stride(0),
+                 term_args=term_args(term, y), HAS_RESIDUAL=residual is not None)
     torch.autograd.graph.increment_version(out)
     return out

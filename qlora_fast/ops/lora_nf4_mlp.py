@@ -17,12 +17,15 @@ x's dtype, base + term unrounded: what stock peft computes there (ops/adapters.p
 
 With `output_needed=False` (a checkpoint's recompute of a layer that only adds the MLP output to its
 residual) forward skips the down projection's GEMM and returns an unwritten tensor: backward needs
-only what forward saves, not y.
+only what forward saves, not y. With a `residual` (the layer's first pass, which adds the output to its
+residual stream) it returns residual + output, added where the down projection's LoRA term is (one pass
+over the output instead of two); the residual's gradient is the output's.
 """
 
 import torch
 
 from ..kernels.low_rank import LowRank
+from ..kernels.low_rank_add import low_rank_add_
 from ..kernels.swiglu import swiglu_backward_, swiglu_forward
 from ..nf4 import NF4Weight
 from .adapters import adapters_in, plus_low_rank_terms, stacked_rows, wider
@@ -32,16 +35,20 @@ from .lora_grads import (add_shared_input_terms_, lora_grads, products_side_by_s
 from .nf4_linear import nf4_linear_backward, nf4_linear_forward
 
 
-def _lora_project(x2, xa, weight: NF4Weight, lora_b, scaling: float, out_dtype):
-    """x2 @ W^T + s * xa @ B^T, where xa = x2 @ A^T, in out_dtype."""
+def _lora_project(x2, xa, weight: NF4Weight, lora_b, scaling: float, out_dtype, residual=None):
+    """x2 @ W^T + s * xa @ B^T, where xa = x2 @ A^T, in out_dtype; plus the 2-D `residual` (of out_dtype)
+    where given, both sums rounded to out_dtype as torch rounds them."""
     y = nf4_linear_forward(x2, weight)
-    return plus_low_rank_terms(y, [(y, LowRank(xa, lora_b, scaling))], out_dtype)
+    term = LowRank(xa, lora_b, scaling)
+    if residual is not None:
+        return low_rank_add_(y, term, out=torch.empty_like(residual), residual=residual)
+    return plus_low_rank_terms(y, [(y, term)], out_dtype)
 
 
 class LoRANF4MLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gate_a, gate_b, up_a, up_b, down_a, down_b, weights, scalings, compute_dtype,
-                output_needed=True, activation="silu", out_dtype=None):
+                output_needed=True, activation="silu", out_dtype=None, residual=None):
         out_dtype = out_dtype or x.dtype
         w_gate, w_up, w_down = weights
         s_gate, s_up, s_down = scalings
@@ -57,8 +64,10 @@ class LoRANF4MLPFunction(torch.autograd.Function):
         h = swiglu_forward(g, u, LowRank(xa_gate, gate_b, s_gate), LowRank(xa_up, up_b, s_up), wide=ctx.wide,
                            activation=activation)
         ha_down = h @ down_a.t()
+        ctx.has_residual = residual is not None
         if output_needed:
-            y = _lora_project(h, ha_down, w_down, down_b, s_down, out_dtype)
+            residual2d = None if residual is None else residual.reshape(-1, residual.shape[-1])
+            y = _lora_project(h, ha_down, w_down, down_b, s_down, out_dtype, residual2d)
         else:
             y = x.new_empty(x2.shape[0], w_down.shape[0], dtype=out_dtype)
 
@@ -96,13 +105,16 @@ class LoRANF4MLPFunction(torch.autograd.Function):
             grad_x = nf4_linear_backward(du, w_up, accumulate=nf4_linear_backward(dg, w_gate))
             add_shared_input_terms_(grad_x, dgu_b, gate_up_a, ranks, (s_gate, s_up))
             grad_x = grad_x.view(ctx.x_meta[0]).to(ctx.x_meta[1])
-        return (grad_x, *grad_gate, *grad_up, *grad_down, None, None, None, None, None, None)
+        grad_residual = grad_out if ctx.has_residual else None
+        return (grad_x, *grad_gate, *grad_up, *grad_down, None, None, None, None, None, None, grad_residual)
 
 
-def lora_nf4_mlp(x, gate, up, down, compute_dtype=None, output_needed=True, activation="silu", out_dtype=None):
+def lora_nf4_mlp(x, gate, up, down, compute_dtype=None, output_needed=True, activation="silu", out_dtype=None,
+                 residual=None):
     """Autograd entry point. gate, up and down are (lora_a, lora_b, scaling, NF4Weight) of each
     projection; `compute_dtype` and `out_dtype` (the output's) default to x's dtype; `activation`: one of
-    kernels/swiglu.ACTIVATIONS."""
+    kernels/swiglu.ACTIVATIONS; `residual` (the output's shape and dtype, unit column stride): returns
+    residual + the MLP's output."""
     (gate_a, gate_b, s_gate, w_gate), (up_a, up_b, s_up, w_up), (down_a, down_b, s_down, w_down) = gate, up, down
     return apply(LoRANF4MLPFunction, x, gate_a, gate_b, up_a, up_b, down_a, down_b, (w_gate, w_up, w_down),
-                 (s_gate, s_up, s_down), compute_dtype or x.dtype, output_needed, activation, out_dtype)
+                 (s_gate, s_up, s_down), compute_dtype or x.dtype, output_needed, activation, out_dtype, residual)

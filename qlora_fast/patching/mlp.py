@@ -99,6 +99,12 @@ def rounds_its_input(mlp) -> bool:
     return installed is mlp_forward and not has_hooks(mlp) and _mlp_group(mlp) is not None
 
 
+def _fused_mlp(mlp, found, x, **options):
+    CALLS["mlp"] += 1
+    return lora_nf4_mlp(x, *(f[1:] for f in found), compute_dtype=compute_dtype(mlp._modules["gate_proj"], x),
+                        activation=activation_name(mlp.act_fn), out_dtype=stock_dtype(x), **options)
+
+
 @torch.compiler.disable
 def mlp_forward(self, x):
     """The whole gated MLP in one Function when its three projections can take the fused path together
@@ -107,10 +113,20 @@ def mlp_forward(self, x):
     if found is None:
         return previous_forward(self)(widened(x))
     output_needed = not (recomputing() and vars(self).get(OUTPUT_ONLY_TO_RESIDUAL, False))
-    CALLS["mlp"] += 1
-    return lora_nf4_mlp(x, *(f[1:] for f in found), compute_dtype=compute_dtype(self._modules["gate_proj"], x),
-                        output_needed=output_needed, activation=activation_name(self.act_fn),
-                        out_dtype=stock_dtype(x))
+    return _fused_mlp(self, found, x, output_needed=output_needed)
+
+
+def mlp_plus_residual(mlp, x, residual):
+    """residual + mlp(x) from the fused Function, which adds the residual where it adds the down
+    projection's LoRA term, where this hook-free MLP takes the fused path now and the residual is of its
+    output's shape and stock dtype (the sum then rounds as torch's add); else None."""
+    if not rounds_its_input(mlp):
+        return None
+    found = _mlp_group(mlp)
+    if (residual.dtype != stock_dtype(x) or residual.stride(-1) != 1
+            or residual.shape != (*x.shape[:-1], found[2].weight.shape[0])):
+        return None
+    return _fused_mlp(mlp, found, x, residual=residual)
 
 
 def mark_residual_mlps(model: torch.nn.Module) -> None:

@@ -11,7 +11,7 @@ from ..ops.unread_sum import unread_sum
 from .architectures import has
 from .core import (ATTENTION_INPUTS, CALLS, NARROWED_FROM, OUTPUT_UNREAD_IN_RECOMPUTE, has_hooks, is_patched,
                    previous_forward)
-from .mlp import rounds_its_input as mlp_rounds_its_input
+from .mlp import mlp_plus_residual, rounds_its_input as mlp_rounds_its_input
 from .packed_attention import IMPLEMENTATION as PACKED_IMPLEMENTATION
 from .qkv import rounds_its_input as attention_rounds_its_input
 from .rotary import rotates_through_drop_in
@@ -134,7 +134,11 @@ def add_norm_layer_forward(self, hidden_states, attention_mask=None, position_id
     finally:
         ATTENTION_INPUTS.rounded_to = ATTENTION_INPUTS.rotary = ATTENTION_INPUTS.rotated = None
     residual, hidden = _add_norm_for(residual, hidden, second, lambda: mlp_rounds_its_input(mlp))
+    unread = recomputing() and vars(self)[OUTPUT_UNREAD_IN_RECOMPUTE]
+    summed = None if unread else mlp_plus_residual(mlp, hidden, residual)
+    if summed is not None:
+        return summed
     hidden = mlp(hidden)
-    if recomputing() and vars(self)[OUTPUT_UNREAD_IN_RECOMPUTE] and hidden.shape == residual.shape:
+    if unread and hidden.shape == residual.shape:
         return unread_sum(residual, hidden)
     return residual + hidden

@@ -133,6 +133,7 @@ def main():
         swiglu_backward_(x.clone(), x.clone(), x.clone(), term, term, term, activation="gelu_tanh")
         low_rank_add_(torch.randn(8, 96, dtype=dtype)[:, 16:80], term)
         low_rank_add_(x, term, out=torch.empty(8, 64))
+        low_rank_add_(x, term, out=torch.empty(8, 64), residual=torch.randn(8, 64))  # MLP output + residual
         for meta in TILE_META[1:] if dtype == torch.bfloat16 else []:  # what bench/kernel_timings.py times
             swiglu_forward(x, x, term, term, meta=meta)
             swiglu_backward_(x.clone(), x.clone(), x.clone(), term, term, term, meta=meta)

@@ -50,3 +50,21 @@ def test_tiles_launched_along_rows_or_columns_cover_the_output(cols_fast, monkey
     expected = _reference(block, term)
     low_rank_add_(block, term, {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "COLS_FAST": cols_fast})
     assert rel_err(block, expected) < 1e-6
+
+
+@pytest.mark.parametrize("dtype,out_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                             (torch.bfloat16, torch.float32)])
+def test_a_residual_is_added_after_the_sum_is_rounded(dtype, out_dtype):
+    """residual + (y + term) as torch computes the two adds: the term's sum rounded to out's dtype first.
+    Rounding only the final sum (one rounding instead of two) must show on 16-bit outputs."""
+    y = torch.randn(37, 133).to(dtype)
+    term = LowRank(torch.randn(37, 16).to(dtype), (torch.randn(133, 16) * 0.1).to(dtype), 2.0)
+    residual = torch.randn(37, 133).to(out_dtype)
+    out = low_rank_add_(y.clone(), term, out=torch.empty_like(residual), residual=residual)
+    summed = low_rank_add_(y.clone(), term, out=torch.empty_like(residual))
+    assert out.dtype == out_dtype and torch.equal(out, residual + summed)
+    once = (residual.double() + y.double() + term.scale * (term.xa.double() @ term.b.double().t())).to(out_dtype)
+    if out_dtype != torch.float32:
+        assert (once != out).float().mean() > 0.1
+    with pytest.raises(ValueError, match="residual"):
+        low_rank_add_(y.clone(), term, out=torch.empty_like(residual), residual=residual.double())

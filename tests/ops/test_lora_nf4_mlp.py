@@ -142,3 +142,34 @@ def test_gate_and_up_of_different_ranks_go_one_projection_at_a_time():
     assert grad_fn == "LoRANF4LinearFunctionBackward"
     assert rel_err(y, y_ref) < 1e-5 and rel_err(dx, dx_ref) < 1e-5
     assert all(rel_err(grads[n], grads_ref[n]) < 1e-5 for n in grads_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("narrowed", [False, True], ids=["x as is", "x narrowed from fp32"])
+def test_residual_added_inside_is_torchs_add_of_the_output(dtype, narrowed):
+    """The decoder layer's residual + mlp(x) with the residual added where the down projection's term is:
+    bit for bit torch's add of the fused MLP's output (each sum rounded to the output's dtype), gradients
+    included (the residual's is the output's). On x narrowed from fp32 (a prepared model) the output and
+    the residual are fp32. A residual of another dtype leaves the add to torch."""
+    from qlora_fast.patching.core import NARROWED_FROM
+
+    model, mlp = qlora_mlp(dtype)
+    patch_model(model)
+    wide = torch.float32 if narrowed else dtype
+    x, residual = torch.randn(2, 9, 64, dtype=dtype), torch.randn(2, 9, 64, dtype=wide) * 8
+    grad_out = torch.randn(2, 9, 64, dtype=wide)
+
+    def step(fn):
+        mlp.zero_grad(set_to_none=True)
+        x_, residual_ = x.clone().requires_grad_(True), residual.clone().requires_grad_(True)
+        if narrowed:
+            setattr(x_, NARROWED_FROM, torch.float32)
+        out = fn(x_, residual_)
+        out.backward(grad_out)
+        return [out.detach(), x_.grad, residual_.grad] + [p.grad for p in mlp.parameters() if p.grad is not None]
+
+    reference = step(lambda x_, residual_: residual_ + mlp(x_))
+    ours = step(lambda x_, residual_: mlp_patching.mlp_plus_residual(mlp, x_, residual_))
+    assert ours[0].dtype == wide and len(ours) == len(reference) == 9
+    assert all(torch.equal(o, r) for o, r in zip(ours, reference))
+    assert mlp_patching.mlp_plus_residual(mlp, x, residual.to(torch.float16)) is None
