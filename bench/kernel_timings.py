@@ -28,7 +28,7 @@ import bitsandbytes.functional as F
 from qlora_fast import patch_model
 from qlora_fast.kernels.nf4_dequantize import CANDIDATE_META, nf4_dequantize, nf4_dequantize_stacked
 from qlora_fast.kernels.nf4_matmul import nf4_matmul
-from qlora_fast.kernels.low_rank import CANDIDATE_META as TILE_META
+from qlora_fast.kernels.low_rank import CANDIDATE_META as TILE_META, LOW_RANK_ADD_META, SWIGLU_META
 from qlora_fast.kernels.low_rank import LowRank
 from qlora_fast.kernels.low_rank_add import low_rank_add_
 from qlora_fast.kernels.swiglu import swiglu_backward_, swiglu_forward
@@ -89,6 +89,12 @@ def time_swiglu(rows):
                          "fwd_ms": median_ms(lambda: swiglu_forward(work[0], work[1], gate, up, meta)),
                          "bwd_ms": median_ms(lambda: swiglu_backward_(work[2], work[0], work[1], dh_term, gate, up,
                                                                       meta))})
+        # B held as its transpose (columns adjacent in memory, as backward's dh term already has A^T): the
+        # tiles' (r, BLOCK_N) loads of B then read whole rows
+        gate_t, up_t, dh_t = (LowRank(t.xa, t.b.t().contiguous().t(), t.scale) for t in (gate, up, dh_term))
+        rows.append({"tokens": tokens, "meta": f"{SWIGLU_META}, B columns-adjacent",
+                     "fwd_ms": median_ms(lambda: swiglu_forward(work[0], work[1], gate_t, up_t)),
+                     "bwd_ms": median_ms(lambda: swiglu_backward_(work[2], work[0], work[1], dh_t, gate_t, up_t))})
 
 
 def time_low_rank_add(rows):
@@ -111,6 +117,10 @@ def time_low_rank_add(rows):
                 kernel_ms = median_ms(lambda: low_rank_add_(y, term, meta))
                 rows.append({"tokens": tokens, "output": f"{name} {tuple(y.shape)}", "meta": str(meta),
                              "ms": kernel_ms, "TB_per_s": gb / kernel_ms, "rel_err": rel_err(ours, expected)})
+            columns_adjacent = LowRank(term.xa, term.b.t().contiguous().t(), term.scale)
+            kernel_ms = median_ms(lambda: low_rank_add_(y, columns_adjacent))
+            rows.append({"tokens": tokens, "output": f"{name} {tuple(y.shape)}",
+                         "meta": f"{LOW_RANK_ADD_META}, B columns-adjacent", "ms": kernel_ms, "TB_per_s": gb / kernel_ms})
 
 
 
