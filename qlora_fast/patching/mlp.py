@@ -126,7 +126,7 @@ def mlp_plus_residual(mlp, x, residual):
     if (residual.dtype != stock_dtype(x) or residual.stride(-1) != 1
             or residual.shape != (*x.shape[:-1], found[2].weight.shape[0])):
         return None
-    return _fused_mlp(mlp, found, x, residual=residual)
+    return _fused_mlp(mlp, found, x, output_needed=True, residual=residual)
 
 
 def mark_residual_mlps(model: torch.nn.Module) -> None:
