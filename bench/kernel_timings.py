@@ -120,7 +120,8 @@ def time_low_rank_add(rows):
             columns_adjacent = LowRank(term.xa, term.b.t().contiguous().t(), term.scale)
             kernel_ms = median_ms(lambda: low_rank_add_(y, columns_adjacent))
             rows.append({"tokens": tokens, "output": f"{name} {tuple(y.shape)}",
-                         "meta": f"{LOW_RANK_ADD_META}, B columns-adjacent", "ms": kernel_ms, "TB_per_s": gb / kernel_ms})
+                         "meta": f"{LOW_RANK_ADD_META}, B columns-adjacent", "ms": kernel_ms,
+                         "TB_per_s": gb / kernel_ms})
 
 
 
@@ -495,12 +496,14 @@ def time_rotated_qkv(rows):
         pairs = list(zip(run(rotated), run(unrotated)))
         differing = [int((a != b).sum()) for a, b in pairs]
         max_diff = max(float((a.float() - b.float()).abs().max()) for a, b in pairs)
-        rows.append({"recipe": recipe, "path": "unrotated + RoPE kernel", "fwd_bwd_ms": median_ms(lambda: run(unrotated))})
+        rows.append({"recipe": recipe, "path": "unrotated + RoPE kernel",
+                     "fwd_bwd_ms": median_ms(lambda: run(unrotated))})
         default = dict(rope.ROPE_LORA_META)
-        for meta in ({"BLOCK_M": 32, "num_warps": 4}, {"BLOCK_M": 64, "num_warps": 4}, {"BLOCK_M": 128, "num_warps": 8},
-                     {"BLOCK_M": 64, "num_warps": 8}):
+        for meta in ({"BLOCK_M": 32, "num_warps": 4}, {"BLOCK_M": 64, "num_warps": 4},
+                     {"BLOCK_M": 128, "num_warps": 8}, {"BLOCK_M": 64, "num_warps": 8}):
             rope.ROPE_LORA_META.update(meta)
-            rows.append({"recipe": recipe, "path": f"rotated inside {meta}", "fwd_bwd_ms": median_ms(lambda: run(rotated)),
+            rows.append({"recipe": recipe, "path": f"rotated inside {meta}",
+                         "fwd_bwd_ms": median_ms(lambda: run(rotated)),
                          "q/k/v/dX/dA elements differing": differing, "max abs diff": max_diff})
         rope.ROPE_LORA_META.update(default)
 

@@ -18,8 +18,9 @@ A row names the family's classes and says which of them compute exactly what a f
 - plain_head: the training loss is cross-entropy of lm_head(hidden states), softcapped as
   c * tanh(logits / c) where config.final_logit_softcapping = c is set (no other logit scaling, no
   auxiliary loss).
-A class whose name is in no row is still recognized for all but the rotary ones and plain_head when its forward is one a row
-vouches for: inherited unchanged, or the same source (a renamed copy, as remote-code models often are).
+A class whose name is in no row is still recognized for all but the rotary ones and plain_head when its
+forward is one a row vouches for: inherited unchanged, or the same source (a renamed copy, as remote-code
+models often are).
 Adding a family is adding a row.
 """
 

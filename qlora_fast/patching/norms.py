@@ -100,9 +100,12 @@ def _attention_rounding(attention, past_key_values, device_type: str) -> torch.d
 
 
 def _rotary_offer(attention, position_embeddings) -> tuple | None:
-    """(cos, sin) for the fused q/k/v to rotate q and k with, where this hook-free attention hands its
-    projections' outputs straight to the RoPE drop-in (core.ATTENTION_INPUTS)."""
-    if (has_hooks(attention) or not has(attention, "rotary_projections") or not rotates_through_drop_in(attention)
+    """(cos, sin) for the fused q/k/v to rotate q and k with, where this attention hands its projections'
+    outputs straight to the RoPE drop-in (core.ATTENTION_INPUTS), with no hook on it or on q_proj and
+    k_proj that could see or replace them on the way."""
+    watched = [attention, *(m for m in map(attention._modules.get, ("q_proj", "k_proj")) if m is not None)]
+    if (not has(attention, "rotary_projections") or not rotates_through_drop_in(attention)
+            or any(has_hooks(m) for m in watched)
             or not isinstance(position_embeddings, tuple) or len(position_embeddings) != 2):
         return None
     return position_embeddings

@@ -71,6 +71,24 @@ def test_q_and_k_rotated_inside_the_fused_qkv_change_no_bit(shape, mutant, monke
     assert same != mutant
 
 
+def test_a_hook_on_q_proj_keeps_rope_after_the_projections():
+    """A forward hook on q_proj could read or replace q before RoPE: no rotation inside the Function then."""
+    model = tiny_qlora().train()
+    patch_model(model, verbose=False)
+    seen = []
+    handle = model.base_model.model.model.layers[0].self_attn.q_proj.register_forward_hook(
+        lambda module, args, output: seen.append(output.shape))
+    calls, original = [], RoPEFunction.apply
+    RoPEFunction.apply = lambda *a: calls.append(1) or original(*a)
+    try:
+        loss_and_grads(model, torch.randint(0, 512, (1, 8)))
+    finally:
+        RoPEFunction.apply = original
+        handle.remove()
+    assert seen and len(calls) == 1  # layer 0 after its projections, layer 1 inside its fused q/k/v
+    unpatch_model(model)
+
+
 def test_q_changed_on_its_way_to_rope_is_an_error():
     """q and k the fused q/k/v rotated must reach the drop-in as they left; anything else, or no call at all,
     is a clear error rather than q rotated twice or not at all."""
