@@ -10,7 +10,8 @@
 #       # a copy of bench/recipes.json under $OUT (copy it back, then bench/recipes.py --render); with
 #       # PROFILE_STEP=N each row's Nth step is profiled (untimed): top kernels and GPU idle gaps
 #   QLORA_FAST_COMMIT=<sha> bash bench/lease.sh kernels   # the tile kernels' launch candidates (SwiGLU with
-#                                                         # LoRA terms, low_rank_add_), then pick the defaults
+#                                                         # LoRA terms, low_rank_add_, B's two layouts; the
+#                                                         # q/k/v with RoPE inside), then pick the defaults
 #   QLORA_FAST_COMMIT=<sha> bash bench/lease.sh profile [SIZES] [VARIANTS]  # where the bare loop's and
 #       # peft's recipe step go (default 4x2048, qlora_fast default and with attention recomputed)
 # Then fetch $OUT's files into bench/ (recipes.json, seed_dequant.json/.md) and write RESULTS.md / NOTES.md.
@@ -43,7 +44,7 @@ rows)
     && tar czf recipe_logs.tgz "${files[@]}" && rm -f "${files[@]}")
   ;;
 kernels)
-  python bench/kernel_timings.py --only swiglu low_rank_add --out "$OUT/kernels.md" > "$OUT/kernels.log" 2>&1
+  python bench/kernel_timings.py --only swiglu low_rank_add rotated_qkv --out "$OUT/kernels.md" > "$OUT/kernels.log" 2>&1
   cut -c1-160 "$OUT/kernels.md"
   ;;
 profile)
