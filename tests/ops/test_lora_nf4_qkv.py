@@ -98,7 +98,11 @@ def rotary_inputs(dtype, batch=3, seq=7, shared_positions=False):
 
 def rotated_after(fn, cos, sin, out_dtype):
     """fn's q, k, v with q and k then rotated by transformers' apply_rotary_pos_emb, as attention does."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    from transformers.models.llama import modeling_llama
+
+    # transformers' own, also where a patched model in this process left the drop-in in its place
+    apply_rotary_pos_emb = getattr(modeling_llama.apply_rotary_pos_emb, "qlora_fast_stock",
+                                   modeling_llama.apply_rotary_pos_emb)
 
     def rotated(x):
         q, k, v = fn(x)
