@@ -99,7 +99,8 @@ def time_swiglu(rows):
 
 def time_low_rank_add(rows):
     """y += s * xa @ B^T (r=16, bf16) in place: cuBLAS' addmm_ against the tile kernel per launch candidate,
-    on the outputs the LoRA layers update (q as a column block of the stacked q/k/v output)."""
+    on the outputs the LoRA layers update (q as a column block of the stacked q/k/v output); and the MLP's
+    down output with the layer's residual added in the same pass or after it."""
     for tokens in (2048, 8192):
         for name, width, cols in (("o_proj / dX", 4096, slice(None)), ("q block of q/k/v", 6144, slice(0, 4096)),
                                   ("k block of q/k/v", 6144, slice(4096, 5120))):
@@ -122,6 +123,24 @@ def time_low_rank_add(rows):
             rows.append({"tokens": tokens, "output": f"{name} {tuple(y.shape)}",
                          "meta": f"{LOW_RANK_ADD_META}, B columns-adjacent", "ms": kernel_ms,
                          "TB_per_s": gb / kernel_ms})
+        _time_residual_add(rows, tokens)
+
+
+def _time_residual_add(rows, tokens, width=4096):
+    """The MLP's down output plus the layer's residual: the term into a new output and torch's add after
+    it, against both in one pass (low_rank_add_'s residual); fp32 as on a prepared model, and bf16."""
+    y = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16)
+    term = LowRank(torch.randn(tokens, 16, device="cuda", dtype=torch.bfloat16),
+                   torch.randn(width, 16, device="cuda", dtype=torch.bfloat16) * 0.1, 0.5)
+    for dtype in (torch.float32, torch.bfloat16):
+        residual = torch.randn(tokens, width, device="cuda", dtype=dtype)
+        out = torch.empty_like(residual)
+        two_passes = lambda: residual + low_rank_add_(y, term, out=out)
+        one_pass = lambda: low_rank_add_(y, term, out=out, residual=residual)
+        same = torch.equal(two_passes(), one_pass().clone())
+        for meta, fn in (("term, then torch's add", two_passes), ("residual inside the term pass", one_pass)):
+            rows.append({"tokens": tokens, "output": f"MLP down + residual {(tokens, width)} {dtype}", "meta": meta,
+                         "ms": median_ms(fn), "same bits": same})
 
 
 
