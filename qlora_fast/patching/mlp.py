@@ -92,11 +92,17 @@ def _mlp_group(mlp) -> list | None:
     return None if found is None or len({f.lora_a.shape[0] for f in found}) != 1 else found
 
 
+def _called_fused(mlp) -> list | None:
+    """The gate, up and down Projections where calling this MLP now runs nothing but the fused Function
+    (its patched forward, no hooks, `_mlp_group`); else None."""
+    installed = getattr(vars(mlp).get("forward"), "__func__", None)
+    return _mlp_group(mlp) if installed is mlp_forward and not has_hooks(mlp) else None
+
+
 def rounds_its_input(mlp) -> bool:
     """Whether this MLP's only use of its input is the fused Function now, which first rounds it to the
     compute dtype (so it may be handed on in that dtype)."""
-    installed = getattr(vars(mlp).get("forward"), "__func__", None)
-    return installed is mlp_forward and not has_hooks(mlp) and _mlp_group(mlp) is not None
+    return _called_fused(mlp) is not None
 
 
 def _fused_mlp(mlp, found, x, **options):
@@ -120,10 +126,8 @@ def mlp_plus_residual(mlp, x, residual):
     """residual + mlp(x) from the fused Function, which adds the residual where it adds the down
     projection's LoRA term, where this hook-free MLP takes the fused path now and the residual is of its
     output's shape and stock dtype (the sum then rounds as torch's add); else None."""
-    if not rounds_its_input(mlp):
-        return None
-    found = _mlp_group(mlp)
-    if (residual.dtype != stock_dtype(x) or residual.stride(-1) != 1
+    found = _called_fused(mlp)
+    if (found is None or residual.dtype != stock_dtype(x) or residual.stride(-1) != 1
             or residual.shape != (*x.shape[:-1], found[2].weight.shape[0])):
         return None
     return _fused_mlp(mlp, found, x, output_needed=True, residual=residual)
