@@ -33,7 +33,7 @@ checks)
   grep -v '^PASS' "$OUT/gpu_checks.txt" | tail -12
   python bench/seed_dequant.py --out "$OUT/seed_dequant.md" --repeats 3 > "$OUT/seed_dequant.log" 2>&1
   grep -A6 'harness seconds' "$OUT/seed_dequant.md"
-  grep 'Host us\|Pieces' "$OUT/seed_dequant.md"
+  grep 'Host us\|Pieces\|Harness floor' "$OUT/seed_dequant.md"
   ;;
 rows)
   shape=${2:?rows SHAPE [RECIPES] [STACKS]}

@@ -65,6 +65,7 @@ from transformers import set_seed
 from transformers.activations import ACT2FN
 
 import qlora_fast
+from qlora_fast.kernels._utils import Relaunch, current_stream
 from qlora_fast.kernels.nf4_dequantize import CANDIDATE_META, new_output, nf4_dequantize
 from qlora_fast.nf4 import cached_nf4_weight, nf4_weight_from_bnb
 
@@ -218,17 +219,44 @@ def host_breakdown(layer, dtype) -> dict:
     w = cached_nf4_weight(layer.weight)
     out = torch.empty(w.shape, dtype=dtype, device="cuda")
     a = torch.ones(64, device="cuda")
+    relaunch = Relaunch.of(_noop_kernel[(1,)](a), (1,), (a,), 0)
+    c_args = (*relaunch._grid, current_stream(relaunch.device), *relaunch._c_head, a.data_ptr(), *relaunch._tail)
     pieces = {
         "torch.empty": lambda _: torch.empty(w.shape, dtype=dtype, device="cuda"),
         "new_output (empty_like of a template)": lambda _: new_output(w.output_templates, w.shape, dtype, w.device),
         "torch.add (aten op)": lambda _: torch.add(a, a),
         "empty Triton kernel launch": lambda _: _noop_kernel[(1,)](a),
+        "empty kernel, Relaunch": lambda _: relaunch(a),
+        "empty kernel, Triton's C launch alone": lambda _: relaunch._c_launch(*c_args),
         "cached_nf4_weight lookup": lambda lay: cached_nf4_weight(lay.weight),
         "nf4_dequantize(w, out=out)": lambda _: nf4_dequantize(w, dtype, out=out),
         "dequantize_nf4(layer)": lambda lay: qlora_fast.dequantize_nf4(lay),
         "torch.cuda.synchronize (idle)": lambda _: torch.cuda.synchronize(),
     }
     return {name: host_us_per_call(fx, layer) for name, fx in pieces.items()}
+
+
+def harness_floor_us(dtype) -> dict:
+    """Wall us per call of the seed's loop (`fx(layer).t()`, then a sync) where fx does no dequantizing:
+    what any candidate pays beyond its kernel's device time, on the harness's first MLP."""
+    set_seed(OPTIONS[0][-1])
+    mlp = MLP(hd=OPTIONS[0][2], m=OPTIONS[0][3], dtype=dtype)
+    ready = torch.empty(64, 64, dtype=dtype, device="cuda")
+    a = torch.ones(64, device="cuda")
+    relaunch = Relaunch.of(_noop_kernel[(1,)](a), (1,), (a,), 0)
+    floors = {"a tensor at hand, no launch": lambda _: ready,
+              "torch.empty_like, no launch": lambda _: torch.empty_like(ready),
+              "an empty kernel's Relaunch": lambda _: relaunch(ready)}
+    result = {}
+    for name, fx in floors.items():
+        for _ in range(20):
+            mlp_dequantize(mlp, fx)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(1000):
+            mlp_dequantize(mlp, fx)
+        result[name] = (time.perf_counter() - start) / 3000 * 1e6
+    return result
 
 
 def main():
@@ -274,10 +302,14 @@ def main():
         small.weight.quant_state.dtype = dtype
         host = {c: host_us_per_call(fx, small) for c, fx in CANDIDATES.items()}
         pieces = host_breakdown(small, dtype)
+        floors = harness_floor_us(dtype)
         lines += ["", f"Host us per call, 64x64 weight, back to back ({dtype}): " +
                   ", ".join(f"{c} {us:.1f}" for c, us in host.items()),
-                  "", "Pieces, us per call: " + ", ".join(f"{c} {us:.1f}" for c, us in pieces.items()), ""]
-        record[str(dtype)] = {"harness_s": times, "device": rows, "host_us": host, "host_pieces_us": pieces, "bit_exact_failures": failures}
+                  "", "Pieces, us per call: " + ", ".join(f"{c} {us:.1f}" for c, us in pieces.items()),
+                  "", "Harness floor, us per call of the seed's loop (fx(layer).t() then a sync) with no dequantize: " +
+                  ", ".join(f"{c} {us:.1f}" for c, us in floors.items()), ""]
+        record[str(dtype)] = {"harness_s": times, "device": rows, "host_us": host, "host_pieces_us": pieces,
+                              "harness_floor_us": floors, "bit_exact_failures": failures}
         print("\n".join(lines), flush=True)
     text = "\n".join(lines) + "\n"
     print(text)
