@@ -95,7 +95,7 @@ def profile_variant(model, batch, options, autocast=False, timed_steps=5, profil
         peaks = _peaks_gib(model, batch, autocast)
         if not profiled:
             return statistics.median(walls), None, None, None, peaks, keeps, ""
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
             _step(model, batch, autocast)
     finally:
         unpatch_model(model)
@@ -103,7 +103,27 @@ def profile_variant(model, batch, options, autocast=False, timed_steps=5, profil
     kernel_ms = sum(e.device_time for e in kernels) / 1e3
     attention_ms = sum(e.device_time for e in kernels if any(s in e.name.lower() for s in ATTENTION_KERNELS)) / 1e3
     return (statistics.median(walls), kernel_ms, attention_ms / kernel_ms, len(kernels), peaks, keeps,
-            step_report(prof))
+            step_report(prof) + "\n\n" + gemm_table(prof))
+
+
+GEMM_OPS = {"aten::mm": 0, "aten::addmm": 1, "aten::addmm_": 1}  # where the (M, K) operand sits
+
+
+def gemm_table(prof, rows: int = 25) -> str:
+    """The step's matrix products grouped by operand shapes: calls, CUDA ms and TFLOP/s (2MNK a call),
+    the most time first: which products run below the GEMM rate the large ones reach."""
+    lines = ["| op | (M, K) x (K, N) | calls | CUDA ms | TFLOP/s |", "|---|---|---|---|---|"]
+    found = []
+    for e in prof.key_averages(group_by_input_shape=True):
+        first = GEMM_OPS.get(e.key)
+        shapes = e.input_shapes
+        if first is None or len(shapes) < first + 2 or len(shapes[first]) != 2 or len(shapes[first + 1]) != 2:
+            continue
+        (m, k), (_, n) = shapes[first], shapes[first + 1]
+        ms = e.device_time_total / 1e3
+        found.append((ms, f"| {e.key} | ({m}, {k}) x ({k}, {n}) | {e.count} | {ms:.1f} | "
+                          f"{2 * m * n * k * e.count / (ms * 1e-3) / 1e12 if ms else 0:.0f} |"))
+    return "\n".join(lines + [line for _, line in sorted(found, reverse=True)[:rows]])
 
 
 def main():
