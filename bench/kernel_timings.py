@@ -165,7 +165,7 @@ def time_dequant(rows):
             out = torch.empty((n, k), dtype=dtype, device="cuda")
             times = {
                 "qlora_fast": median_ms(lambda: nf4_dequantize(w, out=out)),
-                **{f"qlora_fast {m['BLOCKS_PER_PROGRAM']}/{m['num_warps']}w":
+                **{f"qlora_fast {m['BLOCKS_PER_PROGRAM']}/{m['num_warps']}w{' streaming' if m.get('STREAMING') else ''}":
                    median_ms(lambda m=m: nf4_dequantize(w, out=out, meta=m)) for m in CANDIDATE_META[1:]},
                 "bnb": median_ms(lambda: F.dequantize_4bit(p.data, qs)),
                 "peft": median_ms(lambda: dequantize_bnb_weight(p, state=None)),

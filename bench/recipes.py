@@ -332,8 +332,9 @@ CROSS_RUN_NOTE = "(†): the two figures were measured at different commits, in 
 def table(rows) -> list[str]:
     by = {(r["recipe"], r["shape"], r["stack"]): r for r in rows}
     lines = ["| recipe | shape | stock tok/s | qlora_fast tok/s | unsloth tok/s | qlora_fast vs stock | qlora_fast vs unsloth "
-             "| peak GiB stock / qlora_fast / unsloth | first-steps excess s (qlora_fast) | final loss stock / qlora_fast / unsloth |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| peak GiB stock / qlora_fast / unsloth | first-steps excess s (qlora_fast) | final loss stock / qlora_fast / unsloth "
+             "| qlora_fast measured at |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for recipe in RECIPES + tuple(PACKED_LENGTHS)[1:]:
         for shape in sorted({r["shape"] for r in rows}):
             cells = [by.get((recipe, shape, s)) for s in ("stock", "qlora_fast", "unsloth")]
@@ -361,9 +362,10 @@ def table(rows) -> list[str]:
 
             ours = cells[1]
             excess = f"{ours['first_steps_excess_s']:.1f}" if ours and "error" not in ours else "-"
+            measured = f"{ours['commit']}, {ours['date']}" if ours and "date" in ours else "-"
             lines.append(f"| {recipe} | {shape} | {tps(cells[0], 'stock')} | {tps(cells[1], 'qlora_fast')} | {tps(cells[2], 'unsloth')} | "
                          f"{ratio(cells[1], cells[0])} | {ratio(cells[1], cells[2])} | "
-                         f"{' / '.join(peak(c) for c in cells)} | {excess} | {' / '.join(last(c) for c in cells)} |")
+                         f"{' / '.join(peak(c) for c in cells)} | {excess} | {' / '.join(last(c) for c in cells)} | {measured} |")
     return lines
 
 
@@ -418,7 +420,7 @@ def _device_table(runs, device: str) -> list[str]:
         if _device(run) != device:
             continue
         for r in run["rows"]:
-            latest[(r["recipe"], r["shape"], r["stack"])] = dict(r, commit=run["commit"])
+            latest[(r["recipe"], r["shape"], r["stack"])] = dict(r, commit=run["commit"], date=run["date"])
             sources[(r["recipe"], r["shape"], r["stack"])] = i
     used = sorted(set(sources.values()))
     lines = table(list(latest.values()))

@@ -34,13 +34,19 @@ CANDIDATE_META = [
     {"BLOCKS_PER_PROGRAM": 16, "num_warps": 4},
     {"BLOCKS_PER_PROGRAM": 128, "num_warps": 32},
     {"BLOCKS_PER_PROGRAM": 32, "num_warps": 4},
+    # two and four 16-byte loads a thread: more bytes in flight per program
+    {"BLOCKS_PER_PROGRAM": 128, "num_warps": 4},
+    {"BLOCKS_PER_PROGRAM": 256, "num_warps": 8},
+    # the packed bytes read once and the output written once: neither is worth keeping in L2
+    {"BLOCKS_PER_PROGRAM": 64, "num_warps": 4, "STREAMING": True},
 ]
 
 
 @triton.jit
 def _dequantize_blocks(pid, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr,
                        n_elements, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-                       SOFTWARE_RTNE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr, WHOLE_BLOCKS: tl.constexpr):
+                       SOFTWARE_RTNE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr, WHOLE_BLOCKS: tl.constexpr,
+                       STREAMING: tl.constexpr):
     # A tile of whole quantization blocks: one scale per row, decoded once and broadcast.
     HALF: tl.constexpr = BLOCKSIZE // 2  # bytes per block
     block = pid * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
@@ -55,27 +61,35 @@ def _dequantize_blocks(pid, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2
     else:
         byte_mask = byte_idx < (n_elements + 1) // 2
         out_mask = out_idx < n_elements
-    byte = tl.load(packed_ptr + byte_idx, mask=byte_mask, other=0).to(tl.int32)
+    if STREAMING:
+        byte = tl.load(packed_ptr + byte_idx, mask=byte_mask, other=0, eviction_policy="evict_first").to(tl.int32)
+    else:
+        byte = tl.load(packed_ptr + byte_idx, mask=byte_mask, other=0).to(tl.int32)
     high = tl.load(code_ptr + (byte >> 4)) * scale[:, None]
     low = tl.load(code_ptr + (byte & 15)) * scale[:, None]
     values = round_fp32_to(tl.interleave(high, low), out_ptr.dtype.element_ty, SOFTWARE_RTNE)
-    tl.store(out_ptr + out_idx, values, mask=out_mask)
+    if STREAMING:
+        tl.store(out_ptr + out_idx, values, mask=out_mask, cache_modifier=".cs")
+    else:
+        tl.store(out_ptr + out_idx, values, mask=out_mask)
 
 
 @triton.jit
 def _nf4_dequantize_kernel(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr,
                            n_elements,
                            BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-                           SOFTWARE_RTNE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr, WHOLE_BLOCKS: tl.constexpr):
+                           SOFTWARE_RTNE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr, WHOLE_BLOCKS: tl.constexpr,
+                           STREAMING: tl.constexpr):
     _dequantize_blocks(tl.program_id(0), packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
                        out_ptr, n_elements, BLOCKSIZE, BLOCKSIZE2, NESTED, SOFTWARE_RTNE, BLOCKS_PER_PROGRAM,
-                       WHOLE_BLOCKS)
+                       WHOLE_BLOCKS, STREAMING)
 
 
 @triton.jit
 def _nf4_dequantize_stacked_kernel(table_ptr, out_ptr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
                                    NESTED: tl.constexpr, SOFTWARE_RTNE: tl.constexpr,
-                                   BLOCKS_PER_PROGRAM: tl.constexpr, WHOLE_BLOCKS: tl.constexpr):
+                                   BLOCKS_PER_PROGRAM: tl.constexpr, WHOLE_BLOCKS: tl.constexpr,
+                                   STREAMING: tl.constexpr):
     # Weight program_id(1)'s table row: the addresses of its packed, code, absmax, absmax2, code2 and
     # offset tensors, where its rows start in out (in elements), and its element count.
     row = table_ptr + tl.program_id(1) * 8
@@ -94,7 +108,7 @@ def _nf4_dequantize_stacked_kernel(table_ptr, out_ptr, BLOCKSIZE: tl.constexpr, 
                            tl.load(row + 4).to(tl.pointer_type(tl.float32)),
                            tl.load(row + 5).to(tl.pointer_type(tl.float32)),
                            out_ptr + out_start, n_elements,
-                           BLOCKSIZE, BLOCKSIZE2, NESTED, SOFTWARE_RTNE, BLOCKS_PER_PROGRAM, WHOLE_BLOCKS)
+                           BLOCKSIZE, BLOCKSIZE2, NESTED, SOFTWARE_RTNE, BLOCKS_PER_PROGRAM, WHOLE_BLOCKS, STREAMING)
 
 
 OUT_POSITION = 6  # out_ptr among _nf4_dequantize_kernel's arguments
@@ -133,7 +147,8 @@ def nf4_dequantize(weight: NF4Weight, dtype: torch.dtype | None = None, out: tor
     meta = _launch_meta(meta, weight.blocksize)
     grid = (cdiv(cdiv(weight.numel, weight.blocksize), meta["BLOCKS_PER_PROGRAM"]),)
     args = (*weight.kernel_tensors(), out, weight.numel, weight.blocksize, weight.blocksize2, weight.nested,
-            INTERPRETING, meta["BLOCKS_PER_PROGRAM"], weight.numel % weight.blocksize == 0)
+            INTERPRETING, meta["BLOCKS_PER_PROGRAM"], weight.numel % weight.blocksize == 0,
+            meta.get("STREAMING", False))
     compiled = _nf4_dequantize_kernel[grid](*args, num_warps=meta["num_warps"], enable_fp_fusion=False)
     weight.launches[key] = Relaunch.of(compiled, grid, args, OUT_POSITION)
     return out
@@ -187,7 +202,7 @@ def nf4_dequantize_stacked(weights, dtype: torch.dtype, meta: dict = CANDIDATE_M
     # Whole blocks everywhere: each weight's rows start in out on a block, so 16-byte aligned like out.
     whole_blocks = all(w.numel % first.blocksize == 0 and w.packed.data_ptr() % 16 == 0 for w in weights)
     args = (table, out, first.blocksize, first.blocksize2, first.nested, INTERPRETING, meta["BLOCKS_PER_PROGRAM"],
-            whole_blocks)
+            whole_blocks, meta.get("STREAMING", False))
     compiled = _nf4_dequantize_stacked_kernel[grid](*args, num_warps=meta["num_warps"], enable_fp_fusion=False)
     relaunches[key] = Relaunch.of(compiled, grid, args, 1)
     return out

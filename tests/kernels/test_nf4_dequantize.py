@@ -5,7 +5,7 @@ import torch
 
 from qlora_fast.kernels import _utils
 from qlora_fast.kernels import nf4_dequantize as nf4_dequantize_module
-from qlora_fast.kernels.nf4_dequantize import new_output, nf4_dequantize, nf4_dequantize_stacked
+from qlora_fast.kernels.nf4_dequantize import CANDIDATE_META, new_output, nf4_dequantize, nf4_dequantize_stacked
 from qlora_fast.nf4 import nf4_weight_from_bnb
 from tests.helpers import reference_dequantize
 from tests.kernels.test_utils import RecordingCompiled
@@ -36,6 +36,16 @@ def test_bit_exact_with_bitsandbytes(shape, dtype, nested):
     # bitsandbytes' CPU kernel is exact where rows hold whole blocks (the GPU run checks odd shapes).
     p = quantized(shape, dtype, nested)
     assert torch.equal(nf4_dequantize(nf4_weight_from_bnb(p)), F.dequantize_4bit(p.data, p.quant_state))
+
+
+@pytest.mark.parametrize("meta", CANDIDATE_META[1:], ids=str)
+@pytest.mark.parametrize("stacked", [False, True])
+def test_every_launch_candidate_is_bit_exact(meta, stacked):
+    """The candidates bench/seed_dequant.py times (streaming cache hints among them) decode as the default."""
+    p = quantized((70, 130), torch.float16, True)
+    w = nf4_weight_from_bnb(p)
+    out = nf4_dequantize_stacked([w, w], torch.float16, meta=meta)[70:] if stacked else nf4_dequantize(w, meta=meta)
+    assert torch.equal(out, reference_dequantize(p))
 
 
 @pytest.mark.parametrize("blocksize", [32, 128, 256])
