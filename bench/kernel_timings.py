@@ -47,18 +47,6 @@ def median_ms(fn):
     return do_bench(fn, warmup=50, rep=300, return_mode="median")
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 def time_swiglu(rows):
     """SwiGLU with the gate/up (forward and backward) and dh (backward) LoRA terms, r=16 bf16, per launch
     candidate, against cuBLAS' in-place addmm_ of each term followed by the plain kernel (forward then
@@ -141,12 +129,6 @@ def _time_residual_add(rows, tokens, width=4096):
         for meta, fn in (("term, then torch's add", two_passes), ("residual inside the term pass", one_pass)):
             rows.append({"tokens": tokens, "output": f"MLP down + residual {(tokens, width)} {dtype}", "meta": meta,
                          "ms": median_ms(fn), "same bits": same})
-
-
-
-
-
-
 
 
 def _qkv_layers(dtype, k=4096, heights=(4096, 1024, 1024)):
@@ -433,8 +415,6 @@ def host_us_per_call(fn, calls=200):
         fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - started) / calls * 1e6
-
-
 
 
 def time_host(rows):
