@@ -451,6 +451,29 @@ def markdown(title, rows):
     return "\n".join(lines) + "\n\n"
 
 
+def time_terms_in_gemm(rows):
+    """What carrying LoRA terms inside the base GEMM would cost: x @ W^T (bf16, 8192 tokens) with the
+    rank-r factors appended along K ([x | xa] @ [W | s B]^T, operands as column slices of wider buffers,
+    as a norm writing x into a wider buffer would leave them), against the plain GEMM plus the pass that
+    adds the term today (SwiGLU's terms, low_rank_add_)."""
+    tokens = 8192
+    for name, n, k in (("gate/up (stacked)", 28672, 4096), ("down", 4096, 14336), ("o_proj", 4096, 4096),
+                       ("q/k/v (stacked)", 6144, 4096)):
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
+        plain = median_ms(lambda: x @ w.t())
+        row = {"product": f"{name} ({tokens} x {k}) @ ({k} x {n})", "plain ms": plain,
+               "TFLOP/s": 2 * tokens * n * k / (plain * 1e-3) / 1e12}
+        for extra in (16, 32, 64):
+            w_wide = torch.randn(n, k + extra, device="cuda", dtype=torch.bfloat16)
+            x_wide = torch.randn(tokens, k + extra, device="cuda", dtype=torch.bfloat16)
+            row[f"K + {extra} ms"] = median_ms(lambda: x_wide @ w_wide.t())
+        # the GEMM reading x as the first k columns of a wider buffer (the norm's output written there)
+        x_in_wider = torch.randn(tokens, k + 64, device="cuda", dtype=torch.bfloat16)[:, :k]
+        row["x strided ms"] = median_ms(lambda: x_in_wider @ w.t())
+        rows.append(row)
+
+
 def time_rotated_qkv(rows):
     """Llama-3-8B's fused q/k/v (NF4, r=16) forward+backward at 4x2048 with q and k rotated inside it, per
     launch candidate of the rotating kernel, against the same Function unrotated and then the RoPE kernel;
@@ -512,7 +535,7 @@ def main():
     parser.add_argument("--out", default="kernels.md")
     parser.add_argument("--skip", nargs="*", default=[],
                         help="sections to skip: dequant crossover lora rmsnorm add_rms_norm mlp rope "
-                             "rotated_qkv attention loss host swiglu low_rank_add")
+                             "rotated_qkv attention loss host swiglu low_rank_add terms_in_gemm")
     parser.add_argument("--only", nargs="*", default=None, help="sections to run (default: all but --skip)")
     args = parser.parse_args()
     import bitsandbytes, peft
@@ -535,7 +558,9 @@ def main():
                 ("host", "Host cost per call, tiny inputs (wall us per call, back-to-back)", time_host),
                 ("swiglu", "SwiGLU with LoRA terms per launch candidate, (tokens x 14336) bf16 r=16 (median ms)",
                  time_swiglu),
-                ("low_rank_add", "LoRA term added in place, r=16 bf16 (median ms)", time_low_rank_add)]
+                ("low_rank_add", "LoRA term added in place, r=16 bf16 (median ms)", time_low_rank_add),
+                ("terms_in_gemm", "The base GEMM with K widened for LoRA factors, bf16 (median ms)",
+                 time_terms_in_gemm)]
     report, results = header, {}
     for key, title, fn in sections:
         if key in args.skip or (args.only is not None and key not in args.only):
