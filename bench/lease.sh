@@ -9,16 +9,17 @@
 #       # recipe rows of one shape (default recipes peft,trl_padded; stacks qlora_fast,unsloth), appended to
 #       # a copy of bench/recipes.json under $OUT (copy it back, then bench/recipes.py --render); with
 #       # PROFILE_STEP=N each row's Nth step is profiled (untimed): top kernels and GPU idle gaps
-#   QLORA_FAST_COMMIT=<sha> bash bench/lease.sh kernels   # the tile kernels' launch candidates (SwiGLU with
-#                                                         # LoRA terms, low_rank_add_, B's two layouts; the
-#                                                         # q/k/v with RoPE inside), then pick the defaults
-#   QLORA_FAST_COMMIT=<sha> bash bench/lease.sh profile [SIZES] [VARIANTS]  # where the bare loop's and
-#       # peft's recipe step go (default 4x2048, qlora_fast default and with attention recomputed)
+#   QLORA_FAST_COMMIT=<sha> bash bench/lease.sh kernels   # the base GEMM with K widened for LoRA factors
+#                                                         # (terms_in_gemm), the dequantize's and the tile
+#                                                         # kernels' launch candidates, then pick defaults
+#   QLORA_FAST_COMMIT=<sha> bash bench/lease.sh profile [SIZES] [VARIANTS] [SHAPE]  # where the bare loop's
+#       # and peft's recipe step go, GEMMs by shape among it (default 4x2048, qlora_fast default and with
+#       # attention recomputed, llama-3-8b)
 # Then fetch $OUT's files into bench/ (recipes.json, seed_dequant.json/.md) and write RESULTS.md / NOTES.md.
 set -euo pipefail
 case "${1:-}" in
 checks | rows | kernels | profile) ;;
-*) echo "usage: bash bench/lease.sh checks | rows SHAPE [RECIPES] [STACKS] | kernels | profile [SIZES] [VARIANTS]" >&2
+*) echo "usage: bash bench/lease.sh checks | rows SHAPE [RECIPES] [STACKS] | kernels | profile [SIZES] [VARIANTS] [SHAPE]" >&2
    exit 2 ;;
 esac
 : "${OUT:?run on the device machine, where OUT is set}" "${QLORA_FAST_COMMIT:?pass the commit}"
@@ -44,14 +45,15 @@ rows)
     && tar czf recipe_logs.tgz "${files[@]}" && rm -f "${files[@]}")
   ;;
 kernels)
-  python bench/kernel_timings.py --only swiglu low_rank_add rotated_qkv --out "$OUT/kernels.md" > "$OUT/kernels.log" 2>&1
+  python bench/kernel_timings.py --only terms_in_gemm dequant swiglu low_rank_add --out "$OUT/kernels.md" \
+    > "$OUT/kernels.log" 2>&1
   cut -c1-160 "$OUT/kernels.md"
   ;;
 profile)
   for recipe in bare peft; do
     python bench/profile_step.py $([ $recipe = peft ] && echo --prepared) --sizes "${2:-4x2048}" \
-      --variants "${3:-qlora_fast default,qlora_fast attention recomputed}" --out "$OUT/profile_$recipe.md" \
-      | tail -n 3
+      --variants "${3:-qlora_fast default,qlora_fast attention recomputed}" --shape "${4:-llama-3-8b}" \
+      --out "$OUT/profile_$recipe.md" | tail -n 3
   done
   ;;
 esac
