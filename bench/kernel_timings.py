@@ -454,8 +454,8 @@ def markdown(title, rows):
 def time_terms_in_gemm(rows):
     """What carrying LoRA terms inside the base GEMM would cost: x @ W^T (bf16, 8192 tokens) with the
     rank-r factors appended along K ([x | xa] @ [W | s B]^T, operands as column slices of wider buffers,
-    as a norm writing x into a wider buffer would leave them), against the plain GEMM plus the pass that
-    adds the term today (SwiGLU's terms, low_rank_add_)."""
+    as a norm writing x into a wider buffer would leave them), against the plain GEMM; the passes that add
+    the terms today are the swiglu and low_rank_add sections'."""
     tokens = 8192
     for name, n, k in (("gate or up", 14336, 4096), ("gate/up stacked", 28672, 4096), ("down", 4096, 14336),
                        ("o_proj", 4096, 4096), ("q/k/v (stacked)", 6144, 4096)):
