@@ -26,12 +26,13 @@ from triton.testing import do_bench
 
 import bitsandbytes.functional as F
 from qlora_fast import patch_model
+from qlora_fast.ops import lora_nf4_mlp
 from qlora_fast.kernels.nf4_dequantize import CANDIDATE_META, nf4_dequantize, nf4_dequantize_stacked
 from qlora_fast.kernels.nf4_matmul import nf4_matmul
 from qlora_fast.kernels.low_rank import CANDIDATE_META as TILE_META, LOW_RANK_ADD_META, SWIGLU_META
 from qlora_fast.kernels.low_rank import LowRank
 from qlora_fast.kernels.low_rank_add import low_rank_add_
-from qlora_fast.kernels.swiglu import swiglu_backward_, swiglu_forward
+from qlora_fast.kernels.swiglu import SWIGLU_GRADS_META, swiglu_backward_, swiglu_backward_grads_, swiglu_forward
 from qlora_fast.nf4 import nf4_weight_from_bnb
 from qlora_fast.testing import forward_backward, make_lora_nf4_linear, make_lora_nf4_mlp, make_nf4_linear
 
@@ -83,6 +84,30 @@ def time_swiglu(rows):
         rows.append({"tokens": tokens, "meta": f"{SWIGLU_META}, B columns-adjacent",
                      "fwd_ms": median_ms(lambda: swiglu_forward(work[0], work[1], gate_t, up_t)),
                      "bwd_ms": median_ms(lambda: swiglu_backward_(work[2], work[0], work[1], dh_t, gate_t, up_t))})
+        _time_grads_inside(rows, tokens, (g, u, dh), dh_term, gate, up)
+
+
+def _time_grads_inside(rows, tokens, pristine, dh_term, gate, up):
+    """The MLP backward's SwiGLU step with the gate and up B and down A gradients: the kernel then the
+    three GEMMs that read dg, du and h back (today's default), against the column-band kernel that sums
+    them while they are in registers (swiglu_backward_grads_), per launch candidate."""
+    g, u, dh = pristine
+
+    def kernel_then_gemms(work):
+        h, dg, du = swiglu_backward_(work[2], work[0], work[1], dh_term, gate, up)
+        return dg.t() @ gate.xa, du.t() @ up.xa, dh_term.xa.t() @ h
+
+    reference = [t.float() for t in kernel_then_gemms([t.clone() for t in (g, u, dh)])]
+    work = [t.clone() for t in (g, u, dh)]  # the timings overwrite it again and again
+    rows.append({"tokens": tokens, "meta": "backward + LoRA grads: kernel, then 3 GEMMs",
+                 "bwd_ms": median_ms(lambda: kernel_then_gemms(work))})
+    for meta in (SWIGLU_GRADS_META, dict(SWIGLU_GRADS_META, ROW_CHUNKS=4), dict(SWIGLU_GRADS_META, ROW_CHUNKS=16),
+                 dict(SWIGLU_GRADS_META, BLOCK_N=128), dict(SWIGLU_GRADS_META, BLOCK_M=64)):
+        _, _, sums = swiglu_backward_grads_(dh.clone(), g.clone(), u.clone(), dh_term, gate, up, meta=meta)
+        errors = [rel_err(a, b) for a, b in zip(sums, (reference[0], reference[1], reference[2].t()))]
+        rows.append({"tokens": tokens, "meta": f"LoRA grads inside {meta}", "rel_err grads": round(max(errors), 6),
+                     "bwd_ms": median_ms(lambda: swiglu_backward_grads_(work[2], work[0], work[1], dh_term, gate,
+                                                                        up, meta=meta))})
 
 
 def time_low_rank_add(rows):
@@ -323,24 +348,34 @@ def time_attention(rows):
             rows.append(row)
 
 
+def _peak_mib_and_ms(mlp, x, gy):
+    """Peak MiB above what was allocated before, and median ms, of the MLP's forward + backward."""
+    forward_backward(mlp, x, gy)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    forward_backward(mlp, x, gy)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20, median_ms(lambda: forward_backward(mlp, x, gy))
+
+
 def time_mlp(rows):
+    """peft's MLP, ours, and ours with the LoRA gradients summed inside the SwiGLU backward (the candidate
+    ops/lora_nf4_mlp.py LORA_GRADS_IN_SWIGLU)."""
     for m in (512, 2048, 8192):
         mlp = make_lora_nf4_mlp(4096, 14336, dtype=torch.bfloat16, device="cuda")
         x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         gy = torch.randn_like(x)
         row = {"shape": "4096x14336", "M": m}
-        for name in ("peft", "qlora_fast"):
-            if name == "qlora_fast":
-                patch_model(mlp)
-            forward_backward(mlp, x, gy)
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            forward_backward(mlp, x, gy)
-            torch.cuda.synchronize()
-            row[f"{name}_peak_MiB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-            row[f"{name}_ms"] = median_ms(lambda: forward_backward(mlp, x, gy))
+        row["peft_peak_MiB"], row["peft_ms"] = _peak_mib_and_ms(mlp, x, gy)
+        patch_model(mlp)
+        row["qlora_fast_peak_MiB"], row["qlora_fast_ms"] = _peak_mib_and_ms(mlp, x, gy)
         row["speedup"] = row["peft_ms"] / row["qlora_fast_ms"]
+        lora_nf4_mlp.LORA_GRADS_IN_SWIGLU = True
+        try:
+            row["grads inside SwiGLU peak_MiB"], row["grads inside SwiGLU ms"] = _peak_mib_and_ms(mlp, x, gy)
+        finally:
+            lora_nf4_mlp.LORA_GRADS_IN_SWIGLU = False
         rows.append(row)
 
 

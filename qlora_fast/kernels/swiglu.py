@@ -11,6 +11,9 @@ Forward reads the GEMMs' g and u and writes h; backward reads dh, g and u, adds 
 (the gate and up terms again, rounded as forward rounded them: writing g and u back with their terms
 in forward would cost two more (tokens x intermediate) writes), and overwrites them with h
 (recomputed for the down projection's LoRA gradient), dg and du, so it needs no extra memory.
+`swiglu_backward_grads_` is the backward whose programs own a band of columns over a chunk of rows: it
+also sums the LoRA gradients that would otherwise be GEMMs reading dg, du and h back (dg^T @ xa_gate,
+du^T @ xa_up, h^T @ dy_b), and never writes h.
 """
 
 import torch
@@ -18,7 +21,12 @@ import triton
 import triton.language as tl
 
 from .low_rank import SWIGLU_META, LowRank, launch_tiles, load_fp32, plus_low_rank, term_args, tile
-from ._utils import round_fp32_to, tanh
+from ._utils import INTERPRETER_TILE, INTERPRETING, cdiv, next_power_of_2, round_fp32_to, tanh
+
+# swiglu_backward_grads_'s launch: a band of BLOCK_N columns a program over one of ROW_CHUNKS chunks of the
+# rows, BLOCK_M rows a step (bench/kernel_timings.py times it against swiglu_backward_ and the GEMMs); at
+# 4 warps the three (BLOCK_N, R) fp32 sums spill registers on sm_90, at 8 they fit
+SWIGLU_GRADS_META = {"BLOCK_M": 32, "BLOCK_N": 64, "ROW_CHUNKS": 8, "num_warps": 8}
 
 
 @triton.jit
@@ -77,6 +85,29 @@ def _swiglu_forward_kernel(g_ptr, u_ptr, h_ptr, n_rows, n_cols, rank,
     tl.store(h_ptr + offs, round_fp32_to(act * u, dtype, SOFTWARE_RTNE), mask=mask)
 
 
+@triton.jit
+def _backward_tile(dh_ptr, g_ptr, u_ptr, rows, cols, offs, mask, n_rows, n_cols, rank,
+                   xa_ptr, b_ptr, scale, stride_xm, stride_xr, stride_bn, stride_br,
+                   xa_g_ptr, b_g_ptr, s_g, g_sxm, g_sxr, g_sbn, g_sbr,
+                   xa_u_ptr, b_u_ptr, s_u, u_sxm, u_sxr, u_sbn, u_sbr,
+                   DH_TERM: tl.constexpr, GATE_TERM: tl.constexpr, UP_TERM: tl.constexpr, R: tl.constexpr,
+                   UPCAST_DOT: tl.constexpr, SOFTWARE_RTNE: tl.constexpr, WIDE: tl.constexpr, GELU: tl.constexpr):
+    """(h, dg, du) of a tile, rounded to dh's dtype: the sums with their terms rounded as forward rounded
+    them, act(g) rounded before its products as torch rounds it."""
+    dtype: tl.constexpr = dh_ptr.dtype.element_ty
+    dh = plus_low_rank(load_fp32(dh_ptr, offs, mask), rows, cols, n_rows, n_cols, rank, xa_ptr, b_ptr, scale,
+                       stride_xm, stride_xr, stride_bn, stride_br, DH_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, dtype,
+                       not WIDE)
+    g = plus_low_rank(load_fp32(g_ptr, offs, mask), rows, cols, n_rows, n_cols, rank, xa_g_ptr, b_g_ptr,
+                      s_g, g_sxm, g_sxr, g_sbn, g_sbr, GATE_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, dtype, not WIDE)
+    u = plus_low_rank(load_fp32(u_ptr, offs, mask), rows, cols, n_rows, n_cols, rank, xa_u_ptr, b_u_ptr,
+                      s_u, u_sxm, u_sxr, u_sbn, u_sbr, UP_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, dtype, not WIDE)
+    act = _activation(g, dtype, SOFTWARE_RTNE, WIDE, GELU)
+    dg = _activation_grad(g, _rounded_unless(dh * u, dtype, SOFTWARE_RTNE, WIDE), GELU)
+    return (round_fp32_to(act * u, dtype, SOFTWARE_RTNE), round_fp32_to(dg, dtype, SOFTWARE_RTNE),
+            round_fp32_to(dh * act, dtype, SOFTWARE_RTNE))
+
+
 @triton.jit(do_not_specialize=["n_rows"])
 def _swiglu_backward_kernel(dh_ptr, g_ptr, u_ptr, n_rows, n_cols, rank,
                             xa_ptr, b_ptr, scale, stride_xm, stride_xr, stride_bn, stride_br,
@@ -88,19 +119,64 @@ def _swiglu_backward_kernel(dh_ptr, g_ptr, u_ptr, n_rows, n_cols, rank,
                             COLS_FAST: tl.constexpr):
     # In place: dh_ptr <- h, g_ptr <- dg, u_ptr <- du. Each element is read before it is overwritten.
     rows, cols, offs, mask = tile(n_rows, n_cols, n_cols, BLOCK_M, BLOCK_N, COLS_FAST)
-    dtype: tl.constexpr = dh_ptr.dtype.element_ty
-    dh = plus_low_rank(load_fp32(dh_ptr, offs, mask), rows, cols, n_rows, n_cols, rank, xa_ptr, b_ptr, scale,
-                       stride_xm, stride_xr, stride_bn, stride_br, DH_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, dtype,
-                       not WIDE)
-    g = plus_low_rank(load_fp32(g_ptr, offs, mask), rows, cols, n_rows, n_cols, rank, xa_g_ptr, b_g_ptr,
-                      s_g, g_sxm, g_sxr, g_sbn, g_sbr, GATE_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, dtype, not WIDE)
-    u = plus_low_rank(load_fp32(u_ptr, offs, mask), rows, cols, n_rows, n_cols, rank, xa_u_ptr, b_u_ptr,
-                      s_u, u_sxm, u_sxr, u_sbn, u_sbr, UP_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, dtype, not WIDE)
-    act = _activation(g, dtype, SOFTWARE_RTNE, WIDE, GELU)
-    dg = _activation_grad(g, _rounded_unless(dh * u, dtype, SOFTWARE_RTNE, WIDE), GELU)
-    tl.store(dh_ptr + offs, round_fp32_to(act * u, dtype, SOFTWARE_RTNE), mask=mask)
-    tl.store(g_ptr + offs, round_fp32_to(dg, dtype, SOFTWARE_RTNE), mask=mask)
-    tl.store(u_ptr + offs, round_fp32_to(dh * act, dtype, SOFTWARE_RTNE), mask=mask)
+    h, dg, du = _backward_tile(dh_ptr, g_ptr, u_ptr, rows, cols, offs, mask, n_rows, n_cols, rank,
+                               xa_ptr, b_ptr, scale, stride_xm, stride_xr, stride_bn, stride_br,
+                               xa_g_ptr, b_g_ptr, s_g, g_sxm, g_sxr, g_sbn, g_sbr,
+                               xa_u_ptr, b_u_ptr, s_u, u_sxm, u_sxr, u_sbn, u_sbr,
+                               DH_TERM, GATE_TERM, UP_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, WIDE, GELU)
+    tl.store(dh_ptr + offs, h, mask=mask)
+    tl.store(g_ptr + offs, dg, mask=mask)
+    tl.store(u_ptr + offs, du, mask=mask)
+
+
+@triton.jit
+def _rows_t_times(a, xa_ptr, rows, n_rows, rank, stride_xm, stride_xr, R: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """a^T @ xa[rows], (BLOCK_N, R) in fp32, xa's columns past the rank read as zeros."""
+    r = tl.arange(0, R)
+    xa = tl.load(xa_ptr + rows[:, None] * stride_xm + r[None, :] * stride_xr,
+                 mask=(rows[:, None] < n_rows) & (r[None, :] < rank), other=0.0)
+    if UPCAST_DOT:
+        return tl.dot(tl.trans(a).to(tl.float32), xa.to(tl.float32), input_precision="ieee")
+    return tl.dot(tl.trans(a), xa)
+
+
+@triton.jit(do_not_specialize=["n_rows", "chunk_rows"])
+def _swiglu_backward_grads_kernel(dh_ptr, g_ptr, u_ptr, sums_ptr, n_rows, n_cols, rank, chunk_rows,
+                                  xa_ptr, b_ptr, scale, stride_xm, stride_xr, stride_bn, stride_br,
+                                  xa_g_ptr, b_g_ptr, s_g, g_sxm, g_sxr, g_sbn, g_sbr,
+                                  xa_u_ptr, b_u_ptr, s_u, u_sxm, u_sxr, u_sbn, u_sbr,
+                                  R: tl.constexpr, UPCAST_DOT: tl.constexpr, SOFTWARE_RTNE: tl.constexpr,
+                                  WIDE: tl.constexpr, GELU: tl.constexpr, BLOCK_M: tl.constexpr,
+                                  BLOCK_N: tl.constexpr):
+    # A band of BLOCK_N columns over one chunk of chunk_rows rows: g_ptr <- dg, u_ptr <- du in place, h
+    # never written; sums (3, chunks, n_cols, R) fp32 <- this chunk's dg^T @ xa_g, du^T @ xa_u and
+    # h^T @ dy_b (dy_b: the dh term's xa), from dg, du and h rounded as they are written.
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    start = tl.program_id(1).to(tl.int64) * chunk_rows
+    gate_sum = tl.zeros((BLOCK_N, R), tl.float32)
+    up_sum = tl.zeros((BLOCK_N, R), tl.float32)
+    down_sum = tl.zeros((BLOCK_N, R), tl.float32)
+    for m in range(0, chunk_rows, BLOCK_M):
+        rows = start + m + tl.arange(0, BLOCK_M)
+        mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+        offs = rows[:, None] * n_cols + cols[None, :]
+        h, dg, du = _backward_tile(dh_ptr, g_ptr, u_ptr, rows, cols, offs, mask, n_rows, n_cols, rank,
+                                   xa_ptr, b_ptr, scale, stride_xm, stride_xr, stride_bn, stride_br,
+                                   xa_g_ptr, b_g_ptr, s_g, g_sxm, g_sxr, g_sbn, g_sbr,
+                                   xa_u_ptr, b_u_ptr, s_u, u_sxm, u_sxr, u_sbn, u_sbr,
+                                   True, True, True, R, UPCAST_DOT, SOFTWARE_RTNE, WIDE, GELU)
+        tl.store(g_ptr + offs, dg, mask=mask)
+        tl.store(u_ptr + offs, du, mask=mask)
+        gate_sum += _rows_t_times(dg, xa_g_ptr, rows, n_rows, rank, g_sxm, g_sxr, R, UPCAST_DOT)
+        up_sum += _rows_t_times(du, xa_u_ptr, rows, n_rows, rank, u_sxm, u_sxr, R, UPCAST_DOT)
+        down_sum += _rows_t_times(h, xa_ptr, rows, n_rows, rank, stride_xm, stride_xr, R, UPCAST_DOT)
+    r = tl.arange(0, R)
+    chunk_stride = n_cols * R
+    out = sums_ptr + tl.program_id(1) * chunk_stride + cols[:, None] * R + r[None, :]
+    out_mask = cols[:, None] < n_cols
+    tl.store(out, gate_sum, mask=out_mask)
+    tl.store(out + tl.num_programs(1) * chunk_stride, up_sum, mask=out_mask)
+    tl.store(out + 2 * tl.num_programs(1) * chunk_stride, down_sum, mask=out_mask)
 
 
 def _check(*tensors):
@@ -148,3 +224,35 @@ def swiglu_backward_(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, dh_term
     for t in (dh, g, u):  # Triton wrote them behind autograd's back: a later reader of the old values fails loudly
         torch.autograd.graph.increment_version(t)
     return dh, g, u
+
+
+def swiglu_backward_grads_(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, dh_term: LowRank,
+                           gate_term: LowRank, up_term: LowRank, meta: dict = SWIGLU_GRADS_META,
+                           wide: bool = False, activation: str = "silu"):
+    """swiglu_backward_'s dg and du (overwriting g and u; dh is left as it is and h is never written),
+    and with them the (cols, r) fp32 sums dg^T @ gate_term.xa, du^T @ up_term.xa and h^T @ dh_term.xa
+    (unscaled): the gate and up B gradients and the transposed down A gradient over their scalings,
+    formed while dg, du and h are in registers instead of by GEMMs reading them back. Each program sums a
+    band of columns over a chunk of rows; the chunks' sums are added in a fixed order (no atomics)."""
+    _check(dh, g, u)
+    rows, cols = g.numel() // g.shape[-1], g.shape[-1]
+    terms = (*term_args(dh_term, dh), *term_args(gate_term, g), *term_args(up_term, u))
+    rank = dh_term.xa.shape[1]
+    if {gate_term.xa.shape[1], up_term.xa.shape[1]} != {rank}:
+        raise ValueError("LoRA terms of different ranks in one launch")
+    block_m, block_n, chunks = meta["BLOCK_M"], meta["BLOCK_N"], meta["ROW_CHUNKS"]
+    if INTERPRETING:  # few, large programs: the interpreter pays per program
+        block_n, chunks = max(16, min(next_power_of_2(cols), 1024)), 1
+        block_m = max(16, INTERPRETER_TILE // block_n)
+    chunk_rows = cdiv(cdiv(rows, chunks), block_m) * block_m
+    chunks = cdiv(rows, chunk_rows)
+    r_pad = max(16, next_power_of_2(rank))
+    sums = torch.empty(3, chunks, cols, r_pad, dtype=torch.float32, device=g.device)
+    _swiglu_backward_grads_kernel[(cdiv(cols, block_n), chunks)](
+        dh, g, u, sums, rows, cols, rank, chunk_rows, *terms, R=r_pad,
+        UPCAST_DOT=INTERPRETING or g.dtype == torch.float32, SOFTWARE_RTNE=INTERPRETING, WIDE=wide,
+        GELU=_is_gelu(activation), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=meta["num_warps"])
+    for t in (g, u):
+        torch.autograd.graph.increment_version(t)
+    gate_sum, up_sum, down_sum = sums.sum(1)[..., :rank]
+    return g, u, (gate_sum, up_sum, down_sum)

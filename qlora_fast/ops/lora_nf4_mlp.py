@@ -26,13 +26,25 @@ import torch
 
 from ..kernels.low_rank import LowRank
 from ..kernels.low_rank_add import low_rank_add_
-from ..kernels.swiglu import swiglu_backward_, swiglu_forward
+from ..kernels.swiglu import swiglu_backward_, swiglu_backward_grads_, swiglu_forward
 from ..nf4 import NF4Weight
 from .adapters import adapters_in, plus_low_rank_terms, stacked_rows, wider
 from .forward_only import apply
 from .lora_grads import (add_shared_input_terms_, lora_grads, products_side_by_side, scaled_mm,
                          shared_input_a_grads)
 from .nf4_linear import nf4_linear_backward, nf4_linear_forward
+
+
+# Whether backward forms the gate and up B gradients and the down A gradient inside the SwiGLU backward
+# kernel (kernels/swiglu.py swiglu_backward_grads_: dg, du and h are not read back by GEMMs, h is not
+# written) instead of by three GEMMs after it. A launch candidate until bench/kernel_timings.py's mlp
+# section has timed it on a GPU.
+LORA_GRADS_IN_SWIGLU = False
+
+
+def _scaled(fp32_sum: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+    """scaling * an fp32 sum, rounded once to dtype, as scaled_mm rounds its GEMM's."""
+    return (fp32_sum * scaling).to(dtype)
 
 
 def _lora_project(x2, xa, weight: NF4Weight, lora_b, scaling: float, out_dtype, residual=None):
@@ -86,19 +98,27 @@ class LoRANF4MLPFunction(torch.autograd.Function):
 
         dy_b = dy @ down_b
         dh = nf4_linear_backward(dy, w_down)
-        h, dg, du = swiglu_backward_(dh, g, u, LowRank(dy_b, down_a.t(), s_down),
-                                     LowRank(xa_gate, gate_b, s_gate), LowRank(xa_up, up_b, s_up), wide=ctx.wide,
-                                     activation=ctx.activation)
-        grad_down = lora_grads(dy, dy_b, h, ha_down, s_down, dtypes[4:6])
-        del h, dh
+        terms = LowRank(dy_b, down_a.t(), s_down), LowRank(xa_gate, gate_b, s_gate), LowRank(xa_up, up_b, s_up)
+        if LORA_GRADS_IN_SWIGLU:
+            dg, du, (gate_b_sum, up_b_sum, down_a_sum) = swiglu_backward_grads_(
+                dh, g, u, *terms, wide=ctx.wide, activation=ctx.activation)
+            grad_down = (_scaled(down_a_sum, s_down, dtypes[4]).t().contiguous(),
+                         scaled_mm(dy.t(), ha_down, s_down, dtypes[5]))
+            grad_gate_b, grad_up_b = _scaled(gate_b_sum, s_gate, dtypes[1]), _scaled(up_b_sum, s_up, dtypes[3])
+        else:
+            h, dg, du = swiglu_backward_(dh, g, u, *terms, wide=ctx.wide, activation=ctx.activation)
+            grad_down = lora_grads(dy, dy_b, h, ha_down, s_down, dtypes[4:6])
+            del h
+            grad_gate_b = scaled_mm(dg.t(), xa_gate, s_gate, dtypes[1])
+            grad_up_b = scaled_mm(du.t(), xa_up, s_up, dtypes[3])
+        del dh
 
         # [dg @ B_gate | du @ B_up] side by side: one GEMM for both A gradients (with one scaling) and one
         # pass for both LoRA terms of dX
         ranks = [gate_b.shape[1], up_b.shape[1]]
         dgu_b = products_side_by_side((dg, du), (gate_b, up_b))
         grad_gate_a, grad_up_a = shared_input_a_grads(dgu_b, x2, ranks, (s_gate, s_up), (dtypes[0], dtypes[2]))
-        grad_gate = grad_gate_a, scaled_mm(dg.t(), xa_gate, s_gate, dtypes[1])
-        grad_up = grad_up_a, scaled_mm(du.t(), xa_up, s_up, dtypes[3])
+        grad_gate, grad_up = (grad_gate_a, grad_gate_b), (grad_up_a, grad_up_b)
 
         grad_x = None
         if ctx.needs_input_grad[0]:

@@ -102,7 +102,7 @@ def main():
     from qlora_fast.kernels.rope import rope_backward, rope_forward, rope_plus_low_rank
     from qlora_fast.kernels.low_rank import CANDIDATE_META as TILE_META, LowRank
     from qlora_fast.kernels.low_rank_add import low_rank_add_
-    from qlora_fast.kernels.swiglu import swiglu_backward_, swiglu_forward
+    from qlora_fast.kernels.swiglu import swiglu_backward_, swiglu_backward_grads_, swiglu_forward
     from qlora_fast.nf4 import nf4_weight_from_bnb
     from qlora_fast.testing import make_nf4_linear
 
@@ -131,6 +131,8 @@ def main():
         swiglu_backward_(x.clone(), x.clone(), x.clone(), term, term, term, wide=True)
         swiglu_forward(x, x, term, term, activation="gelu_tanh")
         swiglu_backward_(x.clone(), x.clone(), x.clone(), term, term, term, activation="gelu_tanh")
+        swiglu_backward_grads_(x.clone(), x.clone(), x.clone(), term, term, term)
+        swiglu_backward_grads_(x.clone(), x.clone(), x.clone(), term, term, term, wide=True, activation="gelu_tanh")
         low_rank_add_(torch.randn(8, 96, dtype=dtype)[:, 16:80], term)
         low_rank_add_(x, term, out=torch.empty(8, 64))
         low_rank_add_(x, term, out=torch.empty(8, 64), residual=torch.randn(8, 64))  # MLP output + residual

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 KERNELS = {"_nf4_dequantize_kernel", "_nf4_dequantize_stacked_kernel", "_nf4_matmul_kernel", "_rms_norm_forward_kernel",
-           "_rms_norm_backward_kernel", "_swiglu_forward_kernel", "_swiglu_backward_kernel", "_rope_kernel",
+           "_rms_norm_backward_kernel", "_swiglu_forward_kernel", "_swiglu_backward_kernel",
+           "_swiglu_backward_grads_kernel", "_rope_kernel",
            "_cross_entropy_kernel", "_low_rank_add_kernel", "_rope_lora_kernel"}
 
 
@@ -62,6 +63,7 @@ def test_dequantize_moves_wide_vectors(kernel, ptx_ops):
 # divisibility by 16) compiles again mid-training. The NF4 kernels see only weight shapes.
 TOKEN_COUNT_ARGS = {"_rms_norm_forward_kernel": {"n_rows"}, "_rms_norm_backward_kernel": {"n_rows"},
                     "_swiglu_forward_kernel": {"n_rows"}, "_swiglu_backward_kernel": {"n_rows"},
+                    "_swiglu_backward_grads_kernel": {"n_rows", "chunk_rows"},
                     "_low_rank_add_kernel": {"n_rows"}, "_cross_entropy_kernel": {"n_rows"},
                     "_rope_kernel": {"n_rows", "seq_len", "qs_b", "ks_b", "qo_b", "ko_b", "cs_b"},
                     "_rope_lora_kernel": {"n_rows", "seq_len"}}

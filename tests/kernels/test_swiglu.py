@@ -3,7 +3,7 @@ import torch
 
 from qlora_fast.kernels.low_rank import LowRank
 from qlora_fast.kernels.low_rank_add import low_rank_add_
-from qlora_fast.kernels.swiglu import swiglu_backward_, swiglu_forward
+from qlora_fast.kernels.swiglu import swiglu_backward_, swiglu_backward_grads_, swiglu_forward
 from tests.helpers import rel_err
 
 
@@ -137,3 +137,42 @@ def test_rejects_a_term_of_the_wrong_shape():
     g, u = torch.randn(4, 8), torch.randn(4, 8)
     with pytest.raises(ValueError, match="LoRA term"):
         swiglu_forward(g, u, LowRank(torch.randn(4, 2), torch.randn(7, 2), 1.0))
+
+
+def _terms(rows, cols, rank, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda *shape, s=1.0: (torch.randn(*shape, generator=g) * s).to(dtype)
+    return [LowRank(make(rows, rank), make(cols, rank, s=0.1), scale) for scale in (0.5, 2.0, 0.25)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows, cols, rank", [(70, 48, 8), (33, 130, 16), (5, 20, 3)])
+@pytest.mark.parametrize("wide", [False, True])
+def test_backward_grads_match_the_kernel_then_products(dtype, rows, cols, rank, wide):
+    """dg and du bit for bit swiglu_backward_'s; the three sums equal float64 products of the h, dg and du
+    swiglu_backward_ writes (the GEMMs the fused sums replace) up to fp32 summation order."""
+    g, u, dh = ((torch.randn(rows, cols) * s).to(dtype) for s in (3, 1, 1))
+    dh_term, gate_term, up_term = _terms(rows, cols, rank, dtype)
+    h_ref, dg_ref, du_ref = swiglu_backward_(dh.clone(), g.clone(), u.clone(), dh_term, gate_term, up_term, wide=wide)
+    dg, du, (gate_sum, up_sum, down_sum) = swiglu_backward_grads_(dh.clone(), g.clone(), u.clone(), dh_term,
+                                                                  gate_term, up_term, wide=wide)
+    assert torch.equal(dg, dg_ref) and torch.equal(du, du_ref)
+    for got, left, term in ((gate_sum, dg_ref, gate_term), (up_sum, du_ref, up_term), (down_sum, h_ref, dh_term)):
+        expected = left.double().t() @ term.xa.double()
+        assert got.shape == (cols, rank) and got.dtype == torch.float32
+        assert rel_err(got, expected) < 1e-6
+
+
+def test_backward_grads_sum_every_row_chunk(monkeypatch):
+    """Rows split over several chunks (as on the GPU) give the one-chunk sums: a chunk left out fails."""
+    from qlora_fast.kernels import swiglu as swiglu_module
+    rows, cols, rank, dtype = 150, 40, 4, torch.float32
+    g, u, dh = ((torch.randn(rows, cols) * s).to(dtype) for s in (3, 1, 1))
+    terms = _terms(rows, cols, rank, dtype)
+    *_, one_chunk = swiglu_backward_grads_(dh.clone(), g.clone(), u.clone(), *terms)
+    monkeypatch.setattr(swiglu_module, "INTERPRETING", False)  # the GPU's chunking, run by the interpreter
+    monkeypatch.setattr(swiglu_module, "INTERPRETER_TILE", 0)
+    *_, chunked = swiglu_backward_grads_(dh.clone(), g.clone(), u.clone(), *terms,
+                                         meta={"BLOCK_M": 16, "BLOCK_N": 16, "ROW_CHUNKS": 4, "num_warps": 4})
+    for a, b in zip(one_chunk, chunked):
+        assert rel_err(b, a.double()) < 1e-6
