@@ -29,6 +29,7 @@ from qlora_fast.kernels.nf4_dequantize import CANDIDATE_META, nf4_dequantize, nf
 from qlora_fast.kernels.nf4_matmul import nf4_matmul
 from qlora_fast.kernels.swiglu import swiglu_backward_, swiglu_forward
 from qlora_fast.nf4 import nf4_weight_from_bnb
+from qlora_fast.ops import lora_nf4_mlp
 from qlora_fast.ops.lora_grads import scaled_mm
 from qlora_fast.testing import forward_backward, make_lora_nf4_linear, make_lora_nf4_mlp, make_nf4_linear
 
@@ -285,9 +286,15 @@ def lora_layers_and_mlp():
                 x = torch.randn(4, 300, k, device="cuda", dtype=dtype, requires_grad=True)
                 patched_against_peft(f"LoRA layer {n}x{k} {dname} dropout {dropout}", layer, x,
                                      torch.randn(4, 300, n, device="cuda", dtype=dtype))
-        mlp = make_lora_nf4_mlp(1024, 3000, dtype=dtype, device="cuda")
         x = torch.randn(4, 300, 1024, device="cuda", dtype=dtype, requires_grad=True)
-        patched_against_peft(f"SwiGLU MLP 1024x3000 {dname}", mlp, x, torch.randn_like(x))
+        for grads_inside in (False, True):  # the candidate: LoRA gradients summed inside SwiGLU's backward
+            lora_nf4_mlp.LORA_GRADS_IN_SWIGLU = grads_inside
+            try:
+                name = f"SwiGLU MLP 1024x3000 {dname}" + (", LoRA grads inside SwiGLU" if grads_inside else "")
+                patched_against_peft(name, make_lora_nf4_mlp(1024, 3000, dtype=dtype, device="cuda"), x,
+                                     torch.randn_like(x))
+            finally:
+                lora_nf4_mlp.LORA_GRADS_IN_SWIGLU = False
 
 
 def packed_attention_kernels():
