@@ -65,7 +65,8 @@ def _compile(fn, args, kwargs):
     kernel = triton.compile(source, target=HOPPER, options=options)
     ptx = kernel.asm["ptx"]
     ops = Counter(re.findall(r"^\s*((?:fma|add|sub|mul)\.rn\.[a-z0-9]+|fma\.[a-z0-9.]+)", ptx, re.M))
-    ops.update(re.findall(r"\b((?:ld|st)\.global\.[a-z0-9.]+)", ptx))  # access widths: b8 .. v4.b32
+    # access widths (b8 .. v4.b32) with any cache qualifiers (.cs, .L1::evict_first)
+    ops.update(re.findall(r"\b((?:ld|st)\.global\.[A-Za-z0-9.:_]+)", ptx))
     ops["variants"] = 1
     compiled.setdefault(fn.__name__, Counter()).update(ops)
     unspecialized[fn.__name__] = sorted(p.name for p in fn.params if p.do_not_specialize)

@@ -54,9 +54,17 @@ def test_dequantize_moves_wide_vectors(kernel, ptx_ops):
     per variant at most (the block's absmax code), no 1- to 4-byte stores. Bytes loaded one by one held
     the kernel at 71% of copy bandwidth; the stacked kernel stored 2 bytes at a time."""
     ops = ptx_ops[kernel]
-    assert ops.get("ld.global.b8", 0) <= ops["variants"]
+    assert sum(n for op, n in ops.items() if op.startswith("ld.global.") and op.endswith(".b8")) <= ops["variants"]
     vector = lambda op: any(part[:1] == "v" and part[1:].isdigit() for part in op.split("."))  # st.global[.cs].v4
     assert not [op for op in ops if op.startswith("st.global.") and not vector(op)]
+
+
+def test_streaming_dequantize_candidate_carries_its_cache_hints(ptx_ops):
+    """The STREAMING launch candidate (bench/seed_dequant.py times it) reads the packed bytes evict-first
+    and writes the output with streaming stores; without the hints it would time the default again."""
+    ops = ptx_ops["_nf4_dequantize_kernel"]
+    assert [op for op in ops if op.startswith("st.global.cs.")]
+    assert [op for op in ops if op.startswith("ld.global.") and "evict_first" in op]
 
 
 # The token count changes every step with packed (padding-free) batches: a kernel specialized on it (its
