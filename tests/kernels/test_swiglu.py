@@ -147,15 +147,16 @@ def _terms(rows, cols, rank, dtype, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("rows, cols, rank", [(70, 48, 8), (33, 130, 16), (5, 20, 3)])
-@pytest.mark.parametrize("wide", [False, True])
-def test_backward_grads_match_the_kernel_then_products(dtype, rows, cols, rank, wide):
+@pytest.mark.parametrize("wide, activation", [(False, "silu"), (True, "silu"), (False, "gelu_tanh")])
+def test_backward_grads_match_the_kernel_then_products(dtype, rows, cols, rank, wide, activation):
     """dg and du bit for bit swiglu_backward_'s; the three sums equal float64 products of the h, dg and du
     swiglu_backward_ writes (the GEMMs the fused sums replace) up to fp32 summation order."""
     g, u, dh = ((torch.randn(rows, cols) * s).to(dtype) for s in (3, 1, 1))
     dh_term, gate_term, up_term = _terms(rows, cols, rank, dtype)
-    h_ref, dg_ref, du_ref = swiglu_backward_(dh.clone(), g.clone(), u.clone(), dh_term, gate_term, up_term, wide=wide)
+    options = dict(wide=wide, activation=activation)
+    h_ref, dg_ref, du_ref = swiglu_backward_(dh.clone(), g.clone(), u.clone(), dh_term, gate_term, up_term, **options)
     dg, du, (gate_sum, up_sum, down_sum) = swiglu_backward_grads_(dh.clone(), g.clone(), u.clone(), dh_term,
-                                                                  gate_term, up_term, wide=wide)
+                                                                  gate_term, up_term, **options)
     assert torch.equal(dg, dg_ref) and torch.equal(du, du_ref)
     for got, left, term in ((gate_sum, dg_ref, gate_term), (up_sum, du_ref, up_term), (down_sum, h_ref, dh_term)):
         expected = left.double().t() @ term.xa.double()
