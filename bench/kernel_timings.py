@@ -493,7 +493,8 @@ def time_terms_in_gemm(rows):
     the terms today are the swiglu and low_rank_add sections'."""
     tokens = 8192
     for name, n, k in (("gate or up", 14336, 4096), ("gate/up stacked", 28672, 4096), ("down", 4096, 14336),
-                       ("o_proj", 4096, 4096), ("q/k/v (stacked)", 6144, 4096)):
+                       ("o_proj", 4096, 4096), ("q/k/v (stacked)", 6144, 4096),
+                       ("Qwen2.5-7B gate or up", 18944, 3584), ("Qwen2.5-7B down", 3584, 18944)):
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
         x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
         plain = median_ms(lambda: x @ w.t())
