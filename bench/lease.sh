@@ -15,11 +15,14 @@
 #   QLORA_FAST_COMMIT=<sha> bash bench/lease.sh profile [SIZES] [VARIANTS] [SHAPE]  # where the bare loop's
 #       # and peft's recipe step go, GEMMs by shape among it (default 4x2048, qlora_fast default and with
 #       # attention recomputed, llama-3-8b)
+#   QLORA_FAST_COMMIT=<sha> bash bench/lease.sh next      # session 16's pending measurements in one call:
+#       # the kernels part's decisive sections, the GPU parity of the fused MLP (the SwiGLU-gradients
+#       # candidate among it) and whole models, Qwen2.5-7B's peft step profiled
 # Then fetch $OUT's files into bench/ (recipes.json, seed_dequant.json/.md) and write RESULTS.md / NOTES.md.
 set -euo pipefail
 case "${1:-}" in
-checks | rows | kernels | profile) ;;
-*) echo "usage: bash bench/lease.sh checks | rows SHAPE [RECIPES] [STACKS] | kernels | profile [SIZES] [VARIANTS] [SHAPE]" >&2
+checks | rows | kernels | profile | next) ;;
+*) echo "usage: bash bench/lease.sh checks | rows SHAPE [RECIPES] [STACKS] | kernels | profile [SIZES] [VARIANTS] [SHAPE] | next" >&2
    exit 2 ;;
 esac
 : "${OUT:?run on the device machine, where OUT is set}" "${QLORA_FAST_COMMIT:?pass the commit}"
@@ -55,5 +58,14 @@ profile)
       --variants "${3:-qlora_fast default,qlora_fast attention recomputed}" --shape "${4:-llama-3-8b}" \
       --out "$OUT/profile_$recipe.md" | tail -n 3
   done
+  ;;
+next)
+  python bench/kernel_timings.py --only terms_in_gemm dequant swiglu mlp --out "$OUT/kernels.md" \
+    > "$OUT/kernels.log" 2>&1 || true
+  cut -c1-200 "$OUT/kernels.md"
+  python bench/gpu_checks.py lora_layers_and_mlp whole_models > "$OUT/gpu_checks.txt" 2>&1 || true
+  grep -v '^PASS' "$OUT/gpu_checks.txt" | tail -8
+  python bench/profile_step.py --prepared --shape qwen2.5-7b --sizes 4x2048 --variants "qlora_fast default" \
+    --out "$OUT/profile_peft_qwen.md" | tail -n 2
   ;;
 esac
