@@ -100,22 +100,38 @@ CANDIDATE_META = [
 SWIGLU_META, LOW_RANK_ADD_META = CANDIDATE_META[0], CANDIDATE_META[1]
 
 
-def launch_tiles(kernel, like: torch.Tensor, terms, meta: dict, *args, **constexprs):
-    """Launches a tile kernel over the 2-D `like` with (rows, cols, rank, *term_args) after `args`."""
-    rows, cols = like.shape
+def shared_rank(terms) -> int:
+    """The one rank of a launch's LoRA terms (None for an absent term; 1 where all are)."""
     ranks = {t.xa.shape[1] for t in terms if t is not None}
     if len(ranks) > 1:
         raise ValueError("LoRA terms of different ranks in one launch")
-    rank = ranks.pop() if ranks else 1
-    if INTERPRETING:  # few, large programs: the interpreter pays per program
-        block_n = max(16, min(next_power_of_2(cols), 1024))
-        meta = dict(meta, BLOCK_N=block_n, BLOCK_M=max(16, INTERPRETER_TILE // block_n))
+    return ranks.pop() if ranks else 1
+
+
+def padded_rank(rank: int) -> int:
+    """R, the rank as the tensor-core products take it: a power of two, at least 16."""
+    return max(16, next_power_of_2(rank))
+
+
+def interpreter_blocks(cols: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) under the interpreter, which pays per program: few, large ones."""
+    block_n = max(16, min(next_power_of_2(cols), 1024))
+    return max(16, INTERPRETER_TILE // block_n), block_n
+
+
+def launch_tiles(kernel, like: torch.Tensor, terms, meta: dict, *args, **constexprs):
+    """Launches a tile kernel over the 2-D `like` with (rows, cols, rank, *term_args) after `args`."""
+    rows, cols = like.shape
+    rank = shared_rank(terms)
+    if INTERPRETING:
+        block_m, block_n = interpreter_blocks(cols)
+        meta = dict(meta, BLOCK_N=block_n, BLOCK_M=block_m)
     grid = (cdiv(rows, meta["BLOCK_M"]), cdiv(cols, meta["BLOCK_N"]))
     meta = dict(meta)
     # CUDA's second grid axis takes at most 65535 blocks: past that many row blocks, rows go first
     meta["COLS_FAST"] = meta.get("COLS_FAST", False) and grid[0] <= 65535
     if meta["COLS_FAST"]:
         grid = grid[::-1]
-    kernel[grid](*args, rows, cols, rank, *constexprs.pop("term_args"), R=max(16, next_power_of_2(rank)),
+    kernel[grid](*args, rows, cols, rank, *constexprs.pop("term_args"), R=padded_rank(rank),
                  UPCAST_DOT=INTERPRETING or like.dtype == torch.float32, SOFTWARE_RTNE=INTERPRETING,
                  **meta, **constexprs)

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ._utils import INTERPRETER_TILE, INTERPRETING, cdiv, next_power_of_2
 from ._utils import round_fp32_to
-from .low_rank import LowRank, plus_low_rank
+from .low_rank import LowRank, padded_rank, plus_low_rank
 
 
 @triton.jit
@@ -219,7 +219,7 @@ def rope_plus_low_rank(y: torch.Tensor, q_term: LowRank, k_term: LowRank, cos: t
         y, y.stride(0), out, out.stride(0), tokens, seq_len, q_width // head_dim,
         q_term.xa, *q_term.xa.stride(), b, *b.stride(), rank, float(q_term.scale), float(k_term.scale),
         cos, sin, FP32_Q=q_dtype == torch.float32, SHARED_POSITIONS=shared_positions,
-        R=max(16, next_power_of_2(rank)), HALF=head_dim // 2, BLOCK_M=block_m,
+        R=padded_rank(rank), HALF=head_dim // 2, BLOCK_M=block_m,
         UPCAST_DOT=INTERPRETING or y.dtype == torch.float32, SOFTWARE_RTNE=INTERPRETING,
         enable_fp_fusion=False,  # the products are rounded before their sums, as torch's are
         **meta,

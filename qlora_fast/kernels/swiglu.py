@@ -20,8 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .low_rank import SWIGLU_META, LowRank, launch_tiles, load_fp32, plus_low_rank, term_args, tile
-from ._utils import INTERPRETER_TILE, INTERPRETING, cdiv, next_power_of_2, round_fp32_to, tanh
+from .low_rank import (SWIGLU_META, LowRank, interpreter_blocks, launch_tiles, load_fp32, padded_rank, plus_low_rank,
+                       shared_rank, term_args, tile)
+from ._utils import INTERPRETING, cdiv, round_fp32_to, tanh
 
 # swiglu_backward_grads_'s launch: a band of BLOCK_N columns a program over one of ROW_CHUNKS chunks of the
 # rows, BLOCK_M rows a step (bench/kernel_timings.py times it against swiglu_backward_ and the GEMMs); at
@@ -237,16 +238,13 @@ def swiglu_backward_grads_(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, d
     _check(dh, g, u)
     rows, cols = g.numel() // g.shape[-1], g.shape[-1]
     terms = (*term_args(dh_term, dh), *term_args(gate_term, g), *term_args(up_term, u))
-    rank = dh_term.xa.shape[1]
-    if {gate_term.xa.shape[1], up_term.xa.shape[1]} != {rank}:
-        raise ValueError("LoRA terms of different ranks in one launch")
+    rank = shared_rank((dh_term, gate_term, up_term))
     block_m, block_n, chunks = meta["BLOCK_M"], meta["BLOCK_N"], meta["ROW_CHUNKS"]
-    if INTERPRETING:  # few, large programs: the interpreter pays per program
-        block_n, chunks = max(16, min(next_power_of_2(cols), 1024)), 1
-        block_m = max(16, INTERPRETER_TILE // block_n)
+    if INTERPRETING:
+        (block_m, block_n), chunks = interpreter_blocks(cols), 1
     chunk_rows = cdiv(cdiv(rows, chunks), block_m) * block_m
     chunks = cdiv(rows, chunk_rows)
-    r_pad = max(16, next_power_of_2(rank))
+    r_pad = padded_rank(rank)
     sums = torch.empty(3, chunks, cols, r_pad, dtype=torch.float32, device=g.device)
     _swiglu_backward_grads_kernel[(cdiv(cols, block_n), chunks)](
         dh, g, u, sums, rows, cols, rank, chunk_rows, *terms, R=r_pad,

@@ -172,7 +172,6 @@ def test_backward_grads_sum_every_row_chunk(monkeypatch):
     terms = _terms(rows, cols, rank, dtype)
     *_, one_chunk = swiglu_backward_grads_(dh.clone(), g.clone(), u.clone(), *terms)
     monkeypatch.setattr(swiglu_module, "INTERPRETING", False)  # the GPU's chunking, run by the interpreter
-    monkeypatch.setattr(swiglu_module, "INTERPRETER_TILE", 0)
     *_, chunked = swiglu_backward_grads_(dh.clone(), g.clone(), u.clone(), *terms,
                                          meta={"BLOCK_M": 16, "BLOCK_N": 16, "ROW_CHUNKS": 4, "num_warps": 4})
     for a, b in zip(one_chunk, chunked):
