@@ -18,11 +18,14 @@
 #   QLORA_FAST_COMMIT=<sha> bash bench/lease.sh next      # session 16's pending measurements in one call:
 #       # the kernels part's decisive sections, the GPU parity of the fused MLP (the SwiGLU-gradients
 #       # candidate among it) and whole models, Qwen2.5-7B's peft step profiled
+#   QLORA_FAST_COMMIT=<sha> bash bench/lease.sh decide [SHAPE]  # peft's recipe of one shape (default
+#       # llama-3-8b) for qlora_fast, qlora_fast:grads_in_swiglu and unsloth, then the dequantize candidates
+#       # and terms_in_gemm: what decides the defaults, in one call where device starts are scarce
 # Then fetch $OUT's files into bench/ (recipes.json, seed_dequant.json/.md) and write RESULTS.md / NOTES.md.
 set -euo pipefail
 case "${1:-}" in
-checks | rows | kernels | profile | next) ;;
-*) echo "usage: bash bench/lease.sh checks | rows SHAPE [RECIPES] [STACKS] | kernels | profile [SIZES] [VARIANTS] [SHAPE] | next" >&2
+checks | rows | kernels | profile | next | decide) ;;
+*) echo "usage: bash bench/lease.sh checks | rows SHAPE [RECIPES] [STACKS] | kernels | profile [SIZES] [VARIANTS] [SHAPE] | next | decide [SHAPE]" >&2
    exit 2 ;;
 esac
 : "${OUT:?run on the device machine, where OUT is set}" "${QLORA_FAST_COMMIT:?pass the commit}"
@@ -67,5 +70,17 @@ next)
   grep -v '^PASS' "$OUT/gpu_checks.txt" | tail -8
   python bench/profile_step.py --prepared --shape qwen2.5-7b --sizes 4x2048 --variants "qlora_fast default" \
     --out "$OUT/profile_peft_qwen.md" | tail -n 2
+  ;;
+decide)
+  cp bench/recipes.json "$OUT/recipes.json"
+  timeout 380 python bench/recipes.py --out "$OUT/recipes" --shapes "${2:-llama-3-8b}" --recipes peft \
+    --stacks qlora_fast,qlora_fast:grads_in_swiglu,unsloth > "$OUT/recipes_stdout.txt" 2>&1 || true
+  grep '^{' "$OUT/recipes_stdout.txt" | cut -c1-260
+  rm -f "$OUT"/recipes-*-*.log
+  timeout 150 python bench/kernel_timings.py --only dequant terms_in_gemm --out "$OUT/kernels.md" \
+    > "$OUT/kernels.log" 2>&1 || true
+  cut -c1-200 "$OUT/kernels.md"
+  timeout 50 python bench/gpu_checks.py lora_layers_and_mlp > "$OUT/gpu_checks.txt" 2>&1 || true
+  grep -c '^PASS' "$OUT/gpu_checks.txt"; grep -v '^PASS' "$OUT/gpu_checks.txt" | tail -4
   ;;
 esac

@@ -17,7 +17,9 @@ r=16 alpha=16 on all 7 projections, gradient checkpointing, fused AdamW, lr 1e-4
 - cli: `qlora-fast train` on the shipped configs/llama-3.1-8b-alpaca.yaml (4 x 2048, gradient accumulation
   4, paged 8-bit AdamW) with base_model random:<shape> and random text documents (stock: `patch: false`).
 Stacks: stock peft; qlora_fast (the same script plus `patch_model`); unsloth (its own
-FastLanguageModel.from_pretrained + get_peft_model, then the same loop or SFTTrainer; WITH_PEERS=1 site).
+FastLanguageModel.from_pretrained + get_peft_model, then the same loop or SFTTrainer; WITH_PEERS=1 site);
+qlora_fast:CANDIDATE (qlora_fast with one of CANDIDATES switched on: rows kept in OUT.json, not in the
+table, so a launch candidate is timed on the users' scripts in the lease that times the default).
 Each (stack, shape) runs in its own process (unsloth patches transformers globally); each recipe builds a
 fresh model. Per row: tokens/s from the median and the mean step after `--warmup` steps, the seconds the
 first steps took beyond the median (compilation, autotuning), peak memory, losses. Writes
@@ -39,6 +41,8 @@ from pathlib import Path
 
 RECIPES = ("bare", "peft", "trl_padded", "trl_packed", "cli")
 PACKED_LENGTHS = {"trl_packed": 8192, "trl_packed16k": 16384, "trl_packed32k": 32768}  # tokens per packed row
+# Candidates a `qlora_fast:NAME` stack switches on before patching: NAME -> (module, its switch).
+CANDIDATES = {"grads_in_swiglu": ("qlora_fast.ops.lora_nf4_mlp", "LORA_GRADS_IN_SWIGLU")}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -242,6 +246,18 @@ def _unsloth_model(shape, max_length):
     return model, tokenizer
 
 
+def _patched(stack: str) -> bool:
+    return stack.split(":")[0] == "qlora_fast"
+
+
+def _switch_on_candidate(stack: str) -> None:
+    import importlib
+
+    if ":" in stack:
+        module, switch = CANDIDATES[stack.split(":", 1)[1]]
+        setattr(importlib.import_module(module), switch, True)
+
+
 def run_recipe(stack, shape, recipe, steps, record: _Steps) -> _Steps:
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -253,14 +269,14 @@ def run_recipe(stack, shape, recipe, steps, record: _Steps) -> _Steps:
     if recipe == "cli":
         if stack == "unsloth":
             raise NotImplementedError("qlora-fast train is qlora_fast's own script; unsloth has no counterpart")
-        return _cli(shape, steps, patch=stack == "qlora_fast", record=record)
+        return _cli(shape, steps, patch=_patched(stack), record=record)
     if stack == "unsloth":
         model, tokenizer = _unsloth_model(shape, max(8192, packed_length or 0))
         if recipe in ("bare", "peft"):
             return _loop(model, steps, autocast=recipe == "peft", record=record)
         return _trl(model, tokenizer, steps, packed_length, None, patch=False, record=record)
     model = _quantized(shape)
-    patch = stack == "qlora_fast"
+    patch = _patched(stack)
     if recipe.startswith("trl"):
         return _trl(model, byte_tokenizer(), steps, packed_length, _lora_config(), patch, record)
     if recipe == "peft":
@@ -283,6 +299,7 @@ def worker(args):
 
     if args.stack == "unsloth":
         import unsloth  # noqa: F401  (first, as unsloth requires)
+    _switch_on_candidate(args.stack)
     rows = []
     for recipe in args.recipes.split(","):
         torch.cuda.empty_cache()
