@@ -21,6 +21,7 @@
 #   QLORA_FAST_COMMIT=<sha> bash bench/lease.sh decide [SHAPE]  # peft's recipe of one shape (default
 #       # llama-3-8b) for qlora_fast, qlora_fast:grads_in_swiglu and unsloth, then the dequantize candidates
 #       # and terms_in_gemm: what decides the defaults, in one call where device starts are scarce
+#       # (ROWS_ONLY=1: the rows alone)
 # Then fetch $OUT's files into bench/ (recipes.json, seed_dequant.json/.md) and write RESULTS.md / NOTES.md.
 set -euo pipefail
 case "${1:-}" in
@@ -77,6 +78,7 @@ decide)
     --stacks qlora_fast,qlora_fast:grads_in_swiglu,unsloth > "$OUT/recipes_stdout.txt" 2>&1 || true
   grep '^{' "$OUT/recipes_stdout.txt" | cut -c1-260
   rm -f "$OUT"/recipes-*-*.log
+  [ -n "${ROWS_ONLY:-}" ] && exit 0
   timeout 150 python bench/kernel_timings.py --only dequant terms_in_gemm --out "$OUT/kernels.md" \
     > "$OUT/kernels.log" 2>&1 || true
   cut -c1-200 "$OUT/kernels.md"
