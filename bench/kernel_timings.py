@@ -26,13 +26,12 @@ from triton.testing import do_bench
 
 import bitsandbytes.functional as F
 from qlora_fast import patch_model
-from qlora_fast.ops import lora_nf4_mlp
 from qlora_fast.kernels.nf4_dequantize import CANDIDATE_META, nf4_dequantize, nf4_dequantize_stacked
 from qlora_fast.kernels.nf4_matmul import nf4_matmul
-from qlora_fast.kernels.low_rank import CANDIDATE_META as TILE_META, LOW_RANK_ADD_META, SWIGLU_META
+from qlora_fast.kernels.low_rank import CANDIDATE_META as TILE_META, LOW_RANK_ADD_META
 from qlora_fast.kernels.low_rank import LowRank
 from qlora_fast.kernels.low_rank_add import low_rank_add_
-from qlora_fast.kernels.swiglu import SWIGLU_GRADS_META, swiglu_backward_, swiglu_backward_grads_, swiglu_forward
+from qlora_fast.kernels.swiglu import BACKWARD_CANDIDATE_META, swiglu_backward_, swiglu_forward
 from qlora_fast.nf4 import nf4_weight_from_bnb
 from qlora_fast.testing import forward_backward, make_lora_nf4_linear, make_lora_nf4_mlp, make_nf4_linear
 
@@ -49,10 +48,11 @@ def median_ms(fn):
 
 
 def time_swiglu(rows):
-    """SwiGLU with the gate/up (forward and backward) and dh (backward) LoRA terms, r=16 bf16, per launch
-    candidate, against cuBLAS' in-place addmm_ of each term followed by the plain kernel (forward then
-    keeps g and u with their terms for backward); and each candidate's share of elements differing
-    from that reference."""
+    """SwiGLU with the gate/up (forward and backward) and dh (backward) LoRA terms, r=16 bf16. Forward per
+    tile launch candidate, against cuBLAS' in-place addmm_ of each term followed by the kernel without
+    terms, and each candidate's share of elements differing from that reference; backward (which also
+    sums the gate and up B and down A gradients) per BACKWARD_CANDIDATE_META, its sums against GEMMs of
+    the dg and du it wrote and of forward's h."""
     for tokens in (2048, 8192):
         shape, rank = (tokens, 14336), 16
         g, u, dh = ((torch.randn(shape, device="cuda") * s).to(torch.bfloat16) for s in (3, 1, 1))
@@ -60,54 +60,26 @@ def time_swiglu(rows):
                                torch.randn(shape[1], rank, device="cuda", dtype=torch.bfloat16) * 0.1, 0.5)
         gate, up, dh_term = term(), term(), term()
         add = lambda base, t: base.addmm_(t.xa, t.b.t(), alpha=t.scale)
-        g_ref, u_ref = add(g.clone(), gate), add(u.clone(), up)
-        h_ref = swiglu_forward(g_ref, u_ref)
-        work = [t.clone() for t in (g, u, dh)]
-        row = {"tokens": tokens, "meta": "addmm_ + plain kernel",
-               "fwd_ms": median_ms(lambda: swiglu_forward(add(work[0], gate), add(work[1], up))),
-               "bwd_ms": median_ms(lambda: swiglu_backward_(add(work[2], dh_term), work[0], work[1]))}
-        rows.append(row)
-        rows.append({"tokens": tokens, "meta": "plain kernel, no terms (what the terms cost)",
-                     "fwd_ms": median_ms(lambda: swiglu_forward(work[0], work[1])),
-                     "bwd_ms": median_ms(lambda: swiglu_backward_(work[2], work[0], work[1]))})
+        h_ref = swiglu_forward(add(g.clone(), gate), add(u.clone(), up))
+        work = [t.clone() for t in (g, u, dh)]  # the timings overwrite it again and again
+        rows.append({"tokens": tokens, "meta": "addmm_ + kernel without terms",
+                     "fwd_ms": median_ms(lambda: swiglu_forward(add(work[0], gate), add(work[1], up)))})
+        rows.append({"tokens": tokens, "meta": "kernel without terms (what the terms cost)",
+                     "fwd_ms": median_ms(lambda: swiglu_forward(work[0], work[1]))})
         for meta in TILE_META:
             h = swiglu_forward(g, u, gate, up, meta=meta)
             # addmm_ may round the product before adding it; the kernels round the sum once, as peft does
             rows.append({"tokens": tokens, "meta": str(meta), "differing": round(float((h != h_ref).float().mean()), 6),
                          "rel_err h": round(rel_err(h, h_ref), 6),
-                         "fwd_ms": median_ms(lambda: swiglu_forward(work[0], work[1], gate, up, meta)),
+                         "fwd_ms": median_ms(lambda: swiglu_forward(work[0], work[1], gate, up, meta))})
+        h = swiglu_forward(g, u, gate, up)
+        for meta in BACKWARD_CANDIDATE_META:
+            dg, du, sums = swiglu_backward_(dh.clone(), g.clone(), u.clone(), dh_term, gate, up, meta=meta)
+            products = [left.t().float() @ t.xa.float() for left, t in ((dg, gate), (du, up), (h, dh_term))]
+            rows.append({"tokens": tokens, "meta": f"backward {meta}",
+                         "rel_err sums": round(max(rel_err(a, b) for a, b in zip(sums, products)), 6),
                          "bwd_ms": median_ms(lambda: swiglu_backward_(work[2], work[0], work[1], dh_term, gate, up,
-                                                                      meta))})
-        # B held as its transpose (columns adjacent in memory, as backward's dh term already has A^T): the
-        # tiles' (r, BLOCK_N) loads of B then read whole rows
-        gate_t, up_t, dh_t = (LowRank(t.xa, t.b.t().contiguous().t(), t.scale) for t in (gate, up, dh_term))
-        rows.append({"tokens": tokens, "meta": f"{SWIGLU_META}, B columns-adjacent",
-                     "fwd_ms": median_ms(lambda: swiglu_forward(work[0], work[1], gate_t, up_t)),
-                     "bwd_ms": median_ms(lambda: swiglu_backward_(work[2], work[0], work[1], dh_t, gate_t, up_t))})
-        _time_grads_inside(rows, tokens, (g, u, dh), dh_term, gate, up)
-
-
-def _time_grads_inside(rows, tokens, pristine, dh_term, gate, up):
-    """The MLP backward's SwiGLU step with the gate and up B and down A gradients: the kernel then the
-    three GEMMs that read dg, du and h back (today's default), against the column-band kernel that sums
-    them while they are in registers (swiglu_backward_grads_), per launch candidate."""
-    g, u, dh = pristine
-
-    def kernel_then_gemms(work):
-        h, dg, du = swiglu_backward_(work[2], work[0], work[1], dh_term, gate, up)
-        return dg.t() @ gate.xa, du.t() @ up.xa, dh_term.xa.t() @ h
-
-    reference = [t.float() for t in kernel_then_gemms([t.clone() for t in (g, u, dh)])]
-    work = [t.clone() for t in (g, u, dh)]  # the timings overwrite it again and again
-    rows.append({"tokens": tokens, "meta": "backward + LoRA grads: kernel, then 3 GEMMs",
-                 "bwd_ms": median_ms(lambda: kernel_then_gemms(work))})
-    for meta in (SWIGLU_GRADS_META, dict(SWIGLU_GRADS_META, ROW_CHUNKS=4), dict(SWIGLU_GRADS_META, ROW_CHUNKS=16),
-                 dict(SWIGLU_GRADS_META, BLOCK_N=128), dict(SWIGLU_GRADS_META, BLOCK_M=64)):
-        _, _, sums = swiglu_backward_grads_(dh.clone(), g.clone(), u.clone(), dh_term, gate, up, meta=meta)
-        errors = [rel_err(a, b) for a, b in zip(sums, (reference[0], reference[1], reference[2].t()))]
-        rows.append({"tokens": tokens, "meta": f"LoRA grads inside {meta}", "rel_err grads": round(max(errors), 6),
-                     "bwd_ms": median_ms(lambda: swiglu_backward_grads_(work[2], work[0], work[1], dh_term, gate,
-                                                                        up, meta=meta))})
+                                                                      meta=meta))})
 
 
 def time_low_rank_add(rows):
@@ -360,8 +332,7 @@ def _peak_mib_and_ms(mlp, x, gy):
 
 
 def time_mlp(rows):
-    """peft's MLP, ours, and ours with the LoRA gradients summed inside the SwiGLU backward (the candidate
-    ops/lora_nf4_mlp.py LORA_GRADS_IN_SWIGLU)."""
+    """peft's MLP against ours."""
     for m in (512, 2048, 8192):
         mlp = make_lora_nf4_mlp(4096, 14336, dtype=torch.bfloat16, device="cuda")
         x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -371,11 +342,6 @@ def time_mlp(rows):
         patch_model(mlp)
         row["qlora_fast_peak_MiB"], row["qlora_fast_ms"] = _peak_mib_and_ms(mlp, x, gy)
         row["speedup"] = row["peft_ms"] / row["qlora_fast_ms"]
-        lora_nf4_mlp.LORA_GRADS_IN_SWIGLU = True
-        try:
-            row["grads inside SwiGLU peak_MiB"], row["grads inside SwiGLU ms"] = _peak_mib_and_ms(mlp, x, gy)
-        finally:
-            lora_nf4_mlp.LORA_GRADS_IN_SWIGLU = False
         rows.append(row)
 
 

@@ -15,18 +15,15 @@
 #   QLORA_FAST_COMMIT=<sha> bash bench/lease.sh profile [SIZES] [VARIANTS] [SHAPE]  # where the bare loop's
 #       # and peft's recipe step go, GEMMs by shape among it (default 4x2048, qlora_fast default and with
 #       # attention recomputed, llama-3-8b)
-#   QLORA_FAST_COMMIT=<sha> bash bench/lease.sh next      # session 16's pending measurements in one call:
-#       # the kernels part's decisive sections, the GPU parity of the fused MLP (the SwiGLU-gradients
-#       # candidate among it) and whole models, Qwen2.5-7B's peft step profiled
-#   QLORA_FAST_COMMIT=<sha> bash bench/lease.sh decide [SHAPE]  # peft's recipe of one shape (default
-#       # llama-3-8b) for qlora_fast, qlora_fast:grads_in_swiglu and unsloth, then the dequantize candidates
-#       # and terms_in_gemm: what decides the defaults, in one call where device starts are scarce
-#       # (ROWS_ONLY=1: the rows alone)
+#   QLORA_FAST_COMMIT=<sha> bash bench/lease.sh decide [SHAPE] [STACKS]  # peft's recipe of one shape
+#       # (default llama-3-8b; stacks default qlora_fast,unsloth, a qlora_fast:CANDIDATE of bench/recipes.py
+#       # among them), then the dequantize candidates and terms_in_gemm and the fused MLP's GPU parity: what
+#       # decides the defaults, in one call where device starts are scarce (ROWS_ONLY=1: the rows alone)
 # Then fetch $OUT's files into bench/ (recipes.json, seed_dequant.json/.md) and write RESULTS.md / NOTES.md.
 set -euo pipefail
 case "${1:-}" in
-checks | rows | kernels | profile | next | decide) ;;
-*) echo "usage: bash bench/lease.sh checks | rows SHAPE [RECIPES] [STACKS] | kernels | profile [SIZES] [VARIANTS] [SHAPE] | next | decide [SHAPE]" >&2
+checks | rows | kernels | profile | decide) ;;
+*) echo "usage: bash bench/lease.sh checks | rows SHAPE [RECIPES] [STACKS] | kernels | profile [SIZES] [VARIANTS] [SHAPE] | decide [SHAPE] [STACKS]" >&2
    exit 2 ;;
 esac
 : "${OUT:?run on the device machine, where OUT is set}" "${QLORA_FAST_COMMIT:?pass the commit}"
@@ -63,19 +60,10 @@ profile)
       --out "$OUT/profile_$recipe.md" | tail -n 3
   done
   ;;
-next)
-  python bench/kernel_timings.py --only terms_in_gemm dequant swiglu mlp --out "$OUT/kernels.md" \
-    > "$OUT/kernels.log" 2>&1 || true
-  cut -c1-200 "$OUT/kernels.md"
-  python bench/gpu_checks.py lora_layers_and_mlp whole_models > "$OUT/gpu_checks.txt" 2>&1 || true
-  grep -v '^PASS' "$OUT/gpu_checks.txt" | tail -8
-  python bench/profile_step.py --prepared --shape qwen2.5-7b --sizes 4x2048 --variants "qlora_fast default" \
-    --out "$OUT/profile_peft_qwen.md" | tail -n 2
-  ;;
 decide)
   cp bench/recipes.json "$OUT/recipes.json"
   timeout 380 python bench/recipes.py --out "$OUT/recipes" --shapes "${2:-llama-3-8b}" --recipes peft \
-    --stacks qlora_fast,qlora_fast:grads_in_swiglu,unsloth > "$OUT/recipes_stdout.txt" 2>&1 || true
+    --stacks "${3:-qlora_fast,unsloth}" > "$OUT/recipes_stdout.txt" 2>&1 || true
   grep '^{' "$OUT/recipes_stdout.txt" | cut -c1-260
   rm -f "$OUT"/recipes-*-*.log
   [ -n "${ROWS_ONLY:-}" ] && exit 0

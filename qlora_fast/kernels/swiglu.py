@@ -7,13 +7,12 @@ spelled with exp here (CUDA's tanhf there), so a few of its elements may differ 
 
 The LoRA terms s * xa @ B^T of gate and up and of dh (backward) are added here, tile by tile
 (kernels/low_rank.py), instead of by an in-place addmm_ over each (tokens x intermediate) tensor.
-Forward reads the GEMMs' g and u and writes h; backward reads dh, g and u, adds the same three terms
+Forward reads the GEMMs' g and u and writes h. Backward reads dh, g and u, adds the same three terms
 (the gate and up terms again, rounded as forward rounded them: writing g and u back with their terms
-in forward would cost two more (tokens x intermediate) writes), and overwrites them with h
-(recomputed for the down projection's LoRA gradient), dg and du, so it needs no extra memory.
-`swiglu_backward_grads_` is the backward whose programs own a band of columns over a chunk of rows: it
-also sums the LoRA gradients that would otherwise be GEMMs reading dg, du and h back (dg^T @ xa_gate,
-du^T @ xa_up, h^T @ dy_b), and never writes h.
+in forward would cost two more (tokens x intermediate) writes), recomputes h and overwrites g and u
+with dg and du, so it needs no extra memory. Its programs own a band of columns over a chunk of rows, so
+while dg, du and h are in registers they also sum the LoRA gradients that would otherwise be GEMMs
+reading them back (dg^T @ xa_gate, du^T @ xa_up, h^T @ dy_b); h is never written.
 """
 
 import torch
@@ -24,10 +23,13 @@ from .low_rank import (SWIGLU_META, LowRank, interpreter_blocks, launch_tiles, l
                        shared_rank, term_args, tile)
 from ._utils import INTERPRETING, cdiv, round_fp32_to, tanh
 
-# swiglu_backward_grads_'s launch: a band of BLOCK_N columns a program over one of ROW_CHUNKS chunks of the
-# rows, BLOCK_M rows a step (bench/kernel_timings.py times it against swiglu_backward_ and the GEMMs); at
-# 4 warps the three (BLOCK_N, R) fp32 sums spill registers on sm_90, at 8 they fit
-SWIGLU_GRADS_META = {"BLOCK_M": 32, "BLOCK_N": 64, "ROW_CHUNKS": 8, "num_warps": 8}
+# swiglu_backward_'s launch: a band of BLOCK_N columns a program over one of ROW_CHUNKS chunks of the rows,
+# BLOCK_M rows a step (bench/kernel_timings.py times BACKWARD_CANDIDATE_META, the default first); at 4
+# warps the three (BLOCK_N, R) fp32 sums spill registers on sm_90, at 8 they fit
+SWIGLU_BACKWARD_META = {"BLOCK_M": 32, "BLOCK_N": 64, "ROW_CHUNKS": 8, "num_warps": 8}
+BACKWARD_CANDIDATE_META = [SWIGLU_BACKWARD_META, dict(SWIGLU_BACKWARD_META, ROW_CHUNKS=4),
+                           dict(SWIGLU_BACKWARD_META, ROW_CHUNKS=16), dict(SWIGLU_BACKWARD_META, BLOCK_N=128),
+                           dict(SWIGLU_BACKWARD_META, BLOCK_M=64)]
 
 
 @triton.jit
@@ -79,9 +81,9 @@ def _swiglu_forward_kernel(g_ptr, u_ptr, h_ptr, n_rows, n_cols, rank,
     rows, cols, offs, mask = tile(n_rows, n_cols, n_cols, BLOCK_M, BLOCK_N, COLS_FAST)
     dtype: tl.constexpr = h_ptr.dtype.element_ty
     g = plus_low_rank(load_fp32(g_ptr, offs, mask), rows, cols, n_rows, n_cols, rank, xa_g_ptr, b_g_ptr,
-                      s_g, g_sxm, g_sxr, g_sbn, g_sbr, GATE_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, dtype, not WIDE)
+                      s_g, g_sxm, g_sxr, g_sbn, g_sbr, True, R, UPCAST_DOT, SOFTWARE_RTNE, dtype, not WIDE)
     u = plus_low_rank(load_fp32(u_ptr, offs, mask), rows, cols, n_rows, n_cols, rank, xa_u_ptr, b_u_ptr,
-                      s_u, u_sxm, u_sxr, u_sbn, u_sbr, UP_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, dtype, not WIDE)
+                      s_u, u_sxm, u_sxr, u_sbn, u_sbr, True, R, UPCAST_DOT, SOFTWARE_RTNE, dtype, not WIDE)
     act = _activation(g, dtype, SOFTWARE_RTNE, WIDE, GELU)
     tl.store(h_ptr + offs, round_fp32_to(act * u, dtype, SOFTWARE_RTNE), mask=mask)
 
@@ -90,44 +92,22 @@ def _swiglu_forward_kernel(g_ptr, u_ptr, h_ptr, n_rows, n_cols, rank,
 def _backward_tile(dh_ptr, g_ptr, u_ptr, rows, cols, offs, mask, n_rows, n_cols, rank,
                    xa_ptr, b_ptr, scale, stride_xm, stride_xr, stride_bn, stride_br,
                    xa_g_ptr, b_g_ptr, s_g, g_sxm, g_sxr, g_sbn, g_sbr,
-                   xa_u_ptr, b_u_ptr, s_u, u_sxm, u_sxr, u_sbn, u_sbr,
-                   DH_TERM: tl.constexpr, GATE_TERM: tl.constexpr, UP_TERM: tl.constexpr, R: tl.constexpr,
-                   UPCAST_DOT: tl.constexpr, SOFTWARE_RTNE: tl.constexpr, WIDE: tl.constexpr, GELU: tl.constexpr):
+                   xa_u_ptr, b_u_ptr, s_u, u_sxm, u_sxr, u_sbn, u_sbr, R: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                   SOFTWARE_RTNE: tl.constexpr, WIDE: tl.constexpr, GELU: tl.constexpr):
     """(h, dg, du) of a tile, rounded to dh's dtype: the sums with their terms rounded as forward rounded
     them, act(g) rounded before its products as torch rounds it."""
     dtype: tl.constexpr = dh_ptr.dtype.element_ty
     dh = plus_low_rank(load_fp32(dh_ptr, offs, mask), rows, cols, n_rows, n_cols, rank, xa_ptr, b_ptr, scale,
-                       stride_xm, stride_xr, stride_bn, stride_br, DH_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, dtype,
+                       stride_xm, stride_xr, stride_bn, stride_br, True, R, UPCAST_DOT, SOFTWARE_RTNE, dtype,
                        not WIDE)
     g = plus_low_rank(load_fp32(g_ptr, offs, mask), rows, cols, n_rows, n_cols, rank, xa_g_ptr, b_g_ptr,
-                      s_g, g_sxm, g_sxr, g_sbn, g_sbr, GATE_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, dtype, not WIDE)
+                      s_g, g_sxm, g_sxr, g_sbn, g_sbr, True, R, UPCAST_DOT, SOFTWARE_RTNE, dtype, not WIDE)
     u = plus_low_rank(load_fp32(u_ptr, offs, mask), rows, cols, n_rows, n_cols, rank, xa_u_ptr, b_u_ptr,
-                      s_u, u_sxm, u_sxr, u_sbn, u_sbr, UP_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, dtype, not WIDE)
+                      s_u, u_sxm, u_sxr, u_sbn, u_sbr, True, R, UPCAST_DOT, SOFTWARE_RTNE, dtype, not WIDE)
     act = _activation(g, dtype, SOFTWARE_RTNE, WIDE, GELU)
     dg = _activation_grad(g, _rounded_unless(dh * u, dtype, SOFTWARE_RTNE, WIDE), GELU)
     return (round_fp32_to(act * u, dtype, SOFTWARE_RTNE), round_fp32_to(dg, dtype, SOFTWARE_RTNE),
             round_fp32_to(dh * act, dtype, SOFTWARE_RTNE))
-
-
-@triton.jit(do_not_specialize=["n_rows"])
-def _swiglu_backward_kernel(dh_ptr, g_ptr, u_ptr, n_rows, n_cols, rank,
-                            xa_ptr, b_ptr, scale, stride_xm, stride_xr, stride_bn, stride_br,
-                            xa_g_ptr, b_g_ptr, s_g, g_sxm, g_sxr, g_sbn, g_sbr,
-                            xa_u_ptr, b_u_ptr, s_u, u_sxm, u_sxr, u_sbn, u_sbr,
-                            DH_TERM: tl.constexpr, GATE_TERM: tl.constexpr, UP_TERM: tl.constexpr,
-                            R: tl.constexpr, UPCAST_DOT: tl.constexpr, SOFTWARE_RTNE: tl.constexpr,
-                            WIDE: tl.constexpr, GELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            COLS_FAST: tl.constexpr):
-    # In place: dh_ptr <- h, g_ptr <- dg, u_ptr <- du. Each element is read before it is overwritten.
-    rows, cols, offs, mask = tile(n_rows, n_cols, n_cols, BLOCK_M, BLOCK_N, COLS_FAST)
-    h, dg, du = _backward_tile(dh_ptr, g_ptr, u_ptr, rows, cols, offs, mask, n_rows, n_cols, rank,
-                               xa_ptr, b_ptr, scale, stride_xm, stride_xr, stride_bn, stride_br,
-                               xa_g_ptr, b_g_ptr, s_g, g_sxm, g_sxr, g_sbn, g_sbr,
-                               xa_u_ptr, b_u_ptr, s_u, u_sxm, u_sxr, u_sbn, u_sbr,
-                               DH_TERM, GATE_TERM, UP_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, WIDE, GELU)
-    tl.store(dh_ptr + offs, h, mask=mask)
-    tl.store(g_ptr + offs, dg, mask=mask)
-    tl.store(u_ptr + offs, du, mask=mask)
 
 
 @triton.jit
@@ -142,13 +122,12 @@ def _rows_t_times(a, xa_ptr, rows, n_rows, rank, stride_xm, stride_xr, R: tl.con
 
 
 @triton.jit(do_not_specialize=["n_rows", "chunk_rows"])
-def _swiglu_backward_grads_kernel(dh_ptr, g_ptr, u_ptr, sums_ptr, n_rows, n_cols, rank, chunk_rows,
-                                  xa_ptr, b_ptr, scale, stride_xm, stride_xr, stride_bn, stride_br,
-                                  xa_g_ptr, b_g_ptr, s_g, g_sxm, g_sxr, g_sbn, g_sbr,
-                                  xa_u_ptr, b_u_ptr, s_u, u_sxm, u_sxr, u_sbn, u_sbr,
-                                  R: tl.constexpr, UPCAST_DOT: tl.constexpr, SOFTWARE_RTNE: tl.constexpr,
-                                  WIDE: tl.constexpr, GELU: tl.constexpr, BLOCK_M: tl.constexpr,
-                                  BLOCK_N: tl.constexpr):
+def _swiglu_backward_kernel(dh_ptr, g_ptr, u_ptr, sums_ptr, n_rows, n_cols, rank, chunk_rows,
+                            xa_ptr, b_ptr, scale, stride_xm, stride_xr, stride_bn, stride_br,
+                            xa_g_ptr, b_g_ptr, s_g, g_sxm, g_sxr, g_sbn, g_sbr,
+                            xa_u_ptr, b_u_ptr, s_u, u_sxm, u_sxr, u_sbn, u_sbr,
+                            R: tl.constexpr, UPCAST_DOT: tl.constexpr, SOFTWARE_RTNE: tl.constexpr,
+                            WIDE: tl.constexpr, GELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # A band of BLOCK_N columns over one chunk of chunk_rows rows: g_ptr <- dg, u_ptr <- du in place, h
     # never written; sums (3, chunks, n_cols, R) fp32 <- this chunk's dg^T @ xa_g, du^T @ xa_u and
     # h^T @ dy_b (dy_b: the dh term's xa), from dg, du and h rounded as they are written.
@@ -165,7 +144,7 @@ def _swiglu_backward_grads_kernel(dh_ptr, g_ptr, u_ptr, sums_ptr, n_rows, n_cols
                                    xa_ptr, b_ptr, scale, stride_xm, stride_xr, stride_bn, stride_br,
                                    xa_g_ptr, b_g_ptr, s_g, g_sxm, g_sxr, g_sbn, g_sbr,
                                    xa_u_ptr, b_u_ptr, s_u, u_sxm, u_sxr, u_sbn, u_sbr,
-                                   True, True, True, R, UPCAST_DOT, SOFTWARE_RTNE, WIDE, GELU)
+                                   R, UPCAST_DOT, SOFTWARE_RTNE, WIDE, GELU)
         tl.store(g_ptr + offs, dg, mask=mask)
         tl.store(u_ptr + offs, du, mask=mask)
         gate_sum += _rows_t_times(dg, xa_g_ptr, rows, n_rows, rank, g_sxm, g_sxr, R, UPCAST_DOT)
@@ -212,29 +191,16 @@ def swiglu_forward(g: torch.Tensor, u: torch.Tensor, gate_term: LowRank | None =
     return h
 
 
-def swiglu_backward_(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, dh_term: LowRank | None = None,
-                     gate_term: LowRank | None = None, up_term: LowRank | None = None,
-                     meta: dict = SWIGLU_META, wide: bool = False, activation: str = "silu"):
-    """Overwrites (dh, g, u) with (h, dg, du) of h = act(g + gate_term) * (u + up_term) whose output
-    gradient is dh + dh_term, and returns them in that order; `wide` and `activation` as in swiglu_forward."""
-    _check(dh, g, u)
-    terms = (*term_args(dh_term, dh), *term_args(gate_term, g), *term_args(up_term, u))
-    launch_tiles(_swiglu_backward_kernel, g.view(-1, g.shape[-1]), (dh_term, gate_term, up_term), meta,
-                 dh, g, u, term_args=terms, DH_TERM=dh_term is not None, GATE_TERM=gate_term is not None,
-                 UP_TERM=up_term is not None, WIDE=wide, GELU=_is_gelu(activation))
-    for t in (dh, g, u):  # Triton wrote them behind autograd's back: a later reader of the old values fails loudly
-        torch.autograd.graph.increment_version(t)
-    return dh, g, u
-
-
-def swiglu_backward_grads_(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, dh_term: LowRank,
-                           gate_term: LowRank, up_term: LowRank, meta: dict = SWIGLU_GRADS_META,
-                           wide: bool = False, activation: str = "silu"):
-    """swiglu_backward_'s dg and du (overwriting g and u; dh is left as it is and h is never written),
-    and with them the (cols, r) fp32 sums dg^T @ gate_term.xa, du^T @ up_term.xa and h^T @ dh_term.xa
-    (unscaled): the gate and up B gradients and the transposed down A gradient over their scalings,
-    formed while dg, du and h are in registers instead of by GEMMs reading them back. Each program sums a
-    band of columns over a chunk of rows; the chunks' sums are added in a fixed order (no atomics)."""
+def swiglu_backward_(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, dh_term: LowRank, gate_term: LowRank,
+                     up_term: LowRank, meta: dict = SWIGLU_BACKWARD_META, wide: bool = False,
+                     activation: str = "silu"):
+    """The backward of h = act(g + gate_term) * (u + up_term) whose output gradient is dh + dh_term:
+    overwrites g and u with dg and du (dh is left as it is; h is recomputed, never written) and returns
+    (dg, du, (gate_sum, up_sum, down_sum)), the (cols, r) fp32 sums dg^T @ gate_term.xa, du^T @ up_term.xa
+    and h^T @ dh_term.xa (unscaled): the gate and up B gradients and the transposed down A gradient over
+    their scalings, from dg, du and h rounded to dh's dtype as autograd's tensors are. Each program sums a
+    band of columns over a chunk of rows; the chunks' sums are added in a fixed order (no atomics, the
+    same bits every run). `wide` and `activation` as in swiglu_forward."""
     _check(dh, g, u)
     rows, cols = g.numel() // g.shape[-1], g.shape[-1]
     terms = (*term_args(dh_term, dh), *term_args(gate_term, g), *term_args(up_term, u))
@@ -246,7 +212,7 @@ def swiglu_backward_grads_(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, d
     chunks = cdiv(rows, chunk_rows)
     r_pad = padded_rank(rank)
     sums = torch.empty(3, chunks, cols, r_pad, dtype=torch.float32, device=g.device)
-    _swiglu_backward_grads_kernel[(cdiv(cols, block_n), chunks)](
+    _swiglu_backward_kernel[(cdiv(cols, block_n), chunks)](
         dh, g, u, sums, rows, cols, rank, chunk_rows, *terms, R=r_pad,
         UPCAST_DOT=INTERPRETING or g.dtype == torch.float32, SOFTWARE_RTNE=INTERPRETING, WIDE=wide,
         GELU=_is_gelu(activation), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=meta["num_warps"])

@@ -6,8 +6,10 @@ and h @ A_down^T: never h = silu(g) * u, silu(g) or a dequantized weight. The si
 one launch (ops/adapters.py). The LoRA terms of gate and up (forward
 and backward) and of the down projection's input gradient dh (backward) are added inside the SwiGLU
 kernels, not by an in-place GEMM over each (tokens x intermediate) tensor. Backward recomputes h inside
-the SwiGLU backward kernel, which overwrites g and u with their gradients, so no (tokens x intermediate)
-tensor is allocated beyond dh. One Function per MLP instead of three LoRA layers and two elementwise ops
+the SwiGLU backward kernel, which overwrites g and u with their gradients and, while dg, du and h are in
+its registers, sums the gate and up B gradients and the down A gradient (kernels/swiglu.py): h is never
+written and no GEMM reads dg, du or h back for them; no (tokens x intermediate) tensor is allocated
+beyond dh. One Function per MLP instead of three LoRA layers and two elementwise ops
 also means fewer host calls per layer, which is what small batches are bound by.
 
 Where x is wider than the compute dtype (fp32 hidden states of a prepared model, bf16 compute), g, u and
@@ -26,20 +28,13 @@ import torch
 
 from ..kernels.low_rank import LowRank
 from ..kernels.low_rank_add import low_rank_add_
-from ..kernels.swiglu import swiglu_backward_, swiglu_backward_grads_, swiglu_forward
+from ..kernels.swiglu import swiglu_backward_, swiglu_forward
 from ..nf4 import NF4Weight
 from .adapters import adapters_in, plus_low_rank_terms, stacked_rows, wider
 from .forward_only import apply
-from .lora_grads import (add_shared_input_terms_, lora_grads, products_side_by_side, scaled_mm,
-                         shared_input_a_grads)
+from .lora_grads import add_shared_input_terms_, products_side_by_side, scaled_mm, shared_input_a_grads
 from .nf4_linear import nf4_linear_backward, nf4_linear_forward
 
-
-# Whether backward forms the gate and up B gradients and the down A gradient inside the SwiGLU backward
-# kernel (kernels/swiglu.py swiglu_backward_grads_: dg, du and h are not read back by GEMMs, h is not
-# written) instead of by three GEMMs after it. A launch candidate until bench/kernel_timings.py's mlp
-# section has timed it on a GPU.
-LORA_GRADS_IN_SWIGLU = False
 
 
 def _scaled(fp32_sum: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
@@ -99,18 +94,11 @@ class LoRANF4MLPFunction(torch.autograd.Function):
         dy_b = dy @ down_b
         dh = nf4_linear_backward(dy, w_down)
         terms = LowRank(dy_b, down_a.t(), s_down), LowRank(xa_gate, gate_b, s_gate), LowRank(xa_up, up_b, s_up)
-        if LORA_GRADS_IN_SWIGLU:
-            dg, du, (gate_b_sum, up_b_sum, down_a_sum) = swiglu_backward_grads_(
-                dh, g, u, *terms, wide=ctx.wide, activation=ctx.activation)
-            grad_down = (_scaled(down_a_sum, s_down, dtypes[4]).t().contiguous(),
-                         scaled_mm(dy.t(), ha_down, s_down, dtypes[5]))
-            grad_gate_b, grad_up_b = _scaled(gate_b_sum, s_gate, dtypes[1]), _scaled(up_b_sum, s_up, dtypes[3])
-        else:
-            h, dg, du = swiglu_backward_(dh, g, u, *terms, wide=ctx.wide, activation=ctx.activation)
-            grad_down = lora_grads(dy, dy_b, h, ha_down, s_down, dtypes[4:6])
-            del h
-            grad_gate_b = scaled_mm(dg.t(), xa_gate, s_gate, dtypes[1])
-            grad_up_b = scaled_mm(du.t(), xa_up, s_up, dtypes[3])
+        dg, du, (gate_b_sum, up_b_sum, down_a_sum) = swiglu_backward_(
+            dh, g, u, *terms, wide=ctx.wide, activation=ctx.activation)
+        grad_down = (_scaled(down_a_sum, s_down, dtypes[4]).t().contiguous(),
+                     scaled_mm(dy.t(), ha_down, s_down, dtypes[5]))
+        grad_gate_b, grad_up_b = _scaled(gate_b_sum, s_gate, dtypes[1]), _scaled(up_b_sum, s_up, dtypes[3])
         del dh
 
         # [dg @ B_gate | du @ B_up] side by side: one GEMM for both A gradients (with one scaling) and one

@@ -103,7 +103,7 @@ def main():
     from qlora_fast.kernels.rope import rope_backward, rope_forward, rope_plus_low_rank
     from qlora_fast.kernels.low_rank import CANDIDATE_META as TILE_META, LowRank
     from qlora_fast.kernels.low_rank_add import low_rank_add_
-    from qlora_fast.kernels.swiglu import swiglu_backward_, swiglu_backward_grads_, swiglu_forward
+    from qlora_fast.kernels.swiglu import swiglu_backward_, swiglu_forward
     from qlora_fast.nf4 import nf4_weight_from_bnb
     from qlora_fast.testing import make_nf4_linear
 
@@ -123,7 +123,6 @@ def main():
         rms_norm_backward(x, x, torch.ones(64, dtype=dtype), rstd, residual_grad=x,
                           narrow_copy=torch.empty_like(x, dtype=torch.bfloat16))
         swiglu_forward(x, x)
-        swiglu_backward_(x.clone(), x.clone(), x.clone())
         term = LowRank(torch.randn(8, 16, dtype=dtype), torch.randn(64, 16, dtype=dtype), 2.0)
         swiglu_forward(x, x, term, term)
         swiglu_backward_(x.clone(), x.clone(), x.clone(), LowRank(term.xa, term.b.t().contiguous().t(), 0.5),
@@ -132,14 +131,12 @@ def main():
         swiglu_backward_(x.clone(), x.clone(), x.clone(), term, term, term, wide=True)
         swiglu_forward(x, x, term, term, activation="gelu_tanh")
         swiglu_backward_(x.clone(), x.clone(), x.clone(), term, term, term, activation="gelu_tanh")
-        swiglu_backward_grads_(x.clone(), x.clone(), x.clone(), term, term, term)
-        swiglu_backward_grads_(x.clone(), x.clone(), x.clone(), term, term, term, wide=True, activation="gelu_tanh")
+        swiglu_backward_(x.clone(), x.clone(), x.clone(), term, term, term, wide=True, activation="gelu_tanh")
         low_rank_add_(torch.randn(8, 96, dtype=dtype)[:, 16:80], term)
         low_rank_add_(x, term, out=torch.empty(8, 64))
         low_rank_add_(x, term, out=torch.empty(8, 64), residual=torch.randn(8, 64))  # MLP output + residual
         for meta in TILE_META[1:] if dtype == torch.bfloat16 else []:  # what bench/kernel_timings.py times
             swiglu_forward(x, x, term, term, meta=meta)
-            swiglu_backward_(x.clone(), x.clone(), x.clone(), term, term, term, meta=meta)
             low_rank_add_(x.clone(), term, meta)
         q, k, cos = torch.randn(2, 4, 8, 16, dtype=dtype), torch.randn(2, 2, 8, 16, dtype=dtype), torch.randn(2, 8, 16, dtype=dtype)
         rope_forward(q, k, cos, cos.clone())

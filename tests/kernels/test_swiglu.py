@@ -3,12 +3,32 @@ import torch
 
 from qlora_fast.kernels.low_rank import LowRank
 from qlora_fast.kernels.low_rank_add import low_rank_add_
-from qlora_fast.kernels.swiglu import swiglu_backward_, swiglu_backward_grads_, swiglu_forward
+from qlora_fast.kernels.swiglu import swiglu_backward_, swiglu_forward
 from tests.helpers import rel_err
 
 
 TORCH_ACTIVATIONS = {"silu": torch.nn.functional.silu,
                      "gelu_tanh": lambda g: torch.nn.functional.gelu(g, approximate="tanh")}
+
+
+def zero_terms(rows, cols, dtype):
+    """(dh, gate, up) terms that add exact zeros (B = 0), for the backward of the plain activation; their
+    xa gives the LoRA sums something to multiply."""
+    return [LowRank(torch.randn(rows, 1).to(dtype), torch.zeros(cols, 1, dtype=dtype), 1.0) for _ in range(3)]
+
+
+def plain_backward(dh, g, u, activation="silu"):
+    """swiglu_backward_ with no LoRA terms: (dg, du) and the h^T @ xa sum, on copies."""
+    rows, cols = dh.numel() // dh.shape[-1], dh.shape[-1]
+    terms = zero_terms(rows, cols, dh.dtype)
+    dg, du, (_, _, down_sum) = swiglu_backward_(dh.clone(), g.clone(), u.clone(), *terms, activation=activation)
+    return dg, du, down_sum, terms[0].xa
+
+
+def assert_h_sum(down_sum, h, xa):
+    """down_sum is h^T @ xa of the h forward writes (float64 reference, fp32 summation order aside)."""
+    expected = h.reshape(-1, h.shape[-1]).double().t() @ xa.double()
+    assert rel_err(down_sum, expected) < 1e-6
 
 
 def torch_swiglu(g, u, dh, activation="silu"):
@@ -36,8 +56,8 @@ def test_matches_torch(dtype, shape):
     two_ulps = {torch.float16: dict(rtol=2**-9, atol=2**-24)}.get(dtype, {})
     torch.testing.assert_close(h, h_ref, **two_ulps)
 
-    h2, dg, du = swiglu_backward_(dh.clone(), g.clone(), u.clone())
-    assert torch.equal(h2, h)
+    dg, du, down_sum, xa = plain_backward(dh, g, u)
+    assert_h_sum(down_sum, h, xa)  # backward recomputes forward's h
     # dg's fp32 formula differs from torch's silu_backward in the last bit before rounding
     tolerance = 1e-6 if dtype == torch.float32 else 1e-2
     assert rel_err(dg, dg_ref) < tolerance
@@ -57,14 +77,14 @@ def test_gelu_tanh_matches_torch(dtype, shape):
     one_ulp = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float16: dict(rtol=2**-9, atol=2**-14),
                torch.bfloat16: dict(rtol=2**-6, atol=2**-10)}[dtype]
     torch.testing.assert_close(h, h_ref, **one_ulp)
-    h2, dg, du = swiglu_backward_(dh.clone(), g.clone(), u.clone(), activation="gelu_tanh")
-    assert torch.equal(h2, h)
+    dg, du, down_sum, xa = plain_backward(dh, g, u, "gelu_tanh")
+    assert_h_sum(down_sum, h, xa)
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     assert rel_err(dg, dg_ref) < tolerance
     assert rel_err(du, du_ref) < tolerance
     # SiLU's results fail the same checks: the activation switch reaches both kernels
     assert not torch.allclose(swiglu_forward(g, u), h_ref, **one_ulp)
-    assert rel_err(swiglu_backward_(dh.clone(), g.clone(), u.clone())[1], dg_ref) > tolerance
+    assert rel_err(plain_backward(dh, g, u)[0], dg_ref) > tolerance
 
 
 def test_rejects_unknown_activations():
@@ -72,12 +92,12 @@ def test_rejects_unknown_activations():
         swiglu_forward(torch.randn(4, 8), torch.randn(4, 8), activation="relu")
 
 
-def test_backward_overwrites_its_inputs_and_bumps_their_version():
+def test_backward_overwrites_g_and_u_bumps_their_version_and_leaves_dh():
     g, u, dh = torch.randn(3, 40), torch.randn(3, 40), torch.randn(3, 40)
-    versions = [t._version for t in (dh, g, u)]
-    outputs = swiglu_backward_(dh, g, u)
-    assert all(o is t for o, t in zip(outputs, (dh, g, u)))
-    assert [t._version for t in (dh, g, u)] == [v + 1 for v in versions]
+    dh_before, versions = dh.clone(), [t._version for t in (dh, g, u)]
+    dg, du, _ = swiglu_backward_(dh, g, u, *zero_terms(3, 40, dh.dtype))
+    assert dg is g and du is u and torch.equal(dh, dh_before)
+    assert [t._version for t in (dh, g, u)] == [versions[0], versions[1] + 1, versions[2] + 1]
 
 
 def test_rejects_mismatched_inputs():
@@ -117,17 +137,17 @@ def test_forward_adds_the_lora_terms(dtype, rank):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(70, 300), (37, 1337)])
 def test_backward_adds_the_lora_terms(dtype, shape):
-    """dh's term, and gate's and up's as forward added them: bit for bit the plain kernel on the sums."""
+    """dh's term, and gate's and up's as forward added them: bit for bit the plain activation on the sums."""
     (rows, cols), rank = shape, 16
     g, u, dh = (torch.randn(rows, cols) * 3).to(dtype), torch.randn(rows, cols).to(dtype), torch.randn(rows, cols).to(dtype)
     dh_term = _low_rank(rows, cols, rank, dtype, 1.5, b_transposed=True)
     gate_term, up_term = _low_rank(rows, cols, rank, dtype, 0.5), _low_rank(rows, cols, rank, dtype, 2.0)
     g_full, u_full = low_rank_add_(g.clone(), gate_term), low_rank_add_(u.clone(), up_term)
-    h_ref, dg_ref, du_ref = swiglu_backward_(low_rank_add_(dh.clone(), dh_term), g_full.clone(), u_full.clone())
+    dg_ref, du_ref, _, _ = plain_backward(low_rank_add_(dh.clone(), dh_term), g_full, u_full)
 
-    h, dg, du = swiglu_backward_(dh.clone(), g.clone(), u.clone(), dh_term, gate_term, up_term)
-    assert torch.equal(h, h_ref) and torch.equal(dg, dg_ref) and torch.equal(du, du_ref)
-    assert torch.equal(h, swiglu_forward(g, u, gate_term, up_term))
+    dg, du, (_, _, down_sum) = swiglu_backward_(dh.clone(), g.clone(), u.clone(), dh_term, gate_term, up_term)
+    assert torch.equal(dg, dg_ref) and torch.equal(du, du_ref)
+    assert_h_sum(down_sum, swiglu_forward(g, u, gate_term, up_term), dh_term.xa)
     h_64, dg_64, du_64 = torch_swiglu(g_full, u_full, _with_term(dh, dh_term))
     tolerance = 1e-6 if dtype == torch.float32 else 1e-2
     assert rel_err(dg, dg_64) < tolerance and rel_err(du, du_64) < tolerance
@@ -148,31 +168,31 @@ def _terms(rows, cols, rank, dtype, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("rows, cols, rank", [(70, 48, 8), (33, 130, 16), (5, 20, 3)])
 @pytest.mark.parametrize("wide, activation", [(False, "silu"), (True, "silu"), (False, "gelu_tanh")])
-def test_backward_grads_match_the_kernel_then_products(dtype, rows, cols, rank, wide, activation):
-    """dg and du bit for bit swiglu_backward_'s; the three sums equal float64 products of the h, dg and du
-    swiglu_backward_ writes (the GEMMs the fused sums replace) up to fp32 summation order."""
+def test_backward_sums_are_the_products_of_what_it_writes(dtype, rows, cols, rank, wide, activation):
+    """The three sums equal float64 products of the dg and du it writes and of forward's h (the GEMMs the
+    fused sums replace), up to fp32 summation order; h's sum is not dg's."""
     g, u, dh = ((torch.randn(rows, cols) * s).to(dtype) for s in (3, 1, 1))
     dh_term, gate_term, up_term = _terms(rows, cols, rank, dtype)
     options = dict(wide=wide, activation=activation)
-    h_ref, dg_ref, du_ref = swiglu_backward_(dh.clone(), g.clone(), u.clone(), dh_term, gate_term, up_term, **options)
-    dg, du, (gate_sum, up_sum, down_sum) = swiglu_backward_grads_(dh.clone(), g.clone(), u.clone(), dh_term,
-                                                                  gate_term, up_term, **options)
-    assert torch.equal(dg, dg_ref) and torch.equal(du, du_ref)
-    for got, left, term in ((gate_sum, dg_ref, gate_term), (up_sum, du_ref, up_term), (down_sum, h_ref, dh_term)):
+    h = swiglu_forward(g, u, gate_term, up_term, **options)
+    dg, du, (gate_sum, up_sum, down_sum) = swiglu_backward_(dh.clone(), g.clone(), u.clone(), dh_term,
+                                                            gate_term, up_term, **options)
+    for got, left, term in ((gate_sum, dg, gate_term), (up_sum, du, up_term), (down_sum, h, dh_term)):
         expected = left.double().t() @ term.xa.double()
         assert got.shape == (cols, rank) and got.dtype == torch.float32
         assert rel_err(got, expected) < 1e-6
+    assert rel_err(down_sum, dg.double().t() @ dh_term.xa.double()) > 1e-2
 
 
-def test_backward_grads_sum_every_row_chunk(monkeypatch):
+def test_backward_sums_every_row_chunk(monkeypatch):
     """Rows split over several chunks (as on the GPU) give the one-chunk sums: a chunk left out fails."""
     from qlora_fast.kernels import swiglu as swiglu_module
     rows, cols, rank, dtype = 150, 40, 4, torch.float32
     g, u, dh = ((torch.randn(rows, cols) * s).to(dtype) for s in (3, 1, 1))
     terms = _terms(rows, cols, rank, dtype)
-    *_, one_chunk = swiglu_backward_grads_(dh.clone(), g.clone(), u.clone(), *terms)
+    *_, one_chunk = swiglu_backward_(dh.clone(), g.clone(), u.clone(), *terms)
     monkeypatch.setattr(swiglu_module, "INTERPRETING", False)  # the GPU's chunking, run by the interpreter
-    *_, chunked = swiglu_backward_grads_(dh.clone(), g.clone(), u.clone(), *terms,
+    *_, chunked = swiglu_backward_(dh.clone(), g.clone(), u.clone(), *terms,
                                          meta={"BLOCK_M": 16, "BLOCK_N": 16, "ROW_CHUNKS": 4, "num_warps": 4})
     for a, b in zip(one_chunk, chunked):
         assert rel_err(b, a.double()) < 1e-6
