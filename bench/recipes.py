@@ -446,7 +446,24 @@ def _device_table(runs, device: str) -> list[str]:
     notes = [CROSS_RUN_NOTE] if any(CROSS_RUN_MARK in line for line in lines) else []
     return [*lines, "",
             "tokens/s: the median step's (the mean's) over the steps after the warm-up; ratios from the medians.",
-            *notes, *_runs_lines([runs[i] for i in used])]
+            *notes, *_candidate_lines(runs, device), *_runs_lines([runs[i] for i in used])]
+
+
+def _candidate_lines(runs, device: str) -> list[str]:
+    """The latest qlora_fast:CANDIDATE rows on `device`, each against the default and unsloth of its own run."""
+    latest = {}
+    for run in runs:
+        if _device(run) != device:
+            continue
+        by = {(r["recipe"], r["shape"], r["stack"]): r for r in run["rows"] if "error" not in r}
+        for (recipe, shape, stack), r in by.items():
+            if ":" in stack:
+                ratios = [f"{r['tokens_per_s_median'] / by[(recipe, shape, other)]['tokens_per_s_median']:.3f}x {other}"
+                          for other in ("qlora_fast", "unsloth") if (recipe, shape, other) in by]
+                latest[(recipe, shape, stack)] = (f"{recipe} {shape} `{stack}` {r['tokens_per_s_median']:.0f} tok/s "
+                                                  f"({', '.join(ratios)}; {run['commit']}, {run['date']})")
+    return ["Launch candidates timed beside the default in one run (not in the table): " + "; ".join(latest.values())
+            ] if latest else []
 
 
 def render(json_path: Path, md_path: Path, readme: str | None = None) -> None:
