@@ -242,6 +242,14 @@ def _throughput(trainer):
     return timers[0].tokens_per_second() if timers else None
 
 
+def _leave_process_group() -> None:
+    """Under torchrun: every rank waits for rank 0's files, then leaves the process group. A rank that exits
+    with it still open can abort in gloo's teardown (SIGABRT after a finished run), failing the launch."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def train(cfg: TrainConfig) -> Path:
     trainer = build_trainer(cfg)
     resume = cfg.resume_from_checkpoint
@@ -264,4 +272,5 @@ def train(cfg: TrainConfig) -> Path:
                                            if torch.cuda.is_available() else None)}
         (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
         print(f"saved the LoRA adapter and {RESOLVED_CONFIG} to {out}", flush=True)
+    _leave_process_group()
     return out
