@@ -393,6 +393,9 @@ def driver(args):
     json_path = out.with_suffix(".json")
     previous = json.loads(json_path.read_text()) if json_path.exists() else {"runs": []}
     rows = []
+    # written after every stack, so that a call cut off by the device's time limit keeps the rows it took
+    previous["runs"].append({"date": str(datetime.date.today()), "versions": _versions(), "commit": _commit(),
+                             "command": " ".join(sys.argv), "rows": rows})
     for shape in args.shapes.split(","):
         for stack in args.stacks.split(","):
             command = [sys.executable, __file__, "--worker", "--stack", stack, "--shape", shape, "--recipes",
@@ -409,9 +412,7 @@ def driver(args):
                 print(json.dumps({k: v for k, v in row.items() if k not in ("step_s", "tokens")}), flush=True)
             (out.parent / f"{out.name}-{stack}-{shape}.log").write_text(done.stdout[-20000:] + done.stderr[-20000:])
             rows += found
-    previous["runs"].append({"date": str(datetime.date.today()), "versions": _versions(), "commit": _commit(),
-                             "command": " ".join(sys.argv), "rows": rows})
-    json_path.write_text(json.dumps(previous, indent=1))
+            json_path.write_text(json.dumps(previous, indent=1))
     render(json_path, out.with_suffix(".md"), args.readme)
 
 
