@@ -18,11 +18,6 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float, out_dtype: torch.d
     return torch.addmm(a.new_empty(()), a, b, beta=0, alpha=scale).to(out_dtype)
 
 
-def lora_grads(dy, dy_b, x, xa, scaling: float, dtypes) -> tuple:
-    """(dA, dB) = (s * (dY @ B)^T @ x, s * dY^T @ (x @ A^T)) in the adapters' dtypes."""
-    return scaled_mm(dy_b.t(), x, scaling, dtypes[0]), scaled_mm(dy.t(), xa, scaling, dtypes[1])
-
-
 def _one_scaling(scalings) -> bool:
     return len(set(scalings)) == 1
 
