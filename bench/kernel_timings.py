@@ -80,6 +80,20 @@ def time_swiglu(rows):
                          "rel_err sums": round(max(rel_err(a, b) for a, b in zip(sums, products)), 6),
                          "bwd_ms": median_ms(lambda: swiglu_backward_(work[2], work[0], work[1], dh_term, gate, up,
                                                                       meta=meta))})
+        _time_backward_by_rank(rows, tokens, work)
+
+
+def _time_backward_by_rank(rows, tokens, work):
+    """The backward at ranks whose tiles are narrowed to stay in registers, beside the three GEMMs its
+    sums replace at that rank (what the old path ran after a kernel that wrote h)."""
+    for rank in (16, 64, 128):
+        terms = [LowRank(torch.randn(tokens, rank, device="cuda", dtype=torch.bfloat16),
+                         torch.randn(work[0].shape[1], rank, device="cuda", dtype=torch.bfloat16) * 0.1, 0.5)
+                 for _ in range(3)]
+        rows.append({"tokens": tokens, "meta": f"backward, rank {rank}",
+                     "bwd_ms": median_ms(lambda: swiglu_backward_(work[2], work[0], work[1], *terms))})
+        rows.append({"tokens": tokens, "meta": f"the 3 GEMMs its sums replace, rank {rank}",
+                     "bwd_ms": median_ms(lambda: [w.t() @ t.xa for w, t in zip(work, terms)])})
 
 
 def time_low_rank_add(rows):

@@ -24,8 +24,8 @@ from .low_rank import (SWIGLU_META, LowRank, interpreter_blocks, launch_tiles, l
 from ._utils import INTERPRETING, cdiv, round_fp32_to, tanh
 
 # swiglu_backward_'s launch: a band of BLOCK_N columns a program over one of ROW_CHUNKS chunks of the rows,
-# BLOCK_M rows a step (bench/kernel_timings.py times BACKWARD_CANDIDATE_META, the default first); at 4
-# warps the three (BLOCK_N, R) fp32 sums spill registers on sm_90, at 8 they fit
+# BLOCK_M rows a step (bench/kernel_timings.py times BACKWARD_CANDIDATE_META, the default first, at r=16);
+# at 4 warps the three (BLOCK_N, R) fp32 sums spill registers on sm_90, at 8 they fit
 SWIGLU_BACKWARD_META = {"BLOCK_M": 32, "BLOCK_N": 64, "ROW_CHUNKS": 8, "num_warps": 8}
 BACKWARD_CANDIDATE_META = [SWIGLU_BACKWARD_META, dict(SWIGLU_BACKWARD_META, ROW_CHUNKS=4),
                            dict(SWIGLU_BACKWARD_META, ROW_CHUNKS=16), dict(SWIGLU_BACKWARD_META, BLOCK_N=128),
@@ -166,6 +166,21 @@ def _check(*tensors):
             raise ValueError("swiglu: inputs must be contiguous tensors of one shape and dtype")
 
 
+# The backward's registers hold three (BLOCK_N, R) fp32 sums and (BLOCK_M, R) tiles of the xa's. At 8
+# warps ptxas spills none on sm_90 up to BLOCK_N * R = 2048 and BLOCK_M * R = 1024 (r=32 at 64 x 32; r=64
+# at 16 x 32 rows x columns, r=128 at 16 x 16: tests/kernels/hopper_compile.py); beyond, it spills
+# (240 bytes a thread at r=64 with r=16's tiles, 1016 at r=128), so larger ranks take narrower tiles.
+_SUMS_BUDGET, _XA_BUDGET, _SMALLEST_BLOCK = 2048, 1024, 16
+
+
+def _blocks_for_rank(block_m: int, block_n: int, r_pad: int) -> tuple[int, int]:
+    while block_n > _SMALLEST_BLOCK and block_n * r_pad > _SUMS_BUDGET:
+        block_n //= 2
+    while block_m > _SMALLEST_BLOCK and block_m * r_pad > _XA_BUDGET:
+        block_m //= 2
+    return block_m, block_n
+
+
 ACTIVATIONS = ("silu", "gelu_tanh")
 
 
@@ -205,12 +220,13 @@ def swiglu_backward_(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, dh_term
     rows, cols = g.numel() // g.shape[-1], g.shape[-1]
     terms = (*term_args(dh_term, dh), *term_args(gate_term, g), *term_args(up_term, u))
     rank = shared_rank((dh_term, gate_term, up_term))
-    block_m, block_n, chunks = meta["BLOCK_M"], meta["BLOCK_N"], meta["ROW_CHUNKS"]
+    r_pad = padded_rank(rank)
+    block_m, block_n = _blocks_for_rank(meta["BLOCK_M"], meta["BLOCK_N"], r_pad)
+    chunks = meta["ROW_CHUNKS"]
     if INTERPRETING:
         (block_m, block_n), chunks = interpreter_blocks(cols), 1
     chunk_rows = cdiv(cdiv(rows, chunks), block_m) * block_m
     chunks = cdiv(rows, chunk_rows)
-    r_pad = padded_rank(rank)
     sums = torch.empty(3, chunks, cols, r_pad, dtype=torch.float32, device=g.device)
     _swiglu_backward_kernel[(cdiv(cols, block_n), chunks)](
         dh, g, u, sums, rows, cols, rank, chunk_rows, *terms, R=r_pad,

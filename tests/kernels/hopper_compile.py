@@ -132,6 +132,9 @@ def main():
         swiglu_forward(x, x, term, term, activation="gelu_tanh")
         swiglu_backward_(x.clone(), x.clone(), x.clone(), term, term, term, activation="gelu_tanh")
         swiglu_backward_(x.clone(), x.clone(), x.clone(), term, term, term, wide=True, activation="gelu_tanh")
+        for rank in (64, 128) if dtype == torch.bfloat16 else []:  # the tiles narrowed to stay in registers
+            wide_term = LowRank(torch.randn(8, rank, dtype=dtype), torch.randn(64, rank, dtype=dtype), 2.0)
+            swiglu_backward_(x.clone(), x.clone(), x.clone(), wide_term, wide_term, wide_term)
         low_rank_add_(torch.randn(8, 96, dtype=dtype)[:, 16:80], term)
         low_rank_add_(x, term, out=torch.empty(8, 64))
         low_rank_add_(x, term, out=torch.empty(8, 64), residual=torch.randn(8, 64))  # MLP output + residual

@@ -184,15 +184,18 @@ def test_backward_sums_are_the_products_of_what_it_writes(dtype, rows, cols, ran
     assert rel_err(down_sum, dg.double().t() @ dh_term.xa.double()) > 1e-2
 
 
-def test_backward_sums_every_row_chunk(monkeypatch):
+# rank 40 (R = 64) takes tiles narrowed to stay in registers: 16 x 32 where the launch asks 32 x 64
+@pytest.mark.parametrize("rank, meta", [(4, {"BLOCK_M": 16, "BLOCK_N": 16, "ROW_CHUNKS": 4, "num_warps": 4}),
+                                        (40, {"BLOCK_M": 32, "BLOCK_N": 64, "ROW_CHUNKS": 3, "num_warps": 8})])
+def test_backward_sums_every_row_chunk(monkeypatch, rank, meta):
     """Rows split over several chunks (as on the GPU) give the one-chunk sums: a chunk left out fails."""
     from qlora_fast.kernels import swiglu as swiglu_module
-    rows, cols, rank, dtype = 150, 40, 4, torch.float32
+    rows, cols, dtype = 150, 72, torch.float32
     g, u, dh = ((torch.randn(rows, cols) * s).to(dtype) for s in (3, 1, 1))
     terms = _terms(rows, cols, rank, dtype)
-    *_, one_chunk = swiglu_backward_(dh.clone(), g.clone(), u.clone(), *terms)
+    dg_ref, du_ref, one_chunk = swiglu_backward_(dh.clone(), g.clone(), u.clone(), *terms)
     monkeypatch.setattr(swiglu_module, "INTERPRETING", False)  # the GPU's chunking, run by the interpreter
-    *_, chunked = swiglu_backward_(dh.clone(), g.clone(), u.clone(), *terms,
-                                         meta={"BLOCK_M": 16, "BLOCK_N": 16, "ROW_CHUNKS": 4, "num_warps": 4})
+    dg, du, chunked = swiglu_backward_(dh.clone(), g.clone(), u.clone(), *terms, meta=meta)
+    assert torch.equal(dg, dg_ref) and torch.equal(du, du_ref)
     for a, b in zip(one_chunk, chunked):
         assert rel_err(b, a.double()) < 1e-6
