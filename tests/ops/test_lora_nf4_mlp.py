@@ -51,6 +51,22 @@ def fused_grad_fn(mlp, x):
     return type(mlp(x).grad_fn).__name__
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rank", [40, 72])  # padded to 64 and 128 in the kernels, past r=16's tiles
+def test_matches_stock_mlp_at_large_ranks(dtype, rank):
+    model, mlp = qlora_mlp(dtype, r=rank, lora_alpha=2 * rank)
+    x, grad_out = torch.randn(2, 9, 64, dtype=dtype), torch.randn(2, 9, 64, dtype=dtype)
+    y_ref, dx_ref, grads_ref, _ = forward_backward(mlp, x, grad_out)
+    patch_model(model)
+    y, dx, grads, grad_fn = forward_backward(mlp, x, grad_out)
+    assert grad_fn == "LoRANF4MLPFunctionBackward"
+    assert rel_err(y, y_ref) < TOLERANCE[dtype] and rel_err(dx, dx_ref) < TOLERANCE[dtype]
+    assert grads.keys() == grads_ref.keys() and len(grads) == 6
+    for name in grads:
+        assert grads[name].shape == grads_ref[name].shape
+        assert rel_err(grads[name], grads_ref[name]) < TOLERANCE[dtype], name
+
+
 def test_dropout_disabled_adapter_and_hooks_take_the_stock_mlp():
     model, mlp = qlora_mlp(torch.float32)
     patch_model(model)
