@@ -167,8 +167,8 @@ def _check(*tensors):
 
 
 # The backward's registers hold three (BLOCK_N, R) fp32 sums and (BLOCK_M, R) tiles of the xa's. At 8
-# warps ptxas spills none on sm_90 up to BLOCK_N * R = 2048 and BLOCK_M * R = 1024 (r=32 at 64 x 32; r=64
-# at 16 x 32 rows x columns, r=128 at 16 x 16: tests/kernels/hopper_compile.py); beyond, it spills
+# warps ptxas spills none on sm_90 up to BLOCK_N * R = 2048 and BLOCK_M * R = 1024 (rows x columns: r=32
+# at 32 x 64, r=64 at 16 x 32, r=128 at 16 x 16; tests/kernels/hopper_compile.py); beyond, it spills
 # (240 bytes a thread at r=64 with r=16's tiles, 1016 at r=128), so larger ranks take narrower tiles.
 _SUMS_BUDGET, _XA_BUDGET, _SMALLEST_BLOCK = 2048, 1024, 16
 
