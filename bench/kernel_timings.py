@@ -47,6 +47,12 @@ def median_ms(fn):
     return do_bench(fn, warmup=50, rep=300, return_mode="median")
 
 
+def random_term(rows: int, cols: int, rank: int = 16) -> LowRank:
+    """A bf16 LoRA term s * xa @ B^T on the GPU of the sizes the layers see (s = 0.5, B ~ 0.1 N(0, 1))."""
+    return LowRank(torch.randn(rows, rank, device="cuda", dtype=torch.bfloat16),
+                   torch.randn(cols, rank, device="cuda", dtype=torch.bfloat16) * 0.1, 0.5)
+
+
 def time_swiglu(rows):
     """SwiGLU with the gate/up (forward and backward) and dh (backward) LoRA terms, r=16 bf16. Forward per
     tile launch candidate, against cuBLAS' in-place addmm_ of each term followed by the kernel without
@@ -54,11 +60,9 @@ def time_swiglu(rows):
     sums the gate and up B and down A gradients) per BACKWARD_CANDIDATE_META, its sums against GEMMs of
     the dg and du it wrote and of forward's h."""
     for tokens in (2048, 8192):
-        shape, rank = (tokens, 14336), 16
+        shape = (tokens, 14336)
         g, u, dh = ((torch.randn(shape, device="cuda") * s).to(torch.bfloat16) for s in (3, 1, 1))
-        term = lambda: LowRank(torch.randn(tokens, rank, device="cuda", dtype=torch.bfloat16),
-                               torch.randn(shape[1], rank, device="cuda", dtype=torch.bfloat16) * 0.1, 0.5)
-        gate, up, dh_term = term(), term(), term()
+        gate, up, dh_term = (random_term(*shape) for _ in range(3))
         add = lambda base, t: base.addmm_(t.xa, t.b.t(), alpha=t.scale)
         h_ref = swiglu_forward(add(g.clone(), gate), add(u.clone(), up))
         work = [t.clone() for t in (g, u, dh)]  # the timings overwrite it again and again
@@ -84,12 +88,10 @@ def time_swiglu(rows):
 
 
 def _time_backward_by_rank(rows, tokens, work):
-    """The backward at ranks whose tiles are narrowed to stay in registers, beside the three GEMMs its
-    sums replace at that rank (what the old path ran after a kernel that wrote h)."""
+    """The backward at ranks whose tiles are narrowed to stay in registers, beside the three GEMMs that
+    would form its sums from written dg, du and h at that rank."""
     for rank in (16, 64, 128):
-        terms = [LowRank(torch.randn(tokens, rank, device="cuda", dtype=torch.bfloat16),
-                         torch.randn(work[0].shape[1], rank, device="cuda", dtype=torch.bfloat16) * 0.1, 0.5)
-                 for _ in range(3)]
+        terms = [random_term(tokens, work[0].shape[1], rank) for _ in range(3)]
         rows.append({"tokens": tokens, "meta": f"backward, rank {rank}",
                      "bwd_ms": median_ms(lambda: swiglu_backward_(work[2], work[0], work[1], *terms))})
         rows.append({"tokens": tokens, "meta": f"the 3 GEMMs its sums replace, rank {rank}",
@@ -105,8 +107,7 @@ def time_low_rank_add(rows):
                                   ("k block of q/k/v", 6144, slice(4096, 5120))):
             pristine = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16)
             y = pristine.clone()[:, cols]  # the timings add into it again and again
-            term = LowRank(torch.randn(tokens, 16, device="cuda", dtype=torch.bfloat16),
-                           torch.randn(y.shape[1], 16, device="cuda", dtype=torch.bfloat16) * 0.1, 0.5)
+            term = random_term(tokens, y.shape[1])
             expected = pristine[:, cols].clone().addmm_(term.xa, term.b.t(), alpha=term.scale)
             gb = 2 * y.numel() * 2 / 1e9
             addmm_ms = median_ms(lambda: y.addmm_(term.xa, term.b.t(), alpha=term.scale))
@@ -129,8 +130,7 @@ def _time_residual_add(rows, tokens, width=4096):
     """The MLP's down output plus the layer's residual: the term into a new output and torch's add after
     it, against both in one pass (low_rank_add_'s residual); fp32 as on a prepared model, and bf16."""
     y = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16)
-    term = LowRank(torch.randn(tokens, 16, device="cuda", dtype=torch.bfloat16),
-                   torch.randn(width, 16, device="cuda", dtype=torch.bfloat16) * 0.1, 0.5)
+    term = random_term(tokens, width)
     for dtype in (torch.float32, torch.bfloat16):
         residual = torch.randn(tokens, width, device="cuda", dtype=dtype)
         out = torch.empty_like(residual)
