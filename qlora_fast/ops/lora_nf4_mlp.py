@@ -36,7 +36,6 @@ from .lora_grads import add_shared_input_terms_, products_side_by_side, scaled_m
 from .nf4_linear import nf4_linear_backward, nf4_linear_forward
 
 
-
 def _scaled(fp32_sum: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
     """scaling * an fp32 sum, rounded once to dtype, as scaled_mm rounds its GEMM's."""
     return (fp32_sum * scaling).to(dtype)
