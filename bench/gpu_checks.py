@@ -333,6 +333,55 @@ def packed_attention_kernels():
           "rel " + ", ".join(f"{e:.1e}" for e in errs))
 
 
+def kept_attention_kernels():
+    """Causal attention through two offloaded-checkpoint layers with its output kept for the recompute
+    (ops/kept_attention.py), against sdpa under torch's checkpoint: the same fused kernel runs both, so
+    outputs and gradients must be the same bits (Llama-3-8B heads, bf16, grouped and repeated k/v)."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    from qlora_fast.ops.kept_attention import _fused_kernel, kept_attention
+    from qlora_fast.ops.offloaded_checkpoint import keep_outcomes, offloaded_checkpoint
+
+    def sdpa(key, q, k, v, scale):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                                enable_gqa=k.shape[1] != q.shape[1])
+
+    for kv_heads in (8, 32):
+        torch.manual_seed(0)
+        wq = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) * 0.02
+        wkv = torch.randn(2 * kv_heads * 128, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        x0 = torch.randn(2, 4096, 4096, device="cuda", dtype=torch.bfloat16)
+
+        def layer(x, attend):
+            q = (x @ wq.T).view(2, 4096, 32, 128).transpose(1, 2)
+            k, v = (x @ (wkv * 0.02).T).view(2, 4096, 2, kv_heads, 128).unbind(2)
+            out = attend(wq, q, k.transpose(1, 2), v.transpose(1, 2), 128 ** -0.5)
+            return x + out.transpose(1, 2).reshape(2, 4096, 4096)
+
+        def run(attend, checkpoint_fn):
+            x = x0.clone().requires_grad_(True)
+            wkv.grad = None
+            h = checkpoint_fn(functools.partial(layer, attend=attend), x)
+            h = checkpoint_fn(functools.partial(layer, attend=attend), h)
+            h.float().square().sum().backward()
+            return [h.detach(), x.grad, wkv.grad]
+
+        reference = run(sdpa, functools.partial(checkpoint, use_reentrant=False))
+        keep_outcomes(reset=True)
+        ours = run(kept_attention, offloaded_checkpoint)
+        kept = keep_outcomes(reset=True).get("kept", 0)
+        same = [torch.equal(a, b) for a, b in zip(ours, reference)]
+        q = torch.empty(2, 32, 4096, 128, device="cuda", dtype=torch.bfloat16)
+        kv = torch.empty(2, kv_heads, 4096, 128, device="cuda", dtype=torch.bfloat16)
+        kernel = _fused_kernel(q, kv, kv, None)
+        check(f"kept attention, {kv_heads} k/v heads ({kernel.forward.__name__ if kernel else 'sdpa math'}): "
+              "out, dx, dW_kv bit-equal to sdpa under torch's checkpoint; outputs kept",
+              all(same) and kept == 2, f"equal {same}, kept {kept}, max |d| "
+              + ", ".join(f"{(a.float() - b.float()).abs().max().item():.2e}" for a, b in zip(ours, reference)))
+
+
 def tiny(dtype=torch.bfloat16, shape="tiny-llama", init_b_std=0.0):
     model = quantize_to_nf4_(random_causal_lm(shape, dtype, "cuda"), compute_dtype=dtype)
     return add_lora(model, r=16, lora_alpha=32, alpha_pattern={"down_proj": 8}, init_b_std=init_b_std)
@@ -374,7 +423,7 @@ def main():
     torch.manual_seed(0)
     steps = (dequantize_and_in_gemm_matmul, stacked_dequantize, relaunch_paths, scaled_mm_outputs, low_rank_add_branches,
              cross_entropy, softcapped_cross_entropy, swiglu, geglu, swiglu_with_lora_terms, lora_layers_and_mlp,
-             packed_attention_kernels, trl_fused_head, whole_models)
+             packed_attention_kernels, kept_attention_kernels, trl_fused_head, whole_models)
     chosen = sys.argv[1:] or [step.__name__ for step in steps]  # `gpu_checks.py stacked_dequantize ...`: those only
     for step in steps:
         if step.__name__ in chosen:

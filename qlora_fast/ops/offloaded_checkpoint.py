@@ -131,13 +131,13 @@ def _copies_lag(device: torch.device) -> bool:
     return len(_queued_copies) > _LAG and _queued_copies[_LAG][0].query()
 
 
-def _skip_reason(tensor: torch.Tensor, cuda: bool) -> str | None:
-    """Why a tensor is not kept, or None where it is (size and pace matter on a GPU only)."""
-    if cuda and tensor.numel() < KEEP_MIN_ELEMENTS:
+def _skip_reason(tensors: list, cuda: bool) -> str | None:
+    """Why tensors kept together are not kept, or None where they are (size and pace matter on a GPU only)."""
+    if cuda and sum(t.numel() for t in tensors) < KEEP_MIN_ELEMENTS:
         return "small"
-    if cuda and _copies_lag(tensor.device):
+    if cuda and _copies_lag(tensors[0].device):
         return "copies lagging"
-    if _kept_host_bytes + tensor.nbytes > _kept_bytes_budget():
+    if _kept_host_bytes + sum(t.nbytes for t in tensors) > _kept_bytes_budget():
         return "host budget"
     return None
 
@@ -158,59 +158,80 @@ class _LayerRecord:
 
     def __init__(self):
         self.input = None  # the layer's input, copied once the first pass has run
-        self.kept: dict = {}  # key -> list of _KeptCopy, in the order kept
+        self.kept: dict = {}  # key -> list of kept values, in the order kept (see keep)
 
-    def keep(self, key, tensor: torch.Tensor) -> None:
-        cuda = tensor.device.type == "cuda"
-        reason = _skip_reason(tensor, cuda)
+    def keep(self, key, value) -> None:
+        """Keeps a tensor, or a tuple whose tensors are kept together or not at all (its other items,
+        None or ints, are held as they are)."""
+        items = value if isinstance(value, tuple) else (value,)
+        tensors = [t for t in items if isinstance(t, torch.Tensor)]
+        cuda = tensors[0].device.type == "cuda"
+        reason = _skip_reason(tensors, cuda)
         _keep_outcomes[reason or "kept"] += 1
         if reason is not None:
             return
-        self.kept.setdefault(key, []).append(_KeptCopy(tensor))
-        if cuda:  # the compute stream's point where the copy was queued, and the copy's end
+        copies = tuple(_KeptCopy(t) if isinstance(t, torch.Tensor) else t for t in items)
+        self.kept.setdefault(key, []).append(copies if isinstance(value, tuple) else copies[0])
+        if cuda:  # the compute stream's point where the copies were queued, and their end
             issued, copied = torch.cuda.Event(), torch.cuda.Event()
-            issued.record(torch.cuda.current_stream(tensor.device))
-            copied.record(_copy_stream(tensor.device))
+            issued.record(torch.cuda.current_stream(tensors[0].device))
+            copied.record(_copy_stream(tensors[0].device))
             _queued_copies.append((issued, copied))
+
+    def _copies(self):
+        for values in self.kept.values():
+            for value in values:
+                yield from (c for c in (value if isinstance(value, tuple) else (value,)) if isinstance(c, _KeptCopy))
 
     def prefetch(self) -> None:
         self.input.prefetch()
-        for copies in self.kept.values():
-            for c in copies:
-                c.prefetch()
+        for c in self._copies():
+            c.prefetch()
 
     def fetch_kept(self) -> dict:
-        """key -> list of the kept tensors on their device, in the order kept; host copies released."""
-        fetched = {key: [c.fetch() for c in copies] for key, copies in self.kept.items()}
+        """key -> list of the kept values on their device, in the order kept; host copies released."""
+        fetched = {key: [_fetched(value) for value in values] for key, values in self.kept.items()}
         self.kept = {}
         return fetched
 
 
-def keep_for_recompute(key, tensor: torch.Tensor) -> None:
-    """In the first pass of an offloaded checkpoint: hands `tensor` (which must not change afterwards) to
-    the layer's recompute, where `kept_for_recompute(key)` returns it, unless it was skipped. Elsewhere a
-    no-op. `key`: an object identifying the call within the layer (the same in the recompute)."""
+def _fetched(value):
+    if isinstance(value, tuple):
+        return tuple(c.fetch() if isinstance(c, _KeptCopy) else c for c in value)
+    return value.fetch()
+
+
+def keeping() -> bool:
+    """True in the first pass of an offloaded checkpoint, where keep_for_recompute keeps."""
+    return getattr(_recompute_state, "keeping", None) is not None
+
+
+def keep_for_recompute(key, value) -> None:
+    """In the first pass of an offloaded checkpoint: hands `value` (a tensor, or a tuple of tensors kept
+    together, which must not change afterwards) to the layer's recompute, where `kept_for_recompute(key)`
+    returns it, unless it was skipped. Elsewhere a no-op. `key`: an object identifying the call within
+    the layer (the same in the recompute)."""
     record = getattr(_recompute_state, "keeping", None)
     if record is not None:
-        record.keep(id(key), tensor)
+        record.keep(id(key), value)
 
 
-def kept_for_recompute(key) -> torch.Tensor | None:
-    """In an offloaded checkpoint's recompute: the tensor the first pass kept under `key` (each call takes
+def kept_for_recompute(key):
+    """In an offloaded checkpoint's recompute: the value the first pass kept under `key` (each call takes
     the next one kept under it), or None: not kept, or not recomputing."""
     kept = getattr(_recompute_state, "kept", None)
-    tensors = None if kept is None else kept.get(id(key))
-    return tensors.pop(0) if tensors else None
+    values = None if kept is None else kept.get(id(key))
+    return values.pop(0) if values else None
 
 
-def kept_or_computed(key, compute) -> torch.Tensor:
-    """compute(), kept for the recompute (keep_for_recompute); in the recompute, what was kept instead,
-    where it was."""
-    tensor = kept_for_recompute(key)
-    if tensor is None:
-        tensor = compute()
-        keep_for_recompute(key, tensor)
-    return tensor
+def kept_or_computed(key, compute):
+    """compute() (a tensor or a tuple), kept for the recompute (keep_for_recompute); in the recompute,
+    what was kept instead, where it was."""
+    value = kept_for_recompute(key)
+    if value is None:
+        value = compute()
+        keep_for_recompute(key, value)
+    return value
 
 
 @torch.compiler.disable  # host-side bookkeeping: nothing for a compiled graph to trace

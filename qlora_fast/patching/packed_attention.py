@@ -16,6 +16,7 @@ from functools import partial
 
 import torch
 
+from ..ops.kept_attention import kept_attention
 from ..ops.packed_attention import PackedSequences, find_packed_sequences, packed_attention, worth_it_on
 from .architectures import has
 from .core import CALLS
@@ -24,6 +25,9 @@ IMPLEMENTATION = "qlora_fast_sdpa"  # transformers' sdpa, except for packed batc
 _STOCK_IMPLEMENTATION = "_qlora_fast_stock_attn_implementation"
 _HOOKS = "_qlora_fast_packed_hooks"
 _forward = threading.local()  # .packed: the decoder forward running in this thread is a packed batch
+# Causal attention without a mask keeps its output for the checkpoint's recompute (ops/kept_attention.py):
+# bench/recipes.py's keep_attention candidate, timed before it is a default (bench/NOTES.md, session 18).
+KEEP_ATTENTION_OUTPUT = False
 
 
 def _mask(*args, **kwargs):
@@ -43,11 +47,23 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
                                "packed attention does not compute; pass patch_model(..., packed_attention=False)")
         CALLS["packed_attention"] += 1
         return packed_attention(query, key, value, _sequences(kwargs), scaling), None
+    if KEEP_ATTENTION_OUTPUT and _keeps_output(module, query, key, attention_mask, dropout, kwargs):
+        CALLS["kept_attention"] += 1
+        return kept_attention(module, query, key, value, scaling).transpose(1, 2).contiguous(), None
     if attention_mask is None and getattr(_forward, "packed", False):
         raise RuntimeError("qlora_fast: a packed batch reached attention without its sequence bounds (this model's "
                            "layers do not forward attention kwargs); pass patch_model(..., packed_attention=False)")
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   **kwargs)
+
+
+def _keeps_output(module, query, key, attention_mask, dropout, kwargs) -> bool:
+    """Whether sdpa would compute plain causal attention here (transformers' rule: no mask, more than one
+    query, a causal module), which kept_attention computes the same way."""
+    causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
+    return (attention_mask is None and not dropout and kwargs.get("softcap") is None and causal
+            and kwargs.get("position_bias") is None
+            and query.shape[2] == key.shape[2] > 1 and not getattr(_forward, "packed", False))
 
 
 def _register() -> None:

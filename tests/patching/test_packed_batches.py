@@ -185,3 +185,29 @@ def test_a_gpu_without_a_varlen_kernel_keeps_the_mask_and_says_so(monkeypatch):
     monkeypatch.setattr(patching_module, "worth_it_on", lambda device: False)
     report = patch_model(tiny_qlora().train())
     assert report.packed_attention == 0 and "no varlen attention kernel on this GPU" in report.summary()
+
+
+@pytest.mark.parametrize("shape", ["tiny-llama", "tiny-qwen2"])
+def test_kept_attention_output_gives_the_same_step(shape, monkeypatch):
+    """bench/recipes.py's keep_attention candidate: unpadded batches' attention keeps its output for the
+    checkpoint's recompute (ops/kept_attention.py). Same loss and gradients, bit for bit, as the patched
+    model without it (same CPU kernel), the attention's forward once a layer."""
+    import qlora_fast.ops.kept_attention as kept_ops
+    import qlora_fast.patching.packed_attention as packed
+
+    model = tiny_qlora(shape).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    patch_model(model)
+    ids = torch.randint(0, 512, (2, 24))
+    default = loss_and_grads(model, ids, None)
+    monkeypatch.setattr(packed, "KEEP_ATTENTION_OUTPUT", True)
+    forwards, cpu_flash = [], ("cpu", int(torch.nn.attention.SDPBackend.FLASH_ATTENTION))
+    kernel = kept_ops._KERNELS[cpu_flash]
+    monkeypatch.setitem(kept_ops._KERNELS, cpu_flash, kept_ops._FusedKernel(
+        lambda *args: forwards.append(1) or kernel.forward(*args), kernel.backward))
+    CALLS.clear()
+    kept = loss_and_grads(model, ids, None)
+    layers = model.config.num_hidden_layers
+    assert CALLS["kept_attention"] == 2 * layers and len(forwards) == layers
+    assert kept[0] == default[0]
+    assert all(torch.equal(kept[1][n], default[1][n]) for n in default[1])
