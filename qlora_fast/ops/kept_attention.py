@@ -83,7 +83,10 @@ _KERNELS = {  # (device type, the backend sdpa picks) -> its ops
 
 
 def _fused_kernel(q, k, v, scale) -> _FusedKernel | None:
-    """The ops of the kernel sdpa would run on these inputs (causal, no mask), None for its math path."""
+    """The ops of the kernel sdpa would run on these inputs (causal, no mask), None for its math path and
+    for head dims sdpa pads to a multiple of 8 before its CUDA flash kernel."""
+    if q.is_cuda and q.shape[-1] % 8:
+        return None
     gqa = k.shape[1] != q.shape[1]
     choice = torch._fused_sdp_choice(q, k, v, None, 0.0, True, scale=scale, enable_gqa=gqa)
     return _KERNELS.get((q.device.type, int(choice)))
