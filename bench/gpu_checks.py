@@ -335,8 +335,9 @@ def packed_attention_kernels():
 
 def kept_attention_kernels():
     """Causal attention through two offloaded-checkpoint layers with its output kept for the recompute
-    (ops/kept_attention.py), against sdpa under torch's checkpoint: the same fused kernel runs both, so
-    outputs and gradients must be the same bits (Llama-3-8B heads, bf16, grouped and repeated k/v)."""
+    (ops/kept_attention.py), against sdpa under torch's checkpoint (Llama-3-8B heads, bf16, grouped and
+    repeated k/v): the same fused kernel runs both, so the outputs must be the same bits; the gradients
+    agree to cuDNN's own run-to-run spread (its dq sums with atomics: 3e-5..6e-5 relative measured)."""
     import functools
 
     from torch.utils.checkpoint import checkpoint
@@ -372,14 +373,14 @@ def kept_attention_kernels():
         keep_outcomes(reset=True)
         ours = run(kept_attention, offloaded_checkpoint)
         kept = keep_outcomes(reset=True).get("kept", 0)
-        same = [torch.equal(a, b) for a, b in zip(ours, reference)]
+        errs = [rel(a, b) for a, b in zip(ours, reference)]
         q = torch.empty(2, 32, 4096, 128, device="cuda", dtype=torch.bfloat16)
         kv = torch.empty(2, kv_heads, 4096, 128, device="cuda", dtype=torch.bfloat16)
         kernel = _fused_kernel(q, kv, kv, None)
         check(f"kept attention, {kv_heads} k/v heads ({kernel.forward.__name__ if kernel else 'sdpa math'}): "
-              "out, dx, dW_kv bit-equal to sdpa under torch's checkpoint; outputs kept",
-              all(same) and kept == 2, f"equal {same}, kept {kept}, max |d| "
-              + ", ".join(f"{(a.float() - b.float()).abs().max().item():.2e}" for a, b in zip(ours, reference)))
+              "out bit-equal to sdpa under torch's checkpoint, dx and dW_kv within 1e-3; outputs kept",
+              torch.equal(ours[0], reference[0]) and max(errs[1:]) < 1e-3 and kept == 2,
+              f"kept {kept}, rel " + ", ".join(f"{e:.1e}" for e in errs))
 
 
 def tiny(dtype=torch.bfloat16, shape="tiny-llama", init_b_std=0.0):

@@ -58,7 +58,7 @@ class _HostCopy:
         if tensor.device.type != "cuda":  # nothing to free: keep the tensor itself
             self.host = tensor.detach()
             return
-        self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        self.host = torch.empty_like(tensor, device="cpu", pin_memory=True)  # strides kept: fused kernels read them
         stream = _copy_stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
