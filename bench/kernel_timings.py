@@ -31,7 +31,7 @@ from qlora_fast.kernels.nf4_matmul import nf4_matmul
 from qlora_fast.kernels.low_rank import CANDIDATE_META as TILE_META, LOW_RANK_ADD_META
 from qlora_fast.kernels.low_rank import LowRank
 from qlora_fast.kernels.low_rank_add import low_rank_add_
-from qlora_fast.kernels.swiglu import BACKWARD_CANDIDATE_META, swiglu_backward_, swiglu_forward
+from qlora_fast.kernels.swiglu import BACKWARD_CANDIDATE_META, swiglu_backward_, swiglu_backward_writing_h_, swiglu_forward
 from qlora_fast.nf4 import nf4_weight_from_bnb
 from qlora_fast.testing import forward_backward, make_lora_nf4_linear, make_lora_nf4_mlp, make_nf4_linear
 
@@ -88,14 +88,15 @@ def time_swiglu(rows):
 
 
 def _time_backward_by_rank(rows, tokens, work):
-    """The backward at ranks whose tiles are narrowed to stay in registers, beside the three GEMMs that
-    would form its sums from written dg, du and h at that rank."""
-    for rank in (16, 64, 128):
+    """Both backward launches at ranks either side of SUMS_MAX_RANK: the one that sums the LoRA gradients
+    in the kernel, and the one that writes h, with the three GEMMs that then form them."""
+    for rank in (16, 32, 64, 128):
         terms = [random_term(tokens, work[0].shape[1], rank) for _ in range(3)]
-        rows.append({"tokens": tokens, "meta": f"backward, rank {rank}",
+        rows.append({"tokens": tokens, "meta": f"backward summing, rank {rank}",
                      "bwd_ms": median_ms(lambda: swiglu_backward_(work[2], work[0], work[1], *terms))})
-        rows.append({"tokens": tokens, "meta": f"the 3 GEMMs its sums replace, rank {rank}",
-                     "bwd_ms": median_ms(lambda: [w.t() @ t.xa for w, t in zip(work, terms)])})
+        rows.append({"tokens": tokens, "meta": f"backward writing h + its 3 GEMMs, rank {rank}",
+                     "bwd_ms": median_ms(lambda: [w.t() @ t.xa for w, t in zip(
+                         swiglu_backward_writing_h_(work[2], work[0], work[1], *terms), terms[1:] + terms[:1])])})
 
 
 def time_low_rank_add(rows):

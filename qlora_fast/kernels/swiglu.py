@@ -12,7 +12,11 @@ Forward reads the GEMMs' g and u and writes h. Backward reads dh, g and u, adds 
 in forward would cost two more (tokens x intermediate) writes), recomputes h and overwrites g and u
 with dg and du, so it needs no extra memory. Its programs own a band of columns over a chunk of rows, so
 while dg, du and h are in registers they also sum the LoRA gradients that would otherwise be GEMMs
-reading them back (dg^T @ xa_gate, du^T @ xa_up, h^T @ dy_b); h is never written.
+reading them back (dg^T @ xa_gate, du^T @ xa_up, h^T @ dy_b); h is never written. That holds up to
+rank 32: the sums' registers narrow the bands as the rank grows, and narrow bands re-read the xa's from
+L2 (measured on the H100 at 8192 x 14336: 0.51 ms at r=16, 1.72 at r=64, 5.04 at r=128, against 0.26 ms
+for the three GEMMs at any of these ranks), so above it the kernel writes h over dh instead and the sums
+are left to cuBLAS (swiglu_backward_writing_h_).
 """
 
 import torch
@@ -127,10 +131,12 @@ def _swiglu_backward_kernel(dh_ptr, g_ptr, u_ptr, sums_ptr, n_rows, n_cols, rank
                             xa_g_ptr, b_g_ptr, s_g, g_sxm, g_sxr, g_sbn, g_sbr,
                             xa_u_ptr, b_u_ptr, s_u, u_sxm, u_sxr, u_sbn, u_sbr,
                             R: tl.constexpr, UPCAST_DOT: tl.constexpr, SOFTWARE_RTNE: tl.constexpr,
-                            WIDE: tl.constexpr, GELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # A band of BLOCK_N columns over one chunk of chunk_rows rows: g_ptr <- dg, u_ptr <- du in place, h
-    # never written; sums (3, chunks, n_cols, R) fp32 <- this chunk's dg^T @ xa_g, du^T @ xa_u and
-    # h^T @ dy_b (dy_b: the dh term's xa), from dg, du and h rounded as they are written.
+                            WIDE: tl.constexpr, GELU: tl.constexpr, SUMS: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr):
+    # A band of BLOCK_N columns over one chunk of chunk_rows rows: g_ptr <- dg, u_ptr <- du in place. With
+    # SUMS, h is never written and sums (3, chunks, n_cols, R) fp32 <- this chunk's dg^T @ xa_g,
+    # du^T @ xa_u and h^T @ dy_b (dy_b: the dh term's xa), from dg, du and h rounded as they are written;
+    # without, dh_ptr <- h (each element's dh is read before its h is written, by the same program).
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     start = tl.program_id(1).to(tl.int64) * chunk_rows
     gate_sum = tl.zeros((BLOCK_N, R), tl.float32)
@@ -147,16 +153,20 @@ def _swiglu_backward_kernel(dh_ptr, g_ptr, u_ptr, sums_ptr, n_rows, n_cols, rank
                                    R, UPCAST_DOT, SOFTWARE_RTNE, WIDE, GELU)
         tl.store(g_ptr + offs, dg, mask=mask)
         tl.store(u_ptr + offs, du, mask=mask)
-        gate_sum += _rows_t_times(dg, xa_g_ptr, rows, n_rows, rank, g_sxm, g_sxr, R, UPCAST_DOT)
-        up_sum += _rows_t_times(du, xa_u_ptr, rows, n_rows, rank, u_sxm, u_sxr, R, UPCAST_DOT)
-        down_sum += _rows_t_times(h, xa_ptr, rows, n_rows, rank, stride_xm, stride_xr, R, UPCAST_DOT)
-    r = tl.arange(0, R)
-    chunk_stride = n_cols * R
-    out = sums_ptr + tl.program_id(1) * chunk_stride + cols[:, None] * R + r[None, :]
-    out_mask = cols[:, None] < n_cols
-    tl.store(out, gate_sum, mask=out_mask)
-    tl.store(out + tl.num_programs(1) * chunk_stride, up_sum, mask=out_mask)
-    tl.store(out + 2 * tl.num_programs(1) * chunk_stride, down_sum, mask=out_mask)
+        if SUMS:
+            gate_sum += _rows_t_times(dg, xa_g_ptr, rows, n_rows, rank, g_sxm, g_sxr, R, UPCAST_DOT)
+            up_sum += _rows_t_times(du, xa_u_ptr, rows, n_rows, rank, u_sxm, u_sxr, R, UPCAST_DOT)
+            down_sum += _rows_t_times(h, xa_ptr, rows, n_rows, rank, stride_xm, stride_xr, R, UPCAST_DOT)
+        else:
+            tl.store(dh_ptr + offs, h, mask=mask)
+    if SUMS:
+        r = tl.arange(0, R)
+        chunk_stride = n_cols * R
+        out = sums_ptr + tl.program_id(1) * chunk_stride + cols[:, None] * R + r[None, :]
+        out_mask = cols[:, None] < n_cols
+        tl.store(out, gate_sum, mask=out_mask)
+        tl.store(out + tl.num_programs(1) * chunk_stride, up_sum, mask=out_mask)
+        tl.store(out + 2 * tl.num_programs(1) * chunk_stride, down_sum, mask=out_mask)
 
 
 def _check(*tensors):
@@ -166,15 +176,18 @@ def _check(*tensors):
             raise ValueError("swiglu: inputs must be contiguous tensors of one shape and dtype")
 
 
-# The backward's registers hold three (BLOCK_N, R) fp32 sums and (BLOCK_M, R) tiles of the xa's. At 8
-# warps ptxas spills none on sm_90 up to BLOCK_N * R = 2048 and BLOCK_M * R = 1024 (rows x columns: r=32
-# at 32 x 64, r=64 at 16 x 32, r=128 at 16 x 16; tests/kernels/hopper_compile.py); beyond, it spills
-# (240 bytes a thread at r=64 with r=16's tiles, 1016 at r=128), so larger ranks take narrower tiles.
-_SUMS_BUDGET, _XA_BUDGET, _SMALLEST_BLOCK = 2048, 1024, 16
+# The backward's registers hold three (BLOCK_N, R) fp32 sums, (BLOCK_M, R) tiles of the xa's and
+# (R, BLOCK_N) tiles of the B's. At 8 warps ptxas spills none on sm_90 up to BLOCK_N * R = 2048 with the
+# sums (4096 without) and BLOCK_M * R = 1024 (rows x columns, with the sums: r=32 at 32 x 64, r=64 at
+# 16 x 32, r=128 at 16 x 16; tests/kernels/hopper_compile.py); beyond, it spills (with the sums, 240 bytes
+# a thread at r=64 with r=16's tiles, 1016 at r=128; without, 256 at r=128 in 16 x 64), so larger ranks
+# take narrower tiles.
+_SUMS_BUDGET, _B_TILES_BUDGET, _XA_BUDGET, _SMALLEST_BLOCK = 2048, 4096, 1024, 16
 
 
-def _blocks_for_rank(block_m: int, block_n: int, r_pad: int) -> tuple[int, int]:
-    while block_n > _SMALLEST_BLOCK and block_n * r_pad > _SUMS_BUDGET:
+def _blocks_for_rank(block_m: int, block_n: int, r_pad: int, sums: bool) -> tuple[int, int]:
+    columns_budget = _SUMS_BUDGET if sums else _B_TILES_BUDGET
+    while block_n > _SMALLEST_BLOCK and block_n * r_pad > columns_budget:
         block_n //= 2
     while block_m > _SMALLEST_BLOCK and block_m * r_pad > _XA_BUDGET:
         block_m //= 2
@@ -206,6 +219,41 @@ def swiglu_forward(g: torch.Tensor, u: torch.Tensor, gate_term: LowRank | None =
     return h
 
 
+# The largest padded rank whose gradients swiglu_backward_ sums in the kernel; above it
+# swiglu_backward_writing_h_ and cuBLAS (module docstring).
+SUMS_MAX_RANK = 32
+
+
+def sums_in_kernel(*terms: LowRank) -> bool:
+    """Whether the backward with these LoRA terms sums their gradients in the kernel (swiglu_backward_)
+    rather than writing h for GEMMs (swiglu_backward_writing_h_)."""
+    return padded_rank(shared_rank(terms)) <= SUMS_MAX_RANK
+
+
+def _launch_backward(dh, g, u, terms, meta, wide, activation, sums: bool):
+    """Overwrites g and u with dg and du (and dh with h without `sums`); returns the (3, chunks, cols, R)
+    fp32 partial sums with `sums`."""
+    _check(dh, g, u)
+    rows, cols = g.numel() // g.shape[-1], g.shape[-1]
+    args = (*term_args(terms[0], dh), *term_args(terms[1], g), *term_args(terms[2], u))
+    rank = shared_rank(terms)
+    r_pad = padded_rank(rank)
+    block_m, block_n = _blocks_for_rank(meta["BLOCK_M"], meta["BLOCK_N"], r_pad, sums)
+    chunks = meta["ROW_CHUNKS"]
+    if INTERPRETING:
+        (block_m, block_n), chunks = interpreter_blocks(cols), 1
+    chunk_rows = cdiv(cdiv(rows, chunks), block_m) * block_m
+    chunks = cdiv(rows, chunk_rows)
+    partial = torch.empty(3, chunks, cols, r_pad, dtype=torch.float32, device=g.device) if sums else dh
+    _swiglu_backward_kernel[(cdiv(cols, block_n), chunks)](
+        dh, g, u, partial, rows, cols, rank, chunk_rows, *args, R=r_pad,
+        UPCAST_DOT=INTERPRETING or g.dtype == torch.float32, SOFTWARE_RTNE=INTERPRETING, WIDE=wide,
+        GELU=_is_gelu(activation), SUMS=sums, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=meta["num_warps"])
+    for t in (g, u) if sums else (dh, g, u):  # written behind autograd's back: a later reader of the old values fails loudly
+        torch.autograd.graph.increment_version(t)
+    return partial
+
+
 def swiglu_backward_(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, dh_term: LowRank, gate_term: LowRank,
                      up_term: LowRank, meta: dict = SWIGLU_BACKWARD_META, wide: bool = False,
                      activation: str = "silu"):
@@ -215,24 +263,17 @@ def swiglu_backward_(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, dh_term
     and h^T @ dh_term.xa (unscaled): the gate and up B gradients and the transposed down A gradient over
     their scalings, from dg, du and h rounded to dh's dtype as autograd's tensors are. Each program sums a
     band of columns over a chunk of rows; the chunks' sums are added in a fixed order (no atomics, the
-    same bits every run). `wide` and `activation` as in swiglu_forward."""
-    _check(dh, g, u)
-    rows, cols = g.numel() // g.shape[-1], g.shape[-1]
-    terms = (*term_args(dh_term, dh), *term_args(gate_term, g), *term_args(up_term, u))
+    same bits every run). `wide` and `activation` as in swiglu_forward. Fast up to SUMS_MAX_RANK."""
     rank = shared_rank((dh_term, gate_term, up_term))
-    r_pad = padded_rank(rank)
-    block_m, block_n = _blocks_for_rank(meta["BLOCK_M"], meta["BLOCK_N"], r_pad)
-    chunks = meta["ROW_CHUNKS"]
-    if INTERPRETING:
-        (block_m, block_n), chunks = interpreter_blocks(cols), 1
-    chunk_rows = cdiv(cdiv(rows, chunks), block_m) * block_m
-    chunks = cdiv(rows, chunk_rows)
-    sums = torch.empty(3, chunks, cols, r_pad, dtype=torch.float32, device=g.device)
-    _swiglu_backward_kernel[(cdiv(cols, block_n), chunks)](
-        dh, g, u, sums, rows, cols, rank, chunk_rows, *terms, R=r_pad,
-        UPCAST_DOT=INTERPRETING or g.dtype == torch.float32, SOFTWARE_RTNE=INTERPRETING, WIDE=wide,
-        GELU=_is_gelu(activation), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=meta["num_warps"])
-    for t in (g, u):
-        torch.autograd.graph.increment_version(t)
+    sums = _launch_backward(dh, g, u, (dh_term, gate_term, up_term), meta, wide, activation, sums=True)
     gate_sum, up_sum, down_sum = sums.sum(1)[..., :rank]
     return g, u, (gate_sum, up_sum, down_sum)
+
+
+def swiglu_backward_writing_h_(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, dh_term: LowRank,
+                               gate_term: LowRank, up_term: LowRank, meta: dict = SWIGLU_BACKWARD_META,
+                               wide: bool = False, activation: str = "silu"):
+    """swiglu_backward_ for ranks above SUMS_MAX_RANK: overwrites dh, g and u with h, dg and du (rounded
+    as swiglu_backward_ rounds them) and returns (dg, du, h), for the LoRA gradients' GEMMs."""
+    _launch_backward(dh, g, u, (dh_term, gate_term, up_term), meta, wide, activation, sums=False)
+    return g, u, dh

@@ -8,7 +8,8 @@ and backward) and of the down projection's input gradient dh (backward) are adde
 kernels, not by an in-place GEMM over each (tokens x intermediate) tensor. Backward recomputes h inside
 the SwiGLU backward kernel, which overwrites g and u with their gradients and, while dg, du and h are in
 its registers, sums the gate and up B gradients and the down A gradient (kernels/swiglu.py): h is never
-written and no GEMM reads dg, du or h back for them; no (tokens x intermediate) tensor is allocated
+written and no GEMM reads dg, du or h back for them (up to rank 32; above, the kernel writes h over dh
+and three GEMMs form them, which is faster there); no (tokens x intermediate) tensor is allocated
 beyond dh. One Function per MLP instead of three LoRA layers and two elementwise ops
 also means fewer host calls per layer, which is what small batches are bound by.
 
@@ -28,7 +29,7 @@ import torch
 
 from ..kernels.low_rank import LowRank
 from ..kernels.low_rank_add import low_rank_add_
-from ..kernels.swiglu import swiglu_backward_, swiglu_forward
+from ..kernels.swiglu import sums_in_kernel, swiglu_backward_, swiglu_backward_writing_h_, swiglu_forward
 from ..nf4 import NF4Weight
 from .adapters import adapters_in, plus_low_rank_terms, stacked_rows, wider
 from .forward_only import apply
@@ -93,11 +94,18 @@ class LoRANF4MLPFunction(torch.autograd.Function):
         dy_b = dy @ down_b
         dh = nf4_linear_backward(dy, w_down)
         terms = LowRank(dy_b, down_a.t(), s_down), LowRank(xa_gate, gate_b, s_gate), LowRank(xa_up, up_b, s_up)
-        dg, du, (gate_b_sum, up_b_sum, down_a_sum) = swiglu_backward_(
-            dh, g, u, *terms, wide=ctx.wide, activation=ctx.activation)
-        grad_down = (_scaled(down_a_sum, s_down, dtypes[4]).t().contiguous(),
-                     scaled_mm(dy.t(), ha_down, s_down, dtypes[5]))
-        grad_gate_b, grad_up_b = _scaled(gate_b_sum, s_gate, dtypes[1]), _scaled(up_b_sum, s_up, dtypes[3])
+        if sums_in_kernel(*terms):
+            dg, du, (gate_b_sum, up_b_sum, down_a_sum) = swiglu_backward_(
+                dh, g, u, *terms, wide=ctx.wide, activation=ctx.activation)
+            grad_down_a = _scaled(down_a_sum, s_down, dtypes[4]).t().contiguous()
+            grad_gate_b, grad_up_b = _scaled(gate_b_sum, s_gate, dtypes[1]), _scaled(up_b_sum, s_up, dtypes[3])
+        else:
+            dg, du, h = swiglu_backward_writing_h_(dh, g, u, *terms, wide=ctx.wide, activation=ctx.activation)
+            grad_down_a = scaled_mm(dy_b.t(), h, s_down, dtypes[4])
+            grad_gate_b = scaled_mm(dg.t(), xa_gate, s_gate, dtypes[1])
+            grad_up_b = scaled_mm(du.t(), xa_up, s_up, dtypes[3])
+            del h
+        grad_down = (grad_down_a, scaled_mm(dy.t(), ha_down, s_down, dtypes[5]))
         del dh
 
         # [dg @ B_gate | du @ B_up] side by side: one GEMM for both A gradients (with one scaling) and one

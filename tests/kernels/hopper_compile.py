@@ -103,7 +103,7 @@ def main():
     from qlora_fast.kernels.rope import rope_backward, rope_forward, rope_plus_low_rank
     from qlora_fast.kernels.low_rank import CANDIDATE_META as TILE_META, LowRank
     from qlora_fast.kernels.low_rank_add import low_rank_add_
-    from qlora_fast.kernels.swiglu import swiglu_backward_, swiglu_forward
+    from qlora_fast.kernels.swiglu import swiglu_backward_, swiglu_backward_writing_h_, swiglu_forward
     from qlora_fast.nf4 import nf4_weight_from_bnb
     from qlora_fast.testing import make_nf4_linear
 
@@ -135,6 +135,7 @@ def main():
         for rank in (64, 128) if dtype == torch.bfloat16 else []:  # the tiles narrowed to stay in registers
             wide_term = LowRank(torch.randn(8, rank, dtype=dtype), torch.randn(64, rank, dtype=dtype), 2.0)
             swiglu_backward_(x.clone(), x.clone(), x.clone(), wide_term, wide_term, wide_term)
+            swiglu_backward_writing_h_(x.clone(), x.clone(), x.clone(), wide_term, wide_term, wide_term)
         low_rank_add_(torch.randn(8, 96, dtype=dtype)[:, 16:80], term)
         low_rank_add_(x, term, out=torch.empty(8, 64))
         low_rank_add_(x, term, out=torch.empty(8, 64), residual=torch.randn(8, 64))  # MLP output + residual

@@ -33,7 +33,8 @@ SHAPES = ("tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gemma", "tiny-gemma2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-# every shape at r=16; Llama's also at ranks padded to 64 and 128 in the kernels, past r=16's tiles
+# every shape at r=16 (gradients summed in the SwiGLU kernel); Llama's also at ranks padded to 64 and 128
+# (h written, the gradients' GEMMs)
 @pytest.mark.parametrize("shape, rank, alpha", [(shape, 16, 16) for shape in SHAPES]
                          + [("tiny-llama", 40, 80), ("tiny-llama", 72, 144)])
 def test_matches_stock_mlp(dtype, shape, rank, alpha):
