@@ -120,6 +120,9 @@ def kept_attention(key, q, k, v, scale: float | None):
     query attention), as F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
     enable_gqa=...) computes it; inside an offloaded checkpoint its output is kept for the recompute under
     `key` (one attention module's call). Elsewhere, or where sdpa takes its math path, it is sdpa."""
+    if torch.is_autocast_enabled(q.device.type):  # sdpa computes in autocast's dtype there, and so do its ops
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = (t.to(dtype) for t in (q, k, v))
     kernel = _fused_kernel(q, k, v, scale) if keeping() or recomputing() else None
     if kernel is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,

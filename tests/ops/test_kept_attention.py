@@ -78,6 +78,29 @@ def test_matches_sdpa_under_torch_checkpoint_with_one_forward(kv_heads, dtype, f
         torch.testing.assert_close(o, r, rtol=0, atol=0)
 
 
+def test_fp32_inputs_under_autocast_attend_in_its_dtype(forward_calls):
+    """A prepared model (fp32 norms) under autocast can hand attention fp32 q/k/v: sdpa computes them in
+    bf16 there, and so must the fused ops called directly (on the GPU they take only 16-bit inputs)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, HEADS, 24, 3 * HEAD_DIM)
+
+    def layer(h, attend):  # fp32 q, k, v: elementwise ops keep autocast's hands off them
+        q, k, v = (h * 1.5).split(HEAD_DIM, dim=-1)
+        return attend(layer, q, k, v, None)
+
+    def run(attend):
+        h = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = offloaded_checkpoint(functools.partial(layer, attend=attend), h)
+        out.float().square().sum().backward()
+        return out.detach(), h.grad
+
+    reference, ours = run(sdpa), run(kept.kept_attention)
+    assert ours[0].dtype == torch.bfloat16 and len(forward_calls) == 1
+    for r, o in zip(reference, ours):
+        torch.testing.assert_close(o, r, rtol=0, atol=0)
+
+
 def test_a_wrong_kept_output_changes_the_gradients(monkeypatch):
     """The mutant: the recompute hands back twice the kept output. The input's gradient must move
     (the output projection's weight gradient reads the kept output), so the parity test can fail."""
