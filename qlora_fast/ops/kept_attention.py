@@ -97,11 +97,10 @@ class _KeptAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, scale, key, kernel):
         kept = kept_for_recompute(key)
         if kept is None:
-            kept = kernel.forward(q, k, v, scale)
-            keep_for_recompute(key, (kept[0], kept[1], *kept[2]))
+            out, lse, state = kernel.forward(q, k, v, scale)
+            keep_for_recompute(key, out, lse, *state)
         else:
-            kept = kept[0], kept[1], kept[2:]
-        out, lse, state = kept
+            out, lse, *state = kept
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.state, ctx.scale, ctx.kernel = state, scale, kernel
         return out

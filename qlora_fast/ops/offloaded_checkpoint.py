@@ -158,47 +158,36 @@ class _LayerRecord:
 
     def __init__(self):
         self.input = None  # the layer's input, copied once the first pass has run
-        self.kept: dict = {}  # key -> list of kept values, in the order kept (see keep)
+        self.kept: dict = {}  # key -> list of kept tuples, in the order kept (see keep)
 
-    def keep(self, key, value) -> None:
-        """Keeps a tensor, or a tuple whose tensors are kept together or not at all (its other items,
-        None or ints, are held as they are)."""
-        items = value if isinstance(value, tuple) else (value,)
+    def keep(self, key, items: tuple) -> None:
+        """Keeps a tuple whose tensors are kept together or not at all (its other items, None or ints,
+        are held as they are)."""
         tensors = [t for t in items if isinstance(t, torch.Tensor)]
         cuda = tensors[0].device.type == "cuda"
         reason = _skip_reason(tensors, cuda)
         _keep_outcomes[reason or "kept"] += 1
         if reason is not None:
             return
-        copies = tuple(_KeptCopy(t) if isinstance(t, torch.Tensor) else t for t in items)
-        self.kept.setdefault(key, []).append(copies if isinstance(value, tuple) else copies[0])
+        self.kept.setdefault(key, []).append(tuple(_KeptCopy(t) if isinstance(t, torch.Tensor) else t
+                                                   for t in items))
         if cuda:  # the compute stream's point where the copies were queued, and their end
             issued, copied = torch.cuda.Event(), torch.cuda.Event()
             issued.record(torch.cuda.current_stream(tensors[0].device))
             copied.record(_copy_stream(tensors[0].device))
             _queued_copies.append((issued, copied))
 
-    def _copies(self):
-        for values in self.kept.values():
-            for value in values:
-                yield from (c for c in (value if isinstance(value, tuple) else (value,)) if isinstance(c, _KeptCopy))
-
     def prefetch(self) -> None:
         self.input.prefetch()
-        for c in self._copies():
+        for c in [c for kept in self.kept.values() for items in kept for c in items if isinstance(c, _KeptCopy)]:
             c.prefetch()
 
     def fetch_kept(self) -> dict:
-        """key -> list of the kept values on their device, in the order kept; host copies released."""
-        fetched = {key: [_fetched(value) for value in values] for key, values in self.kept.items()}
+        """key -> list of the kept tuples on their device, in the order kept; host copies released."""
+        fetched = {key: [tuple(c.fetch() if isinstance(c, _KeptCopy) else c for c in items) for items in kept]
+                   for key, kept in self.kept.items()}
         self.kept = {}
         return fetched
-
-
-def _fetched(value):
-    if isinstance(value, tuple):
-        return tuple(c.fetch() if isinstance(c, _KeptCopy) else c for c in value)
-    return value.fetch()
 
 
 def keeping() -> bool:
@@ -206,32 +195,33 @@ def keeping() -> bool:
     return getattr(_recompute_state, "keeping", None) is not None
 
 
-def keep_for_recompute(key, value) -> None:
-    """In the first pass of an offloaded checkpoint: hands `value` (a tensor, or a tuple of tensors kept
-    together, which must not change afterwards) to the layer's recompute, where `kept_for_recompute(key)`
-    returns it, unless it was skipped. Elsewhere a no-op. `key`: an object identifying the call within
-    the layer (the same in the recompute)."""
+def keep_for_recompute(key, *items) -> None:
+    """In the first pass of an offloaded checkpoint: hands `items` (tensors kept together, which must not
+    change afterwards, and small values held as they are) to the layer's recompute, where
+    `kept_for_recompute(key)` returns them, unless they were skipped. Elsewhere a no-op. `key`: an object
+    identifying the call within the layer (the same in the recompute)."""
     record = getattr(_recompute_state, "keeping", None)
     if record is not None:
-        record.keep(id(key), value)
+        record.keep(id(key), items)
 
 
-def kept_for_recompute(key):
-    """In an offloaded checkpoint's recompute: the value the first pass kept under `key` (each call takes
-    the next one kept under it), or None: not kept, or not recomputing."""
+def kept_for_recompute(key) -> tuple | None:
+    """In an offloaded checkpoint's recompute: the items the first pass kept under `key` (each call takes
+    the next ones kept under it), or None: not kept, or not recomputing."""
     kept = getattr(_recompute_state, "kept", None)
     values = None if kept is None else kept.get(id(key))
     return values.pop(0) if values else None
 
 
-def kept_or_computed(key, compute):
-    """compute() (a tensor or a tuple), kept for the recompute (keep_for_recompute); in the recompute,
-    what was kept instead, where it was."""
-    value = kept_for_recompute(key)
-    if value is None:
-        value = compute()
-        keep_for_recompute(key, value)
-    return value
+def kept_or_computed(key, compute) -> torch.Tensor:
+    """compute(), kept for the recompute (keep_for_recompute); in the recompute, what was kept instead,
+    where it was."""
+    kept = kept_for_recompute(key)
+    if kept is not None:
+        return kept[0]
+    tensor = compute()
+    keep_for_recompute(key, tensor)
+    return tensor
 
 
 @torch.compiler.disable  # host-side bookkeeping: nothing for a compiled graph to trace
