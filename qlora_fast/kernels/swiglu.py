@@ -231,8 +231,8 @@ def sums_in_kernel(*terms: LowRank) -> bool:
 
 
 def _launch_backward(dh, g, u, terms, meta, wide, activation, sums: bool):
-    """Overwrites g and u with dg and du (and dh with h without `sums`); returns the (3, chunks, cols, R)
-    fp32 partial sums with `sums`."""
+    """Overwrites g and u with dg and du (and dh with h without `sums`); with `sums`, returns the three
+    (cols, rank) fp32 sums, the chunks' partial sums added in a fixed order."""
     _check(dh, g, u)
     rows, cols = g.numel() // g.shape[-1], g.shape[-1]
     args = (*term_args(terms[0], dh), *term_args(terms[1], g), *term_args(terms[2], u))
@@ -251,7 +251,7 @@ def _launch_backward(dh, g, u, terms, meta, wide, activation, sums: bool):
         GELU=_is_gelu(activation), SUMS=sums, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=meta["num_warps"])
     for t in (g, u) if sums else (dh, g, u):  # written behind autograd's back: a later reader of the old values fails loudly
         torch.autograd.graph.increment_version(t)
-    return partial
+    return partial.sum(1)[..., :rank] if sums else None
 
 
 def swiglu_backward_(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, dh_term: LowRank, gate_term: LowRank,
@@ -264,9 +264,8 @@ def swiglu_backward_(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, dh_term
     their scalings, from dg, du and h rounded to dh's dtype as autograd's tensors are. Each program sums a
     band of columns over a chunk of rows; the chunks' sums are added in a fixed order (no atomics, the
     same bits every run). `wide` and `activation` as in swiglu_forward. Fast up to SUMS_MAX_RANK."""
-    rank = shared_rank((dh_term, gate_term, up_term))
-    sums = _launch_backward(dh, g, u, (dh_term, gate_term, up_term), meta, wide, activation, sums=True)
-    gate_sum, up_sum, down_sum = sums.sum(1)[..., :rank]
+    gate_sum, up_sum, down_sum = _launch_backward(dh, g, u, (dh_term, gate_term, up_term), meta, wide, activation,
+                                                  sums=True)
     return g, u, (gate_sum, up_sum, down_sum)
 
 
