@@ -14,6 +14,7 @@ r=16 alpha=16 on all 7 projections, gradient checkpointing, fused AdamW, lr 1e-4
 - trl_packed: the same with `packing=True` (padding-free rows of up to 8192 tokens from documents of
   100-900 tokens: every row has its own length); trl_packed16k / trl_packed32k: rows of up to 16384 /
   32768 tokens (long context; not in the default set);
+- RECIPE_rN (e.g. peft_r64, bare_r128): that recipe with LoRA rank N, alpha N (not in the default set);
 - cli: `qlora-fast train` on the shipped configs/llama-3.1-8b-alpaca.yaml (4 x 2048, gradient accumulation
   4, paged 8-bit AdamW) with base_model random:<shape> and random text documents (stock: `patch: false`).
 Stacks: stock peft; qlora_fast (the same script plus `patch_model`); unsloth (its own
@@ -60,10 +61,16 @@ def _quantized(shape):
     return model
 
 
-def _lora_config():
+def _split_rank(recipe: str) -> tuple[str, int]:
+    """'peft_r64' -> ('peft', 64); a recipe without the suffix runs at rank 16."""
+    name, _, rank = recipe.rpartition("_r")
+    return (name, int(rank)) if name and rank.isdigit() else (recipe, 16)
+
+
+def _lora_config(rank: int):
     from peft import LoraConfig
 
-    return LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+    return LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
 
 
 class _Steps:
@@ -228,7 +235,7 @@ def _cli(shape, steps, patch: bool, record: _Steps) -> _Steps:
     return _timed_training(build_trainer(parse_config(raw)), record)
 
 
-def _unsloth_model(shape, max_length):
+def _unsloth_model(shape, max_length, rank):
     import torch
     from unsloth import FastLanguageModel
 
@@ -243,7 +250,7 @@ def _unsloth_model(shape, max_length):
         torch.cuda.empty_cache()
     model, tokenizer = FastLanguageModel.from_pretrained(str(path), max_seq_length=max_length, dtype=torch.bfloat16,
                                                          load_in_4bit=True, local_files_only=True)
-    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
+    model = FastLanguageModel.get_peft_model(model, r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=TARGETS,
                                              use_gradient_checkpointing="unsloth", random_state=0)
     return model, tokenizer
 
@@ -267,23 +274,26 @@ def run_recipe(stack, shape, recipe, steps, record: _Steps) -> _Steps:
     from qlora_fast.harness.models import byte_tokenizer
 
     torch.manual_seed(0)
+    recipe, rank = _split_rank(recipe)
     packed_length = PACKED_LENGTHS.get(recipe)
     if recipe == "cli":
         if stack == "unsloth":
             raise NotImplementedError("qlora-fast train is qlora_fast's own script; unsloth has no counterpart")
+        if rank != 16:
+            raise NotImplementedError("the cli recipe runs the shipped config's rank")
         return _cli(shape, steps, patch=_patched(stack), record=record)
     if stack == "unsloth":
-        model, tokenizer = _unsloth_model(shape, max(8192, packed_length or 0))
+        model, tokenizer = _unsloth_model(shape, max(8192, packed_length or 0), rank)
         if recipe in ("bare", "peft"):
             return _loop(model, steps, autocast=recipe == "peft", record=record)
         return _trl(model, tokenizer, steps, packed_length, None, patch=False, record=record)
     model = _quantized(shape)
     patch = _patched(stack)
     if recipe.startswith("trl"):
-        return _trl(model, byte_tokenizer(), steps, packed_length, _lora_config(), patch, record)
+        return _trl(model, byte_tokenizer(), steps, packed_length, _lora_config(rank), patch, record)
     if recipe == "peft":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    model = get_peft_model(model, _lora_config())
+    model = get_peft_model(model, _lora_config(rank))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if recipe == "peft":
         model.enable_input_require_grads()
@@ -354,7 +364,9 @@ def table(rows) -> list[str]:
              "| peak GiB stock / qlora_fast / unsloth | first-steps excess s (qlora_fast) | final loss stock / qlora_fast / unsloth "
              "| qlora_fast measured at |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for recipe in RECIPES + tuple(PACKED_LENGTHS)[1:]:
+    known = RECIPES + tuple(PACKED_LENGTHS)[1:]
+    ranked = sorted({r["recipe"] for r in rows} - set(known))  # the RECIPE_rN rows, after the rank-16 ones
+    for recipe in known + tuple(ranked):
         for shape in sorted({r["shape"] for r in rows}):
             cells = [by.get((recipe, shape, s)) for s in ("stock", "qlora_fast", "unsloth")]
             if not any(cells):
