@@ -311,6 +311,8 @@ def worker(args):
 
     if args.stack == "unsloth":
         import unsloth  # noqa: F401  (first, as unsloth requires)
+    from qlora_fast.ops.offloaded_checkpoint import keep_outcomes
+
     _switch_on_candidate(args.stack)
     rows = []
     for recipe in args.recipes.split(","):
@@ -319,7 +321,9 @@ def worker(args):
         try:
             record = _Steps(None if args.profile_step is None else args.profile_step - 1,
                             f"{args.out}-profile-{args.stack}-{args.shape}-{recipe}.md")
+            keep_outcomes(reset=True)
             row.update(run_recipe(args.stack, args.shape, recipe, args.steps, record).row(args.warmup))
+            row["keeps"] = keep_outcomes(reset=True)  # kept, or why not ("copies lagging": the copies fell behind)
         except Exception as error:  # noqa: BLE001  (a stack that cannot run a recipe: the table says why)
             row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
         print("ROW " + json.dumps(row), flush=True)
