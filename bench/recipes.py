@@ -351,7 +351,7 @@ def _versions() -> str:
 
 def _commit() -> str:
     if os.environ.get("QLORA_FAST_COMMIT"):  # the device's copy of the tree may carry an older .git
-        return os.environ["QLORA_FAST_COMMIT"]
+        return os.environ["QLORA_FAST_COMMIT"][:7]  # passed in full; the tables name commits short
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
