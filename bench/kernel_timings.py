@@ -84,7 +84,23 @@ def time_swiglu(rows):
                          "rel_err sums": round(max(rel_err(a, b) for a, b in zip(sums, products)), 6),
                          "bwd_ms": median_ms(lambda: swiglu_backward_(work[2], work[0], work[1], dh_term, gate, up,
                                                                       meta=meta))})
+        _time_forward_by_rank(rows, tokens, work)
         _time_backward_by_rank(rows, tokens, work)
+
+
+def _time_forward_by_rank(rows, tokens, work):
+    """The forward with its two terms inside, per tile launch candidate, at ranks 16 to 128, against
+    cuBLAS adding each term (addmm_) before the kernel without terms: whether large ranks want other tiles,
+    or the terms outside the kernel (at r=64 the forward took 0.447 ms a call in the step, 0.245 at r=16;
+    bench/RESULTS.md, session 19)."""
+    for rank in (16, 32, 64, 128):
+        gate, up = (random_term(tokens, work[0].shape[1], rank) for _ in range(2))
+        rows.append({"tokens": tokens, "meta": f"forward rank {rank}: addmm_ + kernel without terms",
+                     "fwd_ms": median_ms(lambda: swiglu_forward(work[0].addmm_(gate.xa, gate.b.t(), alpha=gate.scale),
+                                                                work[1].addmm_(up.xa, up.b.t(), alpha=up.scale)))})
+        for meta in TILE_META:
+            rows.append({"tokens": tokens, "meta": f"forward rank {rank}: {meta}",
+                         "fwd_ms": median_ms(lambda: swiglu_forward(work[0], work[1], gate, up, meta))})
 
 
 def _time_backward_by_rank(rows, tokens, work):
@@ -481,7 +497,7 @@ def time_terms_in_gemm(rows):
         plain = median_ms(lambda: x @ w.t())
         row = {"product": f"{name} ({tokens} x {k}) @ ({k} x {n})", "plain ms": plain,
                "TFLOP/s": 2 * tokens * n * k / (plain * 1e-3) / 1e12}
-        for extra in (16, 32, 64):
+        for extra in (16, 32, 64, 128, 256):  # r, or 2r (gate and up's factors side by side), r up to 128
             w_wide = torch.randn(n, k + extra, device="cuda", dtype=torch.bfloat16)
             x_wide = torch.randn(tokens, k + extra, device="cuda", dtype=torch.bfloat16)
             row[f"K + {extra} ms"] = median_ms(lambda: x_wide @ w_wide.t())

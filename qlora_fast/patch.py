@@ -4,6 +4,7 @@
 - patching/mlp.py (`fused_mlp`), patching/qkv.py (`fused_qkv`): gated MLPs (SwiGLU, GeGLU) and q/k/v as one Function
 - patching/norms.py (`rms_norm`, `add_norm`), patching/rotary.py (`rope`), patching/loss.py (`chunked_loss`)
 - patching/packed_attention.py (`packed_attention`): padding-free packed batches attend per sequence
+  (patching/attention.py: the attention implementation it and `keep_attention_outputs` serve calls through)
 - patching/checkpoints.py (`offload_checkpoints`), patching/kept_outputs.py (`keep_attention_outputs`),
   patching/bf16_weights.py (`bf16_frozen_weights`), patching/parameter_count.py (`parameter_count`)
 - patching/architectures.py: the model families and what each of their classes computes
@@ -16,17 +17,18 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .patching.attention import restore_attention
 from .patching.bf16_weights import hold_in_bf16, release_bf16_holds
 from .patching.checkpoints import restore_checkpoints, use_offloaded_checkpoints
 from .patching.core import (CALLS, KV_SIBLINGS, OUTPUT_UNREAD_IN_RECOMPUTE, distributed, has_hooks, is_patched,
                             previous_forward, replace_forward, reset_call_counts, restore_forward)
-from .patching.kept_outputs import mark_attention_outputs
+from .patching.kept_outputs import keep_attention_results, mark_attention_outputs
 from .patching.lora_linear import lora_layer_forward
 from .patching.loss import causal_lm, forward_with_chunked_loss, unchunked_causal_lm
 from .patching.mlp import (fusable_gate_up_mlps, fusable_mlps, gate_up_mlp_forward, mark_residual_mlps,
                            mlp_forward)
 from .patching.norms import add_norm_layer_forward, add_norm_layers, frozen_norms
-from .patching.packed_attention import restore_packed_attention, use_packed_attention
+from .patching.packed_attention import remove_packed_hooks, use_packed_attention
 from .patching.parameter_count import restore_parameter_count, use_parameter_count
 from .patching.projections import lora_nf4_layers, static_skip_reason
 from .patching.qkv import QKV_PROJECTIONS, fusable_qkv
@@ -51,6 +53,7 @@ class PatchReport:
     dense_packed_attention: str | None = None  # why a decoder stack's packed batches keep the dense mask
     offloaded_checkpoints: bool = False
     kept_outputs: int = 0  # attention projections whose base outputs the recompute takes from the host
+    kept_attention: int = 0  # decoder stacks whose attention outputs the recompute takes from the host
     bf16_stored: int = 0  # frozen fp32 embedding / lm_head weights held in bf16, losslessly
     parameter_count: bool = False  # transformers' num_parameters (Trainer's per-step FLOP count) in one walk
     stock_loss: str | None = None  # a causal LM whose loss keeps the stock path: its class name
@@ -74,8 +77,10 @@ class PatchReport:
             line += "; TRL's fused-head calls too)" if self.trl_head else ")"
         if self.offloaded_checkpoints:
             line += "; checkpointed layer inputs offloaded to the host"
-            if self.kept_outputs:
-                line += " (with the attention projections' outputs: not recomputed)"
+            kept = ["the attention projections'"] if self.kept_outputs else []
+            kept += ["the attention's"] if self.kept_attention else []
+            if kept:
+                line += f" (with {' and '.join(kept)} outputs: not recomputed)"
         if self.bf16_stored:
             line += f"; {self.bf16_stored} frozen fp32 embedding/head weights held in bf16 (exact)"
         if self.dense_packed_attention:
@@ -121,8 +126,9 @@ def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool
     sequences rather than through a dense block-causal mask, and (`offload_checkpoints`) keeps
     gradient checkpointing's per-layer inputs in host memory; None (default) offloads in single-process
     training and leaves distributed runs (DDP, FSDP) to torch's checkpointing unless asked, and
-    (`keep_attention_outputs`) with them the attention projections' base outputs, which the recompute
-    then takes back instead of recomputing (up to a quarter of the host memory available);
+    (`keep_attention_outputs`) with them the attention projections' base outputs and (unmasked causal
+    sdpa) the attention's output, which the recompute then takes back instead of recomputing (up to a
+    quarter of the host memory available);
     (`bf16_frozen_weights`) holds frozen fp32 embedding and LM-head weights whose values are all bf16 (as
     `prepare_model_for_kbit_training` leaves a bf16 checkpoint's) in bf16, computing what they computed;
     (`parameter_count`) counts the model's parameters for transformers' `num_parameters` and lists them
@@ -187,6 +193,7 @@ def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool
         report.offloaded_checkpoints = use_offloaded_checkpoints(model)
         if keep_attention_outputs:
             report.kept_outputs = mark_attention_outputs(model)
+            report.kept_attention = keep_attention_results(model)
     if verbose and (report.skipped or report.stock_loss):
         warnings.warn(report.summary(), stacklevel=2)
     return report
@@ -196,7 +203,8 @@ def unpatch_model(model: torch.nn.Module) -> int:
     """Restores every forward patch_model changed; returns how many LoRA layers it restored."""
     restore_checkpoints(model)
     restore_rotary(model)
-    restore_packed_attention(model)
+    remove_packed_hooks(model)
+    restore_attention(model)
     release_bf16_holds(model)
     restore_parameter_count(model)
     lora_layers = {id(layer) for _, layer in lora_nf4_layers(model)}

@@ -91,7 +91,7 @@ class TrainConfig:
     chunked_loss: bool = True
     bf16_frozen_weights: bool = True  # frozen fp32 embedding/head holding only bf16 values, held in bf16
     packed_attention: bool = True  # packed rows (packing: true) attend within each sequence
-    keep_attention_outputs: bool = True  # with offloaded checkpoints: q/k/v and o outputs not recomputed
+    keep_attention_outputs: bool = True  # with offloaded checkpoints: q/k/v, o and attention outputs not recomputed
     parameter_count: bool = True  # num_parameters and parameters() (Trainer's per-step walks) in one walk each
     distributed: str = "none"  # none | ddp | fsdp (launch with `accelerate launch`)
     source: str | None = field(default=None, repr=False)  # the YAML file read, for relative paths

@@ -13,8 +13,9 @@ A row names the family's classes and says which of them compute exactly what a f
   rotary_projections: and the attention hands it q_proj's and k_proj's outputs on its hidden states, viewed
   as (batch, heads, seq, head_dim), and the decoder layer's position_embeddings, with nothing in between
   (no q/k norms), so the fused q/k/v may return them rotated;
-- packed_attention: the attention is causal softmax attention through transformers' attention functions,
-  handed the decoder layer's kwargs, without softcapping (patching/packed_attention.py);
+- attention_interface: the attention is causal softmax attention through transformers' attention
+  functions, handed the decoder layer's kwargs, without softcapping (patching/attention.py: packed
+  batches and kept attention outputs are served there);
 - plain_head: the training loss is cross-entropy of lm_head(hidden states), softcapped as
   c * tanh(logits / c) where config.final_logit_softcapping = c is set (no other logit scaling, no
   auxiliary loss).
@@ -44,7 +45,7 @@ class Architecture:
     llama_layer: bool
     rotary: bool
     plain_head: bool
-    packed_attention: bool = True
+    attention_interface: bool = True
     gate_up_mlp: bool = False
     gemma_norm: bool = False
     rotary_projections: bool = False
@@ -67,10 +68,10 @@ ARCHITECTURES = (
                  gated_mlp=True, qkv_attention=True, llama_norm=False, llama_layer=False, rotary=True,
                  plain_head=True, gemma_norm=True),
     # and the logits softcapped (inside the loss kernel), the attention scores too: packed batches keep the
-    # dense mask
+    # dense mask, attention outputs are recomputed
     Architecture("gemma2", "Gemma2ForCausalLM", "Gemma2DecoderLayer", "Gemma2Attention", "Gemma2MLP",
                  "Gemma2RMSNorm", gated_mlp=True, qkv_attention=True, llama_norm=False, llama_layer=False,
-                 rotary=True, plain_head=True, packed_attention=False, gemma_norm=True),
+                 rotary=True, plain_head=True, attention_interface=False, gemma_norm=True),
     Architecture("gemma3", "Gemma3ForCausalLM", "Gemma3DecoderLayer", "Gemma3Attention", "Gemma3MLP",
                  "Gemma3RMSNorm", gated_mlp=True, qkv_attention=True, llama_norm=False, llama_layer=False,
                  rotary=True, plain_head=True, gemma_norm=True),
@@ -83,9 +84,9 @@ ARCHITECTURES = (
 # The role of each property: which class of a row it qualifies.
 _ROLE = {"gated_mlp": "mlp", "qkv_attention": "attention", "llama_norm": "rms_norm",
          "llama_layer": "decoder_layer", "rotary": "attention", "plain_head": "causal_lm",
-         "packed_attention": "attention", "gate_up_mlp": "mlp", "gemma_norm": "rms_norm",
+         "attention_interface": "attention", "gate_up_mlp": "mlp", "gemma_norm": "rms_norm",
          "rotary_projections": "attention"}
-_STRUCTURAL = ("gated_mlp", "qkv_attention", "llama_norm", "llama_layer", "packed_attention", "gate_up_mlp",
+_STRUCTURAL = ("gated_mlp", "qkv_attention", "llama_norm", "llama_layer", "attention_interface", "gate_up_mlp",
                "gemma_norm")
 
 

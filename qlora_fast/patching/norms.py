@@ -12,7 +12,7 @@ from .architectures import has
 from .core import (ATTENTION_INPUTS, CALLS, NARROWED_FROM, OUTPUT_UNREAD_IN_RECOMPUTE, has_hooks, is_patched,
                    previous_forward)
 from .mlp import mlp_plus_residual, rounds_its_input as mlp_rounds_its_input
-from .packed_attention import IMPLEMENTATION as PACKED_IMPLEMENTATION
+from .attention import IMPLEMENTATION as OUR_IMPLEMENTATION
 from .qkv import rounds_its_input as attention_rounds_its_input
 from .rotary import rotates_through_drop_in
 
@@ -81,9 +81,9 @@ def _add_norm_for(residual, delta, norm, consumer_rounds_it):
 
 
 # Attention functions that, under autocast, round q, k and v to autocast's dtype before any use of them
-# (sdpa and flash attention cast them; packed attention does as sdpa; eager's matmul casts them, and only
+# (sdpa and flash attention cast them; ours does as sdpa; eager's matmul casts them, and only
 # its dropout would see the difference)
-_ROUNDING_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3", PACKED_IMPLEMENTATION)
+_ROUNDING_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3", OUR_IMPLEMENTATION)
 
 
 def _attention_rounding(attention, past_key_values, device_type: str) -> torch.dtype | None:

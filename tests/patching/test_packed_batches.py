@@ -168,8 +168,8 @@ def test_eager_attention_is_not_served_and_the_summary_says_how_to_change_it():
 
 def test_switch_off_and_restore():
     model = tiny_qlora().train()
-    assert patch_model(model, packed_attention=False).packed_attention == 0
-    assert model.config._attn_implementation == "sdpa"
+    assert patch_model(model, packed_attention=False, keep_attention_outputs=False).packed_attention == 0
+    assert model.config._attn_implementation == "sdpa"  # (kept outputs switch it too: tests/patching/test_kept_outputs.py)
     unpatch_model(model)
     assert patch_model(model).packed_attention == 1
     assert patch_model(model).packed_attention == 1  # idempotent
@@ -185,29 +185,3 @@ def test_a_gpu_without_a_varlen_kernel_keeps_the_mask_and_says_so(monkeypatch):
     monkeypatch.setattr(patching_module, "worth_it_on", lambda device: False)
     report = patch_model(tiny_qlora().train())
     assert report.packed_attention == 0 and "no varlen attention kernel on this GPU" in report.summary()
-
-
-@pytest.mark.parametrize("shape", ["tiny-llama", "tiny-qwen2"])
-def test_kept_attention_output_gives_the_same_step(shape, monkeypatch):
-    """bench/recipes.py's keep_attention candidate: unpadded batches' attention keeps its output for the
-    checkpoint's recompute (ops/kept_attention.py). Same loss and gradients, bit for bit, as the patched
-    model without it (same CPU kernel), the attention's forward once a layer."""
-    import qlora_fast.ops.kept_attention as kept_ops
-    import qlora_fast.patching.packed_attention as packed
-
-    model = tiny_qlora(shape).train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    patch_model(model)
-    ids = torch.randint(0, 512, (2, 24))
-    default = loss_and_grads(model, ids, None)
-    monkeypatch.setattr(packed, "KEEP_ATTENTION_OUTPUT", True)
-    forwards, cpu_flash = [], ("cpu", int(torch.nn.attention.SDPBackend.FLASH_ATTENTION))
-    kernel = kept_ops._KERNELS[cpu_flash]
-    monkeypatch.setitem(kept_ops._KERNELS, cpu_flash, kept_ops._FusedKernel(
-        lambda *args: forwards.append(1) or kernel.forward(*args), kernel.backward))
-    CALLS.clear()
-    kept = loss_and_grads(model, ids, None)
-    layers = model.config.num_hidden_layers
-    assert CALLS["kept_attention"] == 2 * layers and len(forwards) == layers
-    assert kept[0] == default[0]
-    assert all(torch.equal(kept[1][n], default[1][n]) for n in default[1])
