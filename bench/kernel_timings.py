@@ -150,6 +150,22 @@ def time_low_rank_add(rows):
                          "meta": f"{LOW_RANK_ADD_META}, B columns-adjacent", "ms": kernel_ms,
                          "TB_per_s": gb / kernel_ms})
         _time_residual_add(rows, tokens)
+        _time_low_rank_add_by_rank(rows, tokens)
+
+
+def _time_low_rank_add_by_rank(rows, tokens, width=4096):
+    """o_proj's (tokens x 4096) output at ranks 16 to 128, per tile launch candidate and with addmm_: whether
+    large ranks want other tiles or cuBLAS (at r=64 a call took 73 us in the step, 44 at r=16)."""
+    y = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16)
+    gb = 2 * y.numel() * 2 / 1e9
+    for rank in (16, 64, 128):
+        term = random_term(tokens, width, rank)
+        candidates = [("addmm_", lambda: y.addmm_(term.xa, term.b.t(), alpha=term.scale))]
+        candidates += [(str(meta), lambda meta=meta: low_rank_add_(y, term, meta)) for meta in TILE_META]
+        for meta, add in candidates:
+            ms = median_ms(add)
+            rows.append({"tokens": tokens, "output": f"o_proj {tokens} x {width}, rank {rank}", "meta": meta,
+                         "ms": ms, "TB_per_s": gb / ms})
 
 
 def _time_residual_add(rows, tokens, width=4096):
