@@ -10,6 +10,7 @@ IMPLEMENTATION, which sends each call of an attention module
 - to transformers' sdpa_attention_forward otherwise, unchanged.
 """
 
+import inspect
 import threading
 
 import torch
@@ -76,7 +77,7 @@ def attentions(stack) -> list:
     return [m for m in stack.modules() if type(m).__name__.endswith("Attention")]
 
 
-def unservable_reason(attention) -> str | None:
+def _unservable_reason(attention) -> str | None:
     """Why neither switch can stand in for this attention, or None: it must be causal softmax attention
     through transformers' attention functions, without dropout or softcapping."""
     if getattr(attention, "attn_logit_softcapping", None) is not None:
@@ -93,7 +94,7 @@ def stack_refusal(stack) -> str | None:
     found = attentions(stack)
     if not found:
         return "no attention modules found"
-    reason = next(filter(None, map(unservable_reason, found)), None)
+    reason = next(filter(None, map(_unservable_reason, found)), None)
     if reason is not None:
         return reason
     implementation = vars(stack).get(_STOCK_IMPLEMENTATION, stack.config._attn_implementation)
@@ -104,9 +105,7 @@ def stack_refusal(stack) -> str | None:
 
 def decoder_stacks(model) -> list:
     """The transformers models inside `model` that run a ModuleList of layers through sdpa or eager
-    attention and pass their keyword arguments on to them."""
-    import inspect
-
+    attention (or IMPLEMENTATION, installed already) and pass their keyword arguments on to them."""
     from transformers import PreTrainedModel
 
     def passes_kwargs_on(forward) -> bool:
