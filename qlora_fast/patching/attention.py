@@ -6,7 +6,8 @@ Two patch_model switches act inside transformers' attention function: `packed_at
 its output for the recompute). A decoder stack either serves is switched to one registered implementation,
 IMPLEMENTATION, which sends each call of an attention module
 - to ops/packed_attention when the module is marked PACKS and the stack's forward is a packed batch,
-- to ops/kept_attention when it is marked KEEPS and sdpa would compute plain causal attention,
+- to ops/kept_attention when it is marked KEEPS, runs inside an offloaded checkpoint (its first pass or
+  its recompute) and sdpa would compute plain causal attention there,
 - to transformers' sdpa_attention_forward otherwise, unchanged.
 """
 
@@ -16,6 +17,7 @@ import threading
 import torch
 
 from ..ops.kept_attention import kept_attention
+from ..ops.offloaded_checkpoint import keeping, recomputing
 from ..ops.packed_attention import PackedSequences, packed_attention
 from .architectures import has
 from .core import CALLS
@@ -55,7 +57,8 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
                                "packed attention does not compute; pass patch_model(..., packed_attention=False)")
         CALLS["packed_attention"] += 1
         return packed_attention(query, key, value, given_sequences(kwargs), scaling), None
-    if marks.get(KEEPS) and _plain_causal(module, query, key, attention_mask, dropout, kwargs):
+    if marks.get(KEEPS) and (keeping() or recomputing()) and _plain_causal(module, query, key, attention_mask,
+                                                                            dropout, kwargs):
         CALLS["kept_attention"] += 1
         return kept_attention(module, query, key, value, scaling).transpose(1, 2).contiguous(), None
     if attention_mask is None and packed_forward():

@@ -83,6 +83,17 @@ def test_kept_without_packed_attention_a_packed_batch_takes_the_dense_mask():
     assert CALLS["kept_attention"] > 0
 
 
+def test_outside_a_checkpoint_the_attention_is_stock_sdpa():
+    """Evaluation and generation (no checkpoint, nothing to keep for) call transformers' own sdpa function."""
+    model = checkpointed()
+    patch_model(model)
+    CALLS.clear()
+    with torch.no_grad():
+        model.eval()(input_ids=torch.randint(0, 512, (2, 24)), use_cache=False)
+        model.generate(torch.randint(0, 512, (1, 6)), max_new_tokens=3, do_sample=False)
+    assert CALLS["kept_attention"] == 0
+
+
 def test_unpatch_gives_the_attention_back():
     model = checkpointed()
     patch_model(model)
