@@ -15,14 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
-from .offloaded_checkpoint import keep_for_recompute, kept_for_recompute, keeping, recomputing
+from .offloaded_checkpoint import keeping, kept_items_or_computed, recomputing
 
 aten = torch.ops.aten
 
 
 @dataclass(frozen=True)
 class _FusedKernel:
-    # forward(q, k, v, scale) -> (out, logsumexp, state): state is what the backward op takes besides them
+    # forward(q, k, v, scale) -> (out, logsumexp, *state): state is what the backward op takes besides them
     forward: Callable
     # backward(dout, q, k, v, out, logsumexp, state, scale) -> (dq, dk, dv)
     backward: Callable
@@ -31,7 +31,7 @@ class _FusedKernel:
 def _cudnn_forward(q, k, v, scale):
     out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = aten._scaled_dot_product_cudnn_attention(
         q, k, v, None, True, 0.0, True, False, scale=scale)
-    return out, lse, (seed, offset, cum_q, cum_k, max_q, max_k)
+    return out, lse, seed, offset, cum_q, cum_k, max_q, max_k
 
 
 def _cudnn_backward(dout, q, k, v, out, lse, state, scale):
@@ -43,7 +43,7 @@ def _cudnn_backward(dout, q, k, v, out, lse, state, scale):
 def _flash_forward(q, k, v, scale):
     out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = aten._scaled_dot_product_flash_attention(
         q, k, v, 0.0, True, False, scale=scale)
-    return out, lse, (cum_q, cum_k, max_q, max_k, seed, offset)
+    return out, lse, cum_q, cum_k, max_q, max_k, seed, offset
 
 
 def _flash_backward(dout, q, k, v, out, lse, state, scale):
@@ -55,7 +55,7 @@ def _flash_backward(dout, q, k, v, out, lse, state, scale):
 def _efficient_forward(q, k, v, scale):
     out, lse, seed, offset = aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, True,
                                                                            scale=scale)
-    return out, lse, (seed, offset)
+    return out, lse, seed, offset
 
 
 def _efficient_backward(dout, q, k, v, out, lse, state, scale):
@@ -66,7 +66,7 @@ def _efficient_backward(dout, q, k, v, out, lse, state, scale):
 
 def _cpu_flash_forward(q, k, v, scale):
     out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
-    return out, lse, ()
+    return out, lse
 
 
 def _cpu_flash_backward(dout, q, k, v, out, lse, state, scale):
@@ -95,12 +95,7 @@ def _fused_kernel(q, k, v, scale) -> _FusedKernel | None:
 class _KeptAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, key, kernel):
-        kept = kept_for_recompute(key)
-        if kept is None:
-            out, lse, state = kernel.forward(q, k, v, scale)
-            keep_for_recompute(key, out, lse, *state)
-        else:
-            out, lse, *state = kept
+        out, lse, *state = kept_items_or_computed(key, lambda: kernel.forward(q, k, v, scale))
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.state, ctx.scale, ctx.kernel = state, scale, kernel
         return out

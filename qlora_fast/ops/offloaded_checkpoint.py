@@ -213,15 +213,20 @@ def kept_for_recompute(key) -> tuple | None:
     return values.pop(0) if values else None
 
 
-def kept_or_computed(key, compute) -> torch.Tensor:
-    """compute(), kept for the recompute (keep_for_recompute); in the recompute, what was kept instead,
-    where it was."""
+def kept_items_or_computed(key, compute) -> tuple:
+    """compute()'s items (a tuple), kept together for the recompute (keep_for_recompute); in the
+    recompute, what was kept instead, where it was."""
     kept = kept_for_recompute(key)
     if kept is not None:
-        return kept[0]
-    tensor = compute()
-    keep_for_recompute(key, tensor)
-    return tensor
+        return kept
+    items = compute()
+    keep_for_recompute(key, *items)
+    return items
+
+
+def kept_or_computed(key, compute) -> torch.Tensor:
+    """kept_items_or_computed of one tensor."""
+    return kept_items_or_computed(key, lambda: (compute(),))[0]
 
 
 @torch.compiler.disable  # host-side bookkeeping: nothing for a compiled graph to trace

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from qlora_fast.ops import kept_attention as kept
+from qlora_fast.ops import offloaded_checkpoint as offloaded
 from qlora_fast.ops.offloaded_checkpoint import keep_outcomes, offloaded_checkpoint
 
 HEADS, HEAD_DIM = 4, 8
@@ -108,8 +109,8 @@ def test_a_wrong_kept_output_changes_the_gradients(monkeypatch):
     model = Attention(HEADS)
     x = torch.randn(2, 24, HEADS * HEAD_DIM)
     reference = step(model, x, sdpa, functools.partial(checkpoint, use_reentrant=False))
-    fetched = kept.kept_for_recompute
-    monkeypatch.setattr(kept, "kept_for_recompute",
+    fetched = offloaded.kept_for_recompute
+    monkeypatch.setattr(offloaded, "kept_for_recompute",
                         lambda key: None if (v := fetched(key)) is None else (2 * v[0], *v[1:]))
     ours = step(model, x, lambda m, *a: kept.kept_attention(m, *a), offloaded_checkpoint)
     assert not torch.allclose(ours[-2], reference[-2])  # o's weight gradient
