@@ -300,9 +300,11 @@ def lora_layers_and_mlp():
                 patched_against_peft(f"LoRA layer {n}x{k} {dname} dropout {dropout}", layer, x,
                                      torch.randn(4, 300, n, device="cuda", dtype=dtype))
         x = torch.randn(4, 300, 1024, device="cuda", dtype=dtype, requires_grad=True)
-        for rank in (16, 64):  # gradients summed in the SwiGLU kernel; h written for cuBLAS' GEMMs
-            mlp = make_lora_nf4_mlp(1024, 3000, r=rank, dtype=dtype, device="cuda")
-            patched_against_peft(f"SwiGLU MLP 1024x3000 r={rank} {dname}", mlp, x, torch.randn_like(x))
+        # gradients summed in the SwiGLU kernel; h written for cuBLAS' GEMMs, the terms in the kernels (3000
+        # columns: partial quantization blocks) or in the GEMMs (ops/terms_in_gemm.py)
+        for rank, intermediate in ((16, 3000), (64, 3000), (64, 3072)):
+            mlp = make_lora_nf4_mlp(1024, intermediate, r=rank, dtype=dtype, device="cuda")
+            patched_against_peft(f"SwiGLU MLP 1024x{intermediate} r={rank} {dname}", mlp, x, torch.randn_like(x))
 
 
 def packed_attention_kernels():

@@ -34,6 +34,7 @@ from qlora_fast.kernels import swiglu as swiglu_kernels
 from qlora_fast.kernels.low_rank_add import low_rank_add_
 from qlora_fast.kernels.swiglu import BACKWARD_CANDIDATE_META, swiglu_backward_, swiglu_backward_writing_h_, swiglu_forward
 from qlora_fast.nf4 import nf4_weight_from_bnb
+from qlora_fast.ops import lora_nf4_mlp
 from qlora_fast.testing import forward_backward, make_lora_nf4_linear, make_lora_nf4_mlp, make_nf4_linear
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -388,17 +389,27 @@ def _peak_mib_and_ms(mlp, x, gy):
 
 
 def time_mlp(rows):
-    """peft's MLP against ours."""
-    for m in (512, 2048, 8192):
-        mlp = make_lora_nf4_mlp(4096, 14336, dtype=torch.bfloat16, device="cuda")
-        x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        gy = torch.randn_like(x)
-        row = {"shape": "4096x14336", "M": m}
-        row["peft_peak_MiB"], row["peft_ms"] = _peak_mib_and_ms(mlp, x, gy)
-        patch_model(mlp)
-        row["qlora_fast_peak_MiB"], row["qlora_fast_ms"] = _peak_mib_and_ms(mlp, x, gy)
-        row["speedup"] = row["peft_ms"] / row["qlora_fast_ms"]
-        rows.append(row)
+    """peft's MLP against ours at r=16 and 64, its input in bf16 (the bf16 recipes) or fp32 (the prepared
+    recipe's hidden states, bf16 compute); at r=64 with bf16 input also ours with the terms kept in the
+    SwiGLU kernels instead of the GEMMs (ops/terms_in_gemm.py), what the default was before."""
+    for rank in (16, 64):
+        for m in (2048, 8192):
+            for input_dtype in (torch.bfloat16, torch.float32):
+                mlp = make_lora_nf4_mlp(4096, 14336, r=rank, dtype=torch.bfloat16, device="cuda")
+                x = torch.randn(m, 4096, device="cuda", dtype=input_dtype, requires_grad=True)
+                gy = torch.randn_like(x)
+                row = {"shape": "4096x14336", "r": rank, "M": m, "input": str(input_dtype)[6:]}
+                row["peft_peak_MiB"], row["peft_ms"] = _peak_mib_and_ms(mlp, x, gy)
+                patch_model(mlp)
+                row["qlora_fast_peak_MiB"], row["qlora_fast_ms"] = _peak_mib_and_ms(mlp, x, gy)
+                row["speedup"] = row["peft_ms"] / row["qlora_fast_ms"]
+                if rank > 32 and input_dtype == torch.bfloat16:
+                    default, lora_nf4_mlp.terms_fit_in_gemm = lora_nf4_mlp.terms_fit_in_gemm, lambda *a: False
+                    try:
+                        _, row["terms in SwiGLU kernels ms"] = _peak_mib_and_ms(mlp, x, gy)
+                    finally:
+                        lora_nf4_mlp.terms_fit_in_gemm = default
+                rows.append(row)
 
 
 def time_rope(rows):
@@ -529,6 +540,11 @@ def time_terms_in_gemm(rows):
         # the GEMM reading x as the first k columns of a wider buffer (the norm's output written there)
         x_in_wider = torch.randn(tokens, k + 64, device="cuda", dtype=torch.bfloat16)[:, :k]
         row["x strided ms"] = median_ms(lambda: x_in_wider @ w.t())
+        # the dequantize writing W contiguously, and into the trailing columns of [B | W] at r=64
+        nf4 = nf4_weight_from_bnb(make_nf4_linear(n, k, torch.bfloat16, device="cuda").weight)
+        row["dequantize ms"] = median_ms(lambda: nf4_dequantize(nf4))
+        into_wider = torch.empty(n, k + 64, device="cuda", dtype=torch.bfloat16)[:, 64:]
+        row["dequantize into [B | W] ms"] = median_ms(lambda: nf4_dequantize(nf4, out=into_wider))
         rows.append(row)
 
 
@@ -605,7 +621,7 @@ def main():
                 ("rmsnorm", "RMSNorm forward+backward, bf16, frozen weight (median ms)", time_rms_norm),
                 ("add_rms_norm", "Residual add + RMSNorm forward+backward, bf16 (median ms; ok: same dX bits)",
                  time_add_rms_norm),
-                ("mlp", "SwiGLU MLP forward+backward, LoRA r=16 on NF4 gate/up/down, bf16 (median ms, peak MiB)",
+                ("mlp", "SwiGLU MLP forward+backward, LoRA on NF4 gate/up/down, bf16 compute (median ms, peak MiB)",
                  time_mlp),
                 ("rope", "Rotary embedding of q and k forward+backward, bf16 (median ms)", time_rope),
                 ("rotated_qkv", "Fused q/k/v forward+backward with RoPE inside, Llama-3-8B 4x2048 r=16 (median ms)",

@@ -5,6 +5,10 @@ packed bytes with wide loads, decodes both nibbles and writes the two values int
 and writes stay contiguous. Bit-exact with bitsandbytes: the same fp32
 products, rounded once to the output dtype.
 
+`nf4_dequantize` also writes into the columns of a wider matrix (`out` a view with a longer row stride:
+the base weight of a GEMM whose K is widened to carry LoRA factors, ops/terms_in_gemm.py), whole
+quantization blocks per row, so each block still lands contiguously.
+
 `nf4_dequantize_stacked` writes several weights (an attention's q, k and v) one under the other in one
 launch: the second grid axis picks the weight, whose tensors' addresses the program reads from a small
 device table built once per group of weights. A launch costs the host ~15 us, and steps of a few
@@ -46,15 +50,20 @@ CANDIDATE_META = [
 def _dequantize_blocks(pid, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr,
                        n_elements, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
                        SOFTWARE_RTNE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr, WHOLE_BLOCKS: tl.constexpr,
-                       STREAMING: tl.constexpr):
-    # A tile of whole quantization blocks: one scale per row, decoded once and broadcast.
+                       STREAMING: tl.constexpr, blocks_per_row, out_row_stride, ROWS_STRIDED: tl.constexpr):
+    # A tile of whole quantization blocks: one scale per row, decoded once and broadcast. With ROWS_STRIDED
+    # each weight row of blocks_per_row blocks starts out_row_stride elements after the previous one.
     HALF: tl.constexpr = BLOCKSIZE // 2  # bytes per block
     block = pid * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
     block_mask = block * BLOCKSIZE < n_elements
     scale = nf4_block_scale(block, block_mask, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
                             BLOCKSIZE2, NESTED)
     byte_idx = block[:, None] * HALF + tl.arange(0, HALF)[None, :]
-    out_idx = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    if ROWS_STRIDED:
+        block_start = (block // blocks_per_row).to(tl.int64) * out_row_stride + (block % blocks_per_row) * BLOCKSIZE
+    else:
+        block_start = block * BLOCKSIZE
+    out_idx = block_start[:, None] + tl.arange(0, BLOCKSIZE)[None, :]
     if WHOLE_BLOCKS:  # one mask per block: wide loads and stores
         byte_mask = block_mask[:, None]
         out_mask = block_mask[:, None]
@@ -76,13 +85,13 @@ def _dequantize_blocks(pid, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2
 
 @triton.jit
 def _nf4_dequantize_kernel(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr,
-                           n_elements,
+                           n_elements, blocks_per_row, out_row_stride,
                            BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
                            SOFTWARE_RTNE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr, WHOLE_BLOCKS: tl.constexpr,
-                           STREAMING: tl.constexpr):
+                           STREAMING: tl.constexpr, ROWS_STRIDED: tl.constexpr):
     _dequantize_blocks(tl.program_id(0), packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
                        out_ptr, n_elements, BLOCKSIZE, BLOCKSIZE2, NESTED, SOFTWARE_RTNE, BLOCKS_PER_PROGRAM,
-                       WHOLE_BLOCKS, STREAMING)
+                       WHOLE_BLOCKS, STREAMING, blocks_per_row, out_row_stride, ROWS_STRIDED)
 
 
 @triton.jit
@@ -108,7 +117,8 @@ def _nf4_dequantize_stacked_kernel(table_ptr, out_ptr, BLOCKSIZE: tl.constexpr, 
                            tl.load(row + 4).to(tl.pointer_type(tl.float32)),
                            tl.load(row + 5).to(tl.pointer_type(tl.float32)),
                            out_ptr + out_start, n_elements,
-                           BLOCKSIZE, BLOCKSIZE2, NESTED, SOFTWARE_RTNE, BLOCKS_PER_PROGRAM, WHOLE_BLOCKS, STREAMING)
+                           BLOCKSIZE, BLOCKSIZE2, NESTED, SOFTWARE_RTNE, BLOCKS_PER_PROGRAM, WHOLE_BLOCKS, STREAMING,
+                           1, 0, False)
 
 
 OUT_POSITION = 6  # out_ptr among _nf4_dequantize_kernel's arguments
@@ -130,25 +140,42 @@ def new_output(templates: dict, shape: tuple, dtype: torch.dtype, device: torch.
     return torch.empty_like(template)
 
 
+def _check_out(out: torch.Tensor, weight: NF4Weight, dtype: torch.dtype) -> bool:
+    """Whether `out` (a valid output) has rows further apart than the weight's; raises for an invalid one:
+    one not of the weight's shape and `dtype`, or whose rows are not contiguous, or strided rows that do
+    not hold whole quantization blocks."""
+    rows, cols = weight.shape
+    if out.shape != weight.shape or out.dtype != dtype or (out.stride(1) != 1 and cols > 1) \
+            or out.stride(0) < cols:
+        raise ValueError(f"out must be a {tuple(weight.shape)} {dtype} tensor with contiguous rows")
+    strided = out.stride(0) != cols and rows > 1
+    if strided and cols % weight.blocksize:
+        raise ValueError(f"out with strided rows needs rows of whole quantization blocks: {cols} columns "
+                         f"are not a multiple of the blocksize {weight.blocksize}")
+    return strided
+
+
 def nf4_dequantize(weight: NF4Weight, dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
                    meta: dict = CANDIDATE_META[0]):
     """The (out_features, in_features) weight in `dtype` (default: the dtype bitsandbytes would give);
-    `meta`: launch parameters, one of CANDIDATE_META. The first launch per dtype and parameters is kept
-    on the weight and relaunched (kernels/_utils.Relaunch)."""
+    `meta`: launch parameters, one of CANDIDATE_META. `out`, where given, may be the leading or trailing
+    columns of a wider matrix (contiguous rows, any row stride) when the rows hold whole quantization
+    blocks. The first launch per dtype, parameters and row stride is kept on the weight and relaunched
+    (kernels/_utils.Relaunch)."""
     dtype = dtype or weight.dtype
     if out is None:
         out = new_output(weight.output_templates, weight.shape, dtype, weight.device)
-    elif out.shape != weight.shape or out.dtype != dtype or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {tuple(weight.shape)} {dtype} tensor")
-    key = (dtype, id(meta))
+    strided = _check_out(out, weight, dtype)
+    key = (dtype, id(meta), out.stride(0) if strided else None)
     relaunch = weight.launches.get(key)
     if relaunch is not None and relaunch.takes(out):
         return relaunch(out)
     meta = _launch_meta(meta, weight.blocksize)
     grid = (cdiv(cdiv(weight.numel, weight.blocksize), meta["BLOCKS_PER_PROGRAM"]),)
-    args = (*weight.kernel_tensors(), out, weight.numel, weight.blocksize, weight.blocksize2, weight.nested,
-            INTERPRETING, meta["BLOCKS_PER_PROGRAM"], weight.numel % weight.blocksize == 0,
-            meta.get("STREAMING", False))
+    cols = weight.shape[1]
+    args = (*weight.kernel_tensors(), out, weight.numel, max(cols // weight.blocksize, 1), out.stride(0),
+            weight.blocksize, weight.blocksize2, weight.nested, INTERPRETING, meta["BLOCKS_PER_PROGRAM"],
+            weight.numel % weight.blocksize == 0, meta.get("STREAMING", False), strided)
     compiled = _nf4_dequantize_kernel[grid](*args, num_warps=meta["num_warps"], enable_fp_fusion=False)
     weight.launches[key] = Relaunch.of(compiled, grid, args, OUT_POSITION)
     return out

@@ -85,9 +85,9 @@ def _swiglu_forward_kernel(g_ptr, u_ptr, h_ptr, n_rows, n_cols, rank,
     rows, cols, offs, mask = tile(n_rows, n_cols, n_cols, BLOCK_M, BLOCK_N, COLS_FAST)
     dtype: tl.constexpr = h_ptr.dtype.element_ty
     g = plus_low_rank(load_fp32(g_ptr, offs, mask), rows, cols, n_rows, n_cols, rank, xa_g_ptr, b_g_ptr,
-                      s_g, g_sxm, g_sxr, g_sbn, g_sbr, True, R, UPCAST_DOT, SOFTWARE_RTNE, dtype, not WIDE)
+                      s_g, g_sxm, g_sxr, g_sbn, g_sbr, GATE_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, dtype, not WIDE)
     u = plus_low_rank(load_fp32(u_ptr, offs, mask), rows, cols, n_rows, n_cols, rank, xa_u_ptr, b_u_ptr,
-                      s_u, u_sxm, u_sxr, u_sbn, u_sbr, True, R, UPCAST_DOT, SOFTWARE_RTNE, dtype, not WIDE)
+                      s_u, u_sxm, u_sxr, u_sbn, u_sbr, UP_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, dtype, not WIDE)
     act = _activation(g, dtype, SOFTWARE_RTNE, WIDE, GELU)
     tl.store(h_ptr + offs, round_fp32_to(act * u, dtype, SOFTWARE_RTNE), mask=mask)
 
@@ -97,17 +97,17 @@ def _backward_tile(dh_ptr, g_ptr, u_ptr, rows, cols, offs, mask, n_rows, n_cols,
                    xa_ptr, b_ptr, scale, stride_xm, stride_xr, stride_bn, stride_br,
                    xa_g_ptr, b_g_ptr, s_g, g_sxm, g_sxr, g_sbn, g_sbr,
                    xa_u_ptr, b_u_ptr, s_u, u_sxm, u_sxr, u_sbn, u_sbr, R: tl.constexpr, UPCAST_DOT: tl.constexpr,
-                   SOFTWARE_RTNE: tl.constexpr, WIDE: tl.constexpr, GELU: tl.constexpr):
-    """(h, dg, du) of a tile, rounded to dh's dtype: the sums with their terms rounded as forward rounded
-    them, act(g) rounded before its products as torch rounds it."""
+                   SOFTWARE_RTNE: tl.constexpr, WIDE: tl.constexpr, GELU: tl.constexpr, TERMS: tl.constexpr):
+    """(h, dg, du) of a tile, rounded to dh's dtype: the sums with their terms (where TERMS) rounded as
+    forward rounded them, act(g) rounded before its products as torch rounds it."""
     dtype: tl.constexpr = dh_ptr.dtype.element_ty
     dh = plus_low_rank(load_fp32(dh_ptr, offs, mask), rows, cols, n_rows, n_cols, rank, xa_ptr, b_ptr, scale,
-                       stride_xm, stride_xr, stride_bn, stride_br, True, R, UPCAST_DOT, SOFTWARE_RTNE, dtype,
+                       stride_xm, stride_xr, stride_bn, stride_br, TERMS, R, UPCAST_DOT, SOFTWARE_RTNE, dtype,
                        not WIDE)
     g = plus_low_rank(load_fp32(g_ptr, offs, mask), rows, cols, n_rows, n_cols, rank, xa_g_ptr, b_g_ptr,
-                      s_g, g_sxm, g_sxr, g_sbn, g_sbr, True, R, UPCAST_DOT, SOFTWARE_RTNE, dtype, not WIDE)
+                      s_g, g_sxm, g_sxr, g_sbn, g_sbr, TERMS, R, UPCAST_DOT, SOFTWARE_RTNE, dtype, not WIDE)
     u = plus_low_rank(load_fp32(u_ptr, offs, mask), rows, cols, n_rows, n_cols, rank, xa_u_ptr, b_u_ptr,
-                      s_u, u_sxm, u_sxr, u_sbn, u_sbr, True, R, UPCAST_DOT, SOFTWARE_RTNE, dtype, not WIDE)
+                      s_u, u_sxm, u_sxr, u_sbn, u_sbr, TERMS, R, UPCAST_DOT, SOFTWARE_RTNE, dtype, not WIDE)
     act = _activation(g, dtype, SOFTWARE_RTNE, WIDE, GELU)
     dg = _activation_grad(g, _rounded_unless(dh * u, dtype, SOFTWARE_RTNE, WIDE), GELU)
     return (round_fp32_to(act * u, dtype, SOFTWARE_RTNE), round_fp32_to(dg, dtype, SOFTWARE_RTNE),
@@ -131,8 +131,8 @@ def _swiglu_backward_kernel(dh_ptr, g_ptr, u_ptr, sums_ptr, n_rows, n_cols, rank
                             xa_g_ptr, b_g_ptr, s_g, g_sxm, g_sxr, g_sbn, g_sbr,
                             xa_u_ptr, b_u_ptr, s_u, u_sxm, u_sxr, u_sbn, u_sbr,
                             R: tl.constexpr, UPCAST_DOT: tl.constexpr, SOFTWARE_RTNE: tl.constexpr,
-                            WIDE: tl.constexpr, GELU: tl.constexpr, SUMS: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr):
+                            WIDE: tl.constexpr, GELU: tl.constexpr, SUMS: tl.constexpr, TERMS: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # A band of BLOCK_N columns over one chunk of chunk_rows rows: g_ptr <- dg, u_ptr <- du in place. With
     # SUMS, h is never written and sums (3, chunks, n_cols, R) fp32 <- this chunk's dg^T @ xa_g,
     # du^T @ xa_u and h^T @ dy_b (dy_b: the dh term's xa), from dg, du and h rounded as they are written;
@@ -150,7 +150,7 @@ def _swiglu_backward_kernel(dh_ptr, g_ptr, u_ptr, sums_ptr, n_rows, n_cols, rank
                                    xa_ptr, b_ptr, scale, stride_xm, stride_xr, stride_bn, stride_br,
                                    xa_g_ptr, b_g_ptr, s_g, g_sxm, g_sxr, g_sbn, g_sbr,
                                    xa_u_ptr, b_u_ptr, s_u, u_sxm, u_sxr, u_sbn, u_sbr,
-                                   R, UPCAST_DOT, SOFTWARE_RTNE, WIDE, GELU)
+                                   R, UPCAST_DOT, SOFTWARE_RTNE, WIDE, GELU, TERMS)
         tl.store(g_ptr + offs, dg, mask=mask)
         tl.store(u_ptr + offs, du, mask=mask)
         if SUMS:
@@ -234,6 +234,10 @@ def _launch_backward(dh, g, u, terms, meta, wide, activation, sums: bool):
     """Overwrites g and u with dg and du (and dh with h without `sums`); with `sums`, returns the three
     (cols, rank) fp32 sums, the chunks' partial sums added in a fixed order."""
     _check(dh, g, u)
+    with_terms = terms[0] is not None
+    if any((t is not None) != with_terms for t in terms) or (sums and not with_terms):
+        raise ValueError("swiglu backward: the dh, gate and up terms go together (and the summing launch "
+                         "needs them)")
     rows, cols = g.numel() // g.shape[-1], g.shape[-1]
     args = (*term_args(terms[0], dh), *term_args(terms[1], g), *term_args(terms[2], u))
     rank = shared_rank(terms)
@@ -248,7 +252,7 @@ def _launch_backward(dh, g, u, terms, meta, wide, activation, sums: bool):
     _swiglu_backward_kernel[(cdiv(cols, block_n), chunks)](
         dh, g, u, partial, rows, cols, rank, chunk_rows, *args, R=r_pad,
         UPCAST_DOT=INTERPRETING or g.dtype == torch.float32, SOFTWARE_RTNE=INTERPRETING, WIDE=wide,
-        GELU=_is_gelu(activation), SUMS=sums, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=meta["num_warps"])
+        GELU=_is_gelu(activation), SUMS=sums, TERMS=with_terms, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=meta["num_warps"])
     for t in (g, u) if sums else (dh, g, u):  # written behind autograd's back: a later reader of the old values fails loudly
         torch.autograd.graph.increment_version(t)
     return partial.sum(1)[..., :rank] if sums else None
@@ -269,10 +273,11 @@ def swiglu_backward_(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, dh_term
     return g, u, (gate_sum, up_sum, down_sum)
 
 
-def swiglu_backward_writing_h_(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, dh_term: LowRank,
-                               gate_term: LowRank, up_term: LowRank, meta: dict = SWIGLU_BACKWARD_META,
-                               wide: bool = False, activation: str = "silu"):
+def swiglu_backward_writing_h_(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, dh_term: LowRank | None = None,
+                               gate_term: LowRank | None = None, up_term: LowRank | None = None,
+                               meta: dict = SWIGLU_BACKWARD_META, wide: bool = False, activation: str = "silu"):
     """swiglu_backward_ for ranks above SUMS_MAX_RANK: overwrites dh, g and u with h, dg and du (rounded
-    as swiglu_backward_ rounds them) and returns (dg, du, h), for the LoRA gradients' GEMMs."""
+    as swiglu_backward_ rounds them) and returns (dg, du, h), for the LoRA gradients' GEMMs. Without
+    terms (all three None: the projections' GEMMs carried them), the backward of h = act(g) * u."""
     _launch_backward(dh, g, u, (dh_term, gate_term, up_term), meta, wide, activation, sums=False)
     return g, u, dh

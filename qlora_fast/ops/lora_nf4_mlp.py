@@ -10,7 +10,8 @@ the SwiGLU backward kernel, which overwrites g and u with their gradients and, w
 its registers, sums the gate and up B gradients and the down A gradient (kernels/swiglu.py): h is never
 written and no GEMM reads dg, du or h back for them (up to rank 32; above, the kernel writes h over dh
 and three GEMMs form them, which is faster there); no (tokens x intermediate) tensor is allocated
-beyond dh. One Function per MLP instead of three LoRA layers and two elementwise ops
+beyond dh. Above rank 32, where the input is in the compute dtype, the three terms ride in their base
+GEMMs instead (ops/terms_in_gemm.py): g and u are saved with theirs and the SwiGLU kernels add none. One Function per MLP instead of three LoRA layers and two elementwise ops
 also means fewer host calls per layer, which is what small batches are bound by.
 
 Where x is wider than the compute dtype (fp32 hidden states of a prepared model, bf16 compute), g, u and
@@ -35,6 +36,7 @@ from .adapters import adapters_in, plus_low_rank_terms, stacked_rows, wider
 from .forward_only import apply
 from .lora_grads import add_shared_input_terms_, products_side_by_side, scaled_mm, shared_input_a_grads
 from .nf4_linear import nf4_linear_backward, nf4_linear_forward
+from .terms_in_gemm import gate_up_with_terms, input_grad_with_term, terms_fit_in_gemm
 
 
 def _scaled(fp32_sum: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
@@ -63,13 +65,20 @@ class LoRANF4MLPFunction(torch.autograd.Function):
         gate_a, up_a, gate_b, up_b, down_a, down_b = adapters_in(compute_dtype, gate_a, up_a, gate_b, up_b,
                                                                  down_a, down_b)
         gate_up_a = stacked_rows((gate_a, up_a))
-        x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype)
         ctx.wide, ctx.activation = wider(out_dtype, compute_dtype), activation
+        ctx.terms_in_gemm = not ctx.wide and terms_fit_in_gemm(x, gate_a.shape[0], weights)
 
-        xa_gate, xa_up = (x2 @ gate_up_a.t()).split([gate_a.shape[0], up_a.shape[0]], 1)
-        g, u = nf4_linear_forward(x2, w_gate), nf4_linear_forward(x2, w_up)
-        h = swiglu_forward(g, u, LowRank(xa_gate, gate_b, s_gate), LowRank(xa_up, up_b, s_up), wide=ctx.wide,
-                           activation=activation)
+        if ctx.terms_in_gemm:
+            x2, xa_gate, xa_up, g, u = gate_up_with_terms(x.reshape(-1, x.shape[-1]), gate_up_a,
+                                                          (gate_b, s_gate, w_gate), (up_b, s_up, w_up),
+                                                          compute_dtype)
+            h = swiglu_forward(g, u, wide=ctx.wide, activation=activation)
+        else:
+            x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype)
+            xa_gate, xa_up = (x2 @ gate_up_a.t()).split([gate_a.shape[0], up_a.shape[0]], 1)
+            g, u = nf4_linear_forward(x2, w_gate), nf4_linear_forward(x2, w_up)
+            h = swiglu_forward(g, u, LowRank(xa_gate, gate_b, s_gate), LowRank(xa_up, up_b, s_up),
+                               wide=ctx.wide, activation=activation)
         ha_down = h @ down_a.t()
         ctx.has_residual = residual is not None
         if output_needed:
@@ -89,18 +98,23 @@ class LoRANF4MLPFunction(torch.autograd.Function):
         w_gate, w_up, w_down = ctx.weights
         s_gate, s_up, s_down = ctx.scalings
         dtypes = ctx.lora_dtypes
-        dy = grad_out.reshape(-1, grad_out.shape[-1]).to(x2.dtype)
+        options = dict(wide=ctx.wide, activation=ctx.activation)
+        grad_out2 = grad_out.reshape(-1, grad_out.shape[-1])
 
-        dy_b = dy @ down_b
-        dh = nf4_linear_backward(dy, w_down)
-        terms = LowRank(dy_b, down_a.t(), s_down), LowRank(xa_gate, gate_b, s_gate), LowRank(xa_up, up_b, s_up)
-        if sums_in_kernel(*terms):
-            dg, du, (gate_b_sum, up_b_sum, down_a_sum) = swiglu_backward_(
-                dh, g, u, *terms, wide=ctx.wide, activation=ctx.activation)
+        if ctx.terms_in_gemm:  # g and u were saved with their terms; dh takes its own from its GEMM
+            dy, dy_b, dh = input_grad_with_term(grad_out2, down_b, down_a, s_down, w_down)
+            terms = None
+        else:
+            dy = grad_out2.to(x2.dtype)
+            dy_b = dy @ down_b
+            dh = nf4_linear_backward(dy, w_down)
+            terms = LowRank(dy_b, down_a.t(), s_down), LowRank(xa_gate, gate_b, s_gate), LowRank(xa_up, up_b, s_up)
+        if terms is not None and sums_in_kernel(*terms):
+            dg, du, (gate_b_sum, up_b_sum, down_a_sum) = swiglu_backward_(dh, g, u, *terms, **options)
             grad_down_a = _scaled(down_a_sum, s_down, dtypes[4]).t().contiguous()
             grad_gate_b, grad_up_b = _scaled(gate_b_sum, s_gate, dtypes[1]), _scaled(up_b_sum, s_up, dtypes[3])
         else:
-            dg, du, h = swiglu_backward_writing_h_(dh, g, u, *terms, wide=ctx.wide, activation=ctx.activation)
+            dg, du, h = swiglu_backward_writing_h_(dh, g, u, *(terms or ()), **options)
             grad_down_a = scaled_mm(dy_b.t(), h, s_down, dtypes[4])
             grad_gate_b = scaled_mm(dg.t(), xa_gate, s_gate, dtypes[1])
             grad_up_b = scaled_mm(du.t(), xa_up, s_up, dtypes[3])

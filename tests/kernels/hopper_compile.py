@@ -112,6 +112,7 @@ def main():
             weight = nf4_weight_from_bnb(make_nf4_linear(64, 128, dtype, nested).weight)
             nf4_dequantize(weight)
             nf4_dequantize_stacked([weight, weight], dtype)
+            nf4_dequantize(weight, out=torch.empty(64, 128 + 64, dtype=dtype)[:, 64:])  # a widened GEMM's
             for meta in CANDIDATE_META[1:]:  # the launch candidates bench/seed_dequant.py times
                 nf4_dequantize(weight, meta=meta)
             nf4_matmul(torch.randn(8, 128, dtype=dtype), weight)

@@ -69,8 +69,31 @@ def test_out_buffer_fully_written_and_dtype_override():
 
 def test_out_buffer_of_wrong_shape_is_refused():
     p = quantized((8, 64), torch.float16, False)
-    with pytest.raises(ValueError, match="contiguous"):
+    with pytest.raises(ValueError, match="contiguous rows"):
         nf4_dequantize(nf4_weight_from_bnb(p), out=torch.empty(64, 8, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("leading", [True, False])
+def test_into_columns_of_a_wider_matrix(dtype, nested, leading):
+    """The weight written into the leading or trailing columns of a wider matrix: those columns exact,
+    the others untouched, also on the relaunch (the first launch's row stride kept)."""
+    p = quantized((70, 128), dtype, nested)
+    w = nf4_weight_from_bnb(p)
+    for _ in range(2):
+        wide = torch.full((70, 128 + 24), 7.0, dtype=dtype)
+        columns = wide[:, :128] if leading else wide[:, 24:]
+        nf4_dequantize(w, out=columns)
+        assert torch.equal(columns, reference_dequantize(p))
+        assert (wide[:, 128:] if leading else wide[:, :24]).eq(7.0).all()
+    assert torch.equal(nf4_dequantize(w), reference_dequantize(p))  # the contiguous launch apart
+
+
+def test_strided_rows_must_hold_whole_blocks():
+    p = quantized((8, 96), torch.float16, False)
+    with pytest.raises(ValueError, match="multiple of the blocksize 64"):
+        nf4_dequantize(nf4_weight_from_bnb(p), out=torch.empty(8, 128, dtype=torch.float16)[:, :96])
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (7, 3), (96, 520)])

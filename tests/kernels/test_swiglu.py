@@ -220,6 +220,28 @@ def test_backward_writing_h_gives_what_the_summing_one_writes(dtype, rank, wide,
         assert rel_err(got, left.double().t() @ term.xa.double()) < 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_backward_writing_h_without_terms_is_the_plain_backward(dtype, activation):
+    """With no terms (the GEMMs carried them) the h-writing launch gives the summing launch's dg and du
+    with zero terms, bit for bit, and forward's h."""
+    g, u, dh = ((torch.randn(70, 130) * s).to(dtype) for s in (3, 1, 1))
+    dg_ref, du_ref, _ = swiglu_backward_(dh.clone(), g.clone(), u.clone(), *zero_terms(70, 130, dtype),
+                                         activation=activation)
+    dg, du, h = swiglu_backward_writing_h_(dh.clone(), g.clone(), u.clone(), activation=activation)
+    assert torch.equal(dg, dg_ref) and torch.equal(du, du_ref)
+    assert torch.equal(h, swiglu_forward(g, u, activation=activation))
+
+
+def test_backward_terms_go_together():
+    g = torch.randn(8, 16)
+    term = zero_terms(8, 16, torch.float32)[0]
+    with pytest.raises(ValueError, match="go together"):
+        swiglu_backward_writing_h_(g.clone(), g.clone(), g.clone(), term)
+    with pytest.raises(ValueError, match="summing launch needs them"):
+        swiglu_backward_(g.clone(), g.clone(), g.clone(), None, None, None)
+
+
 @pytest.mark.parametrize("rank, in_kernel", [(16, True), (32, True), (33, False), (128, False)])
 def test_sums_stay_in_the_kernel_up_to_rank_32(rank, in_kernel):
     """H100, 8192 x 14336: the in-kernel sums take 0.51 ms at r=16 but 1.72 at r=64 and 5.04 at r=128,
