@@ -125,6 +125,41 @@ def _time_backward_by_rank(rows, tokens, work):
                 swiglu_kernels._XA_BUDGET = default_budget
 
 
+# Tiles for the SwiGLU kernels at large ranks that ptxas compiles without spills on sm_90 (forward: (BLOCK_M,
+# BLOCK_N, warps); backward: (BLOCK_M, BLOCK_N) at 8 warps and the xa budget that lets BLOCK_M stand)
+LARGE_RANK_FORWARD_TILES = [(32, 64, 4), (64, 64, 4), (64, 64, 8), (128, 64, 8), (64, 128, 8)]
+LARGE_RANK_BACKWARD_TILES = [(16, 64), (32, 64), (64, 64), (64, 32)]
+
+
+def time_large_rank_tiles(rows):
+    """The SwiGLU kernels with their LoRA terms inside at r=64 and 128, (8192 x 14336) bf16, as the
+    prepared recipe runs them (wide: fp32 sums): the forward per tile, the h-writing backward per tile,
+    each against the kernel without terms (the floor: what the terms cost is the difference). At r=64 the
+    step's forward took 0.447 ms and the backward 1.127 ms with today's tiles (bench/RESULTS.md, session 19)."""
+    tokens, cols = 8192, 14336
+    g, u, dh = ((torch.randn(tokens, cols, device="cuda") * s).to(torch.bfloat16) for s in (3, 1, 1))
+    for rank in (64, 128):
+        gate, up, dh_term = (random_term(tokens, cols, rank) for _ in range(3))
+        row = {"rank": rank, "forward without terms": median_ms(lambda: swiglu_forward(g, u, wide=True))}
+        for bm, bn, warps in LARGE_RANK_FORWARD_TILES:
+            meta = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps}
+            row[f"fwd {bm}x{bn}/{warps}"] = median_ms(lambda: swiglu_forward(g, u, gate, up, meta, wide=True))
+        rows.append(row)
+        row = {"rank": rank, "backward without terms": median_ms(
+            lambda: swiglu_backward_writing_h_(dh, g, u, wide=True))}
+        budgets = swiglu_kernels._XA_BUDGET, swiglu_kernels._B_TILES_BUDGET
+        try:
+            for bm, bn in LARGE_RANK_BACKWARD_TILES:
+                swiglu_kernels._XA_BUDGET = bm * rank
+                swiglu_kernels._B_TILES_BUDGET = max(bn * rank, budgets[1])
+                meta = dict(swiglu_kernels.SWIGLU_BACKWARD_META, BLOCK_M=bm, BLOCK_N=bn)
+                row[f"bwd {bm}x{bn}"] = median_ms(lambda: swiglu_backward_writing_h_(
+                    dh, g, u, dh_term, gate, up, meta=meta, wide=True))
+        finally:
+            swiglu_kernels._XA_BUDGET, swiglu_kernels._B_TILES_BUDGET = budgets
+        rows.append(row)
+
+
 def time_low_rank_add(rows):
     """y += s * xa @ B^T (r=16, bf16) in place: cuBLAS' addmm_ against the tile kernel per launch candidate,
     on the outputs the LoRA layers update (q as a column block of the stacked q/k/v output); and the MLP's
@@ -609,7 +644,8 @@ def main():
     parser.add_argument("--out", default="kernels.md")
     parser.add_argument("--skip", nargs="*", default=[],
                         help="sections to skip: dequant crossover lora rmsnorm add_rms_norm mlp rope "
-                             "rotated_qkv attention loss host swiglu low_rank_add terms_in_gemm")
+                             "rotated_qkv attention loss host swiglu low_rank_add terms_in_gemm "
+                             "large_rank_tiles")
     parser.add_argument("--only", nargs="*", default=None, help="sections to run (default: all but --skip)")
     args = parser.parse_args()
     import bitsandbytes, peft
@@ -634,7 +670,9 @@ def main():
                  time_swiglu),
                 ("low_rank_add", "LoRA term added in place, r=16 bf16 (median ms)", time_low_rank_add),
                 ("terms_in_gemm", "The base GEMM with K widened for LoRA factors, bf16 (median ms)",
-                 time_terms_in_gemm)]
+                 time_terms_in_gemm),
+                ("large_rank_tiles", "SwiGLU kernels with their terms at large ranks per tile, wide (median ms)",
+                 time_large_rank_tiles)]
     report, results = header, {}
     for key, title, fn in sections:
         if key in args.skip or (args.only is not None and key not in args.only):
