@@ -187,11 +187,23 @@ _SUMS_BUDGET, _B_TILES_BUDGET, _XA_BUDGET, _SMALLEST_BLOCK = 2048, 4096, 1024, 1
 
 def _blocks_for_rank(block_m: int, block_n: int, r_pad: int, sums: bool) -> tuple[int, int]:
     columns_budget = _SUMS_BUDGET if sums else _B_TILES_BUDGET
+    rows_budget = _XA_BUDGET
+    if LARGE_RANK_TILES and not sums and r_pad > SUMS_MAX_RANK:
+        block_m, rows_budget = LARGE_RANK_BACKWARD_BLOCK_M, _LARGE_RANK_XA_BUDGET
     while block_n > _SMALLEST_BLOCK and block_n * r_pad > columns_budget:
         block_n //= 2
-    while block_m > _SMALLEST_BLOCK and block_m * r_pad > _XA_BUDGET:
+    while block_m > _SMALLEST_BLOCK and block_m * r_pad > rows_budget:
         block_m //= 2
     return block_m, block_n
+
+
+# Candidate (bench/recipes.py CANDIDATES): above SUMS_MAX_RANK the kernels are bound by their rank-r
+# products, whose B tiles each program loads for its few rows; taller tiles load them for more. Spill-free
+# on sm_90 (tests/kernels/hopper_compile.py): the forward at 64 x 64 / 8 warps up to r=128, the h-writing
+# backward (no sums) at 64 x 64 for r=64 and 32 x 32 for r=128 (rows x columns <= 4096 / r each).
+LARGE_RANK_TILES = False
+LARGE_RANK_FORWARD_META = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8}
+LARGE_RANK_BACKWARD_BLOCK_M, _LARGE_RANK_XA_BUDGET = 64, 4096
 
 
 ACTIVATIONS = ("silu", "gelu_tanh")
@@ -203,8 +215,13 @@ def _is_gelu(activation: str) -> bool:
     return activation == "gelu_tanh"
 
 
+def _forward_meta(terms) -> dict:
+    large = LARGE_RANK_TILES and padded_rank(shared_rank(terms)) > SUMS_MAX_RANK
+    return LARGE_RANK_FORWARD_META if large else SWIGLU_META
+
+
 def swiglu_forward(g: torch.Tensor, u: torch.Tensor, gate_term: LowRank | None = None,
-                   up_term: LowRank | None = None, meta: dict = SWIGLU_META, wide: bool = False,
+                   up_term: LowRank | None = None, meta: dict | None = None, wide: bool = False,
                    activation: str = "silu") -> torch.Tensor:
     """act(g + gate_term) * (u + up_term) in g's dtype, each sum rounded once (as addmm_ would); with
     `wide`, the sums and act stay fp32 and only h is rounded (as stock computes an MLP whose input is
@@ -213,7 +230,8 @@ def swiglu_forward(g: torch.Tensor, u: torch.Tensor, gate_term: LowRank | None =
     _check(g, u)
     h = torch.empty_like(g)
     terms = (*term_args(gate_term, g), *term_args(up_term, u))
-    launch_tiles(_swiglu_forward_kernel, g.view(-1, g.shape[-1]), (gate_term, up_term), meta, g, u, h,
+    launch_tiles(_swiglu_forward_kernel, g.view(-1, g.shape[-1]), (gate_term, up_term),
+                 meta or _forward_meta((gate_term, up_term)), g, u, h,
                  term_args=terms, GATE_TERM=gate_term is not None, UP_TERM=up_term is not None, WIDE=wide,
                  GELU=_is_gelu(activation))
     return h
