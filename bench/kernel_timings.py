@@ -143,7 +143,10 @@ def time_large_rank_tiles(rows):
         row = {"rank": rank, "forward without terms": median_ms(lambda: swiglu_forward(g, u, wide=True))}
         for bm, bn, warps in LARGE_RANK_FORWARD_TILES:
             meta = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps}
-            row[f"fwd {bm}x{bn}/{warps}"] = median_ms(lambda: swiglu_forward(g, u, gate, up, meta, wide=True))
+            try:
+                row[f"fwd {bm}x{bn}/{warps}"] = median_ms(lambda: swiglu_forward(g, u, gate, up, meta, wide=True))
+            except triton.runtime.errors.OutOfResources:
+                row[f"fwd {bm}x{bn}/{warps}"] = "out of shared memory"
         rows.append(row)
         row = {"rank": rank, "backward without terms": median_ms(
             lambda: swiglu_backward_writing_h_(dh, g, u, wide=True))}
@@ -153,8 +156,11 @@ def time_large_rank_tiles(rows):
                 swiglu_kernels._XA_BUDGET = bm * rank
                 swiglu_kernels._B_TILES_BUDGET = max(bn * rank, budgets[1])
                 meta = dict(swiglu_kernels.SWIGLU_BACKWARD_META, BLOCK_M=bm, BLOCK_N=bn)
-                row[f"bwd {bm}x{bn}"] = median_ms(lambda: swiglu_backward_writing_h_(
-                    dh, g, u, dh_term, gate, up, meta=meta, wide=True))
+                try:
+                    row[f"bwd {bm}x{bn}"] = median_ms(lambda: swiglu_backward_writing_h_(
+                        dh, g, u, dh_term, gate, up, meta=meta, wide=True))
+                except triton.runtime.errors.OutOfResources:
+                    row[f"bwd {bm}x{bn}"] = "out of shared memory"
         finally:
             swiglu_kernels._XA_BUDGET, swiglu_kernels._B_TILES_BUDGET = budgets
         rows.append(row)

@@ -201,9 +201,9 @@ def _blocks_for_rank(block_m: int, block_n: int, r_pad: int, sums: bool) -> tupl
 # products, whose B tiles each program loads for its few rows; taller tiles load them for more. Spill-free
 # on sm_90 (tests/kernels/hopper_compile.py): the forward at 64 x 64 / 8 warps up to r=128, the h-writing
 # backward (no sums) at 64 x 64 for r=64 and 32 x 32 for r=128 (rows x columns <= 4096 / r each).
-LARGE_RANK_TILES = False
-LARGE_RANK_FORWARD_META = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8}
-LARGE_RANK_BACKWARD_BLOCK_M, _LARGE_RANK_XA_BUDGET = 64, 4096
+LARGE_RANK_TILES = True
+LARGE_RANK_FORWARD_META = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4}
+LARGE_RANK_BACKWARD_BLOCK_M, _LARGE_RANK_XA_BUDGET = 32, 4096
 
 
 ACTIVATIONS = ("silu", "gelu_tanh")
