@@ -116,13 +116,6 @@ def _time_backward_by_rank(rows, tokens, work):
                                                            terms[1:] + terms[:1])]
         rows.append({"tokens": tokens, "meta": f"backward writing h + its 3 GEMMs, rank {rank}",
                      "bwd_ms": median_ms(writing_h)})
-        if rank == 64:  # 32-row tiles instead of 16 (the xa budget doubled): no spills on sm_90 either
-            default_budget, swiglu_kernels._XA_BUDGET = swiglu_kernels._XA_BUDGET, 2 * swiglu_kernels._XA_BUDGET
-            try:
-                rows.append({"tokens": tokens, "meta": f"backward writing h + its 3 GEMMs, rank {rank}, BLOCK_M 32",
-                             "bwd_ms": median_ms(writing_h)})
-            finally:
-                swiglu_kernels._XA_BUDGET = default_budget
 
 
 # Tiles for the SwiGLU kernels at large ranks that ptxas compiles without spills on sm_90 (forward: (BLOCK_M,
@@ -134,8 +127,8 @@ LARGE_RANK_BACKWARD_TILES = [(16, 64), (32, 64), (64, 64), (64, 32)]
 def time_large_rank_tiles(rows):
     """The SwiGLU kernels with their LoRA terms inside at r=64 and 128, (8192 x 14336) bf16, as the
     prepared recipe runs them (wide: fp32 sums): the forward per tile, the h-writing backward per tile,
-    each against the kernel without terms (the floor: what the terms cost is the difference). At r=64 the
-    step's forward took 0.447 ms and the backward 1.127 ms with today's tiles (bench/RESULTS.md, session 19)."""
+    each against the kernel without terms (the floor: what the terms cost is the difference). The tiles
+    kernels/swiglu.py takes above rank 32 were picked from this (bench/RESULTS.md, session 20)."""
     tokens, cols = 8192, 14336
     g, u, dh = ((torch.randn(tokens, cols, device="cuda") * s).to(torch.bfloat16) for s in (3, 1, 1))
     for rank in (64, 128):
@@ -150,19 +143,21 @@ def time_large_rank_tiles(rows):
         rows.append(row)
         row = {"rank": rank, "backward without terms": median_ms(
             lambda: swiglu_backward_writing_h_(dh, g, u, wide=True))}
-        budgets = swiglu_kernels._XA_BUDGET, swiglu_kernels._B_TILES_BUDGET
+        budgets = (swiglu_kernels.LARGE_RANK_BACKWARD_BLOCK_M, swiglu_kernels._LARGE_RANK_XA_BUDGET,
+                   swiglu_kernels._B_TILES_BUDGET)
         try:
             for bm, bn in LARGE_RANK_BACKWARD_TILES:
-                swiglu_kernels._XA_BUDGET = bm * rank
-                swiglu_kernels._B_TILES_BUDGET = max(bn * rank, budgets[1])
-                meta = dict(swiglu_kernels.SWIGLU_BACKWARD_META, BLOCK_M=bm, BLOCK_N=bn)
+                swiglu_kernels.LARGE_RANK_BACKWARD_BLOCK_M, swiglu_kernels._LARGE_RANK_XA_BUDGET = bm, bm * rank
+                swiglu_kernels._B_TILES_BUDGET = max(bn * rank, budgets[2])
+                meta = dict(swiglu_kernels.SWIGLU_BACKWARD_META, BLOCK_N=bn)
                 try:
                     row[f"bwd {bm}x{bn}"] = median_ms(lambda: swiglu_backward_writing_h_(
                         dh, g, u, dh_term, gate, up, meta=meta, wide=True))
                 except triton.runtime.errors.OutOfResources:
                     row[f"bwd {bm}x{bn}"] = "out of shared memory"
         finally:
-            swiglu_kernels._XA_BUDGET, swiglu_kernels._B_TILES_BUDGET = budgets
+            (swiglu_kernels.LARGE_RANK_BACKWARD_BLOCK_M, swiglu_kernels._LARGE_RANK_XA_BUDGET,
+             swiglu_kernels._B_TILES_BUDGET) = budgets
         rows.append(row)
 
 

@@ -188,7 +188,7 @@ _SUMS_BUDGET, _B_TILES_BUDGET, _XA_BUDGET, _SMALLEST_BLOCK = 2048, 4096, 1024, 1
 def _blocks_for_rank(block_m: int, block_n: int, r_pad: int, sums: bool) -> tuple[int, int]:
     columns_budget = _SUMS_BUDGET if sums else _B_TILES_BUDGET
     rows_budget = _XA_BUDGET
-    if LARGE_RANK_TILES and not sums and r_pad > SUMS_MAX_RANK:
+    if not sums and r_pad > SUMS_MAX_RANK:
         block_m, rows_budget = LARGE_RANK_BACKWARD_BLOCK_M, _LARGE_RANK_XA_BUDGET
     while block_n > _SMALLEST_BLOCK and block_n * r_pad > columns_budget:
         block_n //= 2
@@ -197,13 +197,14 @@ def _blocks_for_rank(block_m: int, block_n: int, r_pad: int, sums: bool) -> tupl
     return block_m, block_n
 
 
-# Candidate (bench/recipes.py CANDIDATES): above SUMS_MAX_RANK the kernels are bound by their rank-r
-# products, whose B tiles each program loads for its few rows; taller tiles load them for more. Spill-free
-# on sm_90 (tests/kernels/hopper_compile.py): the forward at 64 x 64 / 8 warps up to r=128, the h-writing
-# backward (no sums) at 64 x 64 for r=64 and 32 x 32 for r=128 (rows x columns <= 4096 / r each).
-LARGE_RANK_TILES = True
+# Above SUMS_MAX_RANK the kernels are bound by their rank-r products, whose B tiles each program loads
+# for its rows: taller tiles load them once for more rows. Measured on the H100 at 8192 x 14336 with the
+# prepared recipe's fp32 sums (bench/RESULTS.md, session 20): the forward 0.411 -> 0.369 ms at r=64 and
+# 0.640 -> 0.410 at r=128 in 64 x 64 tiles; the h-writing backward (no sums, so its xa tiles may be
+# taller) 1.031 -> 0.894 ms at r=64 in 32 x 64 tiles (64 x 64: 1.064). Spill-free on sm_90
+# (tests/kernels/hopper_compile.py); at r=128 the backward keeps 16 x 32 tiles, since 32 x 32 spills.
 LARGE_RANK_FORWARD_META = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4}
-LARGE_RANK_BACKWARD_BLOCK_M, _LARGE_RANK_XA_BUDGET = 32, 4096
+LARGE_RANK_BACKWARD_BLOCK_M, _LARGE_RANK_XA_BUDGET = 32, 2048
 
 
 ACTIVATIONS = ("silu", "gelu_tanh")
@@ -216,8 +217,7 @@ def _is_gelu(activation: str) -> bool:
 
 
 def _forward_meta(terms) -> dict:
-    large = LARGE_RANK_TILES and padded_rank(shared_rank(terms)) > SUMS_MAX_RANK
-    return LARGE_RANK_FORWARD_META if large else SWIGLU_META
+    return LARGE_RANK_FORWARD_META if padded_rank(shared_rank(terms)) > SUMS_MAX_RANK else SWIGLU_META
 
 
 def swiglu_forward(g: torch.Tensor, u: torch.Tensor, gate_term: LowRank | None = None,

@@ -103,7 +103,6 @@ def main():
     from qlora_fast.kernels.rope import rope_backward, rope_forward, rope_plus_low_rank
     from qlora_fast.kernels.low_rank import CANDIDATE_META as TILE_META, LowRank
     from qlora_fast.kernels.low_rank_add import low_rank_add_
-    from qlora_fast.kernels import swiglu as swiglu_kernels
     from qlora_fast.kernels.swiglu import swiglu_backward_, swiglu_backward_writing_h_, swiglu_forward
     from qlora_fast.nf4 import nf4_weight_from_bnb
     from qlora_fast.testing import make_nf4_linear
@@ -130,14 +129,10 @@ def main():
         swiglu_backward_(x.clone(), x.clone(), x.clone(), LowRank(term.xa, term.b.t().contiguous().t(), 0.5),
                          term, term)
         swiglu_forward(x, x, term, term, wide=True)
-        large = LowRank(torch.randn(8, 64, dtype=dtype), torch.randn(64, 64, dtype=dtype), 2.0)
-        swiglu_kernels.LARGE_RANK_TILES = True  # the candidate's tiles (bench/recipes.py CANDIDATES)
-        try:
-            swiglu_forward(x, x, large, large, wide=True)
-            swiglu_backward_writing_h_(x.clone(), x.clone(), x.clone(), LowRank(large.xa, large.b, 0.5), large,
-                                       large, wide=True)
-        finally:
-            swiglu_kernels.LARGE_RANK_TILES = False
+        large = LowRank(torch.randn(8, 64, dtype=dtype), torch.randn(64, 64, dtype=dtype), 2.0)  # taller tiles
+        swiglu_forward(x, x, large, large, wide=True)
+        swiglu_backward_writing_h_(x.clone(), x.clone(), x.clone(), LowRank(large.xa, large.b, 0.5), large, large,
+                                   wide=True)
         swiglu_backward_(x.clone(), x.clone(), x.clone(), term, term, term, wide=True)
         swiglu_forward(x, x, term, term, activation="gelu_tanh")
         swiglu_backward_(x.clone(), x.clone(), x.clone(), term, term, term, activation="gelu_tanh")

@@ -3,7 +3,8 @@ import torch
 
 from qlora_fast.kernels.low_rank import LowRank
 from qlora_fast.kernels.low_rank_add import low_rank_add_
-from qlora_fast.kernels.swiglu import sums_in_kernel, swiglu_backward_, swiglu_backward_writing_h_, swiglu_forward
+from qlora_fast.kernels.swiglu import (SWIGLU_BACKWARD_META, _blocks_for_rank, _forward_meta, sums_in_kernel,
+                                      swiglu_backward_, swiglu_backward_writing_h_, swiglu_forward)
 from tests.helpers import rel_err
 
 
@@ -247,3 +248,17 @@ def test_sums_stay_in_the_kernel_up_to_rank_32(rank, in_kernel):
     """H100, 8192 x 14336: the in-kernel sums take 0.51 ms at r=16 but 1.72 at r=64 and 5.04 at r=128,
     against 0.26 ms for the GEMMs (kernels/swiglu.py)."""
     assert sums_in_kernel(*_terms(8, 16, rank, torch.float32)) is in_kernel
+
+
+@pytest.mark.parametrize("rank, sums, blocks", [(16, True, (32, 64)), (32, True, (32, 64)), (64, False, (32, 64)),
+                                                (128, False, (16, 32))])
+def test_backward_tiles_by_rank(rank, sums, blocks):
+    """The backward's tiles on the GPU (kernels/swiglu.py: the budgets that keep sm_90 from spilling, and the
+    taller tiles measured faster above rank 32)."""
+    assert _blocks_for_rank(SWIGLU_BACKWARD_META["BLOCK_M"], SWIGLU_BACKWARD_META["BLOCK_N"], rank, sums) == blocks
+
+
+@pytest.mark.parametrize("rank, tile", [(16, (32, 64)), (32, (32, 64)), (40, (64, 64)), (128, (64, 64))])
+def test_forward_tiles_by_rank(rank, tile):
+    meta = _forward_meta([LowRank(torch.zeros(8, rank), torch.zeros(16, rank), 1.0)])
+    assert (meta["BLOCK_M"], meta["BLOCK_N"]) == tile
