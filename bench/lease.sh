@@ -18,7 +18,8 @@
 #   QLORA_FAST_COMMIT=<sha> bash bench/lease.sh decide [SHAPE] [STACKS]  # peft's recipe of one shape
 #       # (default llama-3-8b; stacks default qlora_fast,unsloth, a qlora_fast:CANDIDATE of bench/recipes.py
 #       # among them), then the dequantize candidates and terms_in_gemm and the fused MLP's GPU parity: what
-#       # decides the defaults, in one call where device starts are scarce (ROWS_ONLY=1: the rows alone)
+#       # decides the defaults, in one call where device starts are scarce (ROWS_ONLY=1: the rows alone;
+#       # RECIPE=peft_r64: another recipe; KERNELS="low_rank_add": other kernel_timings sections)
 # Then fetch $OUT's files into bench/ (recipes.json, seed_dequant.json/.md) and write RESULTS.md / NOTES.md.
 set -euo pipefail
 case "${1:-}" in
@@ -62,12 +63,12 @@ profile)
   ;;
 decide)
   cp bench/recipes.json "$OUT/recipes.json"
-  timeout 380 python bench/recipes.py --out "$OUT/recipes" --shapes "${2:-llama-3-8b}" --recipes peft \
+  timeout 380 python bench/recipes.py --out "$OUT/recipes" --shapes "${2:-llama-3-8b}" --recipes "${RECIPE:-peft}" \
     --stacks "${3:-qlora_fast,unsloth}" > "$OUT/recipes_stdout.txt" 2>&1 || true
   grep '^{' "$OUT/recipes_stdout.txt" | cut -c1-260
   rm -f "$OUT"/recipes-*-*.log
   [ -n "${ROWS_ONLY:-}" ] && exit 0
-  timeout 150 python bench/kernel_timings.py --only dequant terms_in_gemm --out "$OUT/kernels.md" \
+  timeout 150 python bench/kernel_timings.py --only ${KERNELS:-dequant terms_in_gemm} --out "$OUT/kernels.md" \
     > "$OUT/kernels.log" 2>&1 || true
   cut -c1-200 "$OUT/kernels.md"
   timeout 50 python bench/gpu_checks.py lora_layers_and_mlp > "$OUT/gpu_checks.txt" 2>&1 || true
