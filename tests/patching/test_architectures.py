@@ -37,7 +37,8 @@ def test_renamed_copies_of_llama_classes_get_the_fused_paths():
     assert report.packed_attention == 1
 
 
-def test_phi3_gate_up_halves_run_fused_and_in_order(monkeypatch):
+@pytest.mark.parametrize("rank", [16, 40])  # 40: gate's and up's terms in their GEMMs (ops/terms_in_gemm.py)
+def test_phi3_gate_up_halves_run_fused_and_in_order(rank, monkeypatch):
     """gate_up_proj's halves through the fused SwiGLU Function, bf16 too; swapping the halves (the mutant)
     breaks the match with stock."""
     import qlora_fast.patching.mlp as mlp
@@ -46,7 +47,7 @@ def test_phi3_gate_up_halves_run_fused_and_in_order(monkeypatch):
     from tests.helpers import loss_and_grads, rel_err
 
     for dtype in (torch.float32, torch.bfloat16):
-        model = tiny_qlora("tiny-phi3", dtype).train()
+        model = tiny_qlora("tiny-phi3", dtype, r=rank, lora_alpha=2 * rank).train()
         ids = torch.randint(0, 512, (2, 24))
         _, stock_grads = loss_and_grads(model, ids)
         patch_model(model, verbose=False)
