@@ -34,9 +34,10 @@ SHAPES = ("tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gemma", "tiny-gemma2
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 # every shape at r=16 (gradients summed in the SwiGLU kernel); Llama's also at ranks padded to 64 and 128
-# (h written, the gradients' GEMMs)
+# (h written, the gradients' GEMMs; with inputs in the compute dtype, the terms in the GEMMs), Gemma's
+# GeGLU at 40
 @pytest.mark.parametrize("shape, rank, alpha", [(shape, 16, 16) for shape in SHAPES]
-                         + [("tiny-llama", 40, 80), ("tiny-llama", 72, 144)])
+                         + [("tiny-llama", 40, 80), ("tiny-llama", 72, 144), ("tiny-gemma", 40, 80)])
 def test_matches_stock_mlp(dtype, shape, rank, alpha):
     model, mlp = qlora_mlp(dtype, shape, r=rank, lora_alpha=alpha)
     x = torch.randn(2, 9, 64, dtype=dtype)
