@@ -242,11 +242,20 @@ def _throughput(trainer):
     return timers[0].tokens_per_second() if timers else None
 
 
+# The last barrier's work, kept to the end of the process: gloo's worker thread must not be the one to free
+# it. Freeing it frees the collectives before it, whose tensors are Python's, so that thread takes the GIL;
+# meanwhile the main thread, holding the GIL, frees DDP's reducer and with it the process group, whose
+# destructor joins that thread: a deadlock (a finished 2-process CPU run hung in CI).
+_FINAL_BARRIER: list = []
+
+
 def _leave_process_group() -> None:
     """Under torchrun: every rank waits for rank 0's files, then leaves the process group. A rank that exits
     with it still open can abort in gloo's teardown (SIGABRT after a finished run), failing the launch."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        work = torch.distributed.barrier(async_op=True)
+        work.wait()
+        _FINAL_BARRIER.append(work)
         torch.distributed.destroy_process_group()
 
 
