@@ -37,3 +37,23 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     single = json.loads((tmp_path / "single" / "train_summary.json").read_text())
     assert ddp["world_size"] == 2 and single["world_size"] == 1
     assert ddp["logged_losses"] == pytest.approx(single["logged_losses"], rel=1e-3)
+
+
+def test_leaving_the_process_group_keeps_the_final_barrier_from_gloos_thread(monkeypatch):
+    """The final barrier's work stays referenced by the process: freed by gloo's worker thread, it took the
+    GIL while the main thread held it to join that thread, and a finished run hung (qlora_fast/cli/train.py)."""
+    import socket
+
+    import torch.distributed as dist
+
+    from qlora_fast.cli import train as train_module
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    monkeypatch.setattr(train_module, "_FINAL_BARRIER", [])
+    train_module._leave_process_group()
+    assert not dist.is_initialized()
+    (work,) = train_module._FINAL_BARRIER
+    assert work.is_completed()
