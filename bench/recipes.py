@@ -478,7 +478,8 @@ def _candidate_lines(runs, device: str) -> list[str]:
                 ratios = [f"{r['tokens_per_s_median'] / by[(recipe, shape, other)]['tokens_per_s_median']:.3f}x {other}"
                           for other in ("qlora_fast", "unsloth") if (recipe, shape, other) in by]
                 latest[(recipe, shape, stack)] = (f"{recipe} {shape} `{stack}` {r['tokens_per_s_median']:.0f} tok/s "
-                                                  f"({', '.join(ratios)}; {run['commit']}, {run['date']})")
+                                                  f"({', '.join(ratios) or 'alone in its run'}; {run['commit']}, "
+                                                  f"{run['date']})")
     return ["Launch candidates timed beside the default in one run (not in the table): " + "; ".join(latest.values())
             ] if latest else []
 
