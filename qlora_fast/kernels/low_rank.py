@@ -100,6 +100,18 @@ CANDIDATE_META = [
 SWIGLU_META, LOW_RANK_ADD_META = CANDIDATE_META[0], CANDIDATE_META[1]
 
 
+# Candidate (bench/recipes.py CANDIDATES): taller tiles above rank 32 for the kernels that add one term a
+# tile (low_rank_add_, the q/k rotation), as the SwiGLU kernels take by default (kernels/swiglu.py: 10% off
+# their forward at r=64 on the H100). There the term's product, not memory, bounds them: low_rank_add_
+# took 73 us a call at r=64 in the prepared recipe's step against 44 at r=16 (bench/RESULTS.md, session
+# 19). Spill-free on sm_90 up to r=128 (tests/kernels/hopper_compile.py).
+LARGE_RANK_TILES = False
+
+
+def takes_large_rank_tiles(rank: int) -> bool:
+    return LARGE_RANK_TILES and padded_rank(rank) > 32
+
+
 def shared_rank(terms) -> int:
     """The one rank of a launch's LoRA terms (None for an absent term; 1 where all are)."""
     ranks = {t.xa.shape[1] for t in terms if t is not None}

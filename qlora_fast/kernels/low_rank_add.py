@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from ._utils import round_fp32_to
-from .low_rank import (LOW_RANK_ADD_META, LowRank, launch_tiles, load_fp32, padded_rank, plus_low_rank, term_args,
-                       tile)
+from .low_rank import (LOW_RANK_ADD_META, LowRank, launch_tiles, load_fp32, plus_low_rank, takes_large_rank_tiles,
+                       term_args, tile)
 
 
 @triton.jit(do_not_specialize=["n_rows"])  # packed batches change the token count every step
@@ -46,17 +46,8 @@ def _check_2d(t: torch.Tensor, name: str):
         raise ValueError(f"low_rank_add_: {name} must be 2-D with unit column stride; got strides {t.stride()}")
 
 
-# Candidate (bench/recipes.py CANDIDATES): above rank 32 the term's product, not memory, bounds the kernel
-# (73 us a call at r=64 in the prepared recipe's step against 44 at r=16, bench/RESULTS.md session 19), as
-# it bound the SwiGLU forward, which 64-row tiles sped up 10% at r=64 (kernels/swiglu.py). Spill-free on
-# sm_90 up to r=128 (tests/kernels/hopper_compile.py).
-LARGE_RANK_TILES = False
-LARGE_RANK_ADD_META, SMALL_RANK_MAX = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "COLS_FAST": True}, 32
-
-
-def _meta_for(term: LowRank) -> dict:
-    large = LARGE_RANK_TILES and padded_rank(term.xa.shape[1]) > SMALL_RANK_MAX
-    return LARGE_RANK_ADD_META if large else LOW_RANK_ADD_META
+# Above rank 32, with the candidate switched on (kernels/low_rank.py LARGE_RANK_TILES): 64-row tiles
+LARGE_RANK_ADD_META = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "COLS_FAST": True}
 
 
 def low_rank_add_(y: torch.Tensor, term: LowRank, meta: dict | None = None,
@@ -81,7 +72,8 @@ def low_rank_add_(y: torch.Tensor, term: LowRank, meta: dict | None = None,
         if residual.shape != out.shape or residual.dtype != out.dtype:
             raise ValueError(f"low_rank_add_: residual {tuple(residual.shape)} {residual.dtype} differs from out "
                              f"{tuple(out.shape)} {out.dtype}")
-    launch_tiles(_low_rank_add_kernel, y, (term,), meta or _meta_for(term), y, y.stride(0), out, out.stride(0),
+    meta = meta or (LARGE_RANK_ADD_META if takes_large_rank_tiles(term.xa.shape[1]) else LOW_RANK_ADD_META)
+    launch_tiles(_low_rank_add_kernel, y, (term,), meta, y, y.stride(0), out, out.stride(0),
                  y if residual is None else residual, 0 if residual is None else residual.stride(0),
                  term_args=term_args(term, y), HAS_RESIDUAL=residual is not None)
     torch.autograd.graph.increment_version(out)

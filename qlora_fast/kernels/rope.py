@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ._utils import INTERPRETER_TILE, INTERPRETING, cdiv, next_power_of_2
 from ._utils import round_fp32_to
-from .low_rank import LowRank, padded_rank, plus_low_rank
+from .low_rank import LowRank, padded_rank, plus_low_rank, takes_large_rank_tiles
 
 
 @triton.jit
@@ -146,6 +146,7 @@ def _rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 # tensor-core product per half. 32 rows / 4 warps: the fastest of four candidates on the H100, by ~1% of the
 # fused q/k/v's forward + backward (bench/RESULTS.md, session 15).
 ROPE_LORA_META = {"BLOCK_M": 32, "num_warps": 4}
+ROPE_LORA_LARGE_RANK_META = {"BLOCK_M": 64, "num_warps": 4}  # kernels/low_rank.py LARGE_RANK_TILES
 
 
 @triton.jit(do_not_specialize=["n_rows", "seq_len"])
@@ -213,8 +214,9 @@ def rope_plus_low_rank(y: torch.Tensor, q_term: LowRank, k_term: LowRank, cos: t
             or k_term.b.stride() != q_term.b.stride() or (q_dtype != torch.float32 and out.dtype != q_dtype)):
         raise ValueError("rope_plus_low_rank: q's and k's outputs side by side in y and out, their terms of one "
                          "rank with adjacent xa columns and B rows, and out in q's dtype unless q is fp32")
-    block_m = max(16, INTERPRETER_TILE // head_dim) if INTERPRETING else ROPE_LORA_META["BLOCK_M"]
-    meta = {} if INTERPRETING else {"num_warps": ROPE_LORA_META["num_warps"]}
+    launch = ROPE_LORA_LARGE_RANK_META if takes_large_rank_tiles(rank) else ROPE_LORA_META
+    block_m = max(16, INTERPRETER_TILE // head_dim) if INTERPRETING else launch["BLOCK_M"]
+    meta = {} if INTERPRETING else {"num_warps": launch["num_warps"]}
     _rope_lora_kernel[(width // head_dim, cdiv(tokens, block_m))](
         y, y.stride(0), out, out.stride(0), tokens, seq_len, q_width // head_dim,
         q_term.xa, *q_term.xa.stride(), b, *b.stride(), rank, float(q_term.scale), float(k_term.scale),

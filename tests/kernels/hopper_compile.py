@@ -102,7 +102,8 @@ def main():
     from qlora_fast.kernels.rms_norm import add_rms_norm_forward, rms_norm_forward, rms_norm_backward
     from qlora_fast.kernels.rope import rope_backward, rope_forward, rope_plus_low_rank
     from qlora_fast.kernels.low_rank import CANDIDATE_META as TILE_META, LowRank
-    from qlora_fast.kernels.low_rank_add import LARGE_RANK_ADD_META, low_rank_add_
+    from qlora_fast.kernels import low_rank
+    from qlora_fast.kernels.low_rank_add import low_rank_add_
     from qlora_fast.kernels.swiglu import swiglu_backward_, swiglu_backward_writing_h_, swiglu_forward
     from qlora_fast.nf4 import nf4_weight_from_bnb
     from qlora_fast.testing import make_nf4_linear
@@ -144,7 +145,6 @@ def main():
         low_rank_add_(torch.randn(8, 96, dtype=dtype)[:, 16:80], term)
         low_rank_add_(x, term, out=torch.empty(8, 64))
         low_rank_add_(x, term, out=torch.empty(8, 64), residual=torch.randn(8, 64))  # MLP output + residual
-        low_rank_add_(x, large, LARGE_RANK_ADD_META, out=torch.empty(8, 64))  # the large-rank candidate's tiles
         for meta in TILE_META[1:] if dtype == torch.bfloat16 else []:  # what bench/kernel_timings.py times
             swiglu_forward(x, x, term, term, meta=meta)
             low_rank_add_(x.clone(), term, meta)
@@ -160,6 +160,14 @@ def main():
         trig = torch.randn(2, 8, 32, dtype=dtype)
         rope_plus_low_rank(qk, *terms, trig, trig.clone(), 8, qk, dtype)
         rope_plus_low_rank(qk, *terms, trig.float(), trig.float(), 8, qk, torch.float32)  # a prepared model's
+        low_rank.LARGE_RANK_TILES = True  # the large-rank candidate's tiles (bench/recipes.py CANDIDATES)
+        try:
+            xa64, b64 = torch.randn(16, 128, dtype=dtype), torch.randn(6 * 32, 64, dtype=dtype)
+            rope_plus_low_rank(qk, LowRank(xa64[:, :64], b64[:128], 2.0), LowRank(xa64[:, 64:], b64[128:], 0.5),
+                               trig.float(), trig.float(), 8, qk, torch.float32)
+            low_rank_add_(x, large, out=torch.empty(8, 64))
+        finally:
+            low_rank.LARGE_RANK_TILES = False
         add_rms_norm_forward(x.float(), x, torch.ones(64), 1e-6, out_dtype=dtype)  # bf16 delta, fp32 stream
         for softcap in (None, 30.0):
             cross_entropy_forward_backward_(torch.randn(4, 100, dtype=dtype), torch.zeros(4, dtype=torch.int64),
