@@ -11,8 +11,9 @@ its registers, sums the gate and up B gradients and the down A gradient (kernels
 written and no GEMM reads dg, du or h back for them (up to rank 32; above, the kernel writes h over dh
 and three GEMMs form them, which is faster there); no (tokens x intermediate) tensor is allocated
 beyond dh. Above rank 32, where the input is in the compute dtype, the three terms ride in their base
-GEMMs instead (ops/terms_in_gemm.py): g and u are saved with theirs and the SwiGLU kernels add none. One Function per MLP instead of three LoRA layers and two elementwise ops
-also means fewer host calls per layer, which is what small batches are bound by.
+GEMMs instead (ops/terms_in_gemm.py): g and u are saved with theirs and the SwiGLU kernels add none.
+One Function per MLP instead of three LoRA layers and two elementwise ops also means fewer host calls
+per layer, which is what small batches are bound by.
 
 Where x is wider than the compute dtype (fp32 hidden states of a prepared model, bf16 compute), g, u and
 silu(g) * u stay fp32 inside the kernel until h is rounded for the down projection, and the output is
