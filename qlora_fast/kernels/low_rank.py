@@ -106,10 +106,13 @@ SWIGLU_META, LOW_RANK_ADD_META = CANDIDATE_META[0], CANDIDATE_META[1]
 # took 73 us a call at r=64 in the prepared recipe's step against 44 at r=16 (bench/RESULTS.md, session
 # 19). Spill-free on sm_90 up to r=128 (tests/kernels/hopper_compile.py).
 LARGE_RANK_TILES = False
+# Padded ranks up to this are the small ones, whose tiles memory bounds; above it the tile kernels take
+# taller tiles (the SwiGLU forward by default, low_rank_add_ and the q/k rotation with the candidate)
+SMALL_RANK_MAX = 32
 
 
 def takes_large_rank_tiles(rank: int) -> bool:
-    return LARGE_RANK_TILES and padded_rank(rank) > 32
+    return LARGE_RANK_TILES and padded_rank(rank) > SMALL_RANK_MAX
 
 
 def shared_rank(terms) -> int:

@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .low_rank import (SWIGLU_META, LowRank, interpreter_blocks, launch_tiles, load_fp32, padded_rank, plus_low_rank,
-                       shared_rank, term_args, tile)
+from .low_rank import (SMALL_RANK_MAX, SWIGLU_META, LowRank, interpreter_blocks, launch_tiles, load_fp32, padded_rank,
+                       plus_low_rank, shared_rank, term_args, tile)
 from ._utils import INTERPRETING, cdiv, round_fp32_to, tanh
 
 # swiglu_backward_'s launch: a band of BLOCK_N columns a program over one of ROW_CHUNKS chunks of the rows,
@@ -188,7 +188,7 @@ _SUMS_BUDGET, _B_TILES_BUDGET, _XA_BUDGET, _SMALLEST_BLOCK = 2048, 4096, 1024, 1
 def _blocks_for_rank(block_m: int, block_n: int, r_pad: int, sums: bool) -> tuple[int, int]:
     columns_budget = _SUMS_BUDGET if sums else _B_TILES_BUDGET
     rows_budget = _XA_BUDGET
-    if not sums and r_pad > SUMS_MAX_RANK:
+    if not sums and r_pad > SMALL_RANK_MAX:
         block_m, rows_budget = LARGE_RANK_BACKWARD_BLOCK_M, _LARGE_RANK_XA_BUDGET
     while block_n > _SMALLEST_BLOCK and block_n * r_pad > columns_budget:
         block_n //= 2
@@ -197,11 +197,11 @@ def _blocks_for_rank(block_m: int, block_n: int, r_pad: int, sums: bool) -> tupl
     return block_m, block_n
 
 
-# Above SUMS_MAX_RANK the kernels are bound by their rank-r products, whose B tiles each program loads
-# for its rows: taller tiles load them once for more rows. Measured on the H100 at 8192 x 14336 with the
-# prepared recipe's fp32 sums (bench/RESULTS.md, session 20): the forward 0.411 -> 0.369 ms at r=64 and
-# 0.640 -> 0.410 at r=128 in 64 x 64 tiles; the h-writing backward (no sums, so its xa tiles may be
-# taller) 1.031 -> 0.894 ms at r=64 in 32 x 64 tiles (64 x 64: 1.064). Spill-free on sm_90
+# Above SMALL_RANK_MAX (kernels/low_rank.py) the kernels are bound by their rank-r products, whose B tiles
+# each program loads for its rows: taller tiles load them once for more rows. Measured on the H100 at
+# 8192 x 14336 with the prepared recipe's fp32 sums (bench/RESULTS.md, session 20): the forward 0.411 ->
+# 0.369 ms at r=64 and 0.640 -> 0.410 at r=128 in 64 x 64 tiles; the h-writing backward (no sums, so its
+# xa tiles may be taller) 1.031 -> 0.894 ms at r=64 in 32 x 64 tiles (64 x 64: 1.064). Spill-free on sm_90
 # (tests/kernels/hopper_compile.py); at r=128 the backward keeps 16 x 32 tiles, since 32 x 32 spills.
 LARGE_RANK_FORWARD_META = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4}
 LARGE_RANK_BACKWARD_BLOCK_M, _LARGE_RANK_XA_BUDGET = 32, 2048
@@ -217,7 +217,7 @@ def _is_gelu(activation: str) -> bool:
 
 
 def _forward_meta(terms) -> dict:
-    return LARGE_RANK_FORWARD_META if padded_rank(shared_rank(terms)) > SUMS_MAX_RANK else SWIGLU_META
+    return LARGE_RANK_FORWARD_META if padded_rank(shared_rank(terms)) > SMALL_RANK_MAX else SWIGLU_META
 
 
 def swiglu_forward(g: torch.Tensor, u: torch.Tensor, gate_term: LowRank | None = None,
@@ -270,7 +270,8 @@ def _launch_backward(dh, g, u, terms, meta, wide, activation, sums: bool):
     _swiglu_backward_kernel[(cdiv(cols, block_n), chunks)](
         dh, g, u, partial, rows, cols, rank, chunk_rows, *args, R=r_pad,
         UPCAST_DOT=INTERPRETING or g.dtype == torch.float32, SOFTWARE_RTNE=INTERPRETING, WIDE=wide,
-        GELU=_is_gelu(activation), SUMS=sums, TERMS=with_terms, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=meta["num_warps"])
+        GELU=_is_gelu(activation), SUMS=sums, TERMS=with_terms, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=meta["num_warps"])
     for t in (g, u) if sums else (dh, g, u):  # written behind autograd's back: a later reader of the old values fails loudly
         torch.autograd.graph.increment_version(t)
     return partial.sum(1)[..., :rank] if sums else None

@@ -41,7 +41,10 @@ def _beside(weight: NF4Weight, b: torch.Tensor, b_first: bool) -> torch.Tensor:
     out_features, in_features = weight.shape
     rank = b.shape[1]
     wide = torch.empty(out_features, in_features + rank, dtype=b.dtype, device=b.device)
-    w_columns, b_columns = (wide[:, rank:], wide[:, :rank]) if b_first else (wide[:, :in_features], wide[:, in_features:])
+    if b_first:
+        w_columns, b_columns = wide[:, rank:], wide[:, :rank]
+    else:
+        w_columns, b_columns = wide[:, :in_features], wide[:, in_features:]
     nf4_dequantize(weight, b.dtype, out=w_columns)
     b_columns.copy_(b)
     return wide
