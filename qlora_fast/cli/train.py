@@ -245,7 +245,7 @@ def _throughput(trainer):
 # The last barrier's work, kept to the end of the process: gloo's worker thread must not be the one to free
 # it. Freeing it frees the collectives before it, whose tensors are Python's, so that thread takes the GIL;
 # meanwhile the main thread, holding the GIL, frees DDP's reducer and with it the process group, whose
-# destructor joins that thread: a deadlock (a finished 2-process CPU run hung in CI).
+# destructor joins that thread: a deadlock at exit, after the run has finished and saved.
 _FINAL_BARRIER: list = []
 
 
