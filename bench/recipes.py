@@ -43,9 +43,10 @@ from pathlib import Path
 RECIPES = ("bare", "peft", "trl_padded", "trl_packed", "cli")
 PACKED_LENGTHS = {"trl_packed": 8192, "trl_packed16k": 16384, "trl_packed32k": 32768}  # tokens per packed row
 # Candidates a `qlora_fast:NAME` stack switches on before patching: NAME -> (module, its boolean switch).
-# Empty while none is pending; those timed and their outcome are in bench/NOTES.md. Pending: taller tiles
-# above rank 32 for low_rank_add_ and the q/k rotation (kernels/low_rank.py).
-CANDIDATES: dict[str, tuple[str, str]] = {"large_rank_tiles": ("qlora_fast.kernels.low_rank", "LARGE_RANK_TILES")}
+# Empty while none is pending; those timed and their outcome are in bench/NOTES.md. Pending: the LoRA terms
+# in the MLP's GEMMs for a prepared model's checkpoint recompute above rank 32 (ops/terms_in_gemm.py).
+CANDIDATES: dict[str, tuple[str, str]] = {"wide_recompute_in_gemm": ("qlora_fast.ops.terms_in_gemm",
+                                                                     "IN_WIDE_RECOMPUTE")}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

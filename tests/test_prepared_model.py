@@ -265,3 +265,33 @@ def test_other_families_prepared_and_checkpointed_match_stock(shape, mutant, mon
                                                       dim=0).item() for n in grads)
     matches = loss.item() == pytest.approx(stock_loss.item(), rel=2e-3) and worst > 0.999
     assert matches != mutant, (loss.item(), stock_loss.item(), worst)
+
+
+@pytest.mark.parametrize("mutant", [False, True], ids=["patched", "mutant: gate term doubled in its GEMM"])
+def test_recompute_with_terms_in_the_gemms_matches_stock(mutant, monkeypatch):
+    """The candidate (ops/terms_in_gemm.py IN_WIDE_RECOMPUTE): at r=64 a prepared model's checkpoint
+    recompute takes the MLP's terms in its GEMMs (one rounding of base + term, for the backward alone), the
+    first pass keeps stock's fp32 sums: loss and every LoRA gradient as stock's; the mutant must show."""
+    from qlora_fast.ops import lora_nf4_mlp, terms_in_gemm
+
+    model = prepared_tiny(b_std=0.02, r=64)
+    model.enable_input_require_grads()
+    model.gradient_checkpointing_enable()
+    ids = torch.randint(0, 512, (2, 24))
+    stock_loss, stock_grads = _autocast_loss_and_grads(model, ids)
+    patch_model(model, verbose=False)
+    monkeypatch.setattr(terms_in_gemm, "IN_WIDE_RECOMPUTE", True)
+    taken, gate_up = [], lora_nf4_mlp.gate_up_with_terms
+
+    def spied(x, a, gate, up, dtype):
+        taken.append(x.shape)
+        b, s, w = gate
+        return gate_up(x, a, (b, 2 * s if mutant else s, w), up, dtype)
+
+    monkeypatch.setattr(lora_nf4_mlp, "gate_up_with_terms", spied)
+    loss, grads = _autocast_loss_and_grads(model, ids)
+    assert len(taken) == 2  # each layer's recompute
+    assert loss.item() == pytest.approx(stock_loss.item(), rel=2e-3)  # the first pass: stock's sums
+    worst = min(torch.nn.functional.cosine_similarity(grads[n].float().flatten(), stock_grads[n].float().flatten(),
+                                                      dim=0).item() for n in grads)
+    assert (worst > 0.999) != mutant, worst

@@ -100,19 +100,16 @@ CANDIDATE_META = [
 SWIGLU_META, LOW_RANK_ADD_META = CANDIDATE_META[0], CANDIDATE_META[1]
 
 
-# Candidate (bench/recipes.py CANDIDATES): taller tiles above rank 32 for the kernels that add one term a
-# tile (low_rank_add_, the q/k rotation), as the SwiGLU kernels take by default (kernels/swiglu.py: 10% off
-# their forward at r=64 on the H100). There the term's product, not memory, bounds them: low_rank_add_
-# took 73 us a call at r=64 in the prepared recipe's step against 44 at r=16 (bench/RESULTS.md, session
-# 19). Spill-free on sm_90 up to r=128 (tests/kernels/hopper_compile.py).
-LARGE_RANK_TILES = False
-# Padded ranks up to this are the small ones, whose tiles memory bounds; above it the tile kernels take
-# taller tiles (the SwiGLU forward by default, low_rank_add_ and the q/k rotation with the candidate)
+# Padded ranks up to this are the small ones, whose tiles memory bounds. Above it the term's product, not
+# memory, bounds the kernels that carry a term inside a tile, so they take taller tiles: the SwiGLU kernels
+# (kernels/swiglu.py), low_rank_add_ and the q/k rotation with its terms (64-row tiles: low_rank_add_ took
+# 73 us a call at r=64 in the prepared recipe's step against 44 at r=16, bench/RESULTS.md sessions 19 and
+# 21). Spill-free on sm_90 up to r=128 (tests/kernels/hopper_compile.py).
 SMALL_RANK_MAX = 32
 
 
 def takes_large_rank_tiles(rank: int) -> bool:
-    return LARGE_RANK_TILES and padded_rank(rank) > SMALL_RANK_MAX
+    return padded_rank(rank) > SMALL_RANK_MAX
 
 
 def shared_rank(terms) -> int:

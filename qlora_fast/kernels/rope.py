@@ -146,7 +146,7 @@ def _rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 # tensor-core product per half. 32 rows / 4 warps: the fastest of four candidates on the H100, by ~1% of the
 # fused q/k/v's forward + backward (bench/RESULTS.md, session 15).
 ROPE_LORA_META = {"BLOCK_M": 32, "num_warps": 4}
-ROPE_LORA_LARGE_RANK_META = {"BLOCK_M": 64, "num_warps": 4}  # kernels/low_rank.py LARGE_RANK_TILES
+ROPE_LORA_LARGE_RANK_META = {"BLOCK_M": 64, "num_warps": 4}  # above kernels/low_rank.py SMALL_RANK_MAX
 
 
 @triton.jit(do_not_specialize=["n_rows", "seq_len"])

@@ -11,7 +11,8 @@ its registers, sums the gate and up B gradients and the down A gradient (kernels
 written and no GEMM reads dg, du or h back for them (up to rank 32; above, the kernel writes h over dh
 and three GEMMs form them, which is faster there); no (tokens x intermediate) tensor is allocated
 beyond dh. Above rank 32, where the input is in the compute dtype, the three terms ride in their base
-GEMMs instead (ops/terms_in_gemm.py): g and u are saved with theirs and the SwiGLU kernels add none.
+GEMMs instead (ops/terms_in_gemm.py, which says when a wider input's may): g and u are saved with theirs
+and the SwiGLU kernels add none.
 One Function per MLP instead of three LoRA layers and two elementwise ops also means fewer host calls
 per layer, which is what small batches are bound by.
 
@@ -67,7 +68,7 @@ class LoRANF4MLPFunction(torch.autograd.Function):
                                                                  down_a, down_b)
         gate_up_a = stacked_rows((gate_a, up_a))
         ctx.wide, ctx.activation = wider(out_dtype, compute_dtype), activation
-        ctx.terms_in_gemm = not ctx.wide and terms_fit_in_gemm(x, gate_a.shape[0], weights)
+        ctx.terms_in_gemm = terms_fit_in_gemm(x, gate_a.shape[0], weights, ctx.wide, output_needed)
 
         if ctx.terms_in_gemm:
             x2, xa_gate, xa_up, g, u = gate_up_with_terms(x.reshape(-1, x.shape[-1]), gate_up_a,

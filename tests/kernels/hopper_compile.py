@@ -102,7 +102,6 @@ def main():
     from qlora_fast.kernels.rms_norm import add_rms_norm_forward, rms_norm_forward, rms_norm_backward
     from qlora_fast.kernels.rope import rope_backward, rope_forward, rope_plus_low_rank
     from qlora_fast.kernels.low_rank import CANDIDATE_META as TILE_META, LowRank
-    from qlora_fast.kernels import low_rank
     from qlora_fast.kernels.low_rank_add import low_rank_add_
     from qlora_fast.kernels.swiglu import swiglu_backward_, swiglu_backward_writing_h_, swiglu_forward
     from qlora_fast.nf4 import nf4_weight_from_bnb
@@ -160,14 +159,10 @@ def main():
         trig = torch.randn(2, 8, 32, dtype=dtype)
         rope_plus_low_rank(qk, *terms, trig, trig.clone(), 8, qk, dtype)
         rope_plus_low_rank(qk, *terms, trig.float(), trig.float(), 8, qk, torch.float32)  # a prepared model's
-        low_rank.LARGE_RANK_TILES = True  # the large-rank candidate's tiles (bench/recipes.py CANDIDATES)
-        try:
-            xa64, b64 = torch.randn(16, 128, dtype=dtype), torch.randn(6 * 32, 64, dtype=dtype)
-            rope_plus_low_rank(qk, LowRank(xa64[:, :64], b64[:128], 2.0), LowRank(xa64[:, 64:], b64[128:], 0.5),
-                               trig.float(), trig.float(), 8, qk, torch.float32)
-            low_rank_add_(x, large, out=torch.empty(8, 64))
-        finally:
-            low_rank.LARGE_RANK_TILES = False
+        xa64, b64 = torch.randn(16, 128, dtype=dtype), torch.randn(6 * 32, 64, dtype=dtype)  # large-rank tiles
+        rope_plus_low_rank(qk, LowRank(xa64[:, :64], b64[:128], 2.0), LowRank(xa64[:, 64:], b64[128:], 0.5),
+                           trig.float(), trig.float(), 8, qk, torch.float32)
+        low_rank_add_(x, large, out=torch.empty(8, 64))
         add_rms_norm_forward(x.float(), x, torch.ones(64), 1e-6, out_dtype=dtype)  # bf16 delta, fp32 stream
         for softcap in (None, 30.0):
             cross_entropy_forward_backward_(torch.randn(4, 100, dtype=dtype), torch.zeros(4, dtype=torch.int64),

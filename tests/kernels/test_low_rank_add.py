@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from qlora_fast.kernels.low_rank import LowRank
-from qlora_fast.kernels.low_rank_add import low_rank_add_
+from qlora_fast.kernels.low_rank import LOW_RANK_ADD_META, LowRank
+from qlora_fast.kernels.low_rank_add import LARGE_RANK_ADD_META, low_rank_add_
 from tests.helpers import rel_err
 
 
@@ -68,3 +68,15 @@ def test_a_residual_is_added_after_the_sum_is_rounded(dtype, out_dtype):
         assert (once != out).float().mean() > 0.1
     with pytest.raises(ValueError, match="residual"):
         low_rank_add_(y.clone(), term, out=torch.empty_like(residual), residual=residual.double())
+
+
+@pytest.mark.parametrize("rank, tile", [(16, LOW_RANK_ADD_META), (32, LOW_RANK_ADD_META), (40, LARGE_RANK_ADD_META),
+                                        (128, LARGE_RANK_ADD_META)])
+def test_tiles_by_rank(rank, tile, monkeypatch):
+    """Above rank 32 the term's product bounds the kernel: 64-row tiles (kernels/low_rank_add.py)."""
+    from qlora_fast.kernels import low_rank_add
+
+    launched = []
+    monkeypatch.setattr(low_rank_add, "launch_tiles", lambda kernel, y, terms, meta, *a, **k: launched.append(meta))
+    low_rank_add_(torch.zeros(8, 16), LowRank(torch.zeros(8, rank), torch.zeros(16, rank), 1.0))
+    assert launched == [tile]
