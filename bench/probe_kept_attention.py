@@ -33,6 +33,9 @@ for kv_heads in (H, KV):
             kernel = ka._fused_kernel(q, k, v, None)
             name = next(n for n, kk in ka._KERNELS.items() if kk is kernel) if kernel else None
             ours = grads(lambda q, k, v: ka._KeptAttention.apply(q, k, v, None, object(), kernel), q, k, v, dout)
-            errs = [((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(ours, ref)]
-            print(f"kv_heads {kv_heads} layouts {layouts} dout {dout_layout} kernel {name}: "
-                  + " ".join(f"{e:.1e}" for e in errs), "BAD" if max(errs) > 2e-2 else "ok")
+            same = grads(lambda q, k, v: ka._KeptAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), None,
+                                                                 object(), kernel), q, k, v, dout)
+            for label, got in (("as handed", ours), ("all contiguous", same)):
+                errs = [((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(got, ref)]
+                print(f"kv_heads {kv_heads} layouts {layouts} dout {dout_layout} kernel {name} {label}: "
+                      + " ".join(f"{e:.1e}" for e in errs), "BAD" if max(errs) > 2e-2 else "ok")
