@@ -103,8 +103,12 @@ class _KeptAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        if dout.stride() != out.stride():  # the fused backward kernels read dout in the output's layout
-            dout = torch.empty_like(out).copy_(dout)
+        # dout as sdpa's own backward passes it: in the layout it arrives in, unless its innermost stride is
+        # not 1. torch's cuDNN backward caches its graphs by q, k and v's layout but not dout's, so a dout
+        # laid out otherwise than the model's sdpa calls lay theirs out replays their graph on the wrong
+        # strides: silently wrong gradients (bench/NOTES.md, session 21)
+        if dout.stride(-1) != 1:
+            dout = dout.contiguous()
         dq, dk, dv = ctx.kernel.backward(dout, q, k, v, out, lse, ctx.state, ctx.scale)
         return dq, dk, dv, None, None, None
 
