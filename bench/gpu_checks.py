@@ -339,8 +339,11 @@ def packed_attention_kernels():
 def kept_attention_kernels():
     """Causal attention through two offloaded-checkpoint layers with its output kept for the recompute
     (ops/kept_attention.py), against sdpa under torch's checkpoint (Llama-3-8B heads, bf16, grouped and
-    repeated k/v): the same fused kernel runs both, so the outputs must be the same bits; the gradients
-    agree to cuDNN's own run-to-run spread (its dq sums with atomics: 3e-5..6e-5 relative measured)."""
+    repeated k/v; q and k also as transformers' RoPE hands them, new (batch, heads, len, dim) tensors beside
+    v's view of the projection, Phi-3's case: the output then takes q's layout and dout another, which the
+    backward must pass on as sdpa does, torch's cuDNN graph cache ignoring dout's layout): the same fused
+    kernel runs both, so the outputs must be the same bits; the gradients agree to cuDNN's own run-to-run
+    spread (its dq sums with atomics: 3e-5..6e-5 relative measured)."""
     import functools
 
     from torch.utils.checkpoint import checkpoint
@@ -352,7 +355,7 @@ def kept_attention_kernels():
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                                                 enable_gqa=k.shape[1] != q.shape[1])
 
-    for kv_heads in (8, 32):
+    for kv_heads, rotated in ((8, False), (32, False), (8, True)):
         torch.manual_seed(0)
         wq = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) * 0.02
         wkv = torch.randn(2 * kv_heads * 128, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -361,7 +364,10 @@ def kept_attention_kernels():
         def layer(x, attend):
             q = (x @ wq.T).view(2, 4096, 32, 128).transpose(1, 2)
             k, v = (x @ (wkv * 0.02).T).view(2, 4096, 2, kv_heads, 128).unbind(2)
-            out = attend(wq, q, k.transpose(1, 2), v.transpose(1, 2), 128 ** -0.5)
+            k = k.transpose(1, 2)
+            if rotated:
+                q, k = q.contiguous(), k.contiguous()
+            out = attend(wq, q, k, v.transpose(1, 2), 128 ** -0.5)
             return x + out.transpose(1, 2).reshape(2, 4096, 4096)
 
         def run(attend, checkpoint_fn):
@@ -380,7 +386,8 @@ def kept_attention_kernels():
         q = torch.empty(2, 32, 4096, 128, device="cuda", dtype=torch.bfloat16)
         kv = torch.empty(2, kv_heads, 4096, 128, device="cuda", dtype=torch.bfloat16)
         kernel = _fused_kernel(q, kv, kv, None)
-        check(f"kept attention, {kv_heads} k/v heads ({kernel.forward.__name__ if kernel else 'sdpa math'}): "
+        check(f"kept attention, {kv_heads} k/v heads{', q and k rotated apart' if rotated else ''} "
+              f"({kernel.forward.__name__ if kernel else 'sdpa math'}): "
               "out bit-equal to sdpa under torch's checkpoint, dx and dW_kv within 1e-3; outputs kept",
               torch.equal(ours[0], reference[0]) and max(errs[1:]) < 1e-3 and kept == 2,
               f"kept {kept}, rel " + ", ".join(f"{e:.1e}" for e in errs))

@@ -43,10 +43,8 @@ from pathlib import Path
 RECIPES = ("bare", "peft", "trl_padded", "trl_packed", "cli")
 PACKED_LENGTHS = {"trl_packed": 8192, "trl_packed16k": 16384, "trl_packed32k": 32768}  # tokens per packed row
 # Candidates a `qlora_fast:NAME` stack switches on before patching: NAME -> (module, its boolean switch).
-# Empty while none is pending; those timed and their outcome are in bench/NOTES.md. Pending: the LoRA terms
-# in the MLP's GEMMs for a prepared model's checkpoint recompute above rank 32 (ops/terms_in_gemm.py).
-CANDIDATES: dict[str, tuple[str, str]] = {"wide_recompute_in_gemm": ("qlora_fast.ops.terms_in_gemm",
-                                                                     "IN_WIDE_RECOMPUTE")}
+# Empty while none is pending; those timed and their outcome are in bench/NOTES.md.
+CANDIDATES: dict[str, tuple[str, str]] = {}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

@@ -269,10 +269,10 @@ def test_other_families_prepared_and_checkpointed_match_stock(shape, mutant, mon
 
 @pytest.mark.parametrize("mutant", [False, True], ids=["patched", "mutant: gate term doubled in its GEMM"])
 def test_recompute_with_terms_in_the_gemms_matches_stock(mutant, monkeypatch):
-    """The candidate (ops/terms_in_gemm.py IN_WIDE_RECOMPUTE): at r=64 a prepared model's checkpoint
-    recompute takes the MLP's terms in its GEMMs (one rounding of base + term, for the backward alone), the
-    first pass keeps stock's fp32 sums: loss and every LoRA gradient as stock's; the mutant must show."""
-    from qlora_fast.ops import lora_nf4_mlp, terms_in_gemm
+    """At r=64 a prepared model's checkpoint recompute takes the MLP's terms in its GEMMs (one rounding of
+    base + term, for the backward alone; ops/terms_in_gemm.py), the first pass keeps stock's fp32 sums:
+    loss and every LoRA gradient as stock's; the mutant must show."""
+    from qlora_fast.ops import lora_nf4_mlp
 
     model = prepared_tiny(b_std=0.02, r=64)
     model.enable_input_require_grads()
@@ -280,7 +280,6 @@ def test_recompute_with_terms_in_the_gemms_matches_stock(mutant, monkeypatch):
     ids = torch.randint(0, 512, (2, 24))
     stock_loss, stock_grads = _autocast_loss_and_grads(model, ids)
     patch_model(model, verbose=False)
-    monkeypatch.setattr(terms_in_gemm, "IN_WIDE_RECOMPUTE", True)
     taken, gate_up = [], lora_nf4_mlp.gate_up_with_terms
 
     def spied(x, a, gate, up, dtype):

@@ -14,10 +14,11 @@ together (the tile kernels add the term to the rounded base and round again); s 
 compute dtype first (exact where s is a power of two, as alpha / r usually is). So this path serves
 layers whose input is in the compute dtype: where it is wider (the prepared recipe's fp32 hidden states),
 stock keeps the rounded base plus the term in fp32 (ops/adapters.py, `wider`), and a term below half an ulp
-of the base must survive (tests/test_prepared_model.py), which one rounding of the sum would lose. The
-candidate below takes it there too for a checkpoint's recompute, whose output is never read: its g and u
-feed only the backward, where one rounding of base + term is the bf16 recipe's (a bf16 ulp of g at most
-from stock's fp32 sum, in silu's derivative and in h for the down projection's gradients).
+of the base must survive (tests/test_prepared_model.py), which one rounding of the sum would lose. It
+serves them too for a checkpoint's recompute, whose output is never read: its g and u feed only the
+backward, where one rounding of base + term is the bf16 recipe's (a bf16 ulp of g at most from stock's
+fp32 sum, in silu's derivative and in h for the down projection's gradients). At r=64 on the H100 that
+took the prepared recipe from 12,539 to 12,756 tokens/s (bench/RESULTS.md, session 21).
 """
 
 import torch
@@ -29,17 +30,13 @@ from ..nf4 import NF4Weight
 from .nf4_linear import uses_in_gemm_dequantize
 
 
-# Candidate (bench/recipes.py CANDIDATES): a wider input's checkpoint recompute takes this path (above).
-IN_WIDE_RECOMPUTE = False
-
-
 def terms_fit_in_gemm(x: torch.Tensor, rank: int, weights, wide: bool = False, output_read: bool = True) -> bool:
     """Whether projections of this rank take their terms inside the GEMM: ranks past the SwiGLU kernels'
     in-kernel sums (above, their tile products cost more than the wider GEMM), a multiple of 8 (columns
     16-byte aligned for cuBLAS and the dequantize's wide stores), weights whose rows hold whole
     quantization blocks, and dequantize + cuBLAS rather than the in-GEMM kernel. An input wider than the
-    compute dtype (`wide`) takes it only for an output never read, with the candidate on."""
-    if wide and (output_read or not IN_WIDE_RECOMPUTE):
+    compute dtype (`wide`) takes it only for an output never read (a checkpoint's recompute)."""
+    if wide and output_read:
         return False
     return (padded_rank(rank) > SUMS_MAX_RANK and rank % 8 == 0
             and all(w.shape[1] % w.blocksize == 0 for w in weights)

@@ -122,3 +122,26 @@ def test_outside_a_checkpoint_it_is_sdpa(forward_calls):
     torch.testing.assert_close(kept.kept_attention(object(), q, k, v, None),
                                F.scaled_dot_product_attention(q, k, v, is_causal=True), rtol=0, atol=0)
     assert not forward_calls
+
+
+@pytest.mark.parametrize("grad_layout", ["transposed", "expanded"])
+def test_backward_hands_dout_on_as_sdpa_does(grad_layout):
+    """torch's cuDNN backward caches its graphs without dout's layout: a dout laid out otherwise than the
+    model's sdpa calls hand theirs gave wrong gradients on the H100 (bench/NOTES.md, session 21). So dout
+    goes to the fused backward as it arrives, made contiguous only where its innermost stride is not 1."""
+    seen = []
+
+    def backward(dout, q, k, v, out, lse, state, scale):
+        seen.append(dout.stride())
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+
+    q, k, v = (torch.randn(2, HEADS, 6, HEAD_DIM, requires_grad=True) for _ in range(3))
+    kernel = kept._FusedKernel(lambda q, k, v, scale: (q * 1.0, torch.zeros(2, HEADS, 6)), backward)
+    out = kept._KeptAttention.apply(q, k, v, None, object(), kernel)
+    if grad_layout == "transposed":  # as a model's transpose(1, 2) of the output hands it back
+        grad = torch.randn(2, 6, HEADS, HEAD_DIM).transpose(1, 2)
+        out.backward(grad)
+        assert seen == [grad.stride()] and grad.stride() != out.stride()
+    else:  # out.sum().backward()
+        out.sum().backward()
+        assert seen == [out.stride()]

@@ -82,3 +82,11 @@ def test_mlp_of_large_rank_adds_no_term_in_its_kernels(dtype, monkeypatch):
     y, dx, _, _ = forward_backward(mlp, x, grad_out)
     assert seen == [(), ()]
     assert rel_err(y, y_ref) < MLP_TOLERANCE[dtype] and rel_err(dx, dx_ref) < MLP_TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("output_read, fits", [(True, False), (False, True)])
+def test_a_wider_input_fits_only_where_the_output_is_not_read(output_read, fits):
+    """A prepared model's fp32 hidden states: stock's fp32 sum must survive in any output read; a checkpoint's
+    recompute only feeds the backward (tests/test_prepared_model.py runs both against stock)."""
+    weight = nf4_weight_from_bnb(make_nf4_linear(64, 128).weight)
+    assert terms_fit_in_gemm(torch.randn(4, 128), 64, [weight], wide=True, output_read=output_read) is fits
