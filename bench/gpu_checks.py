@@ -14,6 +14,7 @@ under autocast on a prepared model. bench/kernel_timings.py times the kernels; r
 """
 
 import sys
+import traceback
 
 import torch
 
@@ -444,7 +445,11 @@ def main():
     chosen = sys.argv[1:] or [step.__name__ for step in steps]  # `gpu_checks.py stacked_dequantize ...`: those only
     for step in steps:
         if step.__name__ in chosen:
-            step()
+            try:
+                step()
+            except Exception as error:  # one step's crash is its failure, not the end of the others
+                traceback.print_exc()
+                check(f"{step.__name__} ran to its end", False, f"{type(error).__name__}: {error}")
     print(f"{sum(RESULTS)}/{len(RESULTS)} checks passed on {torch.cuda.get_device_name()}")
     sys.exit(0 if all(RESULTS) else 1)
 
