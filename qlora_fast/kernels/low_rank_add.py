@@ -46,8 +46,8 @@ def _check_2d(t: torch.Tensor, name: str):
         raise ValueError(f"low_rank_add_: {name} must be 2-D with unit column stride; got strides {t.stride()}")
 
 
-# Above SMALL_RANK_MAX (kernels/low_rank.py): 64-row tiles, 0.0763 -> 0.0682 ms at r=64 on an (8192, 4096)
-# output on the H100 (bench/RESULTS.md, session 21)
+# Above SMALL_RANK_MAX (kernels/low_rank.py): 64-row tiles, 0.0682 ms at r=64 on an (8192, 4096) output on
+# the H100 against 0.0763 in LOW_RANK_ADD_META's (bench/RESULTS.md, session 21)
 LARGE_RANK_ADD_META = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "COLS_FAST": True}
 
 

@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .low_rank import (SMALL_RANK_MAX, SWIGLU_META, LowRank, interpreter_blocks, launch_tiles, load_fp32, padded_rank,
-                       plus_low_rank, shared_rank, term_args, tile)
+from .low_rank import (SWIGLU_META, LowRank, interpreter_blocks, launch_tiles, load_fp32, padded_rank, plus_low_rank,
+                       shared_rank, takes_large_rank_tiles, term_args, tile)
 from ._utils import INTERPRETING, cdiv, round_fp32_to, tanh
 
 # swiglu_backward_'s launch: a band of BLOCK_N columns a program over one of ROW_CHUNKS chunks of the rows,
@@ -188,7 +188,7 @@ _SUMS_BUDGET, _B_TILES_BUDGET, _XA_BUDGET, _SMALLEST_BLOCK = 2048, 4096, 1024, 1
 def _blocks_for_rank(block_m: int, block_n: int, r_pad: int, sums: bool) -> tuple[int, int]:
     columns_budget = _SUMS_BUDGET if sums else _B_TILES_BUDGET
     rows_budget = _XA_BUDGET
-    if not sums and r_pad > SMALL_RANK_MAX:
+    if not sums and takes_large_rank_tiles(r_pad):
         block_m, rows_budget = LARGE_RANK_BACKWARD_BLOCK_M, _LARGE_RANK_XA_BUDGET
     while block_n > _SMALLEST_BLOCK and block_n * r_pad > columns_budget:
         block_n //= 2
@@ -217,7 +217,7 @@ def _is_gelu(activation: str) -> bool:
 
 
 def _forward_meta(terms) -> dict:
-    return LARGE_RANK_FORWARD_META if padded_rank(shared_rank(terms)) > SMALL_RANK_MAX else SWIGLU_META
+    return LARGE_RANK_FORWARD_META if takes_large_rank_tiles(shared_rank(terms)) else SWIGLU_META
 
 
 def swiglu_forward(g: torch.Tensor, u: torch.Tensor, gate_term: LowRank | None = None,

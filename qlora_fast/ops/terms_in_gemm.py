@@ -17,8 +17,8 @@ stock keeps the rounded base plus the term in fp32 (ops/adapters.py, `wider`), a
 of the base must survive (tests/test_prepared_model.py), which one rounding of the sum would lose. It
 serves them too for a checkpoint's recompute, whose output is never read: its g and u feed only the
 backward, where one rounding of base + term is the bf16 recipe's (a bf16 ulp of g at most from stock's
-fp32 sum, in silu's derivative and in h for the down projection's gradients). At r=64 on the H100 that
-took the prepared recipe from 12,539 to 12,756 tokens/s (bench/RESULTS.md, session 21).
+fp32 sum, in silu's derivative and in h for the down projection's gradients; measured in
+bench/RESULTS.md, session 21).
 """
 
 import torch
