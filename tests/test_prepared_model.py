@@ -11,6 +11,7 @@ from peft import prepare_model_for_kbit_training
 from qlora_fast import patch_model, unpatch_model
 from qlora_fast.harness.models import add_lora, quantize_to_nf4_, random_causal_lm
 from qlora_fast.ops import adapters, lora_nf4_qkv
+from qlora_fast.ops.offloaded_checkpoint import recomputing
 from qlora_fast.patching import mlp, norms, qkv, rotary
 from qlora_fast.patching.core import NARROWED_FROM
 from tests.helpers import doubled_gate_term, rel_err
@@ -104,6 +105,35 @@ def test_weights_with_values_beyond_bf16_stay_fp32():
     with torch.no_grad():
         lm.lm_head.weight[0, 0] += 1e-6
     assert patch_model(model, verbose=False).bf16_stored == 1  # the embedding only
+    assert lm.lm_head.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("shape", ["tiny-llama", "tiny-gemma", "tiny-gemma2", "tiny-gemma3", "tiny-phi3"])
+def test_held_embeddings_return_what_stock_returns(shape):
+    """Gemma's scaled embedding shares its weight with the head: held in bf16 for both, its rows and scale
+    still in fp32, so the residual stream keeps stock's dtype and values."""
+    model = prepared_tiny(shape)
+    embed = model.base_model.model.model.embed_tokens
+    ids = torch.randint(0, 512, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        stock = embed(ids)
+        patch_model(model, verbose=False)
+        patched = embed(ids)
+    assert embed.weight.dtype == torch.bfloat16
+    assert patched.dtype == stock.dtype == torch.float32 and torch.equal(patched, stock)
+
+
+def test_a_weight_tied_to_a_module_kept_as_is_stays_fp32():
+    class OwnEmbedding(torch.nn.Embedding):  # a forward the table does not vouch for
+        def forward(self, input_ids):
+            return super().forward(input_ids) * 2
+
+    model = prepared_tiny()
+    lm = model.base_model.model
+    own = OwnEmbedding(*lm.model.embed_tokens.weight.shape)
+    own.weight = lm.lm_head.weight
+    lm.model.embed_tokens = own
+    assert patch_model(model, verbose=False).bf16_stored == 0
     assert lm.lm_head.weight.dtype == torch.float32
 
 
@@ -268,13 +298,14 @@ def test_other_families_prepared_and_checkpointed_match_stock(shape, mutant, mon
 
 
 @pytest.mark.parametrize("mutant", [False, True], ids=["patched", "mutant: gate term doubled in its GEMM"])
-def test_recompute_with_terms_in_the_gemms_matches_stock(mutant, monkeypatch):
+@pytest.mark.parametrize("shape", ["tiny-llama", "tiny-gemma", "tiny-phi3"])  # Phi-3: gate_up_proj's halves
+def test_recompute_with_terms_in_the_gemms_matches_stock(shape, mutant, monkeypatch):
     """At r=64 a prepared model's checkpoint recompute takes the MLP's terms in its GEMMs (one rounding of
     base + term, for the backward alone; ops/terms_in_gemm.py), the first pass keeps stock's fp32 sums:
     loss and every LoRA gradient as stock's; the mutant must show."""
     from qlora_fast.ops import lora_nf4_mlp
 
-    model = prepared_tiny(b_std=0.02, r=64)
+    model = prepared_tiny(shape, b_std=0.02, r=64)
     model.enable_input_require_grads()
     model.gradient_checkpointing_enable()
     ids = torch.randint(0, 512, (2, 24))
@@ -283,13 +314,13 @@ def test_recompute_with_terms_in_the_gemms_matches_stock(mutant, monkeypatch):
     taken, gate_up = [], lora_nf4_mlp.gate_up_with_terms
 
     def spied(x, a, gate, up, dtype):
-        taken.append(x.shape)
+        taken.append(recomputing())
         b, s, w = gate
         return gate_up(x, a, (b, 2 * s if mutant else s, w), up, dtype)
 
     monkeypatch.setattr(lora_nf4_mlp, "gate_up_with_terms", spied)
     loss, grads = _autocast_loss_and_grads(model, ids)
-    assert len(taken) == 2  # each layer's recompute
+    assert taken == [True, True]  # each layer's recompute, never the first pass
     assert loss.item() == pytest.approx(stock_loss.item(), rel=2e-3)  # the first pass: stock's sums
     worst = min(torch.nn.functional.cosine_similarity(grads[n].float().flatten(), stock_grads[n].float().flatten(),
                                                       dim=0).item() for n in grads)

@@ -8,7 +8,10 @@ A row names the family's classes and says which of them compute exactly what a f
 - llama_norm: the RMSNorm is w * round(x * rsqrt(mean(x^2) + eps)); gemma_norm: it is Gemma's
   round(x * rsqrt(mean(x^2) + eps) * (1 + w)), in fp32 (eps in `.eps`);
 - llama_layer: the decoder layer is Llama's `residual + self_attn(input_layernorm(x))` then
-  `residual + mlp(post_attention_layernorm(residual))` (add_norm and the recompute that skips the output);
+  `residual + mlp(post_attention_layernorm(residual))` (add_norm);
+- mlp_to_residual: the decoder layer's only use of its MLP's output is adding it to the residual, through
+  a dropout at most (Llama's layer, Gemma 1's, Phi-3's; not Gemma 2/3's, whose norm after the MLP reads it
+  in backward): a checkpoint's recompute need not compute it;
 - rotary: the attention's modeling module applies transformers' standard apply_rotary_pos_emb;
   rotary_projections: and the attention hands it q_proj's and k_proj's outputs on its hidden states, viewed
   as (batch, heads, seq, head_dim), and the decoder layer's position_embeddings, with nothing in between
@@ -16,6 +19,8 @@ A row names the family's classes and says which of them compute exactly what a f
 - attention_interface: the attention is causal softmax attention through transformers' attention
   functions, handed the decoder layer's kwargs, without softcapping (patching/attention.py: packed
   batches and kept attention outputs are served there);
+- scaled_embedding: the input embedding is an nn.Embedding whose forward is its rows times
+  `embed_scale.to(weight.dtype)` (Gemma's);
 - plain_head: the training loss is cross-entropy of lm_head(hidden states), softcapped as
   c * tanh(logits / c) where config.final_logit_softcapping = c is set (no other logit scaling, no
   auxiliary loss).
@@ -49,12 +54,15 @@ class Architecture:
     gate_up_mlp: bool = False
     gemma_norm: bool = False
     rotary_projections: bool = False
+    mlp_to_residual: bool = False
+    embedding: str = ""
+    scaled_embedding: bool = False
 
 
 def _llama_like(family: str, prefix: str) -> Architecture:
     return Architecture(family, f"{prefix}ForCausalLM", f"{prefix}DecoderLayer", f"{prefix}Attention", f"{prefix}MLP",
                         f"{prefix}RMSNorm", gated_mlp=True, qkv_attention=True, llama_norm=True, llama_layer=True,
-                        rotary=True, plain_head=True, rotary_projections=True)
+                        rotary=True, plain_head=True, rotary_projections=True, mlp_to_residual=True)
 
 
 ARCHITECTURES = (
@@ -66,28 +74,31 @@ ARCHITECTURES = (
     # GeGLU MLPs (gelu_pytorch_tanh), (1 + w) norms in fp32
     Architecture("gemma", "GemmaForCausalLM", "GemmaDecoderLayer", "GemmaAttention", "GemmaMLP", "GemmaRMSNorm",
                  gated_mlp=True, qkv_attention=True, llama_norm=False, llama_layer=False, rotary=True,
-                 plain_head=True, gemma_norm=True),
+                 plain_head=True, gemma_norm=True, mlp_to_residual=True, embedding="GemmaTextScaledWordEmbedding",
+                 scaled_embedding=True),
     # and the logits softcapped (inside the loss kernel), the attention scores too: packed batches keep the
     # dense mask, attention outputs are recomputed
     Architecture("gemma2", "Gemma2ForCausalLM", "Gemma2DecoderLayer", "Gemma2Attention", "Gemma2MLP",
                  "Gemma2RMSNorm", gated_mlp=True, qkv_attention=True, llama_norm=False, llama_layer=False,
-                 rotary=True, plain_head=True, attention_interface=False, gemma_norm=True),
+                 rotary=True, plain_head=True, attention_interface=False, gemma_norm=True,
+                 embedding="Gemma2TextScaledWordEmbedding", scaled_embedding=True),
     Architecture("gemma3", "Gemma3ForCausalLM", "Gemma3DecoderLayer", "Gemma3Attention", "Gemma3MLP",
                  "Gemma3RMSNorm", gated_mlp=True, qkv_attention=True, llama_norm=False, llama_layer=False,
-                 rotary=True, plain_head=True, gemma_norm=True),
+                 rotary=True, plain_head=True, gemma_norm=True, embedding="Gemma3TextScaledWordEmbedding",
+                 scaled_embedding=True),
     # fused qkv_proj (one LoRA layer already) and gate_up_proj (its halves fused as a SwiGLU MLP), partial rotary
     Architecture("phi3", "Phi3ForCausalLM", "Phi3DecoderLayer", "Phi3Attention", "Phi3MLP", "Phi3RMSNorm",
                  gated_mlp=False, qkv_attention=False, llama_norm=True, llama_layer=False, rotary=False,
-                 plain_head=True, gate_up_mlp=True),
+                 plain_head=True, gate_up_mlp=True, mlp_to_residual=True),
 )
 
 # The role of each property: which class of a row it qualifies.
 _ROLE = {"gated_mlp": "mlp", "qkv_attention": "attention", "llama_norm": "rms_norm",
          "llama_layer": "decoder_layer", "rotary": "attention", "plain_head": "causal_lm",
          "attention_interface": "attention", "gate_up_mlp": "mlp", "gemma_norm": "rms_norm",
-         "rotary_projections": "attention"}
+         "rotary_projections": "attention", "mlp_to_residual": "decoder_layer", "scaled_embedding": "embedding"}
 _STRUCTURAL = ("gated_mlp", "qkv_attention", "llama_norm", "llama_layer", "attention_interface", "gate_up_mlp",
-               "gemma_norm")
+               "gemma_norm", "mlp_to_residual", "scaled_embedding")
 
 
 @lru_cache(maxsize=None)

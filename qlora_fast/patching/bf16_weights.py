@@ -3,6 +3,7 @@ values, held in bf16."""
 
 import torch
 
+from .architectures import has
 from .core import is_patched, previous_forward, replace_forward
 from .loss import causal_lm
 
@@ -11,11 +12,11 @@ _HELD_DTYPE = "_qlora_fast_held_dtype"  # on a weight hold_in_bf16 narrowed: the
 
 
 def _bf16_holdable(module) -> bool:
-    """A plain Embedding or Linear whose frozen fp32 weight holds only bf16 values (what
-    prepare_model_for_kbit_training makes of a bf16 checkpoint's embeddings and head)."""
+    """A plain Embedding or Linear (or Gemma's scaled Embedding) whose frozen fp32 weight holds only bf16
+    values (what prepare_model_for_kbit_training makes of a bf16 checkpoint's embeddings and head)."""
     weight = getattr(module, "weight", None)
-    return (type(module) in (torch.nn.Embedding, torch.nn.Linear) and type(weight) is torch.nn.Parameter
-            and weight.dtype == torch.float32 and not weight.requires_grad
+    return ((type(module) in (torch.nn.Embedding, torch.nn.Linear) or has(module, "scaled_embedding"))
+            and type(weight) is torch.nn.Parameter and weight.dtype == torch.float32 and not weight.requires_grad
             and getattr(module, "bias", None) is None
             and bool(torch.equal(weight, weight.to(torch.bfloat16).float())))
 
@@ -23,6 +24,25 @@ def _bf16_holdable(module) -> bool:
 @torch.compiler.disable
 def _embedding_of_held_weight(self, input_ids):
     return previous_forward(self)(input_ids).to(vars(self.weight)[_HELD_DTYPE])
+
+
+@torch.compiler.disable
+def _scaled_embedding_of_held_weight(self, input_ids):
+    """Gemma's rows * embed_scale, both in the weight's former dtype, as stock computes them from it."""
+    dtype = vars(self.weight)[_HELD_DTYPE]
+    return torch.nn.Embedding.forward(self, input_ids).to(dtype) * self.embed_scale.to(dtype)
+
+
+def _held_forward(module):
+    if has(module, "scaled_embedding"):
+        return _scaled_embedding_of_held_weight
+    return _embedding_of_held_weight if type(module) is torch.nn.Embedding else _linear_of_held_weight
+
+
+def _only_in(weight, modules, model) -> bool:
+    """Whether every module of `model` holding `weight` is among `modules` (a weight tied to a module
+    whose forward is not replaced must keep its dtype there)."""
+    return all(any(m is c for c in modules) for m in model.modules() if m._parameters.get("weight") is weight)
 
 
 @torch.compiler.disable
@@ -39,22 +59,21 @@ def hold_in_bf16(model: torch.nn.Module) -> int:
     """Holds the frozen fp32 input embedding and LM head weights that are exact bf16 values in bf16 (half
     their memory, and a head matmul without a cast of its weight), their modules returning what they
     returned before: the embedding upcasts its rows, the head computes as before (exactly: the values
-    are the same). A weight tied to both is narrowed once."""
+    are the same). A weight tied to both is narrowed once, and only if both take it."""
     get_input = getattr(model, "get_input_embeddings", None)
-    candidates = [get_input() if get_input else None]
     lm = causal_lm(model)
-    candidates.append(None if lm is None else lm._modules["lm_head"])
+    candidates = [m for m in (get_input() if get_input else None, None if lm is None else lm._modules["lm_head"])
+                  if m is not None and not is_patched(m) and _bf16_holdable(m)]
     held = 0
     for module in candidates:
-        if module is None or is_patched(module) or not (_bf16_holdable(module) or _HELD_DTYPE in vars(module.weight)):
-            continue
         weight = module.weight
+        if not _only_in(weight, candidates, model):
+            continue
         if _HELD_DTYPE not in vars(weight):
             vars(weight)[_HELD_DTYPE] = weight.dtype
             weight.data = weight.data.to(torch.bfloat16)
             held += 1
-        embedding = type(module) is torch.nn.Embedding
-        replace_forward(module, _embedding_of_held_weight if embedding else _linear_of_held_weight)
+        replace_forward(module, _held_forward(module))
     return held
 
 

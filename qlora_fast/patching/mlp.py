@@ -81,7 +81,8 @@ def gate_up_mlp_forward(self, x):
     if gate_and_up is None or len({f.lora_a.shape[0] for f in found}) != 1:
         return previous_forward(self)(x)
     CALLS["mlp"] += 1
-    return lora_nf4_mlp(x, *gate_and_up, found[1][1:], compute_dtype=compute_dtype(projections[0], x))
+    return lora_nf4_mlp(x, *gate_and_up, found[1][1:], compute_dtype=compute_dtype(projections[0], x),
+                        output_needed=_output_needed(self))
 
 
 def _mlp_group(mlp) -> list | None:
@@ -118,8 +119,13 @@ def mlp_forward(self, x):
     found = _mlp_group(self)
     if found is None:
         return previous_forward(self)(widened(x))
-    output_needed = not (recomputing() and vars(self).get(OUTPUT_ONLY_TO_RESIDUAL, False))
-    return _fused_mlp(self, found, x, output_needed=output_needed)
+    return _fused_mlp(self, found, x, output_needed=_output_needed(self))
+
+
+def _output_needed(mlp) -> bool:
+    """False in a checkpoint's recompute of a hook-free MLP whose layer only adds its output to the residual
+    (mark_residual_mlps): backward needs what the Function saves, never the output."""
+    return not (recomputing() and vars(mlp).get(OUTPUT_ONLY_TO_RESIDUAL, False) and not has_hooks(mlp))
 
 
 def mlp_plus_residual(mlp, x, residual):
@@ -134,8 +140,10 @@ def mlp_plus_residual(mlp, x, residual):
 
 
 def mark_residual_mlps(model: torch.nn.Module) -> None:
-    """Flags fused MLPs whose layer (hook-free: a hook could read the output) just adds their output."""
+    """Flags fused MLPs whose layer just adds their output to the residual, where neither the layer nor its
+    dropout on that output (Phi-3's) has hooks, which could read the output."""
     for layer in model.modules():
-        mlp = layer._modules.get("mlp")
-        if has(layer, "llama_layer") and is_patched(mlp) and not has_hooks(layer):
+        mlp, dropout = layer._modules.get("mlp"), layer._modules.get("resid_mlp_dropout")
+        if (has(layer, "mlp_to_residual") and is_patched(mlp)
+                and not any(has_hooks(m) for m in (layer, dropout) if m is not None)):
             vars(mlp)[OUTPUT_ONLY_TO_RESIDUAL] = True
