@@ -1,10 +1,10 @@
 """The recipe matrix: the training scripts users run, stock peft vs qlora_fast vs unsloth (GPU only).
 
   python bench/recipes.py --out $OUT/recipes [--recipes bare,peft,trl_padded,trl_packed,cli]
-                          [--shapes llama-3-8b,qwen2.5-7b,gemma-2-9b] [--stacks stock,qlora_fast,unsloth] [--steps 25]
+                          [--shapes llama-3-8b,qwen2.5-7b,gemma-2-9b,phi-3.5-mini] [--stacks stock,qlora_fast,unsloth] [--steps 25]
 
 Recipes (each a user's script, random-init model of a real shape, NF4 double quant, bf16 compute, LoRA
-r=16 alpha=16 on all 7 projections, gradient checkpointing, fused AdamW, lr 1e-4):
+r=16 alpha=16 on all 7 projections (Phi-3's 4 fused ones), gradient checkpointing, fused AdamW, lr 1e-4):
 - bare: the model in bf16, `get_peft_model`, a bare loop, 4x2048 random tokens (our older benchmarks'
   recipe);
 - peft: `prepare_model_for_kbit_training` (fp32 embeddings, norms, head), `get_peft_model`, the forward
@@ -45,7 +45,15 @@ PACKED_LENGTHS = {"trl_packed": 8192, "trl_packed16k": 16384, "trl_packed32k": 3
 # Candidates a `qlora_fast:NAME` stack switches on before patching: NAME -> (module, its boolean switch).
 # Empty while none is pending; those timed and their outcome are in bench/NOTES.md.
 CANDIDATES: dict[str, tuple[str, str]] = {}
+# LoRA on every projection of a block: Llama's seven, or Phi-3's four (its q/k/v and gate/up each one layer)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+FUSED_TARGETS = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
+
+
+def _targets(shape: str) -> list[str]:
+    from qlora_fast.harness.models import MODEL_SHAPES
+
+    return FUSED_TARGETS.get(MODEL_SHAPES[shape][0], TARGETS)
 
 
 # ---------------------------------------------------------------- worker side (one stack, one shape)
@@ -66,10 +74,11 @@ def _split_rank(recipe: str) -> tuple[str, int]:
     return (name, int(rank)) if name and rank.isdigit() else (recipe, 16)
 
 
-def _lora_config(rank: int):
+def _lora_config(shape: str, rank: int):
     from peft import LoraConfig
 
-    return LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+    return LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=_targets(shape),
+                      task_type="CAUSAL_LM")
 
 
 class _Steps:
@@ -249,7 +258,8 @@ def _unsloth_model(shape, max_length, rank):
         torch.cuda.empty_cache()
     model, tokenizer = FastLanguageModel.from_pretrained(str(path), max_seq_length=max_length, dtype=torch.bfloat16,
                                                          load_in_4bit=True, local_files_only=True)
-    model = FastLanguageModel.get_peft_model(model, r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=TARGETS,
+    model = FastLanguageModel.get_peft_model(model, r=rank, lora_alpha=rank, lora_dropout=0.0,
+                                             target_modules=_targets(shape),
                                              use_gradient_checkpointing="unsloth", random_state=0)
     return model, tokenizer
 
@@ -289,10 +299,10 @@ def run_recipe(stack, shape, recipe, steps, record: _Steps) -> _Steps:
     model = _quantized(shape)
     patch = _patched(stack)
     if recipe.startswith("trl"):
-        return _trl(model, byte_tokenizer(), steps, packed_length, _lora_config(rank), patch, record)
+        return _trl(model, byte_tokenizer(), steps, packed_length, _lora_config(shape, rank), patch, record)
     if recipe == "peft":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    model = get_peft_model(model, _lora_config(rank))
+    model = get_peft_model(model, _lora_config(shape, rank))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if recipe == "peft":
         model.enable_input_require_grads()

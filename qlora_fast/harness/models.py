@@ -20,6 +20,10 @@ MODEL_SHAPES = {
                                   num_hidden_layers=42, num_attention_heads=16, num_key_value_heads=8, head_dim=256,
                                   query_pre_attn_scalar=256, sliding_window=4096, attn_logit_softcapping=50.0,
                                   final_logit_softcapping=30.0, max_position_embeddings=8192)),
+    # Phi-3.5-mini's shape with plain RoPE (its long-context rope scaling left out)
+    "phi-3.5-mini": ("phi3", dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=8192,
+                                  pad_token_id=32000, bos_token_id=1, eos_token_id=32000)),
     "tiny-llama": ("llama", dict(vocab_size=512, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                                  max_position_embeddings=512)),
