@@ -123,6 +123,26 @@ def test_held_embeddings_return_what_stock_returns(shape):
     assert patched.dtype == stock.dtype == torch.float32 and torch.equal(patched, stock)
 
 
+def _residual_stream_dtypes(model, ids) -> list:
+    """The dtype of the embedding output, each layer's output and the logits, under autocast (asked of
+    the model, not of hooks, which would turn fused paths off)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        out = model(input_ids=ids, use_cache=False, output_hidden_states=True)
+    return [h.dtype for h in out.hidden_states] + [out.logits.dtype]
+
+
+@pytest.mark.parametrize("shape", ["tiny-llama", "tiny-qwen3", "tiny-gemma", "tiny-gemma2", "tiny-phi3"])
+def test_the_residual_stream_keeps_stocks_dtype(shape):
+    """Held weights and narrowed outputs leave the prepared model's residual stream in stock's fp32: a
+    bf16 stream rounds every residual add, which loss tolerances can miss."""
+    model = prepared_tiny(shape, b_std=0.02)
+    ids = torch.randint(0, 512, (2, 8))
+    stock = _residual_stream_dtypes(model, ids)
+    patch_model(model, verbose=False)
+    assert _residual_stream_dtypes(model, ids) == stock
+    assert stock[0] == torch.float32
+
+
 def test_a_weight_tied_to_a_module_kept_as_is_stays_fp32():
     class OwnEmbedding(torch.nn.Embedding):  # a forward the table does not vouch for
         def forward(self, input_ids):
