@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,10 +108,23 @@ def _check_reachable(base_model: str) -> None:
                           f"{base_model}`) or set base_model to a local directory")
 
 
+def unmatched_targets(model, targets) -> list[str]:
+    """The names in a list of lora_target_modules that match no module (peft's rule: the module's name or
+    its last dotted parts), which peft passes over in silence once another name matches."""
+    if isinstance(targets, str):
+        return []
+    names = [name for name, _ in model.named_modules()]
+    return [t for t in targets if not any(name == t or name.endswith(f".{t}") for name in names)]
+
+
 def add_adapter(cfg: TrainConfig, model):
     from peft import LoraConfig, get_peft_model
 
     targets = cfg.lora_target_modules
+    unmatched = unmatched_targets(model, targets)
+    if unmatched and len(unmatched) < len(targets):
+        print(f"qlora-fast: lora_target_modules {unmatched} match no module of {cfg.base_model!r} and get no "
+              "adapter; check their spelling, or use all-linear", file=sys.stderr, flush=True)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets, task_type="CAUSAL_LM")
     try:

@@ -9,7 +9,7 @@ from peft import PeftModel
 
 from qlora_fast.cli.config import ConfigError, config_to_dict, load_config, parse_config
 from qlora_fast.cli.main import default_config_path, run
-from qlora_fast.cli.train import load_base_model, train
+from qlora_fast.cli.train import add_adapter, load_base_model, train
 
 
 def tiny_config(tmp_path, **overrides):
@@ -117,6 +117,15 @@ def test_fsdp_without_gpu_is_refused(tmp_path):
 def test_target_modules_that_do_not_exist(tmp_path):
     with pytest.raises(ConfigError, match="lora_target_modules"):
         train(tiny_config(tmp_path, lora_target_modules=["not_a_layer"]))
+
+
+def test_a_target_that_matches_nothing_beside_others_is_named(tmp_path, capsys):
+    cfg = tiny_config(tmp_path, lora_target_modules=["q_proj", "mlp.down_proj", "gate_prj"])
+    model = add_adapter(cfg, load_base_model(cfg, torch.float32)[0])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lora_target_modules ['gate_prj'] match no module of 'random:tiny-llama'" in err
+    adapted = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == {"q_proj", "down_proj"}
 
 
 def test_resume_from_checkpoint_continues_the_same_run(tmp_path):
