@@ -131,7 +131,7 @@ def _residual_stream_dtypes(model, ids) -> list:
     return [h.dtype for h in out.hidden_states] + [out.logits.dtype]
 
 
-@pytest.mark.parametrize("shape", ["tiny-llama", "tiny-qwen3", "tiny-gemma", "tiny-gemma2", "tiny-phi3"])
+@pytest.mark.parametrize("shape", ["tiny-llama", "tiny-qwen3", "tiny-gemma", "tiny-gemma2", "tiny-gemma3", "tiny-phi3"])
 def test_the_residual_stream_keeps_stocks_dtype(shape):
     """Held weights and narrowed outputs leave the prepared model's residual stream in stock's fp32: a
     bf16 stream rounds every residual add, which loss tolerances can miss."""
