@@ -32,7 +32,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-# A tiny fp32 QLoRA model and the stock-vs-patched check every patching test builds on.
 def same_up_to_fp32_sum_order(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bit for bit in 16-bit dtypes, where a rounding in the wrong place shows; in fp32, within the spread
     of summation order: under TRITON_INTERPRET=1, tl.dot is numpy's matmul, whose fp32 sums on some CPUs
@@ -44,6 +43,7 @@ def same_up_to_fp32_sum_order(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a, b)
 
 
+# A tiny fp32 QLoRA model and the stock-vs-patched check every patching test builds on.
 def tiny_qlora(shape="tiny-llama", dtype=torch.float32, **lora):
     from qlora_fast.harness.models import add_lora, quantize_to_nf4_, random_causal_lm
 
