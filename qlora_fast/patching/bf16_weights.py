@@ -11,13 +11,16 @@ from .loss import causal_lm
 _HELD_DTYPE = "_qlora_fast_held_dtype"  # on a weight hold_in_bf16 narrowed: the dtype it had
 
 
-def _bf16_holdable(module) -> bool:
-    """A plain Embedding or Linear (or Gemma's scaled Embedding) whose frozen fp32 weight holds only bf16
-    values (what prepare_model_for_kbit_training makes of a bf16 checkpoint's embeddings and head)."""
-    weight = getattr(module, "weight", None)
+def _servable(module) -> bool:
+    """A plain Embedding or Linear without bias, or Gemma's scaled Embedding: a forward _held_forward has."""
     return ((type(module) in (torch.nn.Embedding, torch.nn.Linear) or has(module, "scaled_embedding"))
-            and type(weight) is torch.nn.Parameter and weight.dtype == torch.float32 and not weight.requires_grad
-            and getattr(module, "bias", None) is None
+            and getattr(module, "bias", None) is None)
+
+
+def _bf16_exact(weight) -> bool:
+    """A frozen fp32 weight that holds only bf16 values (what prepare_model_for_kbit_training makes of a
+    bf16 checkpoint's embeddings and head)."""
+    return (type(weight) is torch.nn.Parameter and weight.dtype == torch.float32 and not weight.requires_grad
             and bool(torch.equal(weight, weight.to(torch.bfloat16).float())))
 
 
@@ -62,18 +65,18 @@ def hold_in_bf16(model: torch.nn.Module) -> int:
     are the same). A weight tied to both is narrowed once, and only if both take it."""
     get_input = getattr(model, "get_input_embeddings", None)
     lm = causal_lm(model)
-    candidates = [m for m in (get_input() if get_input else None, None if lm is None else lm._modules["lm_head"])
-                  if m is not None and not is_patched(m) and _bf16_holdable(m)]
+    served = [m for m in (get_input() if get_input else None, None if lm is None else lm._modules["lm_head"])
+              if m is not None and not is_patched(m) and _servable(m)]
     held = 0
-    for module in candidates:
-        weight = module.weight
-        if not _only_in(weight, candidates, model):
+    for weight in {id(m.weight): m.weight for m in served}.values():  # a tied weight once
+        if not (_bf16_exact(weight) and _only_in(weight, served, model)):
             continue
-        if _HELD_DTYPE not in vars(weight):
-            vars(weight)[_HELD_DTYPE] = weight.dtype
-            weight.data = weight.data.to(torch.bfloat16)
-            held += 1
-        replace_forward(module, _held_forward(module))
+        vars(weight)[_HELD_DTYPE] = weight.dtype
+        weight.data = weight.data.to(torch.bfloat16)
+        held += 1
+        for module in served:
+            if module.weight is weight:
+                replace_forward(module, _held_forward(module))
     return held
 
 
