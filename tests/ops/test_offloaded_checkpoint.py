@@ -109,25 +109,27 @@ def test_patch_model_offloads_the_decoder_layers(enable_checkpointing_after_patc
     assert loss_and_grads(model, ids)[0] == pytest.approx(stock_loss, rel=1e-6)
 
 
+def spy_output_needed(monkeypatch) -> list:
+    """Records each fused MLP call's output_needed."""
+    import qlora_fast.patching.mlp as mlp_patch
+
+    calls, fused = [], mlp_patch.lora_nf4_mlp
+    monkeypatch.setattr(mlp_patch, "lora_nf4_mlp", lambda *a, **kw: calls.append(kw["output_needed"])
+                        or fused(*a, **kw))
+    return calls
+
+
 @pytest.mark.parametrize("shape,skips", [("tiny-llama", True), ("tiny-gemma", True), ("tiny-phi3", True),
                                           ("tiny-gemma2", False)])  # Gemma 2's norm after the MLP reads it
 def test_recompute_skips_the_mlp_output_and_keeps_every_gradient(monkeypatch, shape, skips):
     import qlora_fast.patching.core as core
-    import qlora_fast.patching.mlp as mlp_patch
 
-    model = add_lora(quantize_to_nf4_(random_causal_lm(shape, torch.float32), torch.float32),
-                     init_b_std=0.02).train()
+    model, _ = patched_tiny(torch.float32, shape)
     layers = model.base_model.model.model.layers
     for layer in layers:
         if hasattr(layer, "resid_mlp_dropout"):  # Phi-3's dropout on the MLP output: its mask, not the output
             layer.resid_mlp_dropout.p = 0.1
-    model.enable_input_require_grads()
-    model.gradient_checkpointing_enable()
-    patch_model(model, offload_checkpoints=True)
-    calls = []
-    fused = mlp_patch.lora_nf4_mlp
-    monkeypatch.setattr(mlp_patch, "lora_nf4_mlp", lambda *a, **kw: calls.append(kw["output_needed"])
-                        or fused(*a, **kw))
+    calls = spy_output_needed(monkeypatch)
     ids = torch.randint(0, 512, (2, 16))
     torch.manual_seed(1)
     loss, grads = loss_and_grads(model, ids)
@@ -144,20 +146,11 @@ def test_recompute_skips_the_mlp_output_and_keeps_every_gradient(monkeypatch, sh
 
 
 def test_a_hook_on_the_mlp_keeps_its_output_in_the_recompute(monkeypatch):
-    import qlora_fast.patching.mlp as mlp_patch
-
-    model = add_lora(quantize_to_nf4_(random_causal_lm("tiny-llama", torch.float32), torch.float32),
-                     init_b_std=0.02).train()
-    model.enable_input_require_grads()
-    model.gradient_checkpointing_enable()
-    patch_model(model, offload_checkpoints=True)
+    model, _ = patched_tiny(torch.float32)
     layers = model.base_model.model.model.layers
     seen = []
     layers[0].mlp.register_forward_hook(lambda module, args, output: seen.append(output.abs().max().item()))
-    calls = []
-    fused = mlp_patch.lora_nf4_mlp
-    monkeypatch.setattr(mlp_patch, "lora_nf4_mlp", lambda *a, **kw: calls.append(kw["output_needed"])
-                        or fused(*a, **kw))
+    calls = spy_output_needed(monkeypatch)
     loss_and_grads(model, torch.randint(0, 512, (2, 16)))
     assert calls == [True] * len(layers) + [False, True]  # recomputes run last layer first; the hooked one is whole
     assert len(seen) == 2 and seen[0] == seen[1]
