@@ -283,3 +283,53 @@ def test_the_loss_starts_bringing_back_the_last_layer(fused_head, monkeypatch):
     loss.backward()
     layers = len(model.base_model.model.model.layers)
     assert len(asked) == layers  # then each earlier layer's, during the backward of the one after it
+
+
+def count_recomputed_gate_up(monkeypatch, hidden_size: int) -> list:
+    """Records, per GEMM the fused MLP runs, whether it is a gate or up product (its weight's rows are not
+    the hidden size, down's are) of a recompute."""
+    import qlora_fast.ops.lora_nf4_mlp as mlp_op
+    from qlora_fast.ops.offloaded_checkpoint import recomputing
+
+    calls, linear = [], mlp_op.nf4_linear_forward
+    monkeypatch.setattr(mlp_op, "nf4_linear_forward", lambda x, w, *a, **kw: calls.append(
+        recomputing() and w.shape[0] != hidden_size) or linear(x, w, *a, **kw))
+    return calls
+
+
+@pytest.mark.parametrize("shape, dtype", [("tiny-llama", torch.float32), ("tiny-llama", torch.bfloat16),
+                                          ("tiny-gemma2", torch.float32),  # the recompute needs the output
+                                          ("tiny-phi3", torch.float32)])  # gate_up_proj's halves
+def test_the_last_layer_recomputes_its_mlp_from_what_it_held(monkeypatch, shape, dtype):
+    """With HOLD_FOR_LAST_RECOMPUTE the last layer's recompute takes its first pass's g, u and LoRA products
+    (no gate/up GEMM), every earlier layer's computes them (the next layer dropped what it held), and the
+    loss and every gradient are bit for bit those of recomputing them."""
+    import qlora_fast.ops.lora_nf4_mlp as mlp_op
+
+    model, _ = patched_tiny(dtype, shape)
+    layers = len(model.base_model.model.model.layers)
+    ids = torch.randint(0, 512, (2, 16))
+    loss, grads = loss_and_grads(model, ids)
+    monkeypatch.setattr(mlp_op, "HOLD_FOR_LAST_RECOMPUTE", True)
+    calls = count_recomputed_gate_up(monkeypatch, model.config.hidden_size)
+    held_loss, held_grads = loss_and_grads(model, ids)
+    assert calls.count(True) == 2 * (layers - 1)
+    assert held_loss == loss
+    assert all(torch.equal(grads[n], held_grads[n]) for n in grads)
+
+
+def test_what_the_last_layer_held_is_what_its_backward_uses(monkeypatch):
+    """Held products altered before the recompute takes them change the gradients: the comparison above can
+    fail."""
+    import qlora_fast.ops.lora_nf4_mlp as mlp_op
+    from qlora_fast.ops import offloaded_checkpoint as offload
+
+    model, _ = patched_tiny(torch.float32)
+    monkeypatch.setattr(mlp_op, "HOLD_FOR_LAST_RECOMPUTE", True)
+    ids = torch.randint(0, 512, (2, 16))
+    loss, grads = loss_and_grads(model, ids)
+    hold = offload.hold_for_recompute
+    monkeypatch.setattr(mlp_op, "hold_for_recompute",
+                        lambda key, *items: hold(key, *(t * 1.5 if isinstance(t, torch.Tensor) else t for t in items)))
+    _, altered = loss_and_grads(model, ids)
+    assert any(not torch.equal(grads[n], altered[n]) for n in grads)
