@@ -92,8 +92,8 @@ class LoRANF4MLPFunction(torch.autograd.Function):
                 xa_gate, xa_up = (x2 @ gate_up_a.t()).split([gate_a.shape[0], up_a.shape[0]], 1)
                 g, u = nf4_linear_forward(x2, w_gate), nf4_linear_forward(x2, w_up)
         terms = () if ctx.terms_in_gemm else (LowRank(xa_gate, gate_b, s_gate), LowRank(xa_up, up_b, s_up))
-        h = None if held is not None and not output_needed else swiglu_forward(
-            g, u, *terms, wide=ctx.wide, activation=activation)
+        if held is None or output_needed:
+            h = swiglu_forward(g, u, *terms, wide=ctx.wide, activation=activation)
         if held is None:
             ha_down = h @ down_a.t()
             if HOLD_FOR_LAST_RECOMPUTE:
