@@ -1,6 +1,7 @@
 """YAML training configs in the axolotl style, validated in full before any model is loaded."""
 
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -127,6 +128,15 @@ def _check_type(key: str, value, expected):
                           f"got {value!r} ({type(value).__name__})")
 
 
+# YAML 1.1 (PyYAML) reads 2e-4 as a string (its floats need a dot); axolotl's configs and YAML 1.2 mean a number
+_FLOAT_SPELLING = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _as_float(value):
+    """value, or the float a scientific-notation string spells (learning_rate: 2e-4)."""
+    return float(value) if isinstance(value, str) and _FLOAT_SPELLING.fullmatch(value.strip()) else value
+
+
 def _type_name(f) -> str | None:
     """The plain type a config field holds (int, float, bool, str), looking through `X | None`."""
     candidates = [t for t in (typing.get_args(f.type) or (f.type,)) if t is not type(None)]
@@ -158,15 +168,17 @@ def _parse_dataset(i: int, raw, base_dir: Path) -> DatasetSpec:
     return spec
 
 
+def _canonical_keys(raw: dict) -> dict:
+    """raw with each other spelling (ALIASES) under our key."""
+    return {ALIASES.get(key, key): value for key, value in raw.items()}
+
+
 def parse_config(raw: dict, source: str | None = None) -> TrainConfig:
     if not isinstance(raw, dict):
         raise ConfigError("the config must be a YAML mapping of keys to values")
-    raw = dict(raw)
+    raw = _canonical_keys(raw)
     if raw.pop("lora_target_linear", None):
         raw.setdefault("lora_target_modules", "all-linear")
-    for alias, key in ALIASES.items():
-        if alias in raw:
-            raw[key] = raw.pop(alias)
     known = {f.name: f for f in fields(TrainConfig) if f.name != "source"}
     for key in raw:
         if key not in known:
@@ -175,6 +187,10 @@ def parse_config(raw: dict, source: str | None = None) -> TrainConfig:
         raise ConfigError("config key 'base_model' is required (a hub name, a local path, or random:<shape>)")
     for key, value in raw.items():
         expected = _type_name(known[key])
+        if expected == "float":
+            raw[key] = value = _as_float(value)
+        if value is None and expected and known[key].default is not None:
+            raise ConfigError(f"config key '{key}' has no value: give it one or leave the key out")
         if value is not None and expected:
             _check_type(key, value, expected)
     base_dir = Path(source).resolve().parent if source else Path.cwd()
@@ -226,7 +242,8 @@ def _check_values(cfg: TrainConfig):
     need(cfg.logging_steps > 0, "logging_steps must be positive")
 
 
-def load_config(path: str) -> TrainConfig:
+def load_config(path: str, overrides: dict | None = None) -> TrainConfig:
+    """The config in the YAML file at `path`, with `overrides` (key -> value, any spelling) replacing its keys."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -234,7 +251,27 @@ def load_config(path: str) -> TrainConfig:
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if overrides and isinstance(raw, dict):
+        raw = {**_canonical_keys(raw), **_canonical_keys(overrides)}
     return parse_config(raw, source=str(p))
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """Config keys given on the command line, as axolotl takes them: `--key value` or `--key=value` (dashes in
+    the key read as underscores), each value read as YAML (numbers, true/false, [a, b])."""
+    overrides, rest = {}, list(args)
+    while rest:
+        arg = rest.pop(0)
+        key, has_value, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not key or (not has_value and (not rest or rest[0].startswith("--"))):
+            raise ConfigError(f"cannot read {arg!r} as a config override: write --key value (e.g. --learning_rate 1e-4)")
+        if not has_value:
+            value = rest.pop(0)
+        try:
+            overrides[key.replace("-", "_")] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"the value of --{key} is not valid YAML: {value!r}") from None
+    return overrides
 
 
 def config_to_dict(cfg: TrainConfig) -> dict:

@@ -1,13 +1,16 @@
 """Entry point of the `qlora-fast` command."""
 
 import argparse
+import functools
 import sys
 from importlib import resources
 
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config, parse_overrides
 
 
 CONFIG_HELP = "YAML training config (axolotl-style keys; see qlora_fast/cli/config.py)"
+OVERRIDES_EPILOG = ("Any config key may follow, as in axolotl, to replace the file's value for this run: "
+                    "--key value or --key=value, e.g. --learning_rate 1e-4 --max_steps 100.")
 
 
 def default_config_path() -> str:
@@ -15,8 +18,10 @@ def default_config_path() -> str:
 
 
 def _parser():
-    parser = argparse.ArgumentParser(prog="qlora-fast", description="Fast QLoRA fine-tuning (peft + bitsandbytes).")
+    parser = argparse.ArgumentParser(prog="qlora-fast", description="Fast QLoRA fine-tuning (peft + bitsandbytes).",
+                                     epilog=OVERRIDES_EPILOG)
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser = functools.partial(sub.add_parser, allow_abbrev=False, epilog=OVERRIDES_EPILOG)
     train = sub.add_parser("train", help="fine-tune with a YAML config (default: the tiny embedded one)")
     train.add_argument("config", nargs="?", default=None, help=CONFIG_HELP + " (default: the tiny embedded one)")
     compare = sub.add_parser("compare", help="same steps on stock peft and on qlora_fast: losses, speed, memory")
@@ -42,9 +47,9 @@ def _parser():
 
 
 def run(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    args, extra = _parser().parse_known_args(argv)
     try:
-        cfg = load_config(getattr(args, "config", None) or default_config_path())
+        cfg = load_config(getattr(args, "config", None) or default_config_path(), parse_overrides(extra))
         if args.command == "train":
             from .train import train
 

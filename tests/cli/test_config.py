@@ -81,6 +81,63 @@ def test_axolotl_spellings_are_accepted(data_file):
     assert cfg.packing and cfg.lora_target_modules == "all-linear" and cfg.optimizer == "adamw_8bit"
 
 
+@pytest.mark.parametrize("spelled, value", [("2e-4", 2e-4), ("1.5E-5", 1.5e-5), ("3e2", 300.0)])
+def test_a_float_in_scientific_notation_reads_as_its_number(tmp_path, data_file, spelled, value):
+    """PyYAML (YAML 1.1) reads `2e-4` as a string; axolotl's configs mean the number."""
+    (tmp_path / "cfg.yaml").write_text(f"base_model: random:tiny-llama\nlearning_rate: {spelled}\n"
+                                       f"datasets: [{data_file}]\n")
+    assert load_config(str(tmp_path / "cfg.yaml")).learning_rate == value
+
+
+@pytest.mark.parametrize("key", ["lora_r", "learning_rate", "packing", "base_model"])
+def test_a_key_without_a_value_is_named(data_file, key):
+    with pytest.raises(ConfigError, match=f"config key '{key}' has no value"):
+        parse_config(config(data_file, **{key: None}))
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--learning_rate", "1e-4", "--max_steps=20"], {"learning_rate": "1e-4", "max_steps": 20}),
+    (["--max-steps", "5", "--lora_target_modules", "[q_proj, v_proj]", "--packing", "true"],
+     {"max_steps": 5, "lora_target_modules": ["q_proj", "v_proj"], "packing": True}),
+    ([], {}),
+])
+def test_overrides_read_as_axolotl_takes_them(args, expected):
+    from qlora_fast.cli.config import parse_overrides
+
+    assert parse_overrides(args) == expected
+
+
+@pytest.mark.parametrize("args", [["--lora_r"], ["--lora_r", "--max_steps", "3"], ["lora_r", "8"], ["--", "8"],
+                                  ["--lora_target_modules", "[unclosed"]])
+def test_an_unreadable_override_is_named(args):
+    from qlora_fast.cli.config import parse_overrides
+
+    with pytest.raises(ConfigError, match="override|not valid YAML"):
+        parse_overrides(args)
+
+
+def test_overrides_replace_the_files_keys_in_any_spelling(tmp_path, data_file):
+    (tmp_path / "cfg.yaml").write_text(f"base_model: random:tiny-llama\nsample_packing: false\noptimizer: sgd\n"
+                                       f"lora_r: 8\ndatasets: [{data_file}]\n")
+    cfg = load_config(str(tmp_path / "cfg.yaml"), {"packing": True, "optim": "adamw_8bit", "learning_rate": "1e-4"})
+    assert cfg.packing and cfg.optimizer == "adamw_8bit" and cfg.learning_rate == 1e-4 and cfg.lora_r == 8
+    with pytest.raises(ConfigError, match="unknown config key 'lora_rank'"):
+        load_config(str(tmp_path / "cfg.yaml"), {"lora_rank": 4})
+
+
+def test_the_command_takes_overrides_after_the_config(tmp_path, data_file, monkeypatch, capsys):
+    import qlora_fast.cli.train as train_module
+
+    trained = []
+    monkeypatch.setattr(train_module, "train", trained.append)
+    (tmp_path / "cfg.yaml").write_text(f"base_model: random:tiny-llama\ndatasets: [{data_file}]\n")
+    assert run(["train", str(tmp_path / "cfg.yaml"), "--max_steps", "3", "--learning-rate=5e-5"]) == 0
+    assert trained[0].max_steps == 3 and trained[0].learning_rate == 5e-5
+    assert run(["train", str(tmp_path / "cfg.yaml"), "--max_step", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown config key 'max_step'" in err and "did you mean 'max_steps'" in err
+
+
 def test_relative_dataset_paths_follow_the_config_file(tmp_path, data_file):
     (tmp_path / "cfg.yaml").write_text(f"base_model: random:tiny-llama\ndatasets:\n  - path: {data_file.name}\n")
     assert load_config(str(tmp_path / "cfg.yaml")).datasets[0].path == str(data_file.resolve())
