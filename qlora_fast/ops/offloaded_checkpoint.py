@@ -9,12 +9,14 @@ masks) and autocast state as the forward.
 A Function inside the layer may also keep a tensor of its first pass for the recompute
 (`keep_for_recompute` / `kept_for_recompute`): the attention projections keep their base GEMM's output,
 so the recompute skips those GEMMs (q/k/v and o: ~20% of a Llama layer's recompute). Kept tensors travel
-like the layer's input, to the host and back. A Function may also hold a tensor on the device for the recompute
-(`hold_for_recompute`), for as long as its layer is the latest to have run its first pass: only the last
-layer before the loss keeps what it held, and its backward comes first. Their copies must keep pace with the compute, or they would
+like the layer's input, to the host and back. Their copies must keep pace with the compute, or they would
 slow the forward they are meant to shorten: a tensor is not kept (its product is recomputed) while the
 compute stream runs several keeps ahead of the copies, nor beyond a host-memory budget; and the compute
 stream waits for copies that fall far behind, which bounds the GPU memory they hold.
+
+A Function may instead hold a tensor on the device (`hold_for_recompute`), for as long as its layer is the
+latest to have run its first pass: only the last layer before the loss keeps what it held, and its
+backward comes first.
 """
 
 import collections
@@ -215,8 +217,9 @@ def hold_for_recompute(key, *items) -> None:
     """keep_for_recompute on the device, without a copy, for as long as this layer is the latest to have
     run its first pass: the next checkpointed layer's first pass drops what it held before computing. So
     the last layer before the loss holds its items through the loss to its backward, which runs first; the
-    others' memory is back before the next layer allocates its own. The cost is the items' memory during
-    the loss, whose peak is below the backward's. Elsewhere a no-op."""
+    others' memory is back before the next layer allocates its own. The cost is the items' memory through
+    the loss, which adds to the step's peak only where the loss's peak comes within it of the backward's.
+    Elsewhere a no-op."""
     record = getattr(_recompute_state, "keeping", None)
     if record is not None:
         record.held.setdefault(id(key), []).append(items)
