@@ -436,18 +436,6 @@ def whole_models():
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         report = verify(model, batches(512), torch.bfloat16, autocast_dtype=torch.bfloat16)
         check(f"verify {shape} prepared r=64 under autocast, checkpoints offloaded", report.passed, report.verdict())
-    from qlora_fast.ops import lora_nf4_mlp
-
-    lora_nf4_mlp.HOLD_FOR_LAST_RECOMPUTE = True  # the last_mlp_held candidate (bench/recipes.py CANDIDATES)
-    try:
-        for shape in ("tiny-llama", "tiny-gemma2"):  # Gemma-2's recompute needs the MLP output
-            model = tiny(shape=shape, init_b_std=0.02)
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            report = verify(model, batches(512), torch.bfloat16)
-            check(f"verify {shape} bf16, the last layer's MLP products held for its recompute", report.passed,
-                  report.verdict())
-    finally:
-        lora_nf4_mlp.HOLD_FOR_LAST_RECOMPUTE = False
 
 
 def main():

@@ -318,17 +318,12 @@ def test_other_families_prepared_and_checkpointed_match_stock(shape, mutant, mon
 
 
 @pytest.mark.parametrize("mutant", [False, True], ids=["patched", "mutant: gate term doubled in its GEMM"])
-@pytest.mark.parametrize("shape, held", [("tiny-llama", False), ("tiny-gemma", False),
-                                         ("tiny-phi3", False),  # Phi-3: gate_up_proj's halves
-                                         ("tiny-llama", True)])
-def test_recompute_with_terms_in_the_gemms_matches_stock(shape, held, mutant, monkeypatch):
+@pytest.mark.parametrize("shape", ["tiny-llama", "tiny-gemma", "tiny-phi3"])  # Phi-3: gate_up_proj's halves
+def test_recompute_with_terms_in_the_gemms_matches_stock(shape, mutant, monkeypatch):
     """At r=64 a prepared model's checkpoint recompute takes the MLP's terms in its GEMMs (one rounding of
     base + term, for the backward alone; ops/terms_in_gemm.py), the first pass keeps stock's fp32 sums:
-    loss and every LoRA gradient as stock's; the mutant must show. `held`: the last layer's backward takes
-    its first pass's products instead (HOLD_FOR_LAST_RECOMPUTE), the terms that pass kept apart."""
+    loss and every LoRA gradient as stock's; the mutant must show."""
     from qlora_fast.ops import lora_nf4_mlp
-
-    monkeypatch.setattr(lora_nf4_mlp, "HOLD_FOR_LAST_RECOMPUTE", held)
 
     model = prepared_tiny(shape, b_std=0.02, r=64)
     model.enable_input_require_grads()
@@ -345,7 +340,7 @@ def test_recompute_with_terms_in_the_gemms_matches_stock(shape, held, mutant, mo
 
     monkeypatch.setattr(lora_nf4_mlp, "gate_up_with_terms", spied)
     loss, grads = _autocast_loss_and_grads(model, ids)
-    assert taken == [True] * (1 if held else 2)  # each layer's recompute not held, never the first pass
+    assert taken == [True, True]  # each layer's recompute, never the first pass
     assert loss.item() == pytest.approx(stock_loss.item(), rel=2e-3)  # the first pass: stock's sums
     worst = min(torch.nn.functional.cosine_similarity(grads[n].float().flatten(), stock_grads[n].float().flatten(),
                                                       dim=0).item() for n in grads)

@@ -38,15 +38,7 @@ from .adapters import adapters_in, plus_low_rank_terms, stacked_rows, wider
 from .forward_only import apply
 from .lora_grads import add_shared_input_terms_, products_side_by_side, scaled_mm, shared_input_a_grads
 from .nf4_linear import nf4_linear_backward, nf4_linear_forward
-from .offloaded_checkpoint import hold_for_recompute, kept_for_recompute
 from .terms_in_gemm import gate_up_with_terms, input_grad_with_term, terms_fit_in_gemm
-
-
-# The last checkpointed layer's g, u and LoRA products held on the device from its first pass to its
-# recompute (ops/offloaded_checkpoint.py, hold_for_recompute), which then runs neither the gate/up GEMMs nor,
-# where the output is not needed, the activation: ~0.5% of a Llama-3-8B 4x2048 step by FLOPs, for 448 MiB
-# held through the loss. A candidate until timed (bench/recipes.py CANDIDATES).
-HOLD_FOR_LAST_RECOMPUTE = False
 
 
 def _scaled(fp32_sum: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
@@ -76,28 +68,20 @@ class LoRANF4MLPFunction(torch.autograd.Function):
                                                                  down_a, down_b)
         gate_up_a = stacked_rows((gate_a, up_a))
         ctx.wide, ctx.activation = wider(out_dtype, compute_dtype), activation
+        ctx.terms_in_gemm = terms_fit_in_gemm(x, gate_a.shape[0], weights, ctx.wide, output_needed)
 
-        held = kept_for_recompute(w_gate) if HOLD_FOR_LAST_RECOMPUTE else None
-        if held is not None:  # the products of this layer's first pass, still on the device
-            ctx.terms_in_gemm, xa_gate, xa_up, g, u, ha_down = held
-            x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype)
+        if ctx.terms_in_gemm:
+            x2, xa_gate, xa_up, g, u = gate_up_with_terms(x.reshape(-1, x.shape[-1]), gate_up_a,
+                                                          (gate_b, s_gate, w_gate), (up_b, s_up, w_up),
+                                                          compute_dtype)
+            h = swiglu_forward(g, u, wide=ctx.wide, activation=activation)
         else:
-            ctx.terms_in_gemm = terms_fit_in_gemm(x, gate_a.shape[0], weights, ctx.wide, output_needed)
-            if ctx.terms_in_gemm:
-                x2, xa_gate, xa_up, g, u = gate_up_with_terms(x.reshape(-1, x.shape[-1]), gate_up_a,
-                                                              (gate_b, s_gate, w_gate), (up_b, s_up, w_up),
-                                                              compute_dtype)
-            else:
-                x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype)
-                xa_gate, xa_up = (x2 @ gate_up_a.t()).split([gate_a.shape[0], up_a.shape[0]], 1)
-                g, u = nf4_linear_forward(x2, w_gate), nf4_linear_forward(x2, w_up)
-        terms = () if ctx.terms_in_gemm else (LowRank(xa_gate, gate_b, s_gate), LowRank(xa_up, up_b, s_up))
-        if held is None or output_needed:
-            h = swiglu_forward(g, u, *terms, wide=ctx.wide, activation=activation)
-        if held is None:
-            ha_down = h @ down_a.t()
-            if HOLD_FOR_LAST_RECOMPUTE:
-                hold_for_recompute(w_gate, ctx.terms_in_gemm, xa_gate, xa_up, g, u, ha_down)
+            x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype)
+            xa_gate, xa_up = (x2 @ gate_up_a.t()).split([gate_a.shape[0], up_a.shape[0]], 1)
+            g, u = nf4_linear_forward(x2, w_gate), nf4_linear_forward(x2, w_up)
+            h = swiglu_forward(g, u, LowRank(xa_gate, gate_b, s_gate), LowRank(xa_up, up_b, s_up),
+                               wide=ctx.wide, activation=activation)
+        ha_down = h @ down_a.t()
         ctx.has_residual = residual is not None
         if output_needed:
             residual2d = None if residual is None else residual.reshape(-1, residual.shape[-1])

@@ -13,10 +13,6 @@ like the layer's input, to the host and back. Their copies must keep pace with t
 slow the forward they are meant to shorten: a tensor is not kept (its product is recomputed) while the
 compute stream runs several keeps ahead of the copies, nor beyond a host-memory budget; and the compute
 stream waits for copies that fall far behind, which bounds the GPU memory they hold.
-
-A Function may instead hold a tensor on the device (`hold_for_recompute`), for as long as its layer is the
-latest to have run its first pass: only the last layer before the loss keeps what it held, and its
-backward comes first.
 """
 
 import collections
@@ -163,7 +159,6 @@ class _LayerRecord:
     def __init__(self):
         self.input = None  # the layer's input, copied once the first pass has run
         self.kept: dict = {}  # key -> list of kept tuples, in the order kept (see keep)
-        self.held: dict = {}  # key -> list of tuples held on the device (hold_for_recompute)
 
     def keep(self, key, items: tuple) -> None:
         """Keeps a tuple whose tensors are kept together or not at all (its other items, None or ints,
@@ -188,13 +183,10 @@ class _LayerRecord:
             c.prefetch()
 
     def fetch_kept(self) -> dict:
-        """key -> list of the kept tuples on their device, in the order kept, then those still held; host
-        copies released."""
+        """key -> list of the kept tuples on their device, in the order kept; host copies released."""
         fetched = {key: [tuple(c.fetch() if isinstance(c, _KeptCopy) else c for c in items) for items in kept]
                    for key, kept in self.kept.items()}
-        for key, held in self.held.items():
-            fetched.setdefault(key, []).extend(held)
-        self.kept, self.held = {}, {}
+        self.kept = {}
         return fetched
 
 
@@ -213,21 +205,9 @@ def keep_for_recompute(key, *items) -> None:
         record.keep(id(key), items)
 
 
-def hold_for_recompute(key, *items) -> None:
-    """keep_for_recompute on the device, without a copy, for as long as this layer is the latest to have
-    run its first pass: the next checkpointed layer's first pass drops what it held before computing. So
-    the last layer before the loss holds its items through the loss to its backward, which runs first; the
-    others' memory is back before the next layer allocates its own. The cost is the items' memory through
-    the loss, which adds to the step's peak only where the loss's peak comes within it of the backward's.
-    Elsewhere a no-op."""
-    record = getattr(_recompute_state, "keeping", None)
-    if record is not None:
-        record.held.setdefault(id(key), []).append(items)
-
-
 def kept_for_recompute(key) -> tuple | None:
-    """In an offloaded checkpoint's recompute: the items the first pass kept (or held) under `key` (each
-    call takes the next ones kept under it), or None: not kept, or not recomputing."""
+    """In an offloaded checkpoint's recompute: the items the first pass kept under `key` (each call takes
+    the next ones kept under it), or None: not kept, or not recomputing."""
     kept = getattr(_recompute_state, "kept", None)
     values = None if kept is None else kept.get(id(key))
     return values.pop(0) if values else None
@@ -277,9 +257,6 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
         ctx.device = hidden_states.device
         ctx.rng = _rng_states(ctx.device)
         ctx.autocast = _autocast_state(ctx.device)
-        previous = _last_forward_record() if _last_forward_record is not None else None
-        if previous is not None:  # no longer the latest layer: its held tensors are freed before this one runs
-            previous.held = {}
         record = _LayerRecord()
         _recompute_state.keeping = record
         try:
