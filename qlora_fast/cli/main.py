@@ -21,6 +21,7 @@ def _parser():
     parser = argparse.ArgumentParser(prog="qlora-fast", description="Fast QLoRA fine-tuning (peft + bitsandbytes).",
                                      epilog=OVERRIDES_EPILOG)
     sub = parser.add_subparsers(dest="command", required=True)
+    # no abbreviated options: a config key given as an override (--out...) must not pass for one
     sub.add_parser = functools.partial(sub.add_parser, allow_abbrev=False, epilog=OVERRIDES_EPILOG)
     train = sub.add_parser("train", help="fine-tune with a YAML config (default: the tiny embedded one)")
     train.add_argument("config", nargs="?", default=None, help=CONFIG_HELP + " (default: the tiny embedded one)")
@@ -46,10 +47,34 @@ def _parser():
     return parser
 
 
+def _split_overrides(parser, argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the command line without its config overrides, the overrides): each --name that is not an option of
+    the command, with the value after it unless written --name=value. Taken out before argparse, which would
+    read an override's value as the config file where none is given (`train --max_steps 5`)."""
+    commands = parser._subparsers._group_actions[0].choices
+    command = commands.get(argv[0]) if argv else None
+    if command is None:
+        return argv, []
+    options = {option for action in command._actions for option in action.option_strings}
+    kept, overrides, i = argv[:1], [], 1
+    while i < len(argv):
+        arg = argv[i]
+        takes_next = "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--")
+        if arg.startswith("--") and arg.split("=")[0] not in options:
+            overrides += argv[i:i + 1 + takes_next]
+            i += 1 + takes_next
+        else:
+            kept.append(arg)
+            i += 1
+    return kept, overrides
+
+
 def run(argv=None) -> int:
-    args, extra = _parser().parse_known_args(argv)
+    parser = _parser()
+    argv, overrides = _split_overrides(parser, sys.argv[1:] if argv is None else list(argv))
+    args, stray = parser.parse_known_args(argv)
     try:
-        cfg = load_config(getattr(args, "config", None) or default_config_path(), parse_overrides(extra))
+        cfg = load_config(getattr(args, "config", None) or default_config_path(), parse_overrides(stray + overrides))
         if args.command == "train":
             from .train import train
 

@@ -110,6 +110,7 @@ def test_overrides_read_as_axolotl_takes_them(args, expected):
 @pytest.mark.parametrize("args", [["--lora_r"], ["--lora_r", "--max_steps", "3"], ["lora_r", "8"], ["--", "8"],
                                   ["--lora_target_modules", "[unclosed"]])
 def test_an_unreadable_override_is_named(args):
+    """--key with no value, a word that is no --key, a bare --, a value that is not YAML."""
     from qlora_fast.cli.config import parse_overrides
 
     with pytest.raises(ConfigError, match="override|not valid YAML"):
@@ -133,6 +134,8 @@ def test_the_command_takes_overrides_after_the_config(tmp_path, data_file, monke
     (tmp_path / "cfg.yaml").write_text(f"base_model: random:tiny-llama\ndatasets: [{data_file}]\n")
     assert run(["train", str(tmp_path / "cfg.yaml"), "--max_steps", "3", "--learning-rate=5e-5"]) == 0
     assert trained[0].max_steps == 3 and trained[0].learning_rate == 5e-5
+    assert run(["train", "--max_steps", "4"]) == 0  # the embedded config, its value not read as a config file
+    assert trained[1].max_steps == 4 and trained[1].base_model == "random:tiny-llama"
     assert run(["train", str(tmp_path / "cfg.yaml"), "--max_step", "3"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown config key 'max_step'" in err and "did you mean 'max_steps'" in err
