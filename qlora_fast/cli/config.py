@@ -176,7 +176,8 @@ def _canonical_keys(raw: dict) -> dict:
 def parse_config(raw: dict, source: str | None = None) -> TrainConfig:
     if not isinstance(raw, dict):
         raise ConfigError("the config must be a YAML mapping of keys to values")
-    raw = _canonical_keys(raw)
+    # a key left empty is unset, as in axolotl's configs (`fp16:`, `lora_target_modules:`): its default holds
+    raw = {key: value for key, value in _canonical_keys(raw).items() if value is not None}
     if raw.pop("lora_target_linear", None):
         raw.setdefault("lora_target_modules", "all-linear")
     known = {f.name: f for f in fields(TrainConfig) if f.name != "source"}
@@ -189,9 +190,7 @@ def parse_config(raw: dict, source: str | None = None) -> TrainConfig:
         expected = _type_name(known[key])
         if expected == "float":
             raw[key] = value = _as_float(value)
-        if value is None and expected and known[key].default is not None:
-            raise ConfigError(f"config key '{key}' has no value: give it one or leave the key out")
-        if value is not None and expected:
+        if expected:
             _check_type(key, value, expected)
     base_dir = Path(source).resolve().parent if source else Path.cwd()
     datasets = raw.pop("datasets", None)

@@ -89,10 +89,17 @@ def test_a_float_in_scientific_notation_reads_as_its_number(tmp_path, data_file,
     assert load_config(str(tmp_path / "cfg.yaml")).learning_rate == value
 
 
-@pytest.mark.parametrize("key", ["lora_r", "learning_rate", "packing", "base_model"])
-def test_a_key_without_a_value_is_named(data_file, key):
-    with pytest.raises(ConfigError, match=f"config key '{key}' has no value"):
-        parse_config(config(data_file, **{key: None}))
+def test_a_key_left_empty_takes_its_default_as_in_axolotl(tmp_path, data_file):
+    """axolotl's example configs list keys with no value (`fp16:`, `lora_target_modules:` beside
+    `lora_target_linear: true`): unset, not None."""
+    (tmp_path / "cfg.yaml").write_text(f"base_model: random:tiny-llama\nlora_r:\nfp16:\nlearning_rate:\n"
+                                       f"lora_target_modules:\nlora_target_linear: true\neval_steps:\n"
+                                       f"datasets: [{data_file}]\n")
+    cfg = load_config(str(tmp_path / "cfg.yaml"))
+    assert (cfg.lora_r, cfg.fp16, cfg.learning_rate, cfg.eval_steps) == (16, False, 2e-4, None)
+    assert cfg.lora_target_modules == "all-linear"
+    with pytest.raises(ConfigError, match="'base_model' is required"):
+        parse_config(config(data_file, base_model=None))
 
 
 @pytest.mark.parametrize("args, expected", [
