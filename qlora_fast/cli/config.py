@@ -255,17 +255,24 @@ def load_config(path: str, overrides: dict | None = None) -> TrainConfig:
     return parse_config(raw, source=str(p))
 
 
+def override_takes_next(args: list[str], i: int) -> bool:
+    """Whether the override args[i], written without `=value`, takes args[i + 1] as its value: there is one,
+    and it is no --key."""
+    return "=" not in args[i] and i + 1 < len(args) and not args[i + 1].startswith("--")
+
+
 def parse_overrides(args: list[str]) -> dict:
     """Config keys given on the command line, as axolotl takes them: `--key value` or `--key=value` (dashes in
     the key read as underscores), each value read as YAML (numbers, true/false, [a, b])."""
-    overrides, rest = {}, list(args)
-    while rest:
-        arg = rest.pop(0)
+    overrides, i = {}, 0
+    while i < len(args):
+        arg, takes_next = args[i], override_takes_next(args, i)
         key, has_value, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not key or (not has_value and (not rest or rest[0].startswith("--"))):
+        if not arg.startswith("--") or not key or not (has_value or takes_next):
             raise ConfigError(f"cannot read {arg!r} as a config override: write --key value (e.g. --learning_rate 1e-4)")
-        if not has_value:
-            value = rest.pop(0)
+        if takes_next:
+            value = args[i + 1]
+        i += 1 + takes_next
         try:
             overrides[key.replace("-", "_")] = yaml.safe_load(value)
         except yaml.YAMLError:

@@ -5,7 +5,7 @@ import functools
 import sys
 from importlib import resources
 
-from .config import ConfigError, load_config, parse_overrides
+from .config import ConfigError, load_config, override_takes_next, parse_overrides
 
 
 CONFIG_HELP = "YAML training config (axolotl-style keys; see qlora_fast/cli/config.py)"
@@ -22,24 +22,24 @@ def _parser():
                                      epilog=OVERRIDES_EPILOG)
     sub = parser.add_subparsers(dest="command", required=True)
     # no abbreviated options: a config key given as an override (--out...) must not pass for one
-    sub.add_parser = functools.partial(sub.add_parser, allow_abbrev=False, epilog=OVERRIDES_EPILOG)
-    train = sub.add_parser("train", help="fine-tune with a YAML config (default: the tiny embedded one)")
+    command = functools.partial(sub.add_parser, allow_abbrev=False, epilog=OVERRIDES_EPILOG)
+    train = command("train", help="fine-tune with a YAML config (default: the tiny embedded one)")
     train.add_argument("config", nargs="?", default=None, help=CONFIG_HELP + " (default: the tiny embedded one)")
-    compare = sub.add_parser("compare", help="same steps on stock peft and on qlora_fast: losses, speed, memory")
+    compare = command("compare", help="same steps on stock peft and on qlora_fast: losses, speed, memory")
     compare.add_argument("config", nargs="?", default=None, help=CONFIG_HELP + " (default: the tiny embedded one)")
     compare.add_argument("--steps", type=int, default=8, help="training steps each run takes (default: 8)")
     compare.add_argument("--out", default=None, help="report folder (default: <output_dir>/compare)")
     compare.add_argument("--timing-rounds", type=int, default=5,
                          help="stock/patched steps timed alternately after the parity run (0: time the parity run)")
-    check = sub.add_parser("verify", help="before a long run: do the patched layers compute what stock peft does "
+    check = command("verify", help="before a long run: do the patched layers compute what stock peft does "
                                           "on this model and data? per-matrix gradients, fused calls, verdict")
     check.add_argument("config", nargs="?", default=None, help=CONFIG_HELP + " (default: the tiny embedded one)")
     check.add_argument("--steps", type=int, default=2, help="batches whose losses are compared (default: 2)")
-    merge = sub.add_parser("merge", help="merge a trained adapter into the dequantized base model")
+    merge = command("merge", help="merge a trained adapter into the dequantized base model")
     merge.add_argument("config", help=CONFIG_HELP + ": the base model the adapter was trained on")
     merge.add_argument("--adapter", default=None, help="adapter folder (default: the config's output_dir)")
     merge.add_argument("--out", required=True, help="folder for the merged model and its tokenizer")
-    generate = sub.add_parser("generate", help="generate from a prompt with the trained adapter")
+    generate = command("generate", help="generate from a prompt with the trained adapter")
     generate.add_argument("config", help=CONFIG_HELP + ": the base model the adapter was trained on")
     generate.add_argument("--prompt", required=True, help="user message (wrapped in the chat template if any)")
     generate.add_argument("--adapter", default=None, help="adapter folder (default: the config's output_dir)")
@@ -59,8 +59,8 @@ def _split_overrides(parser, argv: list[str]) -> tuple[list[str], list[str]]:
     kept, overrides, i = argv[:1], [], 1
     while i < len(argv):
         arg = argv[i]
-        takes_next = "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--")
         if arg.startswith("--") and arg.split("=")[0] not in options:
+            takes_next = override_takes_next(argv, i)
             overrides += argv[i:i + 1 + takes_next]
             i += 1 + takes_next
         else:
