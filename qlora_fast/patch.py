@@ -25,8 +25,7 @@ from .patching.core import (CALLS, KV_SIBLINGS, OUTPUT_UNREAD_IN_RECOMPUTE, dist
 from .patching.kept_outputs import keep_attention_results, mark_attention_outputs
 from .patching.lora_linear import lora_layer_forward
 from .patching.loss import causal_lm, forward_with_chunked_loss, unchunked_causal_lm
-from .patching.mlp import (fusable_gate_up_mlps, fusable_mlps, gate_up_mlp_forward, mark_residual_mlps,
-                           mlp_forward)
+from .patching.mlp import fusable_mlps, mark_residual_mlps, mlp_forward
 from .patching.norms import add_norm_layer_forward, add_norm_layers, frozen_norms
 from .patching.packed_attention import remove_packed_hooks, use_packed_attention
 from .patching.parameter_count import restore_parameter_count, use_parameter_count
@@ -166,9 +165,6 @@ def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool
         report.patched += 1
     for mlp in fusable_mlps(model) if fused_mlp else []:
         replace_forward(mlp, mlp_forward)
-        report.mlps += 1
-    for mlp in fusable_gate_up_mlps(model) if fused_mlp else []:
-        replace_forward(mlp, gate_up_mlp_forward)
         report.mlps += 1
     mark_residual_mlps(model)
     for layer in add_norm_layers(model) if add_norm else []:

@@ -42,7 +42,8 @@ MODEL_SHAPES = {
     "tiny-gemma3": ("gemma3_text", dict(vocab_size=512, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                         max_position_embeddings=512, query_pre_attn_scalar=16)),
-    "tiny-phi3": ("phi3", dict(vocab_size=512, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+    # 48-wide heads: half a head is no power of two, as in Phi-3.5-mini's 96-wide ones
+    "tiny-phi3": ("phi3", dict(vocab_size=512, hidden_size=192, intermediate_size=256, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                                pad_token_id=0)),
     "tiny-gemma": ("gemma", dict(vocab_size=512, hidden_size=64, intermediate_size=192, num_hidden_layers=2,

@@ -42,17 +42,17 @@ def _rotated(x1, x2, c1, c2, s1, s2, BACKWARD: tl.constexpr, dtype: tl.constexpr
 
 
 @triton.jit
-def _rotate_heads(x_ptr, out_ptr, batch, pos, row_mask, x_strides, out_strides, n_heads, c1, c2, s1, s2,
+def _rotate_heads(x_ptr, out_ptr, batch, pos, half_mask, x_strides, out_strides, n_heads, c1, c2, s1, s2,
                   BACKWARD: tl.constexpr, SOFTWARE_RTNE: tl.constexpr, HEADS: tl.constexpr, HALF: tl.constexpr,
-                  FP32_PRODUCTS: tl.constexpr):
+                  HALF_BLOCK: tl.constexpr, FP32_PRODUCTS: tl.constexpr):
     """Rotates all heads of x at the (batch, pos) rows, each (ROWS, 1, 1); c1/c2, s1/s2: cos and sin of
-    each half, fp32 (ROWS, 1, HALF). The products are rounded to the output's dtype, or (FP32_PRODUCTS)
-    to fp32."""
+    each half, fp32 (ROWS, 1, HALF_BLOCK), half_mask: the rows' and the half's valid elements. The products
+    are rounded to the output's dtype, or (FP32_PRODUCTS) to fp32."""
     stride_b, stride_h, stride_s, stride_d = x_strides
     out_b, out_h, out_s, out_d = out_strides
     heads = tl.arange(0, HEADS)[None, :, None]
-    d = tl.arange(0, HALF)[None, None, :]
-    mask = row_mask & (heads < n_heads)
+    d = tl.arange(0, HALF_BLOCK)[None, None, :]
+    mask = half_mask & (heads < n_heads)
     base = x_ptr + batch * stride_b + pos * stride_s + heads * stride_h
     x1 = tl.load(base + d * stride_d, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(base + (d + HALF) * stride_d, mask=mask, other=0.0).to(tl.float32)
@@ -72,21 +72,25 @@ def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, n_rows, s
                  qo_b, qo_h, qo_s, qo_d, ko_b, ko_h, ko_s, ko_d,
                  cs_b, cs_s, cs_d,
                  BACKWARD: tl.constexpr, SOFTWARE_RTNE: tl.constexpr, ROWS: tl.constexpr,
-                 Q_HEADS: tl.constexpr, K_HEADS: tl.constexpr, HALF: tl.constexpr, FP32_PRODUCTS: tl.constexpr):
+                 Q_HEADS: tl.constexpr, K_HEADS: tl.constexpr, HALF: tl.constexpr, HALF_BLOCK: tl.constexpr,
+                 FP32_PRODUCTS: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None, None]
-    row_mask = rows < n_rows
     batch = rows // seq_len
     pos = rows % seq_len
-    d = tl.arange(0, HALF)[None, None, :]
+    d = tl.arange(0, HALF_BLOCK)[None, None, :]
+    # half a head is padded to a power of two where it is none (Phi-3's 96-wide heads: 48 -> 64)
+    mask = rows < n_rows
+    if HALF_BLOCK != HALF:
+        mask = mask & (d < HALF)
     trig = batch * cs_b + pos * cs_s
-    c1 = tl.load(cos_ptr + trig + d * cs_d, mask=row_mask, other=0.0).to(tl.float32)
-    c2 = tl.load(cos_ptr + trig + (d + HALF) * cs_d, mask=row_mask, other=0.0).to(tl.float32)
-    s1 = tl.load(sin_ptr + trig + d * cs_d, mask=row_mask, other=0.0).to(tl.float32)
-    s2 = tl.load(sin_ptr + trig + (d + HALF) * cs_d, mask=row_mask, other=0.0).to(tl.float32)
-    _rotate_heads(q_ptr, q_out_ptr, batch, pos, row_mask, (qs_b, qs_h, qs_s, qs_d), (qo_b, qo_h, qo_s, qo_d),
-                  q_heads, c1, c2, s1, s2, BACKWARD, SOFTWARE_RTNE, Q_HEADS, HALF, FP32_PRODUCTS)
-    _rotate_heads(k_ptr, k_out_ptr, batch, pos, row_mask, (ks_b, ks_h, ks_s, ks_d), (ko_b, ko_h, ko_s, ko_d),
-                  k_heads, c1, c2, s1, s2, BACKWARD, SOFTWARE_RTNE, K_HEADS, HALF, FP32_PRODUCTS)
+    c1 = tl.load(cos_ptr + trig + d * cs_d, mask=mask, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_ptr + trig + (d + HALF) * cs_d, mask=mask, other=0.0).to(tl.float32)
+    s1 = tl.load(sin_ptr + trig + d * cs_d, mask=mask, other=0.0).to(tl.float32)
+    s2 = tl.load(sin_ptr + trig + (d + HALF) * cs_d, mask=mask, other=0.0).to(tl.float32)
+    _rotate_heads(q_ptr, q_out_ptr, batch, pos, mask, (qs_b, qs_h, qs_s, qs_d), (qo_b, qo_h, qo_s, qo_d),
+                  q_heads, c1, c2, s1, s2, BACKWARD, SOFTWARE_RTNE, Q_HEADS, HALF, HALF_BLOCK, FP32_PRODUCTS)
+    _rotate_heads(k_ptr, k_out_ptr, batch, pos, mask, (ks_b, ks_h, ks_s, ks_d), (ko_b, ko_h, ko_s, ko_d),
+                  k_heads, c1, c2, s1, s2, BACKWARD, SOFTWARE_RTNE, K_HEADS, HALF, HALF_BLOCK, FP32_PRODUCTS)
 
 
 def rope_forward(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -115,8 +119,8 @@ def _batch_wide(cos: torch.Tensor, sin: torch.Tensor, batch: int, seq_len: int, 
     """cos and sin as (batch, seq_len, head_dim), checked."""
     if cos.shape[0] == 1:  # one set of positions for the whole batch (no position_ids given)
         cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
-    if head_dim & (head_dim - 1) or cos.shape != (batch, seq_len, head_dim) or sin.stride() != cos.stride():
-        raise ValueError(f"rope: head_dim a power of two and cos, sin of shape {(batch, seq_len, head_dim)} "
+    if head_dim % 2 or cos.shape != (batch, seq_len, head_dim) or sin.stride() != cos.stride():
+        raise ValueError(f"rope: an even head_dim and cos, sin of shape {(batch, seq_len, head_dim)} "
                          f"with one layout; got head_dim {head_dim}, cos {tuple(cos.shape)}")
     return cos, sin
 
@@ -131,12 +135,13 @@ def _rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
         raise ValueError(f"rope: outputs of shapes {tuple(q.shape)}, {tuple(k.shape)} and one dtype needed")
     n_rows = batch * seq_len
     q_block, k_block = next_power_of_2(q_heads), next_power_of_2(k_heads)
-    rows = max(1, INTERPRETER_TILE // (q_block * head_dim)) if INTERPRETING else 1
+    half_block = next_power_of_2(head_dim // 2)
+    rows = max(1, INTERPRETER_TILE // (q_block * 2 * half_block)) if INTERPRETING else 1
     _rope_kernel[(cdiv(n_rows, rows),)](
         q, k, cos, sin, q_out, k_out, n_rows, seq_len, q_heads, k_heads,
         *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(), *cos.stride(),
         BACKWARD=backward, SOFTWARE_RTNE=INTERPRETING, ROWS=rows, Q_HEADS=q_block, K_HEADS=k_block,
-        HALF=head_dim // 2, FP32_PRODUCTS=fp32_products,
+        HALF=head_dim // 2, HALF_BLOCK=half_block, FP32_PRODUCTS=fp32_products,
         enable_fp_fusion=False,  # else the compiler fuses a product into the sum as one fma, unrounded
     )
     return q_out, k_out
@@ -208,12 +213,13 @@ def rope_plus_low_rank(y: torch.Tensor, q_term: LowRank, k_term: LowRank, cos: t
     _batch_wide(cos, sin, tokens // seq_len, seq_len, head_dim)  # checks the shapes
     cos, sin = cos.contiguous(), sin.contiguous()
     if (out.shape != y.shape or y.stride(1) != 1 or out.stride(1) != 1 or width % head_dim
-            or q_width % head_dim or k_term.xa.shape[1] != rank
+            or q_width % head_dim or head_dim & (head_dim - 1) or k_term.xa.shape[1] != rank
             or k_term.xa.data_ptr() != q_term.xa.data_ptr() + rank * q_term.xa.stride(1) * q_term.xa.element_size()
             or k_term.b.data_ptr() != q_term.b.data_ptr() + q_width * q_term.b.stride(0) * q_term.b.element_size()
             or k_term.b.stride() != q_term.b.stride() or (q_dtype != torch.float32 and out.dtype != q_dtype)):
-        raise ValueError("rope_plus_low_rank: q's and k's outputs side by side in y and out, their terms of one "
-                         "rank with adjacent xa columns and B rows, and out in q's dtype unless q is fp32")
+        raise ValueError("rope_plus_low_rank: heads a power of two wide, q's and k's outputs side by side in y and "
+                         "out, their terms of one rank with adjacent xa columns and B rows, and out in q's dtype "
+                         "unless q is fp32")
     launch = ROPE_LORA_LARGE_RANK_META if takes_large_rank_tiles(rank) else ROPE_LORA_META
     block_m = max(16, INTERPRETER_TILE // head_dim) if INTERPRETING else launch["BLOCK_M"]
     meta = {} if INTERPRETING else {"num_warps": launch["num_warps"]}

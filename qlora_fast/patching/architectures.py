@@ -8,11 +8,13 @@ A row names the family's classes and says which of them compute exactly what a f
 - llama_norm: the RMSNorm is w * round(x * rsqrt(mean(x^2) + eps)); gemma_norm: it is Gemma's
   round(x * rsqrt(mean(x^2) + eps) * (1 + w)), in fp32 (eps in `.eps`);
 - llama_layer: the decoder layer is Llama's `residual + self_attn(input_layernorm(x))` then
-  `residual + mlp(post_attention_layernorm(residual))` (add_norm);
+  `residual + mlp(post_attention_layernorm(residual))` (add_norm), or Phi-3's, the same with a dropout on
+  each branch before its add (resid_attn_dropout, resid_mlp_dropout; served while they drop nothing);
 - mlp_to_residual: the decoder layer's only use of its MLP's output is adding it to the residual, through
   a dropout at most (Llama's layer, Gemma 1's, Phi-3's; not Gemma 2/3's, whose norm after the MLP reads it
   in backward): a checkpoint's recompute need not compute it;
-- rotary: the attention's modeling module applies transformers' standard apply_rotary_pos_emb;
+- rotary: the attention's modeling module applies transformers' standard apply_rotary_pos_emb (Phi-3's
+  rotates the first cos.shape[-1] dims of each head: the standard one where that is the whole head);
   rotary_projections: and the attention hands it q_proj's and k_proj's outputs on its hidden states, viewed
   as (batch, heads, seq, head_dim), and the decoder layer's position_embeddings, with nothing in between
   (no q/k norms), so the fused q/k/v may return them rotated;
@@ -86,9 +88,10 @@ ARCHITECTURES = (
                  "Gemma3RMSNorm", gated_mlp=True, qkv_attention=True, llama_norm=False, llama_layer=False,
                  rotary=True, plain_head=True, gemma_norm=True, embedding="Gemma3TextScaledWordEmbedding",
                  scaled_embedding=True),
-    # fused qkv_proj (one LoRA layer already) and gate_up_proj (its halves fused as a SwiGLU MLP), partial rotary
+    # fused qkv_proj (one LoRA layer already) and gate_up_proj (its halves fused as a SwiGLU MLP); RoPE on the
+    # kernel where it rotates whole heads (else its stock function), residual dropouts in the layer
     Architecture("phi3", "Phi3ForCausalLM", "Phi3DecoderLayer", "Phi3Attention", "Phi3MLP", "Phi3RMSNorm",
-                 gated_mlp=False, qkv_attention=False, llama_norm=True, llama_layer=False, rotary=False,
+                 gated_mlp=False, qkv_attention=False, llama_norm=True, llama_layer=True, rotary=True,
                  plain_head=True, gate_up_mlp=True, mlp_to_residual=True),
 )
 

@@ -34,19 +34,13 @@ def activation_name(act_fn) -> str | None:
 
 
 def fusable_mlps(model: torch.nn.Module):
-    """Gated MLPs whose activation the kernels compute and whose three projections are patchable LoRA NF4
-    layers without base bias."""
+    """Gated MLPs whose activation the kernels compute and whose projections (gate, up and down, or Phi-3's
+    gate_up and down) are patchable LoRA NF4 layers without base bias."""
     return [m for m in model.modules()
-            if has(m, "gated_mlp") and activation_name(getattr(m, "act_fn", None)) is not None
-            and all(fusable(getattr(m, p, None)) for p in _MLP_PROJECTIONS)]
-
-
-def fusable_gate_up_mlps(model: torch.nn.Module):
-    """Phi-3-style SwiGLU MLPs whose gate_up and down projections are patchable LoRA NF4 layers without
-    base bias."""
-    return [m for m in model.modules()
-            if has(m, "gate_up_mlp") and type(getattr(m, "activation_fn", None)).__name__ in _SILU
-            and all(fusable(getattr(m, p, None)) for p in _GATE_UP_PROJECTIONS)]
+            if (has(m, "gated_mlp") and activation_name(getattr(m, "act_fn", None)) is not None
+                and all(fusable(getattr(m, p, None)) for p in _MLP_PROJECTIONS))
+            or (has(m, "gate_up_mlp") and type(getattr(m, "activation_fn", None)).__name__ in _SILU
+                and all(fusable(getattr(m, p, None)) for p in _GATE_UP_PROJECTIONS))]
 
 
 def _halves(layer, weight):
@@ -71,33 +65,34 @@ def _gate_and_up(layer, gate_up) -> list | None:
             (gate_up.lora_a, gate_up.lora_b[half:], gate_up.scaling, halves[1])]
 
 
-@torch.compiler.disable
-def gate_up_mlp_forward(self, x):
-    """Phi-3's MLP, down(up * silu(gate)) with [gate | up] = gate_up_proj(x), through the fused SwiGLU
-    Function (the product commutes exactly); otherwise the stock forward."""
-    projections = [self._modules[p] for p in _GATE_UP_PROJECTIONS]
+def _gate_up_terms(mlp) -> list | None:
+    """A Phi-3 MLP's gate, up and down terms for the fused Function when it can serve them now: gate_up's
+    halves as gate and up (the product up * silu(gate) commutes exactly)."""
+    projections = [mlp._modules[p] for p in _GATE_UP_PROJECTIONS]
     found = fused_group(projections, uncalled=projections)
     gate_and_up = _gate_and_up(projections[0], found[0]) if found is not None else None
     if gate_and_up is None or len({f.lora_a.shape[0] for f in found}) != 1:
-        return previous_forward(self)(x)
-    CALLS["mlp"] += 1
-    return lora_nf4_mlp(x, *gate_and_up, found[1][1:], compute_dtype=compute_dtype(projections[0], x),
-                        output_needed=_output_needed(self))
+        return None
+    return [*gate_and_up, found[1][1:]]
 
 
-def _mlp_group(mlp) -> list | None:
-    """The gate, up and down Projections when one Function can serve them now: the same adapter, no
-    dropout, and one rank (the SwiGLU kernels add their terms with one); else None."""
+def _gated_terms(mlp) -> list | None:
+    """A gated MLP's gate, up and down terms (lora_a, lora_b, scaling, weight) when one Function can serve
+    them now: the same adapter, no dropout, and one rank (the SwiGLU kernels add their terms with one)."""
     projections = [mlp._modules[p] for p in _MLP_PROJECTIONS]
     found = fused_group(projections, uncalled=projections)
-    return None if found is None or len({f.lora_a.shape[0] for f in found}) != 1 else found
+    return None if found is None or len({f.lora_a.shape[0] for f in found}) != 1 else [f[1:] for f in found]
+
+
+def _terms(mlp) -> list | None:
+    return _gate_up_terms(mlp) if "gate_up_proj" in mlp._modules else _gated_terms(mlp)
 
 
 def _called_fused(mlp) -> list | None:
-    """The gate, up and down Projections where calling this MLP now runs nothing but the fused Function
-    (its patched forward, no hooks, `_mlp_group`); else None."""
+    """The gate, up and down terms where calling this MLP now runs nothing but the fused Function (its
+    patched forward, no hooks, `_terms`); else None."""
     installed = getattr(vars(mlp).get("forward"), "__func__", None)
-    return _mlp_group(mlp) if installed is mlp_forward and not has_hooks(mlp) else None
+    return _terms(mlp) if installed is mlp_forward and not has_hooks(mlp) else None
 
 
 def rounds_its_input(mlp) -> bool:
@@ -106,20 +101,22 @@ def rounds_its_input(mlp) -> bool:
     return _called_fused(mlp) is not None
 
 
-def _fused_mlp(mlp, found, x, **options):
+def _fused_mlp(mlp, terms, x, **options):
     CALLS["mlp"] += 1
-    return lora_nf4_mlp(x, *(f[1:] for f in found), compute_dtype=compute_dtype(mlp._modules["gate_proj"], x),
-                        activation=activation_name(mlp.act_fn), out_dtype=stock_dtype(x), **options)
+    first = mlp._modules.get("gate_proj") or mlp._modules["gate_up_proj"]
+    act_fn = mlp._modules.get("act_fn") or mlp._modules["activation_fn"]
+    return lora_nf4_mlp(x, *terms, compute_dtype=compute_dtype(first, x), activation=activation_name(act_fn),
+                        out_dtype=stock_dtype(x), **options)
 
 
 @torch.compiler.disable
 def mlp_forward(self, x):
-    """The whole gated MLP in one Function when its three projections can take the fused path together
-    (`_mlp_group`); otherwise the stock MLP forward (each projection then decides alone)."""
-    found = _mlp_group(self)
-    if found is None:
+    """The whole gated MLP in one Function when its projections can take the fused path together
+    (`_terms`); otherwise the stock MLP forward (each projection then decides alone)."""
+    terms = _terms(self)
+    if terms is None:
         return previous_forward(self)(widened(x))
-    return _fused_mlp(self, found, x, output_needed=_output_needed(self))
+    return _fused_mlp(self, terms, x, output_needed=_output_needed(self))
 
 
 def _output_needed(mlp) -> bool:
@@ -132,11 +129,11 @@ def mlp_plus_residual(mlp, x, residual):
     """residual + mlp(x) from the fused Function, which adds the residual where it adds the down
     projection's LoRA term, where this hook-free MLP takes the fused path now and the residual is of its
     output's shape and stock dtype (the sum then rounds as torch's add); else None."""
-    found = _called_fused(mlp)
-    if (found is None or residual.dtype != stock_dtype(x) or residual.stride(-1) != 1
-            or residual.shape != (*x.shape[:-1], found[2].weight.shape[0])):
+    terms = _called_fused(mlp)
+    if (terms is None or residual.dtype != stock_dtype(x) or residual.stride(-1) != 1
+            or residual.shape != (*x.shape[:-1], terms[2][3].shape[0])):
         return None
-    return _fused_mlp(mlp, found, x, output_needed=True, residual=residual)
+    return _fused_mlp(mlp, terms, x, output_needed=True, residual=residual)
 
 
 def mark_residual_mlps(model: torch.nn.Module) -> None:

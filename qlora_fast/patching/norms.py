@@ -45,16 +45,26 @@ def frozen_norms(model: torch.nn.Module):
     return found
 
 
+_RESIDUAL_DROPOUTS = ("resid_attn_dropout", "resid_mlp_dropout")  # Phi-3's, each before its residual add
+
+
+def _drops_nothing(layer) -> bool:
+    """Whether the layer's residual dropouts (Phi-3's; Llama's layer has none) pass their inputs through
+    now (p = 0, or eval mode) with no hooks that would see them, so the layer may skip calling them."""
+    dropouts = [layer._modules.get(name) for name in _RESIDUAL_DROPOUTS]
+    return all(d is None or ((d.p == 0 or not d.training) and not has_hooks(d)) for d in dropouts)
+
+
 def add_norm_layers(model: torch.nn.Module):
     """Llama-style decoder layers whose two norms are Llama's on the kernel (patched, hook-free; Gemma's
-    layer is Llama's, its norms are not), in transformers 5
+    layer is Llama's, its norms are not) and whose residual dropouts drop nothing, in transformers 5
     (whose layer forward add_norm_layer_forward reproduces: past_key_values, a tensor returned)."""
     import transformers
 
     if int(transformers.__version__.split(".")[0]) < 5:
         return []
     return [m for m in model.modules()
-            if has(m, "llama_layer")
+            if has(m, "llama_layer") and _drops_nothing(m)
             and all(is_patched(n) and has(n, "llama_norm") and not has_hooks(n)
                     for n in (m._modules.get("input_layernorm"), m._modules.get("post_attention_layernorm")))]
 
@@ -117,7 +127,8 @@ def add_norm_layer_forward(self, hidden_states, attention_mask=None, position_id
     """The stock decoder layer's forward, each norm taking the residual add before it (and the sum of
     the gradients after it) into its kernel. In a recompute the layer's output is not computed."""
     first, second = self._modules["input_layernorm"], self._modules["post_attention_layernorm"]
-    if first.weight.requires_grad or second.weight.requires_grad:  # unfrozen after patching
+    # norms unfrozen, or dropouts set to drop, after patching
+    if first.weight.requires_grad or second.weight.requires_grad or not _drops_nothing(self):
         return previous_forward(self)(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
                                        past_key_values=past_key_values, use_cache=use_cache,
                                        position_embeddings=position_embeddings, **kwargs)

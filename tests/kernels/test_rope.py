@@ -1,6 +1,7 @@
 import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb as phi3_apply_rotary_pos_emb
 
 from qlora_fast.ops.rope import RoPEFunction, fused_rope_applies
 
@@ -24,8 +25,9 @@ def grads(fn, q, k, cos, sin, dq_out, dk_out):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("q_heads,k_heads,seq", [(4, 2, 37), (3, 1, 5), (8, 8, 300)])  # GQA, odd heads, long
-def test_matches_transformers(dtype, q_heads, k_heads, seq):
-    q, k, cos, sin = inputs(dtype, q_heads=q_heads, k_heads=k_heads, seq=seq)
+@pytest.mark.parametrize("head_dim", [16, 24])  # half a head a power of two, and padded to one (12 -> 16)
+def test_matches_transformers(dtype, q_heads, k_heads, seq, head_dim):
+    q, k, cos, sin = inputs(dtype, q_heads=q_heads, k_heads=k_heads, seq=seq, head_dim=head_dim)
     dq_out, dk_out = torch.randn_like(q), torch.randn_like(k)
     ref = grads(apply_rotary_pos_emb, q, k, cos, sin, dq_out, dk_out)
     ours = grads(RoPEFunction.apply, q, k, cos, sin, dq_out, dk_out)
@@ -43,9 +45,24 @@ def test_applies_only_where_exact():
     assert fused_rope_applies(q, k, cos, sin)
     assert not fused_rope_applies(q, k, cos.float(), sin.float())  # torch would promote to fp32
     assert not fused_rope_applies(q, k, cos, sin, unsqueeze_dim=2)
-    q3, k3, cos3, sin3 = inputs(torch.bfloat16, head_dim=24)
-    assert not fused_rope_applies(q3, k3, cos3, sin3)
+    assert not fused_rope_applies(q, k, cos[..., :8], sin[..., :8])  # partial rotary (Phi-3's rotary_dim)
     assert not fused_rope_applies(q, k, cos.requires_grad_(True), sin)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_phi3_rotating_whole_heads(dtype):
+    """Phi-3's apply_rotary_pos_emb (partial rotary in general) rotating whole 96-wide heads, as
+    Phi-3.5-mini's does: half a head is 48, padded to 64 in the kernel."""
+    q, k, cos, sin = inputs(dtype, q_heads=3, k_heads=3, seq=19, head_dim=96)
+    assert fused_rope_applies(q, k, cos, sin)
+    dq_out, dk_out = torch.randn_like(q), torch.randn_like(k)
+    ref = grads(phi3_apply_rotary_pos_emb, q, k, cos, sin, dq_out, dk_out)
+    ours = grads(RoPEFunction.apply, q, k, cos, sin, dq_out, dk_out)
+    for name, r, o in zip(("q", "k", "dq", "dk"), ref, ours):
+        if dtype == torch.float32:
+            torch.testing.assert_close(o, r, msg=name)
+        else:
+            assert torch.equal(o, r), name
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
