@@ -14,8 +14,10 @@ class ConfigError(ValueError):
     """A config problem, phrased for the user: which key, what is wrong, how to fix it."""
 
 
-DATASET_TYPES = {"text", "prompt_completion", "chat"}
-DATASET_TYPE_ALIASES = {"messages": "chat", "conversation": "chat", "completion": "text"}
+DATASET_TYPES = {"text", "prompt_completion", "chat", "alpaca"}
+DATASET_TYPE_ALIASES = {"messages": "chat", "conversation": "chat", "chat_template": "chat", "completion": "text"}
+DATASET_KEY_ALIASES = {"field_messages": "messages_column", "field": "text_column"}  # axolotl's spellings
+ALPACA_COLUMNS = ("instruction", "output")  # and "input", where a record has one
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -32,7 +34,7 @@ class DatasetSpec:
 
     def required_columns(self) -> list[str]:
         return {"text": [self.text_column], "prompt_completion": [self.prompt_column, self.completion_column],
-                "chat": [self.messages_column]}[self.type]
+                "chat": [self.messages_column], "alpaca": list(ALPACA_COLUMNS)}[self.type]
 
 
 @dataclass
@@ -95,7 +97,14 @@ class TrainConfig:
     keep_attention_outputs: bool = True  # with offloaded checkpoints: q/k/v, o and attention outputs not recomputed
     parameter_count: bool = True  # num_parameters and parameters() (Trainer's per-step walks) in one walk each
     distributed: str = "none"  # none | ddp | fsdp (launch with `accelerate launch`)
+    # axolotl's further keys
+    evals_per_epoch: int | None = None  # instead of eval_steps, when training by epochs
+    saves_per_epoch: int | None = None  # instead of save_steps, likewise
+    group_by_length: bool = False  # batches of similar lengths (transformers' group_by_length sampler)
+    tf32: bool | None = None  # TF32 matmuls for what runs in fp32 (GPU only)
+    special_tokens: dict | None = None  # e.g. {pad_token: "<|end_of_text|>"}: tokens the tokenizer already has
     source: str | None = field(default=None, repr=False)  # the YAML file read, for relative paths
+    ignored: dict = field(default_factory=dict, repr=False)  # keys read and ignored -> why (IGNORED_KEYS)
 
 
 ALIASES = {  # other spellings users bring from axolotl / transformers
@@ -104,6 +113,28 @@ ALIASES = {  # other spellings users bring from axolotl / transformers
     "lora_mlp_kernel": "fused_mlp", "lora_qkv_kernel": "fused_qkv", "liger_rope": "rope_kernel",
     "liger_rms_norm": "rms_norm_kernel", "liger_fused_linear_cross_entropy": "chunked_loss",
 }
+# axolotl keys that change nothing here, whatever their value: read, named once in one line, and ignored
+_FROM_CHECKPOINT = "the model and tokenizer classes come from the checkpoint"
+_ATTENTION = "qlora_fast picks the attention kernel: sdpa, and a varlen kernel for packed rows"
+_LOGGING = "logs go to the console and train_summary.json"
+IGNORED_KEYS = {
+    "model_type": _FROM_CHECKPOINT, "tokenizer_type": _FROM_CHECKPOINT, "trust_remote_code": _FROM_CHECKPOINT,
+    "strict": "every key is checked here", "flash_attention": _ATTENTION, "sdp_attention": _ATTENTION,
+    "xformers_attention": _ATTENTION, "flex_attention": _ATTENTION,
+    "pad_to_sequence_len": "batches are padded to their longest row, or packed",
+    "dataset_prepared_path": "TRL tokenizes the datasets in memory", "local_rank": "the launcher sets it",
+    "debug": _LOGGING, "wandb_project": _LOGGING, "wandb_entity": _LOGGING, "wandb_watch": _LOGGING,
+    "wandb_name": _LOGGING, "wandb_log_model": _LOGGING, "eval_table_size": _LOGGING,
+}
+# axolotl keys whose unset or false value is what runs here; any other value is refused with its fix
+UNSET_ONLY = {
+    "load_in_8bit": "qlora_fast trains 4-bit bases (load_in_4bit: true) or unquantized ones (adapter: lora)",
+    "lora_fan_in_fan_out": "it is for GPT-2-style Conv1D layers; the models here have Linear layers",
+    "lora_model_dir": "starting from a saved adapter is not supported; resume a run with resume_from_checkpoint",
+    "deepspeed": "use distributed: ddp or fsdp", "fsdp": "use distributed: fsdp", "fsdp_config": "use distributed: fsdp",
+    "early_stopping_patience": "early stopping is not supported; set max_steps or num_epochs",
+}
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 SCHEDULERS = {"cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial",
               "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay"}
 OPTIMIZERS = {"adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit",
@@ -148,6 +179,8 @@ def _parse_dataset(i: int, raw, base_dir: Path) -> DatasetSpec:
     where = f"datasets[{i}]"
     if isinstance(raw, str):
         raw = {"path": raw}
+    if isinstance(raw, dict):
+        raw = {DATASET_KEY_ALIASES.get(key, key): value for key, value in raw.items() if value is not None}
     if not isinstance(raw, dict) or "path" not in raw:
         raise ConfigError(f"{where} needs a 'path' (a local JSONL/JSON/parquet/CSV file or a hub dataset name)")
     known = {f.name for f in fields(DatasetSpec)}
@@ -158,7 +191,8 @@ def _parse_dataset(i: int, raw, base_dir: Path) -> DatasetSpec:
     spec = DatasetSpec(**{k: (str(v) if v is not None else None) for k, v in raw.items()})
     spec.type = DATASET_TYPE_ALIASES.get(spec.type, spec.type)
     if spec.type not in DATASET_TYPES:
-        raise ConfigError(f"{where}.type is {raw['type']!r}; use one of: text, prompt_completion, chat (messages)")
+        raise ConfigError(f"{where}.type is {raw['type']!r}; use one of: text, prompt_completion, chat (messages), "
+                          "alpaca")
     local = Path(spec.path) if Path(spec.path).is_absolute() else base_dir / spec.path
     looks_local = Path(spec.path).suffix in LOCAL_FORMATS or spec.path.startswith((".", "/"))
     if looks_local:
@@ -180,7 +214,12 @@ def parse_config(raw: dict, source: str | None = None) -> TrainConfig:
     raw = {key: value for key, value in _canonical_keys(raw).items() if value is not None}
     if raw.pop("lora_target_linear", None):
         raw.setdefault("lora_target_modules", "all-linear")
-    known = {f.name: f for f in fields(TrainConfig) if f.name != "source"}
+    ignored = {key: IGNORED_KEYS[key] for key in raw if key in IGNORED_KEYS}
+    for key in [key for key in raw if key in UNSET_ONLY]:
+        if raw.pop(key):
+            raise ConfigError(f"config key '{key}' is set, which qlora_fast does not do: {UNSET_ONLY[key]}")
+    raw = {key: value for key, value in raw.items() if key not in ignored}
+    known = {f.name: f for f in fields(TrainConfig) if f.name not in ("source", "ignored")}
     for key in raw:
         if key not in known:
             raise ConfigError(f"unknown config key '{key}'{_did_you_mean(key, known)}")
@@ -196,7 +235,7 @@ def parse_config(raw: dict, source: str | None = None) -> TrainConfig:
     datasets = raw.pop("datasets", None)
     if not datasets or not isinstance(datasets, list):
         raise ConfigError("config key 'datasets' must be a non-empty list, e.g. [{path: data.jsonl, type: text}]")
-    cfg = TrainConfig(**raw, source=source)
+    cfg = TrainConfig(**raw, source=source, ignored=ignored)
     cfg.datasets = [_parse_dataset(i, d, base_dir) for i, d in enumerate(datasets)]
     _check_values(cfg)
     return cfg
@@ -239,6 +278,28 @@ def _check_values(cfg: TrainConfig):
          "(e.g. bfloat16)")
     need(cfg.load_in_4bit or cfg.adapter == "lora", "load_in_4bit: false needs adapter: lora")
     need(cfg.logging_steps > 0, "logging_steps must be positive")
+    for key, steps_key in (("evals_per_epoch", "eval_steps"), ("saves_per_epoch", "save_steps")):
+        count = getattr(cfg, key)
+        need(count is None or count > 0, f"{key} must be a positive whole number")
+        need(count is None or getattr(cfg, steps_key) is None, f"{key} and {steps_key} are both set: keep one")
+        need(count is None or cfg.max_steps <= 0,
+             f"{key} counts per epoch, but max_steps sets the run's length; use {steps_key} with max_steps")
+    tokens = cfg.special_tokens
+    need(tokens is None or (isinstance(tokens, dict) and all(k in SPECIAL_TOKENS and isinstance(v, str)
+                                                               for k, v in tokens.items())),
+         f"special_tokens must map some of {', '.join(SPECIAL_TOKENS)} to token strings, e.g. "
+         "{pad_token: '<|end_of_text|>'}")
+
+
+def ignored_keys_line(cfg: TrainConfig) -> str | None:
+    """One line naming the config keys read and ignored, grouped by why; None where there are none."""
+    if not cfg.ignored:
+        return None
+    reasons: dict = {}
+    for key, why in cfg.ignored.items():
+        reasons.setdefault(why, []).append(key)
+    return "ignored config keys that change nothing here: " + "; ".join(
+        f"{', '.join(keys)} ({why})" for why, keys in reasons.items())
 
 
 def load_config(path: str, overrides: dict | None = None) -> TrainConfig:
@@ -281,7 +342,7 @@ def parse_overrides(args: list[str]) -> dict:
 
 
 def config_to_dict(cfg: TrainConfig) -> dict:
-    out = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "source"}
+    out = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ("source", "ignored")}
     out["datasets"] = [{k: v for k, v in vars(d).items() if v is not None} for d in cfg.datasets]
     return out
 

@@ -21,18 +21,40 @@ def _load(spec: DatasetSpec):
         raise ConfigError(f"cannot load dataset {spec.path!r} (split {spec.split!r}): {first_line}") from None
 
 
+# Stanford Alpaca's prompts, which axolotl's `type: alpaca` uses too
+ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                 "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+ALPACA_PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides "
+                            "further context. Write a response that appropriately completes the request.\n\n"
+                            "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+
+
 def _check_columns(spec: DatasetSpec, ds):
     for column in spec.required_columns():
         if column not in ds.column_names:
-            key = {spec.text_column: "text_column", spec.prompt_column: "prompt_column",
-                   spec.completion_column: "completion_column", spec.messages_column: "messages_column"}[column]
+            if spec.type == "alpaca":
+                fix = "Alpaca records have 'instruction' and 'output' (and 'input', which may be empty)."
+            else:
+                key = {spec.text_column: "text_column", spec.prompt_column: "prompt_column",
+                       spec.completion_column: "completion_column", spec.messages_column: "messages_column"}[column]
+                fix = f"Set '{key}' in its datasets entry to the right column."
             raise ConfigError(f"dataset {spec.path!r} (type {spec.type}) has no column '{column}'; it has "
-                              f"{ds.column_names}. Set '{key}' in its datasets entry to the right column.")
+                              f"{ds.column_names}. {fix}")
+
+
+def _alpaca_record(record: dict) -> dict:
+    """An Alpaca record as a prompt (the template around its instruction and input) and its output."""
+    given = record.get("input")
+    template = ALPACA_PROMPT_WITH_INPUT if given else ALPACA_PROMPT
+    return {"prompt": template.format(instruction=record["instruction"], input=given),
+            "completion": record["output"]}
 
 
 def _to_records(spec: DatasetSpec, ds, train_on_inputs: bool):
-    """text -> {text}; prompt_completion -> {prompt, completion}; chat -> {messages}, or, for loss on the
-    answer only, {prompt: all turns before the last, completion: [last assistant turn]}."""
+    """text -> {text}; prompt_completion and alpaca -> {prompt, completion}; chat -> {messages}, or, for loss
+    on the answer only, {prompt: all turns before the last, completion: [last assistant turn]}."""
+    if spec.type == "alpaca":
+        return ds.map(_alpaca_record, remove_columns=ds.column_names)
     if spec.type == "text":
         return ds.map(lambda r: {"text": r[spec.text_column]}, remove_columns=ds.column_names)
     if spec.type == "prompt_completion":

@@ -5,7 +5,7 @@ import functools
 import sys
 from importlib import resources
 
-from .config import ConfigError, load_config, override_takes_next, parse_overrides
+from .config import ConfigError, ignored_keys_line, load_config, override_takes_next, parse_overrides
 
 
 CONFIG_HELP = "YAML training config (axolotl-style keys; see qlora_fast/cli/config.py)"
@@ -75,6 +75,9 @@ def run(argv=None) -> int:
     args, stray = parser.parse_known_args(argv)
     try:
         cfg = load_config(getattr(args, "config", None) or default_config_path(), parse_overrides(stray + overrides))
+        ignored = ignored_keys_line(cfg)
+        if ignored:
+            print(f"qlora-fast: {ignored}", file=sys.stderr, flush=True)
         if args.command == "train":
             from .train import train
 

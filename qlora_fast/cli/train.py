@@ -40,7 +40,28 @@ def _quant_storage(cfg: TrainConfig) -> torch.dtype:
 
 
 def load_base_model(cfg: TrainConfig, compute_dtype: torch.dtype):
-    """The 4-bit base model and its tokenizer; `random:<shape>` builds a random-init one offline."""
+    """The 4-bit base model and its tokenizer, with the config's special_tokens; `random:<shape>` builds a
+    random-init one offline."""
+    model, tokenizer = _model_and_tokenizer(cfg, compute_dtype)
+    _set_special_tokens(tokenizer, cfg.special_tokens or {})
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _set_special_tokens(tokenizer, tokens: dict) -> None:
+    """Names tokens the tokenizer already has as its special ones (pad_token: ...). A new token would need
+    a new embedding row, which a QLoRA run leaves untrained: refused."""
+    vocab = tokenizer.get_vocab()
+    for name, token in tokens.items():
+        if token not in vocab:
+            raise ConfigError(f"special_tokens.{name} {token!r} is not in the tokenizer's vocabulary, and a new "
+                              "token's embedding would stay untrained here; use a token it has (its eos_token is "
+                              f"{tokenizer.eos_token!r})")
+        setattr(tokenizer, name, token)
+
+
+def _model_and_tokenizer(cfg: TrainConfig, compute_dtype: torch.dtype):
     if cfg.base_model.startswith(RANDOM_PREFIX):
         device = _device_map()[""]
         try:
@@ -68,8 +89,6 @@ def load_base_model(cfg: TrainConfig, compute_dtype: torch.dtype):
             device_map=None if cfg.distributed == "fsdp" else _device_map())
     except (OSError, ValueError, KeyError) as exc:
         raise ConfigError(f"cannot load base_model {cfg.base_model!r} as a causal LM: {exc}") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 
@@ -133,9 +152,21 @@ def add_adapter(cfg: TrainConfig, model):
         raise ConfigError(f"lora_target_modules {targets!r} do not fit {cfg.base_model!r}: {exc}") from None
 
 
+def _every(steps, per_epoch: int | None, cfg: TrainConfig) -> tuple[str, float]:
+    """(strategy, steps) for Trainer to act every `steps` steps, or `per_epoch` times an epoch: a fraction of
+    the run's steps (Trainer reads steps below 1 so), or at each epoch's end where that is as often."""
+    if per_epoch is None:
+        return "steps", steps
+    times = per_epoch * cfg.num_epochs
+    return ("steps", 1 / times) if times > 1 else ("epoch", steps)
+
+
 def sft_arguments(cfg: TrainConfig, bf16: bool, fp16: bool, has_eval: bool, record_kind: set):
     from trl import SFTConfig
 
+    eval_strategy, eval_steps = _every(cfg.eval_steps or cfg.logging_steps, cfg.evals_per_epoch, cfg)
+    save_strategy, save_steps = _every(cfg.save_steps or 500, cfg.saves_per_epoch, cfg)
+    saves = bool(cfg.save_steps or cfg.saves_per_epoch)
     return SFTConfig(
         output_dir=cfg.output_dir, per_device_train_batch_size=cfg.micro_batch_size,
         per_device_eval_batch_size=cfg.micro_batch_size,
@@ -146,8 +177,10 @@ def sft_arguments(cfg: TrainConfig, bf16: bool, fp16: bool, has_eval: bool, reco
         gradient_checkpointing=bool(cfg.gradient_checkpointing),
         gradient_checkpointing_kwargs={"use_reentrant": False}, activation_offloading=cfg.activation_offloading,
         logging_steps=cfg.logging_steps,
-        eval_strategy="steps" if has_eval else "no", eval_steps=cfg.eval_steps or cfg.logging_steps,
-        save_strategy="steps" if cfg.save_steps else "no", save_steps=cfg.save_steps or 500,
+        eval_strategy=eval_strategy if has_eval else "no", eval_steps=eval_steps,
+        save_strategy=save_strategy if saves else "no", save_steps=save_steps,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        tf32=cfg.tf32 if torch.cuda.is_available() else None,
         max_length=cfg.sequence_len, packing=cfg.packing,
         completion_only_loss=not cfg.train_on_inputs if "prompt" in record_kind else None,
         report_to="none", use_cpu=not torch.cuda.is_available(),
@@ -231,6 +264,19 @@ def build_peft_model(cfg: TrainConfig) -> PeftSetup:
     return PeftSetup(train_data, eval_data, add_adapter(cfg, model), tokenizer, compute_dtype, bf16, fp16)
 
 
+def _check_truncation_kept_examples(cfg: TrainConfig, given, prepared, name: str) -> None:
+    """TRL truncates unpacked examples to sequence_len and drops those left without a token in the loss (a
+    prompt that fills sequence_len): none left is refused, as the trainer would fail on an empty dataset;
+    some dropped are counted in one line."""
+    if given is None or prepared is None or len(prepared) == len(given):
+        return
+    if len(prepared) == 0:
+        raise ConfigError(f"no {name} example has a completion token within sequence_len ({cfg.sequence_len} "
+                          "tokens; the prompts fill it): raise sequence_len, or set train_on_inputs: true")
+    print(f"qlora-fast: {len(given) - len(prepared)} of {len(given)} {name} examples have no completion token "
+          f"within sequence_len ({cfg.sequence_len}) and are left out", file=sys.stderr, flush=True)
+
+
 def build_trainer(cfg: TrainConfig):
     """Everything up to the first step: data checked first, then model, adapter, patch and trainer."""
     from trl import SFTTrainer
@@ -244,6 +290,9 @@ def build_trainer(cfg: TrainConfig):
     _single_process_single_gpu(args)
     trainer = SFTTrainer(model=setup.model, args=args, train_dataset=setup.train_data, eval_dataset=setup.eval_data,
                          processing_class=setup.tokenizer, callbacks=[_throughput_callback()])
+    if not cfg.packing:
+        _check_truncation_kept_examples(cfg, setup.train_data, trainer.train_dataset, "training")
+        _check_truncation_kept_examples(cfg, setup.eval_data, trainer.eval_dataset, "evaluation")
     if cfg.distributed == "fsdp":
         _fsdp_mixed_precision(trainer, cfg)
     if cfg.patch:

@@ -197,3 +197,62 @@ def test_patch_options_take_their_axolotl_and_liger_spellings(data_file):
     assert set(patch_options(cfg)) == every  # every patch_model switch has its config key
     with pytest.raises(ConfigError, match="fused_qkv.* must be a bool"):
         parse_config(config(data_file, fused_qkv="yes"))
+
+
+def test_axolotl_keys_that_change_nothing_are_named_in_one_line(data_file, capsys, tmp_path):
+    from qlora_fast.cli.config import ignored_keys_line
+
+    cfg = parse_config(config(data_file, model_type="AutoModelForCausalLM", tokenizer_type="AutoTokenizer",
+                              strict=False, flash_attention=True, pad_to_sequence_len=True, wandb_project=None,
+                              load_in_8bit=False, lora_fan_in_fan_out=None, deepspeed=None))
+    line = ignored_keys_line(cfg)
+    assert line.count("\n") == 0
+    for key in ("model_type, tokenizer_type (", "strict (", "flash_attention (", "pad_to_sequence_len ("):
+        assert key in line
+    assert "wandb_project" not in line  # left empty: unset, as in axolotl
+    assert "model_type" not in yaml_dump(cfg)  # the resolved config holds what runs
+    assert ignored_keys_line(parse_config(config(data_file))) is None
+    path = tmp_path / "cfg.yaml"
+    path.write_text(f"base_model: 'random:nope'\nstrict: false\n"
+                    f"datasets: [{{path: {data_file}, type: prompt_completion}}]\n")
+    assert run(["train", str(path)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qlora-fast:")]
+    assert err[0] == "qlora-fast: ignored config keys that change nothing here: strict (every key is checked here)"
+    assert len(err) == 2 and "base_model" in err[1]
+
+
+def yaml_dump(cfg) -> str:
+    import yaml
+
+    from qlora_fast.cli.config import config_to_dict
+
+    return yaml.safe_dump(config_to_dict(cfg))
+
+
+@pytest.mark.parametrize("key,value,fix", [("load_in_8bit", True, "load_in_4bit: true"),
+                                           ("deepspeed", "zero2.json", "distributed: ddp or fsdp"),
+                                           ("lora_model_dir", "./old", "resume_from_checkpoint")])
+def test_axolotl_keys_set_to_what_does_not_run_here_are_refused(data_file, key, value, fix):
+    with pytest.raises(ConfigError, match=f"'{key}' is set.*{fix}"):
+        parse_config(config(data_file, **{key: value}))
+
+
+def test_per_epoch_evals_and_saves(data_file):
+    from qlora_fast.cli.train import _every
+
+    cfg = parse_config(config(data_file, num_epochs=4, evals_per_epoch=4, saves_per_epoch=1))
+    assert _every(5, cfg.evals_per_epoch, cfg) == ("steps", 1 / 16)  # a fraction of the run's steps
+    assert _every(500, cfg.saves_per_epoch, cfg) == ("steps", 1 / 4)
+    one_epoch = parse_config(config(data_file, num_epochs=1, saves_per_epoch=1))
+    assert _every(500, one_epoch.saves_per_epoch, one_epoch) == ("epoch", 500)
+    assert _every(7, None, one_epoch) == ("steps", 7)
+    with pytest.raises(ConfigError, match="evals_per_epoch counts per epoch.*use eval_steps with max_steps"):
+        parse_config(config(data_file, max_steps=10, evals_per_epoch=2))
+    with pytest.raises(ConfigError, match="saves_per_epoch and save_steps are both set"):
+        parse_config(config(data_file, saves_per_epoch=2, save_steps=10))
+
+
+@pytest.mark.parametrize("tokens", [{"pad": "x"}, {"pad_token": 3}, ["pad_token"]])
+def test_special_tokens_are_checked(data_file, tokens):
+    with pytest.raises(ConfigError, match="special_tokens must map some of bos_token"):
+        parse_config(config(data_file, special_tokens=tokens))

@@ -71,3 +71,31 @@ def test_dataset_without_usable_rows_names_the_mapping(tmp_path):
     cfg = parse_config({"base_model": "random:tiny-llama", "datasets": [{"path": path, "type": "text"}]})
     with pytest.raises(ConfigError, match="none of its 2 rows has text in every column"):
         load_training_data(cfg)
+
+
+def test_alpaca_records_become_prompt_and_completion(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Add.", "input": "2 + 2", "output": "4"},
+                                              {"instruction": "Say hi.", "input": "", "output": "hi"}])
+    cfg = parse_config({"base_model": "random:tiny-llama", "datasets": [{"path": path, "type": "alpaca"}]})
+    train, _ = load_training_data(cfg)
+    with_input, without = train[0], train[1]
+    assert with_input["prompt"].endswith("### Instruction:\nAdd.\n\n### Input:\n2 + 2\n\n### Response:\n")
+    assert "paired with an input" in with_input["prompt"] and with_input["completion"] == "4"
+    assert without["prompt"].endswith("### Instruction:\nSay hi.\n\n### Response:\n")
+    assert "### Input" not in without["prompt"] and without["completion"] == "hi"
+
+
+def test_alpaca_without_output_names_the_columns(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Add.", "response": "4"}])
+    cfg = parse_config({"base_model": "random:tiny-llama", "datasets": [{"path": path, "type": "alpaca"}]})
+    with pytest.raises(ConfigError, match="no column 'output'.*'instruction' and 'output'"):
+        load_training_data(cfg)
+
+
+def test_axolotl_chat_template_entries_read_their_messages_field(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", [{"conversations": [{"role": "user", "content": "hi"},
+                                                                 {"role": "assistant", "content": "hello"}]}])
+    cfg = parse_config({"base_model": "random:tiny-llama", "datasets": [
+        {"path": path, "type": "chat_template", "field_messages": "conversations", "roles_to_train": None}]})
+    train, _ = load_training_data(cfg)
+    assert train[0]["completion"] == [{"role": "assistant", "content": "hello"}]

@@ -156,3 +156,95 @@ def test_packing_trains_on_packed_attention(tmp_path, capsys):
     summary = [line for line in capsys.readouterr().out.splitlines() if line.startswith("qlora_fast: patched")]
     assert "attention of packed batches within each sequence" in summary[0]
     assert CALLS["packed_attention"] > 0
+
+
+AXOLOTL_STYLE = """\
+base_model: random:tiny-llama
+model_type: AutoModelForCausalLM
+tokenizer_type: AutoTokenizer
+load_in_8bit: false
+load_in_4bit: true
+strict: false
+datasets:
+  - path: alpaca.jsonl
+    type: alpaca
+dataset_prepared_path:
+val_set_size: 0.25
+output_dir: ./out
+adapter: qlora
+lora_model_dir:
+sequence_len: 512
+sample_packing: false
+pad_to_sequence_len: true
+lora_r: 8
+lora_alpha: 16
+lora_dropout: 0.0
+lora_target_modules:
+lora_target_linear: true
+wandb_project:
+gradient_accumulation_steps: 1
+micro_batch_size: 4
+num_epochs: 1
+optimizer: adamw_torch
+lr_scheduler: cosine
+learning_rate: 2e-4
+train_on_inputs: false
+group_by_length: true
+bf16: auto
+fp16:
+tf32: false
+gradient_checkpointing: true
+resume_from_checkpoint:
+logging_steps: 1
+flash_attention: true
+warmup_steps: 1
+evals_per_epoch: 1
+saves_per_epoch: 1
+weight_decay: 0.0
+special_tokens:
+  pad_token: "</s>"
+"""
+
+
+def test_an_axolotl_style_qlora_config_trains_as_the_user_runs_it(tmp_path):
+    """A config written as axolotl's QLoRA examples are (no-effect keys, alpaca data, per-epoch evals and
+    saves, special_tokens), run by the command in a clean environment: trains, names what it ignored in one
+    line, evaluates and saves once an epoch."""
+    import subprocess
+    import sys
+
+    from tests.helpers import user_environment
+
+    rows = [{"instruction": f"Repeat {i}.", "input": "" if i % 2 else f"{i}", "output": f"{i} {i}"}
+            for i in range(16)]
+    (tmp_path / "alpaca.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "qlora.yml").write_text(AXOLOTL_STYLE)
+    done = subprocess.run([sys.executable, "-m", "qlora_fast.cli.main", "train", "qlora.yml"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600, env=user_environment())
+    assert done.returncode == 0, done.stderr[-3000:]
+    notes = [line for line in done.stderr.splitlines() if line.startswith("qlora-fast:")]
+    assert len(notes) == 1 and "model_type, tokenizer_type (" in notes[0] and "flash_attention (" in notes[0]
+    assert "Traceback" not in done.stderr
+    out = tmp_path / "out"
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 3  # 12 training rows (a quarter held out) in batches of 4, one epoch
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"]  # saved once, at the epoch's end
+    assert "'eval_loss'" in done.stdout or "eval_loss" in done.stderr + done.stdout
+    assert json.loads((out / "tokenizer_config.json").read_text())["pad_token"] == "</s>"
+
+
+def test_examples_whose_prompt_fills_sequence_len_are_counted_or_refused(tmp_path, capsys):
+    """TRL drops examples left without a completion token by truncation: some are counted in one line, all
+    is one config error (the trainer would fail on an empty dataset with a traceback)."""
+    from qlora_fast.cli.train import build_trainer
+
+    rows = [{"prompt": "x" * (200 if i % 4 == 0 else 10), "completion": "yes"} for i in range(8)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    datasets = [{"path": str(data), "type": "prompt_completion"}]
+    build_trainer(tiny_config(tmp_path, datasets=datasets, sequence_len=64))
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qlora-fast:")]
+    assert notes == ["qlora-fast: 2 of 8 training examples have no completion token within sequence_len (64) "
+                     "and are left out"]
+    with pytest.raises(ConfigError, match=r"no training example has a completion token within sequence_len \(8 "):
+        build_trainer(tiny_config(tmp_path, datasets=datasets, sequence_len=8))
