@@ -31,6 +31,10 @@ class DatasetSpec:
     prompt_column: str = "prompt"
     completion_column: str = "completion"
     messages_column: str = "messages"
+    # axolotl's chat_template entries: turn keys renamed ({role: from, content: value}, ShareGPT's), system
+    # turns dropped
+    message_property_mappings: dict | None = None
+    drop_system_message: bool = False
 
     def required_columns(self) -> list[str]:
         return {"text": [self.text_column], "prompt_completion": [self.prompt_column, self.completion_column],
@@ -117,22 +121,31 @@ ALIASES = {  # other spellings users bring from axolotl / transformers
 _FROM_CHECKPOINT = "the model and tokenizer classes come from the checkpoint"
 _ATTENTION = "qlora_fast picks the attention kernel: sdpa, and a varlen kernel for packed rows"
 _LOGGING = "logs go to the console and train_summary.json"
+_TEMPLATE = "conversations are formatted, and their turns masked, by the tokenizer's own chat template"
 IGNORED_KEYS = {
     "model_type": _FROM_CHECKPOINT, "tokenizer_type": _FROM_CHECKPOINT, "trust_remote_code": _FROM_CHECKPOINT,
     "strict": "every key is checked here", "flash_attention": _ATTENTION, "sdp_attention": _ATTENTION,
-    "xformers_attention": _ATTENTION, "flex_attention": _ATTENTION,
+    "xformers_attention": _ATTENTION, "flex_attention": _ATTENTION, "attn_implementation": _ATTENTION,
+    "chat_template": _TEMPLATE, "eot_tokens": _TEMPLATE,
+    "eval_sample_packing": "evaluation batches are built as training's are",
+    "ddp_find_unused_parameters": "qlora_fast sets it for distributed: ddp",
     "pad_to_sequence_len": "batches are padded to their longest row, or packed",
     "dataset_prepared_path": "TRL tokenizes the datasets in memory", "local_rank": "the launcher sets it",
     "debug": _LOGGING, "wandb_project": _LOGGING, "wandb_entity": _LOGGING, "wandb_watch": _LOGGING,
     "wandb_name": _LOGGING, "wandb_log_model": _LOGGING, "eval_table_size": _LOGGING,
 }
-# axolotl keys whose unset or false value is what runs here; any other value is refused with its fix
-UNSET_ONLY = {
-    "load_in_8bit": "qlora_fast trains 4-bit bases (load_in_4bit: true) or unquantized ones (adapter: lora)",
-    "lora_fan_in_fan_out": "it is for GPT-2-style Conv1D layers; the models here have Linear layers",
-    "lora_model_dir": "starting from a saved adapter is not supported; resume a run with resume_from_checkpoint",
-    "deepspeed": "use distributed: ddp or fsdp", "fsdp": "use distributed: fsdp", "fsdp_config": "use distributed: fsdp",
-    "early_stopping_patience": "early stopping is not supported; set max_steps or num_epochs",
+# axolotl keys whose unset or false value (or the value given here) is what runs here; any other value is
+# refused with its fix
+RUNS_HERE = {
+    "load_in_8bit": (False, "qlora_fast trains 4-bit bases (load_in_4bit: true) or unquantized ones (adapter: lora)"),
+    "lora_fan_in_fan_out": (False, "it is for GPT-2-style Conv1D layers; the models here have Linear layers"),
+    "lora_model_dir": (None, "starting from a saved adapter is not supported; resume a run with resume_from_checkpoint"),
+    "deepspeed": (None, "use distributed: ddp or fsdp"), "fsdp": (None, "use distributed: fsdp"),
+    "fsdp_config": (None, "use distributed: fsdp"),
+    "early_stopping_patience": (None, "early stopping is not supported; set max_steps or num_epochs"),
+    "unfrozen_parameters": (None, "only the LoRA adapters train here"),
+    "gradient_checkpointing_kwargs": ({"use_reentrant": False}, "checkpointing here is non-reentrant "
+                                      "(use_reentrant: false)"),
 }
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 SCHEDULERS = {"cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial",
@@ -188,7 +201,15 @@ def _parse_dataset(i: int, raw, base_dir: Path) -> DatasetSpec:
         if key not in known:
             raise ConfigError(f"unknown key '{key}' in {where}{_did_you_mean(key, known)}; "
                               f"known: {', '.join(sorted(known))}")
-    spec = DatasetSpec(**{k: (str(v) if v is not None else None) for k, v in raw.items()})
+    structured = {"message_property_mappings", "drop_system_message"}  # kept as YAML gives them
+    spec = DatasetSpec(**{k: (v if k in structured else str(v)) for k, v in raw.items()})
+    mappings = spec.message_property_mappings
+    if mappings is not None and not (isinstance(mappings, dict) and set(mappings) <= {"role", "content"}
+                                     and all(isinstance(v, str) for v in mappings.values())):
+        raise ConfigError(f"{where}.message_property_mappings maps role and content to the keys a turn uses, "
+                          "e.g. {role: from, content: value}")
+    if not isinstance(spec.drop_system_message, bool):
+        raise ConfigError(f"{where}.drop_system_message must be true or false")
     spec.type = DATASET_TYPE_ALIASES.get(spec.type, spec.type)
     if spec.type not in DATASET_TYPES:
         raise ConfigError(f"{where}.type is {raw['type']!r}; use one of: text, prompt_completion, chat (messages), "
@@ -215,9 +236,10 @@ def parse_config(raw: dict, source: str | None = None) -> TrainConfig:
     if raw.pop("lora_target_linear", None):
         raw.setdefault("lora_target_modules", "all-linear")
     ignored = {key: IGNORED_KEYS[key] for key in raw if key in IGNORED_KEYS}
-    for key in [key for key in raw if key in UNSET_ONLY]:
-        if raw.pop(key):
-            raise ConfigError(f"config key '{key}' is set, which qlora_fast does not do: {UNSET_ONLY[key]}")
+    for key in [key for key in raw if key in RUNS_HERE]:
+        value, (runs_here, why) = raw.pop(key), RUNS_HERE[key]
+        if value and value != runs_here:
+            raise ConfigError(f"config key '{key}' is set to {value!r}, which qlora_fast does not do: {why}")
     raw = {key: value for key, value in raw.items() if key not in ignored}
     known = {f.name: f for f in fields(TrainConfig) if f.name not in ("source", "ignored")}
     for key in raw:

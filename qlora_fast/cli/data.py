@@ -42,6 +42,26 @@ def _check_columns(spec: DatasetSpec, ds):
                               f"{ds.column_names}. {fix}")
 
 
+ROLE_SPELLINGS = {"human": "user", "gpt": "assistant"}  # ShareGPT's role names, as chat templates name them
+
+
+def _turns(spec: DatasetSpec, turns: list) -> list:
+    """A conversation's turns as chat templates take them: keys renamed by message_property_mappings (with
+    ShareGPT's role names), system turns dropped where drop_system_message is set."""
+    mapping = spec.message_property_mappings
+    if mapping:
+        role, content = mapping.get("role", "role"), mapping.get("content", "content")
+        try:
+            turns = [{"role": ROLE_SPELLINGS.get(t[role], t[role]), "content": t[content]} for t in turns]
+        except (KeyError, TypeError):
+            raise ConfigError(f"dataset {spec.path!r}: a turn has no key {role!r} or {content!r}; set "
+                              "message_property_mappings to the keys its turns use, e.g. {role: from, content: "
+                              "value}") from None
+    if spec.drop_system_message:
+        turns = [t for t in turns if t.get("role") != "system"]
+    return turns
+
+
 def _alpaca_record(record: dict) -> dict:
     """An Alpaca record as a prompt (the template around its instruction and input) and its output."""
     given = record.get("input")
@@ -61,10 +81,10 @@ def _to_records(spec: DatasetSpec, ds, train_on_inputs: bool):
         return ds.map(lambda r: {"prompt": r[spec.prompt_column], "completion": r[spec.completion_column]},
                       remove_columns=ds.column_names)
     if train_on_inputs:
-        return ds.map(lambda r: {"messages": r[spec.messages_column]}, remove_columns=ds.column_names)
+        return ds.map(lambda r: {"messages": _turns(spec, r[spec.messages_column])}, remove_columns=ds.column_names)
 
     def split_last_turn(r):
-        turns = r[spec.messages_column]
+        turns = _turns(spec, r[spec.messages_column])
         if not turns or turns[-1].get("role") != "assistant":
             raise ConfigError(f"dataset {spec.path!r}: a conversation does not end with an assistant turn; "
                               "set train_on_inputs: true to train on whole conversations")

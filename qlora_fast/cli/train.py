@@ -40,13 +40,34 @@ def _quant_storage(cfg: TrainConfig) -> torch.dtype:
 
 
 def load_base_model(cfg: TrainConfig, compute_dtype: torch.dtype):
-    """The 4-bit base model and its tokenizer, with the config's special_tokens; `random:<shape>` builds a
-    random-init one offline."""
-    model, tokenizer = _model_and_tokenizer(cfg, compute_dtype)
+    """The 4-bit base model and its tokenizer (load_tokenizer's, loaded and checked first);
+    `random:<shape>` builds a random-init model offline."""
+    tokenizer = load_tokenizer(cfg)
+    return _base_model(cfg, compute_dtype), tokenizer
+
+
+def load_tokenizer(cfg: TrainConfig):
+    """The base model's tokenizer (or `tokenizer`'s; the byte tokenizer for random:<shape>) with the config's
+    special_tokens and a pad token, checked against the datasets: chat ones need its chat template."""
+    if cfg.base_model.startswith(RANDOM_PREFIX):
+        tokenizer = byte_tokenizer()
+    else:
+        _check_reachable(cfg.base_model)
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.base_model)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ConfigError(f"cannot load the tokenizer of {cfg.tokenizer or cfg.base_model!r}: {exc}") from None
     _set_special_tokens(tokenizer, cfg.special_tokens or {})
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    if any(d.type == "chat" for d in cfg.datasets) and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"the chat datasets need a chat template, and the tokenizer of "
+                          f"{cfg.tokenizer or cfg.base_model!r} has none (named templates such as chat_template: "
+                          "chatml are not shipped here): set tokenizer to one that has it (the model's "
+                          "-Instruct / -it release), or give the datasets as prompt_completion or text")
+    return tokenizer
 
 
 def _set_special_tokens(tokenizer, tokens: dict) -> None:
@@ -61,7 +82,7 @@ def _set_special_tokens(tokenizer, tokens: dict) -> None:
         setattr(tokenizer, name, token)
 
 
-def _model_and_tokenizer(cfg: TrainConfig, compute_dtype: torch.dtype):
+def _base_model(cfg: TrainConfig, compute_dtype: torch.dtype):
     if cfg.base_model.startswith(RANDOM_PREFIX):
         device = _device_map()[""]
         try:
@@ -72,9 +93,8 @@ def _model_and_tokenizer(cfg: TrainConfig, compute_dtype: torch.dtype):
         if cfg.load_in_4bit:
             quantize_to_nf4_(model, compute_dtype, nested=cfg.bnb_4bit_use_double_quant,
                              quant_storage=_quant_storage(cfg))
-        return model, byte_tokenizer()
-    _check_reachable(cfg.base_model)
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+        return model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quant = None
     if cfg.load_in_4bit:
@@ -83,13 +103,11 @@ def _model_and_tokenizer(cfg: TrainConfig, compute_dtype: torch.dtype):
                                    bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
                                    bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=storage)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.base_model)
-        model = AutoModelForCausalLM.from_pretrained(
+        return AutoModelForCausalLM.from_pretrained(
             cfg.base_model, quantization_config=quant, dtype=compute_dtype,
             device_map=None if cfg.distributed == "fsdp" else _device_map())
     except (OSError, ValueError, KeyError) as exc:
         raise ConfigError(f"cannot load base_model {cfg.base_model!r} as a causal LM: {exc}") from None
-    return model, tokenizer
 
 
 def _looks_like_path(name: str) -> bool:

@@ -231,10 +231,25 @@ def yaml_dump(cfg) -> str:
 
 @pytest.mark.parametrize("key,value,fix", [("load_in_8bit", True, "load_in_4bit: true"),
                                            ("deepspeed", "zero2.json", "distributed: ddp or fsdp"),
-                                           ("lora_model_dir", "./old", "resume_from_checkpoint")])
+                                           ("lora_model_dir", "./old", "resume_from_checkpoint"),
+                                           ("gradient_checkpointing_kwargs", {"use_reentrant": True},
+                                            "non-reentrant")])
 def test_axolotl_keys_set_to_what_does_not_run_here_are_refused(data_file, key, value, fix):
     with pytest.raises(ConfigError, match=f"'{key}' is set.*{fix}"):
         parse_config(config(data_file, **{key: value}))
+
+
+def test_axolotl_chat_config_keys_are_read(data_file):
+    """The keys of axolotl's chat QLoRA examples (gemma2/qlora.yml and the like)."""
+    from qlora_fast.cli.config import ignored_keys_line
+
+    cfg = parse_config(config(data_file, chat_template="gemma", eot_tokens=["<end_of_turn>"],
+                              attn_implementation="flash_attention_2", eval_sample_packing=False,
+                              ddp_find_unused_parameters=True, tf32=True,
+                              gradient_checkpointing_kwargs={"use_reentrant": False}, unfrozen_parameters=None))
+    line = ignored_keys_line(cfg)
+    assert "chat_template, eot_tokens (conversations are formatted" in line and "attn_implementation" in line
+    assert "gradient_checkpointing_kwargs" not in line and cfg.tf32 is True
 
 
 def test_per_epoch_evals_and_saves(data_file):

@@ -99,3 +99,25 @@ def test_axolotl_chat_template_entries_read_their_messages_field(tmp_path):
         {"path": path, "type": "chat_template", "field_messages": "conversations", "roles_to_train": None}]})
     train, _ = load_training_data(cfg)
     assert train[0]["completion"] == [{"role": "assistant", "content": "hello"}]
+
+
+def test_sharegpt_turns_mapped_as_axolotl_entries_say(tmp_path):
+    """axolotl's chat_template entry over ShareGPT records: from/value turns, human/gpt roles, the system
+    turn dropped where asked; a mapping that names no key of the turns is one line."""
+    turns = [{"from": "system", "value": "be brief"}, {"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]
+    path = write_jsonl(tmp_path / "s.jsonl", [{"conversations": turns}])
+    entry = {"path": path, "type": "chat_template", "field_messages": "conversations", "drop_system_message": True,
+             "message_property_mappings": {"role": "from", "content": "value"}}
+    train, _ = load_training_data(parse_config({"base_model": "random:tiny-llama", "datasets": [entry]}))
+    assert train[0] == {"prompt": [{"role": "user", "content": "hi"}],
+                        "completion": [{"role": "assistant", "content": "yo"}]}
+    kept = parse_config({"base_model": "random:tiny-llama", "train_on_inputs": True,
+                         "datasets": [{**entry, "drop_system_message": False}]})
+    assert [t["role"] for t in load_training_data(kept)[0][0]["messages"]] == ["system", "user", "assistant"]
+    wrong = parse_config({"base_model": "random:tiny-llama",
+                          "datasets": [{**entry, "message_property_mappings": {"role": "speaker"}}]})
+    with pytest.raises(ConfigError, match="a turn has no key 'speaker' or 'content'"):
+        load_training_data(wrong)
+    with pytest.raises(ConfigError, match="message_property_mappings maps role and content"):
+        parse_config({"base_model": "random:tiny-llama",
+                      "datasets": [{**entry, "message_property_mappings": {"speaker": "from"}}]})

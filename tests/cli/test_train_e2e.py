@@ -248,3 +248,22 @@ def test_examples_whose_prompt_fills_sequence_len_are_counted_or_refused(tmp_pat
                      "and are left out"]
     with pytest.raises(ConfigError, match=r"no training example has a completion token within sequence_len \(8 "):
         build_trainer(tiny_config(tmp_path, datasets=datasets, sequence_len=8))
+
+
+def test_tokenizer_checks_come_before_the_model_load(tmp_path, monkeypatch):
+    """special_tokens must name tokens the tokenizer has; chat datasets need its chat template. Both are
+    one line, raised before any model is built."""
+    import qlora_fast.cli.train as train_module
+    from qlora_fast.harness.models import byte_tokenizer
+
+    monkeypatch.setattr(train_module, "_base_model", lambda *a: pytest.fail("the model was loaded first"))
+    with pytest.raises(ConfigError, match=r"special_tokens.pad_token '<\|end_of_text\|>' is not in the tokenizer"):
+        load_base_model(tiny_config(tmp_path, special_tokens={"pad_token": "<|end_of_text|>"}), torch.float32)
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "yo"}]}) + "\n")
+    untemplated = byte_tokenizer()
+    untemplated.chat_template = None
+    monkeypatch.setattr(train_module, "byte_tokenizer", lambda: untemplated)
+    with pytest.raises(ConfigError, match="the chat datasets need a chat template.*has none"):
+        load_base_model(tiny_config(tmp_path, datasets=[{"path": str(chat), "type": "chat"}]), torch.float32)
