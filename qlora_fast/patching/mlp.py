@@ -84,8 +84,12 @@ def _gated_terms(mlp) -> list | None:
     return None if found is None or len({f.lora_a.shape[0] for f in found}) != 1 else [f[1:] for f in found]
 
 
+def _has_gate_up(mlp) -> bool:
+    return "gate_up_proj" in mlp._modules
+
+
 def _terms(mlp) -> list | None:
-    return _gate_up_terms(mlp) if "gate_up_proj" in mlp._modules else _gated_terms(mlp)
+    return _gate_up_terms(mlp) if _has_gate_up(mlp) else _gated_terms(mlp)
 
 
 def _called_fused(mlp) -> list | None:
@@ -103,10 +107,9 @@ def rounds_its_input(mlp) -> bool:
 
 def _fused_mlp(mlp, terms, x, **options):
     CALLS["mlp"] += 1
-    first = mlp._modules.get("gate_proj") or mlp._modules["gate_up_proj"]
-    act_fn = mlp._modules.get("act_fn") or mlp._modules["activation_fn"]
-    return lora_nf4_mlp(x, *terms, compute_dtype=compute_dtype(first, x), activation=activation_name(act_fn),
-                        out_dtype=stock_dtype(x), **options)
+    first, act_fn = ("gate_up_proj", "activation_fn") if _has_gate_up(mlp) else ("gate_proj", "act_fn")
+    return lora_nf4_mlp(x, *terms, compute_dtype=compute_dtype(mlp._modules[first], x),
+                        activation=activation_name(mlp._modules[act_fn]), out_dtype=stock_dtype(x), **options)
 
 
 @torch.compiler.disable
