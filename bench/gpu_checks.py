@@ -436,6 +436,34 @@ def whole_models():
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         report = verify(model, batches(512), torch.bfloat16, autocast_dtype=torch.bfloat16)
         check(f"verify {shape} prepared r=64 under autocast, checkpoints offloaded", report.passed, report.verdict())
+    split_qkv_proj()
+
+
+def split_qkv_proj():
+    """Candidate split_qkv_proj (bench/recipes.py): Phi-3's attention over the fused q/k/v Function, on a
+    tiny Phi-3 256 wide (q's, k's and v's rows on blocks of absmax codes), bf16 and prepared."""
+    import qlora_fast.patching.qkv as qkv
+    from peft import prepare_model_for_kbit_training
+    from qlora_fast.harness.models import MODEL_SHAPES
+
+    family, config = MODEL_SHAPES["tiny-phi3"]
+    MODEL_SHAPES["tiny-phi3-256"] = (family, {**config, "hidden_size": 256})
+    qkv.SPLIT_QKV_PROJ = True
+    try:
+        model = tiny(shape="tiny-phi3-256")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        report = verify(model, batches(512), torch.bfloat16)
+        check("verify tiny-phi3-256 bf16, split_qkv_proj", report.passed and report.calls.get("qkv", 0) > 0,
+              f"{report.verdict()} qkv calls {report.calls.get('qkv', 0)}")
+        model = quantize_to_nf4_(random_causal_lm("tiny-phi3-256", torch.bfloat16, "cuda"))
+        model = add_lora(prepare_model_for_kbit_training(model, use_gradient_checkpointing=False))
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        report = verify(model, batches(512), torch.bfloat16, autocast_dtype=torch.bfloat16)
+        check("verify tiny-phi3-256 prepared under autocast, split_qkv_proj",
+              report.passed and report.calls.get("qkv", 0) > 0, report.verdict())
+    finally:
+        qkv.SPLIT_QKV_PROJ = False
+        del MODEL_SHAPES["tiny-phi3-256"]
 
 
 def main():

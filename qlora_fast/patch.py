@@ -30,7 +30,7 @@ from .patching.norms import add_norm_layer_forward, add_norm_layers, frozen_norm
 from .patching.packed_attention import remove_packed_hooks, use_packed_attention
 from .patching.parameter_count import restore_parameter_count, use_parameter_count
 from .patching.projections import lora_nf4_layers, static_skip_reason
-from .patching.qkv import QKV_PROJECTIONS, fusable_qkv
+from .patching.qkv import QKV_PROJECTIONS, fusable_qkv, fusable_qkv_proj, qkv_proj_attention_forward
 from .patching.rotary import patch_rotary, restore_rotary
 from .patching.trl_head import peft_tuner_of, trl_head_settings, tuner_forward
 
@@ -174,6 +174,9 @@ def patch_model(model: torch.nn.Module, verbose: bool = True, chunked_loss: bool
     for attention in fusable_qkv(model) if fused_qkv else []:
         q_proj, k_proj, v_proj = (getattr(attention, p) for p in QKV_PROJECTIONS)
         vars(q_proj)[KV_SIBLINGS] = (k_proj, v_proj)  # not setattr: that would register them as children
+        report.qkv += 1
+    for attention in fusable_qkv_proj(model) if fused_qkv else []:
+        replace_forward(attention, qkv_proj_attention_forward)
         report.qkv += 1
     if rope:
         report.rope = patch_rotary(model)

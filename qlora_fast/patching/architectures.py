@@ -5,6 +5,10 @@ A row names the family's classes and says which of them compute exactly what a f
   as SiLU or torch's tanh-approximated GELU); gate_up_mlp: it is down_proj(up * activation_fn(gate)) with
   [gate | up] = gate_up_proj(x) (Phi-3; activation_fn checked as SiLU);
 - qkv_attention: the attention projects one hidden-states tensor with q_proj, k_proj and v_proj, in order;
+  qkv_proj_attention: its forward is Phi-3's: [q | k | v] = qkv_proj(x) split by whole heads, viewed as
+  (batch, heads, seq, head_dim), q and k rotated by its module's apply_rotary_pos_emb, the KV cache
+  updated, attention through transformers' attention functions, then o_proj (patching/qkv.py runs that
+  forward over the fused q/k/v Function);
 - llama_norm: the RMSNorm is w * round(x * rsqrt(mean(x^2) + eps)); gemma_norm: it is Gemma's
   round(x * rsqrt(mean(x^2) + eps) * (1 + w)), in fp32 (eps in `.eps`);
 - llama_layer: the decoder layer is Llama's `residual + self_attn(input_layernorm(x))` then
@@ -59,6 +63,7 @@ class Architecture:
     mlp_to_residual: bool = False
     embedding: str = ""
     scaled_embedding: bool = False
+    qkv_proj_attention: bool = False
 
 
 def _llama_like(family: str, prefix: str) -> Architecture:
@@ -92,14 +97,15 @@ ARCHITECTURES = (
     # kernel where it rotates whole heads (else its stock function), residual dropouts in the layer
     Architecture("phi3", "Phi3ForCausalLM", "Phi3DecoderLayer", "Phi3Attention", "Phi3MLP", "Phi3RMSNorm",
                  gated_mlp=False, qkv_attention=False, llama_norm=True, llama_layer=True, rotary=True,
-                 plain_head=True, gate_up_mlp=True, mlp_to_residual=True),
+                 plain_head=True, gate_up_mlp=True, mlp_to_residual=True, qkv_proj_attention=True),
 )
 
 # The role of each property: which class of a row it qualifies.
 _ROLE = {"gated_mlp": "mlp", "qkv_attention": "attention", "llama_norm": "rms_norm",
          "llama_layer": "decoder_layer", "rotary": "attention", "plain_head": "causal_lm",
          "attention_interface": "attention", "gate_up_mlp": "mlp", "gemma_norm": "rms_norm",
-         "rotary_projections": "attention", "mlp_to_residual": "decoder_layer", "scaled_embedding": "embedding"}
+         "rotary_projections": "attention", "mlp_to_residual": "decoder_layer", "scaled_embedding": "embedding",
+         "qkv_proj_attention": "attention"}
 _STRUCTURAL = ("gated_mlp", "qkv_attention", "llama_norm", "llama_layer", "attention_interface", "gate_up_mlp",
                "gemma_norm", "mlp_to_residual", "scaled_embedding")
 

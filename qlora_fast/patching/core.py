@@ -15,9 +15,9 @@ OUTPUT_ONLY_TO_RESIDUAL = "_qlora_fast_output_only_to_residual"  # see mark_resi
 KV_SIBLINGS = "_qlora_fast_kv_siblings"  # on a q_proj: its (k_proj, v_proj), see fused_qkv_forward
 STASHED = "_qlora_fast_stashed_output"  # on a k_proj / v_proj: (input, output) its q_proj computed
 OUTPUT_UNREAD_IN_RECOMPUTE = "_qlora_fast_output_unread_in_recompute"  # see add_norm_layer_forward
-HALVES = "_qlora_fast_halves"  # on a gate_up_proj: (its NF4Weight, the NF4Weights of its two halves)
+ROW_BLOCKS = "_qlora_fast_row_blocks"  # on a fused projection: (its NF4Weight, widths, its row blocks' NF4Weights)
 KEEP_OUTPUT = "_qlora_fast_keep_output"  # on an attention projection: see patching/kept_outputs.py
-_PER_MODULE_STATE = (OUTPUT_ONLY_TO_RESIDUAL, KV_SIBLINGS, STASHED, OUTPUT_UNREAD_IN_RECOMPUTE, HALVES, KEEP_OUTPUT)
+_PER_MODULE_STATE = (OUTPUT_ONLY_TO_RESIDUAL, KV_SIBLINGS, STASHED, OUTPUT_UNREAD_IN_RECOMPUTE, ROW_BLOCKS, KEEP_OUTPUT)
 
 
 INSTALLED = "_qlora_fast_installed_forward"  # the function replace_forward installed

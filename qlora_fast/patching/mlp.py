@@ -6,13 +6,11 @@ import functools
 
 import torch
 
-from ..nf4 import nf4_rows
 from ..ops.lora_nf4_mlp import lora_nf4_mlp
 from ..ops.offloaded_checkpoint import recomputing
 from .architectures import has
-from .core import (CALLS, HALVES, OUTPUT_ONLY_TO_RESIDUAL, has_hooks, is_patched, previous_forward, stock_dtype,
-                   widened)
-from .projections import compute_dtype, fusable, fused_group
+from .core import CALLS, OUTPUT_ONLY_TO_RESIDUAL, has_hooks, is_patched, previous_forward, stock_dtype, widened
+from .projections import compute_dtype, fusable, fused_group, row_blocks
 
 
 _SILU = {"SiLUActivation", "SiLU"}
@@ -43,37 +41,16 @@ def fusable_mlps(model: torch.nn.Module):
                 and all(fusable(getattr(m, p, None)) for p in _GATE_UP_PROJECTIONS))]
 
 
-def _halves(layer, weight):
-    """The NF4Weights of `weight`'s two row halves, built once per weight and kept on the layer (None where
-    they do not start on a block of scales)."""
-    cached = vars(layer).get(HALVES)
-    if cached is None or cached[0] is not weight:
-        half = weight.shape[0] // 2
-        halves = nf4_rows(weight, 0, half), nf4_rows(weight, half, 2 * half)
-        cached = vars(layer)[HALVES] = (weight, None if None in halves else halves)
-    return cached[1]
-
-
-def _gate_and_up(layer, gate_up) -> list | None:
-    """gate_up_proj's Projection as gate's and up's (lora_a, lora_b, scaling, weight): its NF4 rows and its
-    B's rows halved, one A (autograd sums its two gradients)."""
-    halves = _halves(layer, gate_up.weight)
-    if halves is None:
-        return None
-    half = halves[0].shape[0]
-    return [(gate_up.lora_a, gate_up.lora_b[:half], gate_up.scaling, halves[0]),
-            (gate_up.lora_a, gate_up.lora_b[half:], gate_up.scaling, halves[1])]
-
-
 def _gate_up_terms(mlp) -> list | None:
     """A Phi-3 MLP's gate, up and down terms for the fused Function when it can serve them now: gate_up's
     halves as gate and up (the product up * silu(gate) commutes exactly)."""
     projections = [mlp._modules[p] for p in _GATE_UP_PROJECTIONS]
     found = fused_group(projections, uncalled=projections)
-    gate_and_up = _gate_and_up(projections[0], found[0]) if found is not None else None
-    if gate_and_up is None or len({f.lora_a.shape[0] for f in found}) != 1:
+    if found is None or len({f.lora_a.shape[0] for f in found}) != 1:
         return None
-    return [*gate_and_up, found[1][1:]]
+    half = found[0].weight.shape[0] // 2
+    gate_and_up = row_blocks(projections[0], found[0], [half, half])
+    return None if gate_and_up is None else [*gate_and_up, found[1][1:]]
 
 
 def _gated_terms(mlp) -> list | None:

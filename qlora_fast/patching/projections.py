@@ -4,8 +4,8 @@ from typing import NamedTuple
 
 import torch
 
-from ..nf4 import NF4Weight, cached_nf4_weight, unsupported_reason
-from .core import CALLS, fallback, has_hooks, warn_once
+from ..nf4 import NF4Weight, cached_nf4_weight, nf4_rows, unsupported_reason
+from .core import CALLS, ROW_BLOCKS, fallback, has_hooks, warn_once
 
 try:
     from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
@@ -121,3 +121,21 @@ def fusable(projection, frozen_bias_ok: bool = False) -> bool:
 
     return (isinstance(projection, LoraLinear4bit) and static_skip_reason(projection) is None
             and (frozen_bias_ok or projection.base_layer.bias is None))
+
+
+def row_blocks(layer, projection: Projection, widths: list) -> list | None:
+    """A fused projection (Phi-3's gate_up_proj, qkv_proj) as the projections it stacks, each (lora_a,
+    lora_b, scaling, weight): its NF4 weight's row blocks of these widths (built once per weight and kept
+    on the layer), its B's row blocks, and its one A (autograd sums the blocks' A gradients). None where
+    a block does not start on a block of scales (it cannot dequantize on its own)."""
+    weight = projection.weight
+    cached = vars(layer).get(ROW_BLOCKS)
+    if cached is None or cached[0] is not weight or cached[1] != widths:
+        starts = [sum(widths[:i]) for i in range(len(widths) + 1)]
+        blocks = [nf4_rows(weight, start, stop) for start, stop in zip(starts, starts[1:])]
+        cached = vars(layer)[ROW_BLOCKS] = (weight, list(widths), None if None in blocks else blocks)
+    if cached[2] is None:
+        return None
+    bounds = [sum(widths[:i]) for i in range(len(widths) + 1)]
+    return [(projection.lora_a, projection.lora_b[start:stop], projection.scaling, block)
+            for start, stop, block in zip(bounds, bounds[1:], cached[2])]

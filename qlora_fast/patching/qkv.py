@@ -1,4 +1,7 @@
-"""patch_model's `fused_qkv`: an attention's q, k and v projections as one Function."""
+"""patch_model's `fused_qkv`: an attention's q, k and v projections as one Function: Llama-style q_proj,
+k_proj and v_proj, or (candidate, SPLIT_QKV_PROJ) Phi-3's qkv_proj as its q, k and v row blocks."""
+
+import sys
 
 import torch
 
@@ -6,8 +9,9 @@ from ..kernels.nf4_dequantize import stackable
 from ..ops.adapters import wider
 from ..ops.lora_nf4_qkv import Rotary, lora_nf4_qkv
 from .architectures import has
-from .core import ATTENTION_INPUTS, CALLS, KEEP_OUTPUT, KV_SIBLINGS, STASHED, has_hooks, is_patched, stock_dtype
-from .projections import compute_dtype, fusable, fused_group
+from .core import (ATTENTION_INPUTS, CALLS, KEEP_OUTPUT, KV_SIBLINGS, STASHED, has_hooks, is_patched,
+                   previous_forward, stock_dtype, widened)
+from .projections import compute_dtype, fusable, fused_group, row_blocks
 
 
 QKV_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
@@ -35,6 +39,8 @@ def qkv_group(q_proj, siblings, x) -> list | None:
 def rounds_its_input(attention, x) -> bool:
     """Whether this attention's only use of its hidden-states input is the fused q/k/v Function now, which
     first rounds it to the compute dtype (so it may be handed on in that dtype)."""
+    if _installed(attention) is qkv_proj_attention_forward:
+        return not has_hooks(attention) and _qkv_proj_terms(attention, x) is not None
     q_proj = attention._modules.get("q_proj")
     siblings = None if q_proj is None else vars(q_proj).get(KV_SIBLINGS)
     if siblings is None or has_hooks(attention) or has_hooks(q_proj) or not is_patched(q_proj):
@@ -62,6 +68,12 @@ def _rotary(found, x, q_dtype: torch.dtype, attention_dtype: torch.dtype | None)
     return Rotary(cos, sin, attention_dtype if narrower else q_dtype)
 
 
+def _v_dtype(out_dtype: torch.dtype) -> torch.dtype | None:
+    """v's dtype where the attention function rounds it narrower than q's and k's (core.ATTENTION_INPUTS)."""
+    rounded_to = ATTENTION_INPUTS.rounded_to
+    return rounded_to if rounded_to is not None and wider(out_dtype, rounded_to) else None
+
+
 def fused_qkv_forward(q_proj, siblings, x):
     """q_proj's output from one Function over the three projections, k's and v's left on their modules
     for their own calls on this same x; None where the three cannot take it now (then each goes alone).
@@ -72,15 +84,74 @@ def fused_qkv_forward(q_proj, siblings, x):
     biases = [p._modules["base_layer"].bias for p in (q_proj, *siblings)]
     biases = None if biases[0] is None else biases  # all or none: fusable_qkv
     CALLS["qkv"] += 1
-    out_dtype, rounded_to = stock_dtype(x), ATTENTION_INPUTS.rounded_to  # v goes to the attention alone
-    v_dtype = rounded_to if rounded_to is not None and wider(out_dtype, rounded_to) else None
-    rotary = _rotary(found, x, out_dtype, rounded_to)
+    out_dtype = stock_dtype(x)  # v goes to the attention alone
+    rotary = _rotary(found, x, out_dtype, ATTENTION_INPUTS.rounded_to)
     q, k, v = lora_nf4_qkv(x, *(f[1:] for f in found), compute_dtype=compute_dtype(q_proj, x), biases=biases,
-                           keep_output=vars(q_proj).get(KEEP_OUTPUT, False), out_dtype=out_dtype, v_dtype=v_dtype,
-                           rotary=rotary)
+                           keep_output=vars(q_proj).get(KEEP_OUTPUT, False), out_dtype=out_dtype,
+                           v_dtype=_v_dtype(out_dtype), rotary=rotary)
     if rotary is not None:
         CALLS["rope"] += 1
         ATTENTION_INPUTS.rotated = (q, k)
     for projection, output in zip(siblings, (k, v)):
         vars(projection)[STASHED] = (x, output)
     return q
+
+
+# Candidate (bench/recipes.py CANDIDATES, "split_qkv_proj"): Phi-3's attention through the fused Function
+SPLIT_QKV_PROJ = False
+
+
+def fusable_qkv_proj(model: torch.nn.Module):
+    """Attentions that project q, k and v with one qkv_proj (Phi-3's) whose layer is a patchable LoRA NF4
+    one without base bias (none while the candidate is off)."""
+    if not SPLIT_QKV_PROJ:
+        return []
+    return [m for m in model.modules() if has(m, "qkv_proj_attention") and fusable(m._modules.get("qkv_proj"))]
+
+
+def _installed(module):
+    return getattr(vars(module).get("forward"), "__func__", None)
+
+
+def _qkv_proj_terms(attention, x) -> list | None:
+    """qkv_proj's q, k and v row blocks for the fused Function, where it can serve them now (no hooks on
+    qkv_proj, whose call it replaces)."""
+    layer = attention._modules["qkv_proj"]
+    found = fused_group([layer], uncalled=[layer])
+    if found is None:
+        return None
+    q_width = attention.config.num_attention_heads * attention.head_dim
+    kv_width = attention.num_key_value_heads * attention.head_dim
+    blocks = row_blocks(layer, found[0], [q_width, kv_width, kv_width])
+    return blocks if blocks is not None and stackable([b[3] for b in blocks]) else None
+
+
+@torch.compiler.disable
+def qkv_proj_attention_forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None,
+                               **kwargs):
+    """Phi-3's attention forward with q, k and v from the fused q/k/v Function over qkv_proj's row blocks,
+    as three outputs: backward gathers their gradients in one pass, where slicing one output sums three
+    zero-padded copies of it. The rest is the stock forward's, step for step; where the Function cannot
+    serve the projection now, the stock forward."""
+    terms = _qkv_proj_terms(self, hidden_states)
+    if terms is None:
+        return previous_forward(self)(widened(hidden_states), position_embeddings, attention_mask,
+                                      past_key_values=past_key_values, **kwargs)
+    CALLS["qkv"] += 1
+    layer, module = self._modules["qkv_proj"], sys.modules[type(self).__module__]
+    out_dtype = stock_dtype(hidden_states)
+    q, k, v = lora_nf4_qkv(hidden_states, *terms, compute_dtype=compute_dtype(layer, hidden_states),
+                           keep_output=vars(layer).get(KEEP_OUTPUT, False), out_dtype=out_dtype,
+                           v_dtype=_v_dtype(out_dtype))
+    lead = hidden_states.shape[:-1]
+    q, k, v = (t.view(*lead, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+    cos, sin = position_embeddings
+    q, k = module.apply_rotary_pos_emb(q, k, cos, sin)
+    if past_key_values is not None:
+        k, v = past_key_values.update(k, v, self.layer_idx)
+    attention = module.ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
+                                                             module.eager_attention_forward)
+    dropout = self.attention_dropout if self.training else 0.0
+    out, weights = attention(self, q, k, v, attention_mask, dropout=dropout, scaling=self.scaling,
+                             sliding_window=getattr(self.config, "sliding_window", None), **kwargs)
+    return self._modules["o_proj"](out.reshape(*lead, -1).contiguous()), weights

@@ -57,11 +57,11 @@ def test_phi3_gate_up_halves_run_fused_and_in_order(rank, monkeypatch):
         assert CALLS["mlp"] == 2
         tolerance = 1e-4 if dtype == torch.float32 else 5e-2
         assert max(rel_err(grads[n], stock_grads[n]) for n in stock_grads) < tolerance
-        halves = mlp._gate_and_up
-        monkeypatch.setattr(mlp, "_gate_and_up", lambda layer, p: halves(layer, p)[::-1])
+        blocks = mlp.row_blocks
+        monkeypatch.setattr(mlp, "row_blocks", lambda *args: blocks(*args)[::-1])
         _, swapped = loss_and_grads(model, ids)
         assert max(rel_err(swapped[n], stock_grads[n]) for n in stock_grads) > 0.1
-        monkeypatch.setattr(mlp, "_gate_and_up", halves)
+        monkeypatch.setattr(mlp, "row_blocks", blocks)
         unpatch_model(model)
 
 

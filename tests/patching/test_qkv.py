@@ -50,3 +50,86 @@ def test_qkv_with_trainable_base_bias_or_dropout_takes_three_layers():
     ids = torch.randint(0, 512, (1, 16))
     assert set(_qkv_grad_fns(model, ids)) == {"LoRANF4LinearFunctionBackward"}
     assert not any("_qlora_fast_stashed_output" in vars(m) for m in model.modules())
+
+
+@pytest.fixture
+def split_qkv_proj(monkeypatch):
+    """The candidate on: Phi-3's attention over the fused q/k/v Function; tiny-phi3 256 wide, so that q's,
+    k's and v's rows start on blocks of absmax codes (as Phi-3's do; tiny-phi3's 48-wide heads do not)."""
+    import qlora_fast.patching.qkv as qkv
+    from qlora_fast.harness.models import MODEL_SHAPES
+
+    monkeypatch.setattr(qkv, "SPLIT_QKV_PROJ", True)
+    family, config = MODEL_SHAPES["tiny-phi3"]
+    monkeypatch.setitem(MODEL_SHAPES, "tiny-phi3", (family, {**config, "hidden_size": 256}))
+    return qkv
+
+
+def _swapped_k_and_v(qkv, monkeypatch):
+    """The mutant: qkv_proj's k and v row blocks exchanged."""
+    blocks = qkv.row_blocks
+    monkeypatch.setattr(qkv, "row_blocks", lambda *args: (lambda b: [b[0], b[2], b[1]])(blocks(*args)))
+
+
+def test_phi3_qkv_proj_as_q_k_and_v_blocks(split_qkv_proj, monkeypatch):
+    """fp32 and bf16 loss and gradients as stock's, packed rows too; its q, k and v come from the fused
+    Function; swapping k's and v's blocks (the mutant) must show. Off by default (a candidate)."""
+    from qlora_fast.patch import CALLS
+    from tests.helpers import loss_and_grads, rel_err
+
+    ids = torch.randint(0, 512, (2, 24))
+    model = tiny_qlora("tiny-phi3").train()
+    assert patched_keeps_loss_and_grads(model, ids, verbose=False).qkv == 2
+    CALLS.clear()
+    loss_and_grads(model, ids)
+    assert CALLS["qkv"] == 2 and CALLS["linear"] == 2  # o_proj alone
+    unpatch_model(model)
+    model = tiny_qlora("tiny-phi3", torch.bfloat16).train()
+    stock_loss, stock = loss_and_grads(model, ids)
+    patch_model(model, verbose=False)
+    loss, grads = loss_and_grads(model, ids)
+    assert loss == pytest.approx(stock_loss, rel=1e-2) and max(rel_err(grads[n], stock[n]) for n in stock) < 5e-2
+    _swapped_k_and_v(split_qkv_proj, monkeypatch)
+    _, swapped = loss_and_grads(model, ids)
+    assert max(rel_err(swapped[n], stock[n]) for n in stock) > 0.1
+
+
+def test_phi3_qkv_proj_blocks_off_by_default_or_off_block_boundaries(monkeypatch):
+    """Off by default (a candidate); on, rows that do not start on a block of absmax codes (tiny-phi3's
+    48-wide heads) go through the stock forward, computing what it computes."""
+    import qlora_fast.patching.qkv as qkv
+    from qlora_fast.patch import CALLS
+    from tests.helpers import loss_and_grads
+
+    assert patch_model(tiny_qlora("tiny-phi3"), verbose=False).qkv == 0
+    monkeypatch.setattr(qkv, "SPLIT_QKV_PROJ", True)
+    model = tiny_qlora("tiny-phi3").train()
+    ids = torch.randint(0, 512, (2, 24))
+    assert patched_keeps_loss_and_grads(model, ids, verbose=False).qkv == 2
+    CALLS.clear()
+    loss_and_grads(model, ids)
+    assert CALLS["qkv"] == 0 and CALLS["linear"] == 4
+
+
+@pytest.mark.parametrize("mutant", [False, True], ids=["patched", "mutant: k and v blocks swapped"])
+def test_phi3_qkv_proj_blocks_on_a_prepared_checkpointed_model(split_qkv_proj, monkeypatch, mutant):
+    """peft's recipe (prepared: fp32 norms and residual stream, autocast, checkpointing): v written in
+    the dtype attention takes, q and k in stock's fp32 for RoPE; loss and every LoRA gradient as stock's."""
+    from tests.test_prepared_model import _autocast_loss_and_grads, prepared_tiny
+
+    model = prepared_tiny("tiny-phi3", b_std=0.02)
+    model.enable_input_require_grads()
+    model.gradient_checkpointing_enable()
+    ids = torch.randint(0, 512, (2, 24))
+    stock_loss, stock_grads = _autocast_loss_and_grads(model, ids)
+    assert patch_model(model, verbose=False).qkv == 2
+    if mutant:
+        _swapped_k_and_v(split_qkv_proj, monkeypatch)
+    loss, grads = _autocast_loss_and_grads(model, ids)
+    worst = min(torch.nn.functional.cosine_similarity(grads[n].float().flatten(), stock_grads[n].float().flatten(),
+                                                      dim=0).item() for n in grads)
+    matches = loss.item() == pytest.approx(stock_loss.item(), rel=2e-3) and worst > 0.999
+    assert matches != mutant, (loss.item(), stock_loss.item(), worst)
+    unpatch_model(model)
+    assert not any("forward" in vars(m) for m in model.base_model.model.model.layers.modules()
+                   if type(m).__name__ == "Phi3Attention")
