@@ -87,6 +87,7 @@ class TrainConfig:
     logging_steps: int = 1
     eval_steps: int | None = None
     save_steps: int | None = None
+    save_total_limit: int | None = None  # checkpoints kept, the oldest deleted first
     resume_from_checkpoint: Any = None
     patch: bool = True
     # patch_model's options, each on by default (patched runs only)
@@ -139,7 +140,8 @@ IGNORED_KEYS = {
 RUNS_HERE = {
     "load_in_8bit": (False, "qlora_fast trains 4-bit bases (load_in_4bit: true) or unquantized ones (adapter: lora)"),
     "lora_fan_in_fan_out": (False, "it is for GPT-2-style Conv1D layers; the models here have Linear layers"),
-    "lora_model_dir": (None, "starting from a saved adapter is not supported; resume a run with resume_from_checkpoint"),
+    "lora_model_dir": (None, "starting from a saved adapter is not supported; resume a run with "
+                             "resume_from_checkpoint"),
     "deepspeed": (None, "use distributed: ddp or fsdp"), "fsdp": (None, "use distributed: fsdp"),
     "fsdp_config": (None, "use distributed: fsdp"),
     "early_stopping_patience": (None, "early stopping is not supported; set max_steps or num_epochs"),
@@ -210,10 +212,14 @@ def _parse_dataset(i: int, raw, base_dir: Path) -> DatasetSpec:
                           "e.g. {role: from, content: value}")
     if not isinstance(spec.drop_system_message, bool):
         raise ConfigError(f"{where}.drop_system_message must be true or false")
+    if spec.type == "sharegpt":  # axolotl's older type: ShareGPT's conversations of from/value turns
+        spec.type = "chat"
+        spec.messages_column = raw.get("messages_column", "conversations")
+        spec.message_property_mappings = mappings or {"role": "from", "content": "value"}
     spec.type = DATASET_TYPE_ALIASES.get(spec.type, spec.type)
     if spec.type not in DATASET_TYPES:
         raise ConfigError(f"{where}.type is {raw['type']!r}; use one of: text, prompt_completion, chat (messages), "
-                          "alpaca")
+                          "alpaca, sharegpt")
     local = Path(spec.path) if Path(spec.path).is_absolute() else base_dir / spec.path
     looks_local = Path(spec.path).suffix in LOCAL_FORMATS or spec.path.startswith((".", "/"))
     if looks_local:

@@ -196,7 +196,7 @@ def sft_arguments(cfg: TrainConfig, bf16: bool, fp16: bool, has_eval: bool, reco
         gradient_checkpointing_kwargs={"use_reentrant": False}, activation_offloading=cfg.activation_offloading,
         logging_steps=cfg.logging_steps,
         eval_strategy=eval_strategy if has_eval else "no", eval_steps=eval_steps,
-        save_strategy=save_strategy if saves else "no", save_steps=save_steps,
+        save_strategy=save_strategy if saves else "no", save_steps=save_steps, save_total_limit=cfg.save_total_limit,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         tf32=cfg.tf32 if torch.cuda.is_available() else None,
         max_length=cfg.sequence_len, packing=cfg.packing,

@@ -255,7 +255,7 @@ def test_axolotl_chat_config_keys_are_read(data_file):
 def test_per_epoch_evals_and_saves(data_file):
     from qlora_fast.cli.train import _every
 
-    cfg = parse_config(config(data_file, num_epochs=4, evals_per_epoch=4, saves_per_epoch=1))
+    cfg = parse_config(config(data_file, num_epochs=4, evals_per_epoch=4, saves_per_epoch=1, save_total_limit=2))
     assert _every(5, cfg.evals_per_epoch, cfg) == ("steps", 1 / 16)  # a fraction of the run's steps
     assert _every(500, cfg.saves_per_epoch, cfg) == ("steps", 1 / 4)
     one_epoch = parse_config(config(data_file, num_epochs=1, saves_per_epoch=1))

@@ -121,3 +121,11 @@ def test_sharegpt_turns_mapped_as_axolotl_entries_say(tmp_path):
     with pytest.raises(ConfigError, match="message_property_mappings maps role and content"):
         parse_config({"base_model": "random:tiny-llama",
                       "datasets": [{**entry, "message_property_mappings": {"speaker": "from"}}]})
+
+
+def test_axolotl_sharegpt_type_reads_conversations_of_from_value_turns(tmp_path):
+    turns = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]
+    path = write_jsonl(tmp_path / "s.jsonl", [{"conversations": turns}])
+    cfg = parse_config({"base_model": "random:tiny-llama", "datasets": [{"path": path, "type": "sharegpt"}]})
+    assert load_training_data(cfg)[0][0] == {"prompt": [{"role": "user", "content": "hi"}],
+                                              "completion": [{"role": "assistant", "content": "yo"}]}

@@ -200,6 +200,7 @@ flash_attention: true
 warmup_steps: 1
 evals_per_epoch: 1
 saves_per_epoch: 1
+save_total_limit: 1
 weight_decay: 0.0
 special_tokens:
   pad_token: "</s>"
