@@ -128,14 +128,12 @@ def row_blocks(layer, projection: Projection, widths: list) -> list | None:
     lora_b, scaling, weight): its NF4 weight's row blocks of these widths (built once per weight and kept
     on the layer), its B's row blocks, and its one A (autograd sums the blocks' A gradients). None where
     a block does not start on a block of scales (it cannot dequantize on its own)."""
-    weight = projection.weight
+    weight, bounds = projection.weight, [sum(widths[:i]) for i in range(len(widths) + 1)]
     cached = vars(layer).get(ROW_BLOCKS)
     if cached is None or cached[0] is not weight or cached[1] != widths:
-        starts = [sum(widths[:i]) for i in range(len(widths) + 1)]
-        blocks = [nf4_rows(weight, start, stop) for start, stop in zip(starts, starts[1:])]
+        blocks = [nf4_rows(weight, start, stop) for start, stop in zip(bounds, bounds[1:])]
         cached = vars(layer)[ROW_BLOCKS] = (weight, list(widths), None if None in blocks else blocks)
     if cached[2] is None:
         return None
-    bounds = [sum(widths[:i]) for i in range(len(widths) + 1)]
     return [(projection.lora_a, projection.lora_b[start:stop], projection.scaling, block)
             for start, stop, block in zip(bounds, bounds[1:], cached[2])]
