@@ -158,13 +158,15 @@ ROPE_LORA_LARGE_RANK_META = {"BLOCK_M": 64, "num_warps": 4}  # above kernels/low
 def _rope_lora_kernel(y_ptr, stride_y, out_ptr, stride_out, n_rows, seq_len, q_heads,
                       xa_ptr, stride_xm, stride_xr, b_ptr, stride_bn, stride_br, rank, scale_q, scale_k,
                       cos_ptr, sin_ptr, FP32_Q: tl.constexpr, SHARED_POSITIONS: tl.constexpr, R: tl.constexpr,
-                      HALF: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                      HALF: tl.constexpr, HALF_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST_DOT: tl.constexpr,
                       SOFTWARE_RTNE: tl.constexpr):
     # Heads run fastest along the grid: programs launched together share their rows' cos and sin in L2.
     head = tl.program_id(0)
     rows = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    d = tl.arange(0, HALF)
+    d = tl.arange(0, HALF_BLOCK)  # half a head, padded to a power of two where it is none
     mask = rows[:, None] < n_rows
+    if HALF_BLOCK != HALF:
+        mask = mask & (d[None, :] < HALF)
     is_k = (head >= q_heads).to(tl.int32)
     # k's term: the rank columns of xa after q's, scaled by k's scaling; B holds q's rows then k's
     xa_head = xa_ptr + is_k * rank * stride_xr
@@ -213,21 +215,21 @@ def rope_plus_low_rank(y: torch.Tensor, q_term: LowRank, k_term: LowRank, cos: t
     _batch_wide(cos, sin, tokens // seq_len, seq_len, head_dim)  # checks the shapes
     cos, sin = cos.contiguous(), sin.contiguous()
     if (out.shape != y.shape or y.stride(1) != 1 or out.stride(1) != 1 or width % head_dim
-            or q_width % head_dim or head_dim & (head_dim - 1) or k_term.xa.shape[1] != rank
+            or q_width % head_dim or head_dim < 32 or k_term.xa.shape[1] != rank
             or k_term.xa.data_ptr() != q_term.xa.data_ptr() + rank * q_term.xa.stride(1) * q_term.xa.element_size()
             or k_term.b.data_ptr() != q_term.b.data_ptr() + q_width * q_term.b.stride(0) * q_term.b.element_size()
             or k_term.b.stride() != q_term.b.stride() or (q_dtype != torch.float32 and out.dtype != q_dtype)):
-        raise ValueError("rope_plus_low_rank: heads a power of two wide, q's and k's outputs side by side in y and "
+        raise ValueError("rope_plus_low_rank: heads at least 32 wide, q's and k's outputs side by side in y and "
                          "out, their terms of one rank with adjacent xa columns and B rows, and out in q's dtype "
                          "unless q is fp32")
     launch = ROPE_LORA_LARGE_RANK_META if takes_large_rank_tiles(rank) else ROPE_LORA_META
-    block_m = max(16, INTERPRETER_TILE // head_dim) if INTERPRETING else launch["BLOCK_M"]
+    block_m = max(16, INTERPRETER_TILE // next_power_of_2(head_dim)) if INTERPRETING else launch["BLOCK_M"]
     meta = {} if INTERPRETING else {"num_warps": launch["num_warps"]}
     _rope_lora_kernel[(width // head_dim, cdiv(tokens, block_m))](
         y, y.stride(0), out, out.stride(0), tokens, seq_len, q_width // head_dim,
         q_term.xa, *q_term.xa.stride(), b, *b.stride(), rank, float(q_term.scale), float(k_term.scale),
         cos, sin, FP32_Q=q_dtype == torch.float32, SHARED_POSITIONS=shared_positions,
-        R=padded_rank(rank), HALF=head_dim // 2, BLOCK_M=block_m,
+        R=padded_rank(rank), HALF=head_dim // 2, HALF_BLOCK=next_power_of_2(head_dim // 2), BLOCK_M=block_m,
         UPCAST_DOT=INTERPRETING or y.dtype == torch.float32, SOFTWARE_RTNE=INTERPRETING,
         enable_fp_fusion=False,  # the products are rounded before their sums, as torch's are
         **meta,

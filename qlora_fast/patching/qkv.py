@@ -12,6 +12,7 @@ from .architectures import has
 from .core import (ATTENTION_INPUTS, CALLS, KEEP_OUTPUT, KV_SIBLINGS, STASHED, has_hooks, is_patched,
                    previous_forward, stock_dtype, widened)
 from .projections import compute_dtype, fusable, fused_group, row_blocks
+from .rotary import rotates_through_drop_in
 
 
 QKV_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
@@ -48,21 +49,22 @@ def rounds_its_input(attention, x) -> bool:
     return qkv_group(q_proj, siblings, x) is not None
 
 
-def _rotary(found, x, q_dtype: torch.dtype, attention_dtype: torch.dtype | None) -> Rotary | None:
-    """The decoder layer's offer of its cos and sin (core.ATTENTION_INPUTS) where the RoPE kernel computes
-    exactly what the attention's apply_rotary_pos_emb would on these q and k: torch would not promote (cos
-    in q's dtype), heads a power of two wide (at least 32: the term's product takes half a head), one rank
-    for q's and k's adapters, positions of x's batch and length."""
-    offered = ATTENTION_INPUTS.rotary
+def _rotary(terms, x, q_dtype: torch.dtype, attention_dtype: torch.dtype | None, offered,
+            head_dim: int | None = None) -> Rotary | None:
+    """The offered (cos, sin) as the fused Function's rotary, where the RoPE kernel computes exactly what
+    the attention's apply_rotary_pos_emb would on these q and k: torch would not promote (cos in q's
+    dtype), whole heads rotated (`head_dim`, where known, is cos's width), heads at least 32 wide (the
+    term's product takes half a head), one rank for q's and k's adapters (terms: (lora_a, lora_b,
+    scaling, weight) each), positions of x's batch and length."""
     if offered is None or x.dim() != 3:
         return None
     cos, sin = offered
-    head_dim = cos.shape[-1]
+    width = cos.shape[-1]
     if not (cos.dim() == 3 and cos.shape == sin.shape and cos.stride() == sin.stride()
             and cos.dtype == sin.dtype == q_dtype and cos.shape[0] in (1, x.shape[0]) and cos.shape[1] == x.shape[1]
-            and head_dim >= 32 and head_dim & (head_dim - 1) == 0 and cos.device == x.device
-            and not (cos.requires_grad or sin.requires_grad) and found[0].lora_a.shape[0] == found[1].lora_a.shape[0]
-            and all(f.weight.shape[0] % head_dim == 0 for f in found[:2])):
+            and width >= 32 and width % 2 == 0 and head_dim in (None, width) and cos.device == x.device
+            and not (cos.requires_grad or sin.requires_grad) and terms[0][0].shape[0] == terms[1][0].shape[0]
+            and all(t[3].shape[0] % width == 0 for t in terms[:2])):
         return None
     narrower = attention_dtype is not None and wider(q_dtype, attention_dtype)
     return Rotary(cos, sin, attention_dtype if narrower else q_dtype)
@@ -84,9 +86,9 @@ def fused_qkv_forward(q_proj, siblings, x):
     biases = [p._modules["base_layer"].bias for p in (q_proj, *siblings)]
     biases = None if biases[0] is None else biases  # all or none: fusable_qkv
     CALLS["qkv"] += 1
-    out_dtype = stock_dtype(x)  # v goes to the attention alone
-    rotary = _rotary(found, x, out_dtype, ATTENTION_INPUTS.rounded_to)
-    q, k, v = lora_nf4_qkv(x, *(f[1:] for f in found), compute_dtype=compute_dtype(q_proj, x), biases=biases,
+    out_dtype, terms = stock_dtype(x), [f[1:] for f in found]  # v goes to the attention alone
+    rotary = _rotary(terms, x, out_dtype, ATTENTION_INPUTS.rounded_to, ATTENTION_INPUTS.rotary)
+    q, k, v = lora_nf4_qkv(x, *terms, compute_dtype=compute_dtype(q_proj, x), biases=biases,
                            keep_output=vars(q_proj).get(KEEP_OUTPUT, False), out_dtype=out_dtype,
                            v_dtype=_v_dtype(out_dtype), rotary=rotary)
     if rotary is not None:
@@ -140,13 +142,18 @@ def qkv_proj_attention_forward(self, hidden_states, position_embeddings, attenti
     CALLS["qkv"] += 1
     layer, module = self._modules["qkv_proj"], sys.modules[type(self).__module__]
     out_dtype = stock_dtype(hidden_states)
+    # q and k rotated inside the Function where the drop-in would rotate them (patching/rotary.py)
+    rotary = _rotary(terms, hidden_states, out_dtype, ATTENTION_INPUTS.rounded_to,
+                     position_embeddings if rotates_through_drop_in(self) else None, self.head_dim)
     q, k, v = lora_nf4_qkv(hidden_states, *terms, compute_dtype=compute_dtype(layer, hidden_states),
                            keep_output=vars(layer).get(KEEP_OUTPUT, False), out_dtype=out_dtype,
-                           v_dtype=_v_dtype(out_dtype))
+                           v_dtype=_v_dtype(out_dtype), rotary=rotary)
     lead = hidden_states.shape[:-1]
     q, k, v = (t.view(*lead, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
-    cos, sin = position_embeddings
-    q, k = module.apply_rotary_pos_emb(q, k, cos, sin)
+    if rotary is not None:
+        CALLS["rope"] += 1
+    else:
+        q, k = module.apply_rotary_pos_emb(q, k, *position_embeddings)
     if past_key_values is not None:
         k, v = past_key_values.update(k, v, self.layer_idx)
     attention = module.ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,

@@ -89,10 +89,10 @@ def test_wide_outputs_and_their_gradients_round_as_stock_sums_and_casts():
 HEAD_DIM = 32  # the rotated path's smallest: the kernel's term product needs half a head of >= 16 columns
 
 
-def rotary_inputs(dtype, batch=3, seq=7, shared_positions=False):
+def rotary_inputs(dtype, batch=3, seq=7, shared_positions=False, head_dim=HEAD_DIM):
     """cos and sin as a Llama rotary embedding makes them, (batch or 1, seq, head_dim) in `dtype`."""
-    angles = torch.arange(seq)[:, None] * torch.rand(HEAD_DIM // 2)[None, :] * 3
-    angles = torch.cat([angles, angles], -1).expand(1 if shared_positions else batch, seq, HEAD_DIM)
+    angles = torch.arange(seq)[:, None] * torch.rand(head_dim // 2)[None, :] * 3
+    angles = torch.cat([angles, angles], -1).expand(1 if shared_positions else batch, seq, head_dim)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -106,7 +106,7 @@ def rotated_after(fn, cos, sin, out_dtype):
 
     def rotated(x):
         q, k, v = fn(x)
-        heads = lambda t: t.view(*t.shape[:2], -1, HEAD_DIM).transpose(1, 2)
+        heads = lambda t: t.view(*t.shape[:2], -1, cos.shape[-1]).transpose(1, 2)
         flat = lambda t: t.transpose(1, 2).reshape(*t.shape[:1], t.shape[2], -1)
         q, k = apply_rotary_pos_emb(heads(q), heads(k), cos, sin)
         return flat(q.to(out_dtype)), flat(k.to(out_dtype)), v
@@ -122,18 +122,19 @@ ROTARY_CASES = {"bf16": (torch.bfloat16, torch.bfloat16, torch.bfloat16),
 
 
 @pytest.mark.parametrize("case", list(ROTARY_CASES))
-@pytest.mark.parametrize("shared_positions", [False, True])
-def test_rotated_q_and_k_are_the_unrotated_path_then_rope(case, shared_positions):
+@pytest.mark.parametrize("shared_positions,head_dim", [(False, HEAD_DIM), (True, HEAD_DIM), (False, 48)])
+def test_rotated_q_and_k_are_the_unrotated_path_then_rope(case, shared_positions, head_dim):
     """q and k rotated inside the Function: bit for bit the unrotated Function's outputs rotated by
     transformers (products and sums rounded where torch rounds them), gradients included; and within
-    tolerance of stock peft's layers rotated the same way."""
+    tolerance of stock peft's layers rotated the same way. 48-wide heads: half a head (24) is padded to 32
+    in the kernel, as Phi-3.5's 96-wide ones are."""
     from qlora_fast.ops.lora_nf4_qkv import Rotary
 
     q_dtype, compute, attention_dtype = ROTARY_CASES[case]
     layers = [make_lora_nf4_linear(out, 128, r=8, lora_alpha=alpha, dtype=compute)
-              for out, alpha in ((4 * HEAD_DIM, 16), (2 * HEAD_DIM, 32), (2 * HEAD_DIM, 16))]
+              for out, alpha in ((4 * head_dim, 16), (2 * head_dim, 32), (2 * head_dim, 16))]
     x = torch.randn(3, 7, 128, dtype=compute)
-    cos, sin = rotary_inputs(q_dtype, shared_positions=shared_positions)
+    cos, sin = rotary_inputs(q_dtype, shared_positions=shared_positions, head_dim=head_dim)
     grads_out = [torch.randn(3, 7, layer.out_features, dtype=attention_dtype) for layer in layers]
     wide = dict(compute_dtype=compute, out_dtype=q_dtype, v_dtype=attention_dtype)
     reference = run(rotated_after(fused(layers, **wide), cos, sin, attention_dtype), layers, x, grads_out)

@@ -83,6 +83,7 @@ def test_phi3_qkv_proj_as_q_k_and_v_blocks(split_qkv_proj, monkeypatch):
     CALLS.clear()
     loss_and_grads(model, ids)
     assert CALLS["qkv"] == 2 and CALLS["linear"] == 2  # o_proj alone
+    assert CALLS["rope"] == 2  # q and k rotated inside the Function (64-wide heads)
     unpatch_model(model)
     model = tiny_qlora("tiny-phi3", torch.bfloat16).train()
     stock_loss, stock = loss_and_grads(model, ids)
