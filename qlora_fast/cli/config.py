@@ -47,6 +47,7 @@ class TrainConfig:
     datasets: list = field(default_factory=list)
     output_dir: str = "outputs/qlora"
     tokenizer: str | None = None
+    trust_remote_code: bool = False  # run the checkpoint's own modeling / tokenizer code (hub models that need it)
     # quantization
     load_in_4bit: bool = True
     bnb_4bit_quant_type: str = "nf4"
@@ -122,9 +123,11 @@ ALIASES = {  # other spellings users bring from axolotl / transformers
 _FROM_CHECKPOINT = "the model and tokenizer classes come from the checkpoint"
 _ATTENTION = "qlora_fast picks the attention kernel: sdpa, and a varlen kernel for packed rows"
 _LOGGING = "logs go to the console and train_summary.json"
+_NO_WATCHDOG = "no loss watchdog stops a run here"
 _TEMPLATE = "conversations are formatted, and their turns masked, by the tokenizer's own chat template"
 IGNORED_KEYS = {
-    "model_type": _FROM_CHECKPOINT, "tokenizer_type": _FROM_CHECKPOINT, "trust_remote_code": _FROM_CHECKPOINT,
+    "model_type": _FROM_CHECKPOINT, "tokenizer_type": _FROM_CHECKPOINT, "is_llama_derived_model": _FROM_CHECKPOINT,
+    "is_mistral_derived_model": _FROM_CHECKPOINT, "is_qwen_derived_model": _FROM_CHECKPOINT,
     "strict": "every key is checked here", "flash_attention": _ATTENTION, "sdp_attention": _ATTENTION,
     "xformers_attention": _ATTENTION, "flex_attention": _ATTENTION, "attn_implementation": _ATTENTION,
     "chat_template": _TEMPLATE, "eot_tokens": _TEMPLATE,
@@ -134,6 +137,8 @@ IGNORED_KEYS = {
     "dataset_prepared_path": "TRL tokenizes the datasets in memory", "local_rank": "the launcher sets it",
     "debug": _LOGGING, "wandb_project": _LOGGING, "wandb_entity": _LOGGING, "wandb_watch": _LOGGING,
     "wandb_name": _LOGGING, "wandb_log_model": _LOGGING, "eval_table_size": _LOGGING,
+    "eval_table_max_new_tokens": _LOGGING,
+    "loss_watchdog_threshold": _NO_WATCHDOG, "loss_watchdog_patience": _NO_WATCHDOG,
 }
 # axolotl keys whose unset or false value (or the value given here) is what runs here; any other value is
 # refused with its fix

@@ -56,7 +56,8 @@ def load_tokenizer(cfg: TrainConfig):
         from transformers import AutoTokenizer
 
         try:
-            tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.base_model)
+            tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.base_model,
+                                                      trust_remote_code=cfg.trust_remote_code)
         except (OSError, ValueError, KeyError) as exc:
             raise ConfigError(f"cannot load the tokenizer of {cfg.tokenizer or cfg.base_model!r}: {exc}") from None
     _set_special_tokens(tokenizer, cfg.special_tokens or {})
@@ -104,7 +105,7 @@ def _base_model(cfg: TrainConfig, compute_dtype: torch.dtype):
                                    bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=storage)
     try:
         return AutoModelForCausalLM.from_pretrained(
-            cfg.base_model, quantization_config=quant, dtype=compute_dtype,
+            cfg.base_model, quantization_config=quant, dtype=compute_dtype, trust_remote_code=cfg.trust_remote_code,
             device_map=None if cfg.distributed == "fsdp" else _device_map())
     except (OSError, ValueError, KeyError) as exc:
         raise ConfigError(f"cannot load base_model {cfg.base_model!r} as a causal LM: {exc}") from None

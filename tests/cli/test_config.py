@@ -244,12 +244,14 @@ def test_axolotl_chat_config_keys_are_read(data_file):
     from qlora_fast.cli.config import ignored_keys_line
 
     cfg = parse_config(config(data_file, chat_template="gemma", eot_tokens=["<end_of_turn>"],
+                              is_mistral_derived_model=True, loss_watchdog_threshold=5.0,
                               attn_implementation="flash_attention_2", eval_sample_packing=False,
                               ddp_find_unused_parameters=True, tf32=True,
                               gradient_checkpointing_kwargs={"use_reentrant": False}, unfrozen_parameters=None))
     line = ignored_keys_line(cfg)
     assert "chat_template, eot_tokens (conversations are formatted" in line and "attn_implementation" in line
     assert "gradient_checkpointing_kwargs" not in line and cfg.tf32 is True
+    assert "is_mistral_derived_model (the model and tokenizer classes" in line and "loss_watchdog_threshold" in line
 
 
 def test_per_epoch_evals_and_saves(data_file):

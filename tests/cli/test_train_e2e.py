@@ -268,3 +268,20 @@ def test_tokenizer_checks_come_before_the_model_load(tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "byte_tokenizer", lambda: untemplated)
     with pytest.raises(ConfigError, match="the chat datasets need a chat template.*has none"):
         load_base_model(tiny_config(tmp_path, datasets=[{"path": str(chat), "type": "chat"}]), torch.float32)
+
+
+def test_trust_remote_code_reaches_the_hub_loaders(tmp_path, monkeypatch):
+    """trust_remote_code: true (models that ship their own modeling code) is passed to the tokenizer's and
+    the model's from_pretrained; off by default."""
+    import transformers
+
+    import qlora_fast.cli.train as train_module
+    from qlora_fast.harness.models import byte_tokenizer
+
+    seen = []
+    monkeypatch.setattr(train_module, "_check_reachable", lambda name: None)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda name, **kwargs: seen.append(kwargs) or byte_tokenizer())
+    for trust in (False, True):
+        train_module.load_tokenizer(tiny_config(tmp_path, base_model="org/model", trust_remote_code=trust))
+    assert [kwargs["trust_remote_code"] for kwargs in seen] == [False, True]
