@@ -17,7 +17,8 @@ STASHED = "_qlora_fast_stashed_output"  # on a k_proj / v_proj: (input, output) 
 OUTPUT_UNREAD_IN_RECOMPUTE = "_qlora_fast_output_unread_in_recompute"  # see add_norm_layer_forward
 ROW_BLOCKS = "_qlora_fast_row_blocks"  # on a fused projection: (its NF4Weight, widths, its row blocks' NF4Weights)
 KEEP_OUTPUT = "_qlora_fast_keep_output"  # on an attention projection: see patching/kept_outputs.py
-_PER_MODULE_STATE = (OUTPUT_ONLY_TO_RESIDUAL, KV_SIBLINGS, STASHED, OUTPUT_UNREAD_IN_RECOMPUTE, ROW_BLOCKS, KEEP_OUTPUT)
+_PER_MODULE_STATE = (OUTPUT_ONLY_TO_RESIDUAL, KV_SIBLINGS, STASHED, OUTPUT_UNREAD_IN_RECOMPUTE, ROW_BLOCKS,
+                     KEEP_OUTPUT)
 
 
 INSTALLED = "_qlora_fast_installed_forward"  # the function replace_forward installed
@@ -49,8 +50,7 @@ def restore_forward(module: torch.nn.Module) -> bool:
         vars(module).pop(state, None)
     delattr(module, PATCHED)
     installed = vars(module)[INSTALLED]
-    if (getattr(vars(module).get("forward"), "__func__", None) is not installed
-            and getattr(installed, "passes_through_when_unpatched", False)):
+    if called_forward(module) is not installed and getattr(installed, "passes_through_when_unpatched", False):
         vars(module)[PASSING_THROUGH] = True
         return True
     previous = vars(module).pop("_qlora_fast_previous_forward")
@@ -59,6 +59,12 @@ def restore_forward(module: torch.nn.Module) -> bool:
     if previous is not None:
         module.forward = previous
     return True
+
+
+def called_forward(module: torch.nn.Module):
+    """The function behind the forward this instance calls now (its installed one, or None where it has none
+    of its own, or another library wrapped it since)."""
+    return getattr(vars(module).get("forward"), "__func__", None)
 
 
 def previous_forward(module: torch.nn.Module):

@@ -9,7 +9,8 @@ import torch
 from ..ops.lora_nf4_mlp import lora_nf4_mlp
 from ..ops.offloaded_checkpoint import recomputing
 from .architectures import has
-from .core import CALLS, OUTPUT_ONLY_TO_RESIDUAL, has_hooks, is_patched, previous_forward, stock_dtype, widened
+from .core import (CALLS, OUTPUT_ONLY_TO_RESIDUAL, called_forward, has_hooks, is_patched, previous_forward,
+                   stock_dtype, widened)
 from .projections import compute_dtype, fusable, fused_group, row_blocks
 
 
@@ -41,24 +42,30 @@ def fusable_mlps(model: torch.nn.Module):
                 and all(fusable(getattr(m, p, None)) for p in _GATE_UP_PROJECTIONS))]
 
 
+def _one_rank_group(mlp, names) -> list | None:
+    """The MLP's projections' Projections when one Function can serve them now: the same adapter, no
+    dropout, and one rank (the SwiGLU kernels add their terms with one)."""
+    projections = [mlp._modules[p] for p in names]
+    found = fused_group(projections, uncalled=projections)
+    return None if found is None or len({f.lora_a.shape[0] for f in found}) != 1 else found
+
+
 def _gate_up_terms(mlp) -> list | None:
     """A Phi-3 MLP's gate, up and down terms for the fused Function when it can serve them now: gate_up's
     halves as gate and up (the product up * silu(gate) commutes exactly)."""
-    projections = [mlp._modules[p] for p in _GATE_UP_PROJECTIONS]
-    found = fused_group(projections, uncalled=projections)
-    if found is None or len({f.lora_a.shape[0] for f in found}) != 1:
+    found = _one_rank_group(mlp, _GATE_UP_PROJECTIONS)
+    if found is None:
         return None
     half = found[0].weight.shape[0] // 2
-    gate_and_up = row_blocks(projections[0], found[0], [half, half])
+    gate_and_up = row_blocks(mlp._modules["gate_up_proj"], found[0], [half, half])
     return None if gate_and_up is None else [*gate_and_up, found[1][1:]]
 
 
 def _gated_terms(mlp) -> list | None:
     """A gated MLP's gate, up and down terms (lora_a, lora_b, scaling, weight) when one Function can serve
-    them now: the same adapter, no dropout, and one rank (the SwiGLU kernels add their terms with one)."""
-    projections = [mlp._modules[p] for p in _MLP_PROJECTIONS]
-    found = fused_group(projections, uncalled=projections)
-    return None if found is None or len({f.lora_a.shape[0] for f in found}) != 1 else [f[1:] for f in found]
+    them now."""
+    found = _one_rank_group(mlp, _MLP_PROJECTIONS)
+    return None if found is None else [f[1:] for f in found]
 
 
 def _has_gate_up(mlp) -> bool:
@@ -72,8 +79,7 @@ def _terms(mlp) -> list | None:
 def _called_fused(mlp) -> list | None:
     """The gate, up and down terms where calling this MLP now runs nothing but the fused Function (its
     patched forward, no hooks, `_terms`); else None."""
-    installed = getattr(vars(mlp).get("forward"), "__func__", None)
-    return _terms(mlp) if installed is mlp_forward and not has_hooks(mlp) else None
+    return _terms(mlp) if called_forward(mlp) is mlp_forward and not has_hooks(mlp) else None
 
 
 def rounds_its_input(mlp) -> bool:

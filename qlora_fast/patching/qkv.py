@@ -9,8 +9,8 @@ from ..kernels.nf4_dequantize import stackable
 from ..ops.adapters import wider
 from ..ops.lora_nf4_qkv import Rotary, lora_nf4_qkv
 from .architectures import has
-from .core import (ATTENTION_INPUTS, CALLS, KEEP_OUTPUT, KV_SIBLINGS, STASHED, has_hooks, is_patched,
-                   previous_forward, stock_dtype, widened)
+from .core import (ATTENTION_INPUTS, CALLS, KEEP_OUTPUT, KV_SIBLINGS, STASHED, called_forward, has_hooks,
+                   is_patched, previous_forward, stock_dtype, widened)
 from .projections import compute_dtype, fusable, fused_group, row_blocks
 from .rotary import rotates_through_drop_in
 
@@ -40,7 +40,7 @@ def qkv_group(q_proj, siblings, x) -> list | None:
 def rounds_its_input(attention, x) -> bool:
     """Whether this attention's only use of its hidden-states input is the fused q/k/v Function now, which
     first rounds it to the compute dtype (so it may be handed on in that dtype)."""
-    if _installed(attention) is qkv_proj_attention_forward:
+    if called_forward(attention) is qkv_proj_attention_forward:
         return not has_hooks(attention) and _qkv_proj_terms(attention, x) is not None
     q_proj = attention._modules.get("q_proj")
     siblings = None if q_proj is None else vars(q_proj).get(KV_SIBLINGS)
@@ -109,10 +109,6 @@ def fusable_qkv_proj(model: torch.nn.Module):
     if not SPLIT_QKV_PROJ:
         return []
     return [m for m in model.modules() if has(m, "qkv_proj_attention") and fusable(m._modules.get("qkv_proj"))]
-
-
-def _installed(module):
-    return getattr(vars(module).get("forward"), "__func__", None)
 
 
 def _qkv_proj_terms(attention, x) -> list | None:
