@@ -308,7 +308,8 @@ def test_other_families_prepared_and_checkpointed_match_stock(shape, mutant, mon
     report = patch_model(model, verbose=False)
     assert report.mlps == 2
     if mutant:
-        monkeypatch.setattr(lora_nf4_mlp, "swiglu_forward", doubled_gate_term(lora_nf4_mlp.swiglu_forward))
+        monkeypatch.setattr(lora_nf4_mlp, "swiglu_forward_with_down_a",
+                            doubled_gate_term(lora_nf4_mlp.swiglu_forward_with_down_a))
     loss, grads = _autocast_loss_and_grads(model, ids)
     assert grads.keys() == stock_grads.keys()
     worst = min(torch.nn.functional.cosine_similarity(grads[n].float().flatten(), stock_grads[n].float().flatten(),
