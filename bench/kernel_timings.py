@@ -95,7 +95,9 @@ def time_down_a(rows):
     """The MLP's forward up to the down projection's rank-r product: the SwiGLU forward then cuBLAS's
     h @ A_down^T, against the forward forming it from h in registers, per DOWN_A_CANDIDATE_META, writing h
     (the first pass: the down GEMM reads it) and not (a checkpoint's recompute); r=16 bf16 and r=64 wide
-    (the prepared recipe's fp32 sums). rel_err: the product against cuBLAS's of the same h."""
+    (the prepared recipe's fp32 sums). rel_err: the product against cuBLAS's of the same h. Runs with the
+    candidate on (kernels/swiglu.py FORMS_DOWN_A)."""
+    swiglu_kernels.FORMS_DOWN_A = True
     for tokens, rank, wide in ((2048, 16, False), (8192, 16, False), (8192, 64, True)):
         shape = (tokens, 14336)
         g, u = ((torch.randn(shape, device="cuda") * s).to(torch.bfloat16) for s in (3, 1))

@@ -297,6 +297,9 @@ DOWN_A_META = {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 8, "PROGRAMS": 2048}
 DOWN_A_CANDIDATE_META = [DOWN_A_META, dict(DOWN_A_META, PROGRAMS=1024), dict(DOWN_A_META, PROGRAMS=4096),
                          dict(DOWN_A_META, BLOCK_M=64), dict(DOWN_A_META, BLOCK_M=16)]
 DOWN_A_MAX_RANK = 64
+# Candidate (bench/recipes.py CANDIDATES, "down_a_in_swiglu"): while off, swiglu_forward_with_down_a runs the
+# forward and cuBLAS's product of the written h
+FORMS_DOWN_A = False
 
 
 def swiglu_forward_with_down_a(g: torch.Tensor, u: torch.Tensor, gate_term: LowRank | None = None,
@@ -312,7 +315,7 @@ def swiglu_forward_with_down_a(g: torch.Tensor, u: torch.Tensor, gate_term: LowR
         raise ValueError(f"swiglu: down_a must be (r, {cols}) in {g.dtype}; got {tuple(down_a.shape)} "
                          f"{down_a.dtype}")
     terms, a_rank = (gate_term, up_term), down_a.shape[0]
-    if padded_rank(max(a_rank, shared_rank(terms))) > DOWN_A_MAX_RANK:
+    if not FORMS_DOWN_A or padded_rank(max(a_rank, shared_rank(terms))) > DOWN_A_MAX_RANK:
         h = swiglu_forward(g, u, gate_term, up_term, wide=wide, activation=activation)
         return (h if write_h else None), h @ down_a.t()
     meta = meta or DOWN_A_META

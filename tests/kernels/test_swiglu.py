@@ -265,6 +265,15 @@ def test_forward_tiles_by_rank(rank, tile):
     assert (meta["BLOCK_M"], meta["BLOCK_N"]) == tile
 
 
+@pytest.fixture
+def forms_down_a(monkeypatch):
+    """The candidate on (kernels/swiglu.py FORMS_DOWN_A): the kernel forms h @ down_a^T."""
+    from qlora_fast.kernels import swiglu
+
+    monkeypatch.setattr(swiglu, "FORMS_DOWN_A", True)
+
+
+@pytest.mark.usefixtures("forms_down_a")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("rows, cols, rank, a_rank", [(37, 1337, 8, 16), (70, 300, 16, 5), (5, 2100, 3, 40)])
 @pytest.mark.parametrize("wide, activation", [(False, "silu"), (True, "silu"), (False, "gelu_tanh")])
@@ -287,6 +296,7 @@ def test_forward_with_down_a_writes_forwards_h_and_its_product(dtype, rows, cols
     assert unwritten is None and same_up_to_fp32_sum_order(ha_alone, ha)
 
 
+@pytest.mark.usefixtures("forms_down_a")
 @pytest.mark.parametrize("programs", [1, 2, 10**6])
 def test_forward_with_down_a_sums_every_column_chunk(programs):
     """One chunk looping over every column block, and as many chunks as blocks: the same product."""
@@ -298,6 +308,7 @@ def test_forward_with_down_a_sums_every_column_chunk(programs):
     assert rel_err(ha, swiglu_forward(g, u).double() @ down_a.double().t()) < 1e-6
 
 
+@pytest.mark.usefixtures("forms_down_a")
 def test_forward_with_down_a_rejects_a_down_a_of_the_wrong_shape_or_dtype():
     g = torch.randn(4, 8)
     for down_a in (torch.randn(2, 7), torch.randn(2, 8, dtype=torch.float16), torch.randn(8)):
@@ -305,12 +316,15 @@ def test_forward_with_down_a_rejects_a_down_a_of_the_wrong_shape_or_dtype():
             swiglu_forward_with_down_a(g, g, down_a=down_a)
 
 
-@pytest.mark.parametrize("rank, a_rank, fused", [(16, 16, True), (64, 40, True), (16, 65, False), (128, 16, False)])
-def test_forward_with_down_a_leaves_ranks_above_64_to_cublas(rank, a_rank, fused, monkeypatch):
-    """Above rank 64 the kernel's product and the terms' tiles would spill sm_90's registers: the plain
-    forward and a GEMM give the same h and product."""
+@pytest.mark.parametrize("rank, a_rank, candidate, fused", [(16, 16, True, True), (64, 40, True, True),
+                                                             (16, 65, True, False), (128, 16, True, False),
+                                                             (16, 16, False, False)])
+def test_forward_with_down_a_leaves_ranks_above_64_to_cublas(rank, a_rank, candidate, fused, monkeypatch):
+    """Above rank 64 the kernel's product and the terms' tiles would spill sm_90's registers, and while the
+    candidate is off the kernel forms none: the plain forward and a GEMM give the same h and product."""
     from qlora_fast.kernels import swiglu
 
+    monkeypatch.setattr(swiglu, "FORMS_DOWN_A", candidate)
     launched = []
     real = swiglu._swiglu_forward_down_a_kernel
     monkeypatch.setattr(swiglu, "_swiglu_forward_down_a_kernel",
