@@ -103,6 +103,7 @@ def main():
     from qlora_fast.kernels.rope import rope_backward, rope_forward, rope_plus_low_rank
     from qlora_fast.kernels.low_rank import CANDIDATE_META as TILE_META, LowRank
     from qlora_fast.kernels.low_rank_add import low_rank_add_
+    from qlora_fast.kernels import swiglu
     from qlora_fast.kernels.swiglu import (DOWN_A_CANDIDATE_META, swiglu_backward_, swiglu_backward_writing_h_,
                                            swiglu_forward, swiglu_forward_with_down_a)
     from qlora_fast.nf4 import nf4_weight_from_bnb
@@ -137,6 +138,7 @@ def main():
         swiglu_backward_(x.clone(), x.clone(), x.clone(), term, term, term, wide=True)
         swiglu_forward(x, x, term, term, activation="gelu_tanh")
         down_a = torch.randn(16, 64, dtype=dtype)
+        swiglu.FORMS_DOWN_A = True  # the candidate's kernel (bench/recipes.py CANDIDATES)
         swiglu_forward_with_down_a(x, x, term, term, down_a=down_a)
         swiglu_forward_with_down_a(x, x, term, term, down_a=down_a, write_h=False, wide=True)
         swiglu_forward_with_down_a(x, x, term, term, down_a=down_a, activation="gelu_tanh")
