@@ -134,3 +134,36 @@ def test_phi3_qkv_proj_blocks_on_a_prepared_checkpointed_model(split_qkv_proj, m
     unpatch_model(model)
     assert not any("forward" in vars(m) for m in model.base_model.model.model.layers.modules()
                    if type(m).__name__ == "Phi3Attention")
+
+
+def _activation_sized_slice_backwards(model, ids) -> int:
+    """slice_backward calls of a training step whose output has at least one hidden state per token: autograd
+    assembling the gradient of a sliced activation from zero-filled copies."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from tests.helpers import loss_and_grads
+
+    least = ids.numel() * model.config.hidden_size
+    seen = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket is torch.ops.aten.slice_backward and out.numel() >= least:
+                seen.append(tuple(out.shape))
+            return out
+
+    with Spy():
+        loss_and_grads(model, ids)
+    return len(seen)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["stock qkv_proj slices", "split_qkv_proj"])
+def test_phi3_qkv_proj_blocks_leave_no_zero_filled_qkv_gradients(split_qkv_proj, monkeypatch, split):
+    """What the candidate is for: stock slices one qkv output three times, so backward builds three
+    zero-filled (tokens x 3 hidden) gradients and adds them; the fused Function writes one."""
+    monkeypatch.setattr(split_qkv_proj, "SPLIT_QKV_PROJ", split)
+    model = tiny_qlora("tiny-phi3", torch.bfloat16).train()
+    patch_model(model, verbose=False)
+    slices = _activation_sized_slice_backwards(model, torch.randint(0, 512, (2, 24)))
+    layers = model.config.num_hidden_layers
+    assert slices == (0 if split else 3 * layers)
