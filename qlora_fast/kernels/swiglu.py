@@ -17,6 +17,10 @@ rank 32: the sums' registers narrow the bands as the rank grows, and narrow band
 L2 (measured on the H100 at 8192 x 14336: 0.51 ms at r=16, 1.72 at r=64, 5.04 at r=128, against 0.26 ms
 for the three GEMMs at any of these ranks), so above it the kernel writes h over dh instead and the sums
 are left to cuBLAS (swiglu_backward_writing_h_).
+
+The forward can also form the down projection's rank-r product h @ A_down^T while h is in registers
+(swiglu_forward_with_down_a, a candidate: FORMS_DOWN_A): no GEMM reads h back, and a checkpoint's
+recompute, whose backward needs only that product, writes no h at all.
 """
 
 import torch
