@@ -3,14 +3,13 @@
 
 Saves x, the gate and up outputs g and u, and the rank-r products x @ A_gate^T, x @ A_up^T (one GEMM)
 and h @ A_down^T: never h = silu(g) * u, silu(g) or a dequantized weight. The six adapters are cast by
-one launch (ops/adapters.py). The LoRA terms of gate and up (forward
-and backward) and of the down projection's input gradient dh (backward) are added inside the SwiGLU
-kernels, not by an in-place GEMM over each (tokens x intermediate) tensor; with the candidate
-kernels/swiglu.py FORMS_DOWN_A the SwiGLU forward kernel also forms h @ A_down^T while h is in its
-registers (no GEMM reads h back). Backward recomputes h inside
-the SwiGLU backward kernel, which overwrites g and u with their gradients and, while dg, du and h are in
-its registers, sums the gate and up B gradients and the down A gradient (kernels/swiglu.py): h is never
-written and no GEMM reads dg, du or h back for them (up to rank 32; above, the kernel writes h over dh
+one launch (ops/adapters.py). The LoRA terms of gate and up (forward and backward) and of the down
+projection's input gradient dh (backward) are added inside the SwiGLU kernels, not by an in-place GEMM
+over each (tokens x intermediate) tensor; with the candidate kernels/swiglu.py FORMS_DOWN_A the SwiGLU
+forward kernel also forms h @ A_down^T while h is in its registers (no GEMM reads h back). Backward
+recomputes h inside the SwiGLU backward kernel, which overwrites g and u with their gradients and, while
+dg, du and h are in its registers, sums the gate and up B gradients and the down A gradient
+(kernels/swiglu.py): h is never written and no GEMM reads dg, du or h back for them (up to rank 32; above, the kernel writes h over dh
 and three GEMMs form them, which is faster there); no (tokens x intermediate) tensor is allocated
 beyond dh. Above rank 32, where the input is in the compute dtype, the three terms ride in their base
 GEMMs instead (ops/terms_in_gemm.py, which says when a wider input's may): g and u are saved with theirs
@@ -25,9 +24,10 @@ x's dtype, base + term unrounded: what stock peft computes there (ops/adapters.p
 
 With `output_needed=False` (a checkpoint's recompute of a layer that only adds the MLP output to its
 residual) forward skips the down projection's GEMM (and with FORMS_DOWN_A never writes h) and returns
-an unwritten tensor: backward needs only what forward saves, not y. With a `residual` (the layer's first pass, which adds the output to its
-residual stream) it returns residual + output, added where the down projection's LoRA term is (one pass
-over the output instead of two); the residual's gradient is the output's.
+an unwritten tensor: backward needs only what forward saves, not y. With a `residual` (the layer's first
+pass, which adds the output to its residual stream) it returns residual + output, added where the down
+projection's LoRA term is (one pass over the output instead of two); the residual's gradient is the
+output's.
 """
 
 import torch
