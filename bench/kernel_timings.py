@@ -96,24 +96,31 @@ def time_down_a(rows):
     h @ A_down^T, against the forward forming it from h in registers, per DOWN_A_CANDIDATE_META, writing h
     (the first pass: the down GEMM reads it) and not (a checkpoint's recompute); r=16 bf16 and r=64 wide
     (the prepared recipe's fp32 sums). rel_err: the product against cuBLAS's of the same h. Runs with the
-    candidate on (kernels/swiglu.py FORMS_DOWN_A)."""
+    candidate on (kernels/swiglu.py FORMS_DOWN_A), and leaves it off for the sections after it."""
     swiglu_kernels.FORMS_DOWN_A = True
-    for tokens, rank, wide in ((2048, 16, False), (8192, 16, False), (8192, 64, True)):
-        shape = (tokens, 14336)
-        g, u = ((torch.randn(shape, device="cuda") * s).to(torch.bfloat16) for s in (3, 1))
-        gate, up = (random_term(*shape, rank) for _ in range(2))
-        down_a = torch.randn(rank, shape[1], device="cuda", dtype=torch.bfloat16) * 0.01
-        label = f"{tokens} tokens, rank {rank}{', wide' if wide else ''}"
-        ha_ref = swiglu_forward(g, u, gate, up, wide=wide) @ down_a.t()
-        rows.append({"case": label, "launch": "swiglu_forward + h @ A^T",
-                     "ms": median_ms(lambda: swiglu_forward(g, u, gate, up, wide=wide) @ down_a.t())})
-        for meta in DOWN_A_CANDIDATE_META:
-            for write_h in (True, False):
-                _, ha = swiglu_forward_with_down_a(g, u, gate, up, down_a=down_a, write_h=write_h, meta=meta, wide=wide)
-                rows.append({"case": label, "launch": f"{'writing h' if write_h else 'no h'} {meta}",
-                             "rel_err": round(rel_err(ha, ha_ref), 6),
-                             "ms": median_ms(lambda: swiglu_forward_with_down_a(g, u, gate, up, down_a=down_a,
-                                                                               write_h=write_h, meta=meta, wide=wide))})
+    try:
+        for tokens, rank, wide in ((2048, 16, False), (8192, 16, False), (8192, 64, True)):
+            _time_down_a_case(rows, tokens, rank, wide)
+    finally:
+        swiglu_kernels.FORMS_DOWN_A = False
+
+
+def _time_down_a_case(rows, tokens, rank, wide):
+    shape = (tokens, 14336)
+    g, u = ((torch.randn(shape, device="cuda") * s).to(torch.bfloat16) for s in (3, 1))
+    gate, up = (random_term(*shape, rank) for _ in range(2))
+    down_a = torch.randn(rank, shape[1], device="cuda", dtype=torch.bfloat16) * 0.01
+    label = f"{tokens} tokens, rank {rank}{', wide' if wide else ''}"
+    ha_ref = swiglu_forward(g, u, gate, up, wide=wide) @ down_a.t()
+    rows.append({"case": label, "launch": "swiglu_forward + h @ A^T",
+                 "ms": median_ms(lambda: swiglu_forward(g, u, gate, up, wide=wide) @ down_a.t())})
+    for meta in DOWN_A_CANDIDATE_META:
+        for write_h in (True, False):
+            _, ha = swiglu_forward_with_down_a(g, u, gate, up, down_a=down_a, write_h=write_h, meta=meta, wide=wide)
+            rows.append({"case": label, "launch": f"{'writing h' if write_h else 'no h'} {meta}",
+                         "rel_err": round(rel_err(ha, ha_ref), 6),
+                         "ms": median_ms(lambda: swiglu_forward_with_down_a(g, u, gate, up, down_a=down_a,
+                                                                           write_h=write_h, meta=meta, wide=wide))})
 
 
 def _time_forward_by_rank(rows, tokens, work):
