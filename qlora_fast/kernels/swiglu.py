@@ -313,21 +313,22 @@ def swiglu_forward_with_down_a(g: torch.Tensor, u: torch.Tensor, gate_term: LowR
     returns (h, ha), ha (rows, r) in g's dtype, summed in fp32 from h as it is rounded (cuBLAS's product
     of the written h, up to the order of the sum). Without `write_h` (a checkpoint's recompute, whose
     backward needs ha but not h) h is never written and comes back None. down_a: (r, cols) in g's dtype."""
+    terms, a_rank = (gate_term, up_term), down_a.shape[0]
+    rank = shared_rank(terms)
+    if not FORMS_DOWN_A or padded_rank(max(a_rank, rank)) > DOWN_A_MAX_RANK:  # swiglu_forward checks its inputs
+        h = swiglu_forward(g, u, gate_term, up_term, wide=wide, activation=activation)
+        return (h if write_h else None), h @ down_a.t()
     _check(g, u)
     rows, cols = g.numel() // g.shape[-1], g.shape[-1]
     if down_a.dim() != 2 or down_a.shape[1] != cols or down_a.dtype != g.dtype:
         raise ValueError(f"swiglu: down_a must be (r, {cols}) in {g.dtype}; got {tuple(down_a.shape)} "
                          f"{down_a.dtype}")
-    terms, a_rank = (gate_term, up_term), down_a.shape[0]
-    if not FORMS_DOWN_A or padded_rank(max(a_rank, shared_rank(terms))) > DOWN_A_MAX_RANK:
-        h = swiglu_forward(g, u, gate_term, up_term, wide=wide, activation=activation)
-        return (h if write_h else None), h @ down_a.t()
     meta = meta or DOWN_A_META
     block_m, block_n = interpreter_blocks(cols) if INTERPRETING else (meta["BLOCK_M"], meta["BLOCK_N"])
     row_blocks, col_blocks = cdiv(rows, block_m), cdiv(cols, block_n)
     chunks = min(col_blocks, cdiv(meta["PROGRAMS"], row_blocks))
     chunk_cols = cdiv(col_blocks, chunks) * block_n
-    chunks, rank, r_pad_a = cdiv(cols, chunk_cols), shared_rank(terms), padded_rank(a_rank)
+    chunks, r_pad_a = cdiv(cols, chunk_cols), padded_rank(a_rank)
     h = torch.empty_like(g) if write_h else g  # without write_h: a placeholder, never written
     partial = torch.empty(chunks, rows, r_pad_a, dtype=torch.float32, device=g.device)
     _swiglu_forward_down_a_kernel[(row_blocks, chunks)](
