@@ -15,7 +15,6 @@ around them. Tiny models make weight-sized ops look activation-sized; read the o
 
 import argparse
 import collections
-import importlib
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recipes import CANDIDATES  # noqa: E402
+from recipes import switch_candidate  # noqa: E402
 
 # ops that write no new values (views, allocations, host copies of offloaded checkpoints)
 NOT_WORK = {"view", "_unsafe_view", "t", "transpose", "permute", "slice", "select", "alias", "detach", "expand",
@@ -80,12 +79,9 @@ def count(stack: str, shape: str, hidden: int | None, recipe: str, tokens=(2, 64
     """(op, dtype) -> (calls, elements per token x hidden x layer) of one step of `stack`."""
     torch.manual_seed(0)
     model = _model(shape, hidden, recipe)
-    base, _, candidate = stack.partition(":")
-    module, switch = CANDIDATES[candidate] if candidate else (None, None)
-    if module:
-        setattr(importlib.import_module(module), switch, True)
+    switch_candidate(stack)
     try:
-        if base == "qlora_fast":
+        if stack.startswith("qlora_fast"):
             from qlora_fast import patch_model
 
             patch_model(model, verbose=False)
@@ -96,8 +92,7 @@ def count(stack: str, shape: str, hidden: int | None, recipe: str, tokens=(2, 64
         with writes:
             _step(model, ids, recipe)
     finally:
-        if module:
-            setattr(importlib.import_module(module), switch, False)
+        switch_candidate(stack, on=False)
     layers = model.config.num_hidden_layers
     return {key: (calls, elements / (per * layers)) for key, (calls, elements) in writes.counts.items()}
 

@@ -271,12 +271,13 @@ def _patched(stack: str) -> bool:
     return stack.split(":")[0] == "qlora_fast"
 
 
-def _switch_on_candidate(stack: str) -> None:
+def switch_candidate(stack: str, on: bool = True) -> None:
+    """Sets the switch of a `qlora_fast:CANDIDATE` stack's candidate (nothing for other stacks)."""
     import importlib
 
     if ":" in stack:
         module, switch = CANDIDATES[stack.split(":", 1)[1]]
-        setattr(importlib.import_module(module), switch, True)
+        setattr(importlib.import_module(module), switch, on)
 
 
 def run_recipe(stack, shape, recipe, steps, record: _Steps) -> _Steps:
@@ -325,7 +326,7 @@ def worker(args):
         import unsloth  # noqa: F401  (first, as unsloth requires)
     from qlora_fast.ops.offloaded_checkpoint import keep_outcomes
 
-    _switch_on_candidate(args.stack)
+    switch_candidate(args.stack)
     rows = []
     for recipe in args.recipes.split(","):
         torch.cuda.empty_cache()
