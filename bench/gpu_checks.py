@@ -306,21 +306,6 @@ def lora_layers_and_mlp():
         for rank, intermediate in ((16, 3000), (64, 3000), (64, 3072)):
             mlp = make_lora_nf4_mlp(1024, intermediate, r=rank, dtype=dtype, device="cuda")
             patched_against_peft(f"SwiGLU MLP 1024x{intermediate} r={rank} {dname}", mlp, x, torch.randn_like(x))
-        down_a_in_swiglu(dtype, dname, x)
-
-
-def down_a_in_swiglu(dtype, dname, x):
-    """Candidate down_a_in_swiglu (bench/recipes.py): the MLP's h @ A_down^T formed in the SwiGLU forward."""
-    import qlora_fast.kernels.swiglu as swiglu
-
-    swiglu.FORMS_DOWN_A = True
-    try:
-        for rank, intermediate in ((16, 3000), (64, 3072)):
-            mlp = make_lora_nf4_mlp(1024, intermediate, r=rank, dtype=dtype, device="cuda")
-            patched_against_peft(f"SwiGLU MLP 1024x{intermediate} r={rank} {dname}, down_a_in_swiglu", mlp, x,
-                                 torch.randn_like(x))
-    finally:
-        swiglu.FORMS_DOWN_A = False
 
 
 def packed_attention_kernels():

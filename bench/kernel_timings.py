@@ -32,8 +32,7 @@ from qlora_fast.kernels.low_rank import CANDIDATE_META as TILE_META, LOW_RANK_AD
 from qlora_fast.kernels.low_rank import LowRank
 from qlora_fast.kernels import swiglu as swiglu_kernels
 from qlora_fast.kernels.low_rank_add import low_rank_add_
-from qlora_fast.kernels.swiglu import (BACKWARD_CANDIDATE_META, DOWN_A_CANDIDATE_META, swiglu_backward_,
-                                      swiglu_backward_writing_h_, swiglu_forward, swiglu_forward_with_down_a)
+from qlora_fast.kernels.swiglu import BACKWARD_CANDIDATE_META, swiglu_backward_, swiglu_backward_writing_h_, swiglu_forward
 from qlora_fast.nf4 import nf4_weight_from_bnb
 from qlora_fast.ops import lora_nf4_mlp
 from qlora_fast.testing import forward_backward, make_lora_nf4_linear, make_lora_nf4_mlp, make_nf4_linear
@@ -89,38 +88,6 @@ def time_swiglu(rows):
                                                                       meta=meta))})
         _time_forward_by_rank(rows, tokens, work)
         _time_backward_by_rank(rows, tokens, work)
-
-
-def time_down_a(rows):
-    """The MLP's forward up to the down projection's rank-r product: the SwiGLU forward then cuBLAS's
-    h @ A_down^T, against the forward forming it from h in registers, per DOWN_A_CANDIDATE_META, writing h
-    (the first pass: the down GEMM reads it) and not (a checkpoint's recompute); r=16 bf16 and r=64 wide
-    (the prepared recipe's fp32 sums). rel_err: the product against cuBLAS's of the same h. Runs with the
-    candidate on (kernels/swiglu.py FORMS_DOWN_A), and leaves it off for the sections after it."""
-    swiglu_kernels.FORMS_DOWN_A = True
-    try:
-        for tokens, rank, wide in ((2048, 16, False), (8192, 16, False), (8192, 64, True)):
-            _time_down_a_case(rows, tokens, rank, wide)
-    finally:
-        swiglu_kernels.FORMS_DOWN_A = False
-
-
-def _time_down_a_case(rows, tokens, rank, wide):
-    shape = (tokens, 14336)
-    g, u = ((torch.randn(shape, device="cuda") * s).to(torch.bfloat16) for s in (3, 1))
-    gate, up = (random_term(*shape, rank) for _ in range(2))
-    down_a = torch.randn(rank, shape[1], device="cuda", dtype=torch.bfloat16) * 0.01
-    label = f"{tokens} tokens, rank {rank}{', wide' if wide else ''}"
-    ha_ref = swiglu_forward(g, u, gate, up, wide=wide) @ down_a.t()
-    rows.append({"case": label, "launch": "swiglu_forward + h @ A^T",
-                 "ms": median_ms(lambda: swiglu_forward(g, u, gate, up, wide=wide) @ down_a.t())})
-    for meta in DOWN_A_CANDIDATE_META:
-        for write_h in (True, False):
-            _, ha = swiglu_forward_with_down_a(g, u, gate, up, down_a=down_a, write_h=write_h, meta=meta, wide=wide)
-            rows.append({"case": label, "launch": f"{'writing h' if write_h else 'no h'} {meta}",
-                         "rel_err": round(rel_err(ha, ha_ref), 6),
-                         "ms": median_ms(lambda: swiglu_forward_with_down_a(g, u, gate, up, down_a=down_a,
-                                                                           write_h=write_h, meta=meta, wide=wide))})
 
 
 def _time_forward_by_rank(rows, tokens, work):
@@ -678,7 +645,7 @@ def main():
     parser.add_argument("--out", default="kernels.md")
     parser.add_argument("--skip", nargs="*", default=[],
                         help="sections to skip: dequant crossover lora rmsnorm add_rms_norm mlp rope "
-                             "rotated_qkv attention loss host swiglu down_a low_rank_add terms_in_gemm "
+                             "rotated_qkv attention loss host swiglu low_rank_add terms_in_gemm "
                              "large_rank_tiles")
     parser.add_argument("--only", nargs="*", default=None, help="sections to run (default: all but --skip)")
     args = parser.parse_args()
@@ -702,8 +669,6 @@ def main():
                 ("host", "Host cost per call, tiny inputs (wall us per call, back-to-back)", time_host),
                 ("swiglu", "SwiGLU with LoRA terms per launch candidate, (tokens x 14336) bf16 r=16 (median ms)",
                  time_swiglu),
-                ("down_a", "SwiGLU forward and the down projection's h @ A^T, (tokens x 14336) bf16 (median ms)",
-                 time_down_a),
                 ("low_rank_add", "LoRA term added in place, r=16 bf16 (median ms)", time_low_rank_add),
                 ("terms_in_gemm", "The base GEMM with K widened for LoRA factors, bf16 (median ms)",
                  time_terms_in_gemm),

@@ -52,7 +52,7 @@ rows)
     && tar czf recipe_logs.tgz "${files[@]}" && rm -f "${files[@]}")
   ;;
 kernels)
-  python bench/kernel_timings.py --only terms_in_gemm dequant swiglu down_a mlp low_rank_add --out "$OUT/kernels.md" \
+  python bench/kernel_timings.py --only terms_in_gemm dequant swiglu mlp low_rank_add --out "$OUT/kernels.md" \
     > "$OUT/kernels.log" 2>&1
   cut -c1-160 "$OUT/kernels.md"
   ;;

@@ -17,10 +17,6 @@ rank 32: the sums' registers narrow the bands as the rank grows, and narrow band
 L2 (measured on the H100 at 8192 x 14336: 0.51 ms at r=16, 1.72 at r=64, 5.04 at r=128, against 0.26 ms
 for the three GEMMs at any of these ranks), so above it the kernel writes h over dh instead and the sums
 are left to cuBLAS (swiglu_backward_writing_h_).
-
-The forward can also form the down projection's rank-r product h @ A_down^T while h is in registers
-(swiglu_forward_with_down_a, a candidate: FORMS_DOWN_A): no GEMM reads h back, and a checkpoint's
-recompute, whose backward needs only that product, writes no h at all.
 """
 
 import torch
@@ -78,22 +74,6 @@ def _rounded_unless(x, dtype: tl.constexpr, SOFTWARE_RTNE: tl.constexpr, WIDE: t
         return round_fp32_to(x, dtype, SOFTWARE_RTNE).to(tl.float32)
 
 
-@triton.jit
-def _forward_tile(g_ptr, u_ptr, rows, cols, offs, mask, n_rows, n_cols, rank,
-                  xa_g_ptr, b_g_ptr, s_g, g_sxm, g_sxr, g_sbn, g_sbr,
-                  xa_u_ptr, b_u_ptr, s_u, u_sxm, u_sxr, u_sbn, u_sbr,
-                  GATE_TERM: tl.constexpr, UP_TERM: tl.constexpr, R: tl.constexpr, UPCAST_DOT: tl.constexpr,
-                  SOFTWARE_RTNE: tl.constexpr, WIDE: tl.constexpr, GELU: tl.constexpr, dtype: tl.constexpr):
-    """h of a tile in dtype: act(g + gate term) * (u + up term), each sum rounded as addmm_ rounds it
-    (unless WIDE), act(g) rounded before the product as torch rounds it."""
-    g = plus_low_rank(load_fp32(g_ptr, offs, mask), rows, cols, n_rows, n_cols, rank, xa_g_ptr, b_g_ptr,
-                      s_g, g_sxm, g_sxr, g_sbn, g_sbr, GATE_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, dtype, not WIDE)
-    u = plus_low_rank(load_fp32(u_ptr, offs, mask), rows, cols, n_rows, n_cols, rank, xa_u_ptr, b_u_ptr,
-                      s_u, u_sxm, u_sxr, u_sbn, u_sbr, UP_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, dtype, not WIDE)
-    act = _activation(g, dtype, SOFTWARE_RTNE, WIDE, GELU)
-    return round_fp32_to(act * u, dtype, SOFTWARE_RTNE)
-
-
 @triton.jit(do_not_specialize=["n_rows"])  # packed batches change the token count every step
 def _swiglu_forward_kernel(g_ptr, u_ptr, h_ptr, n_rows, n_cols, rank,
                            xa_g_ptr, b_g_ptr, s_g, g_sxm, g_sxr, g_sbn, g_sbr,
@@ -103,47 +83,13 @@ def _swiglu_forward_kernel(g_ptr, u_ptr, h_ptr, n_rows, n_cols, rank,
                            GELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            COLS_FAST: tl.constexpr):
     rows, cols, offs, mask = tile(n_rows, n_cols, n_cols, BLOCK_M, BLOCK_N, COLS_FAST)
-    h = _forward_tile(g_ptr, u_ptr, rows, cols, offs, mask, n_rows, n_cols, rank,
-                      xa_g_ptr, b_g_ptr, s_g, g_sxm, g_sxr, g_sbn, g_sbr, xa_u_ptr, b_u_ptr, s_u, u_sxm, u_sxr,
-                      u_sbn, u_sbr, GATE_TERM, UP_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, WIDE, GELU,
-                      h_ptr.dtype.element_ty)
-    tl.store(h_ptr + offs, h, mask=mask)
-
-
-@triton.jit(do_not_specialize=["n_rows", "chunk_cols"])
-def _swiglu_forward_down_a_kernel(g_ptr, u_ptr, h_ptr, ha_ptr, n_rows, n_cols, chunk_cols,
-                                  a_ptr, a_rank, stride_ar, stride_an, rank,
-                                  xa_g_ptr, b_g_ptr, s_g, g_sxm, g_sxr, g_sbn, g_sbr,
-                                  xa_u_ptr, b_u_ptr, s_u, u_sxm, u_sxr, u_sbn, u_sbr,
-                                  GATE_TERM: tl.constexpr, UP_TERM: tl.constexpr, R: tl.constexpr,
-                                  RA: tl.constexpr, UPCAST_DOT: tl.constexpr, SOFTWARE_RTNE: tl.constexpr,
-                                  WIDE: tl.constexpr, GELU: tl.constexpr, WRITE_H: tl.constexpr,
-                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # A band of BLOCK_M rows over one chunk of chunk_cols columns, BLOCK_N columns a step: h of each tile
-    # (stored where WRITE_H) times A's columns there, summed in fp32 into this chunk's partial h @ A^T,
-    # ha (chunks, n_rows, RA) fp32: h is read by no GEMM for the down projection's rank-r product
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    start = tl.program_id(1) * chunk_cols
-    r = tl.arange(0, RA)
-    dtype: tl.constexpr = g_ptr.dtype.element_ty
-    ha = tl.zeros((BLOCK_M, RA), tl.float32)
-    for n in range(0, chunk_cols, BLOCK_N):
-        cols = start + n + tl.arange(0, BLOCK_N)
-        mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-        offs = rows[:, None] * n_cols + cols[None, :]
-        h = _forward_tile(g_ptr, u_ptr, rows, cols, offs, mask, n_rows, n_cols, rank,
-                          xa_g_ptr, b_g_ptr, s_g, g_sxm, g_sxr, g_sbn, g_sbr, xa_u_ptr, b_u_ptr, s_u, u_sxm, u_sxr,
-                          u_sbn, u_sbr, GATE_TERM, UP_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, WIDE, GELU, dtype)
-        if WRITE_H:
-            tl.store(h_ptr + offs, h, mask=mask)
-        a_t = tl.load(a_ptr + cols[:, None] * stride_an + r[None, :] * stride_ar,
-                      mask=(cols[:, None] < n_cols) & (r[None, :] < a_rank), other=0.0)
-        if UPCAST_DOT:
-            ha += tl.dot(h.to(tl.float32), a_t.to(tl.float32), input_precision="ieee")
-        else:
-            ha += tl.dot(h, a_t)
-    out = ha_ptr + tl.program_id(1).to(tl.int64) * n_rows * RA + rows[:, None] * RA + r[None, :]
-    tl.store(out, ha, mask=rows[:, None] < n_rows)
+    dtype: tl.constexpr = h_ptr.dtype.element_ty
+    g = plus_low_rank(load_fp32(g_ptr, offs, mask), rows, cols, n_rows, n_cols, rank, xa_g_ptr, b_g_ptr,
+                      s_g, g_sxm, g_sxr, g_sbn, g_sbr, GATE_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, dtype, not WIDE)
+    u = plus_low_rank(load_fp32(u_ptr, offs, mask), rows, cols, n_rows, n_cols, rank, xa_u_ptr, b_u_ptr,
+                      s_u, u_sxm, u_sxr, u_sbn, u_sbr, UP_TERM, R, UPCAST_DOT, SOFTWARE_RTNE, dtype, not WIDE)
+    act = _activation(g, dtype, SOFTWARE_RTNE, WIDE, GELU)
+    tl.store(h_ptr + offs, round_fp32_to(act * u, dtype, SOFTWARE_RTNE), mask=mask)
 
 
 @triton.jit
@@ -289,57 +235,6 @@ def swiglu_forward(g: torch.Tensor, u: torch.Tensor, gate_term: LowRank | None =
                  term_args=terms, GATE_TERM=gate_term is not None, UP_TERM=up_term is not None, WIDE=wide,
                  GELU=_is_gelu(activation))
     return h
-
-
-# swiglu_forward_with_down_a's launch: a band of BLOCK_M rows a program over one chunk of the columns, as
-# many chunks as make about PROGRAMS programs (bands alone are too few to keep the loads in flight: 256 at
-# 8192 rows); the chunks' partial products are added in a fixed order (no atomics, the same bits every run).
-# The (BLOCK_M, rank) fp32 product and the terms' tiles fit sm_90's registers at 8 warps up to rank 64
-# (at 4 warps fp16 GeGLU spills at rank 16, and rank 64 at any; tests/kernels/hopper_compile.py); above
-# DOWN_A_MAX_RANK cuBLAS forms the product. bench/kernel_timings.py times DOWN_A_CANDIDATE_META.
-DOWN_A_META = {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 8, "PROGRAMS": 2048}
-DOWN_A_CANDIDATE_META = [DOWN_A_META, dict(DOWN_A_META, PROGRAMS=1024), dict(DOWN_A_META, PROGRAMS=4096),
-                         dict(DOWN_A_META, BLOCK_M=64), dict(DOWN_A_META, BLOCK_M=16)]
-DOWN_A_MAX_RANK = 64
-# Candidate (bench/recipes.py CANDIDATES, "down_a_in_swiglu"): while off, swiglu_forward_with_down_a runs the
-# forward and cuBLAS's product of the written h
-FORMS_DOWN_A = False
-
-
-def swiglu_forward_with_down_a(g: torch.Tensor, u: torch.Tensor, gate_term: LowRank | None = None,
-                               up_term: LowRank | None = None, *, down_a: torch.Tensor, write_h: bool = True,
-                               meta: dict | None = None, wide: bool = False, activation: str = "silu"):
-    """swiglu_forward and the down projection's LoRA product h @ down_a^T in one pass over g and u:
-    returns (h, ha), ha (rows, r) in g's dtype, summed in fp32 from h as it is rounded (cuBLAS's product
-    of the written h, up to the order of the sum). Without `write_h` (a checkpoint's recompute, whose
-    backward needs ha but not h) h is never written and comes back None. down_a: (r, cols) in g's dtype."""
-    terms, a_rank = (gate_term, up_term), down_a.shape[0]
-    rank = shared_rank(terms)
-    if not FORMS_DOWN_A or padded_rank(max(a_rank, rank)) > DOWN_A_MAX_RANK:  # swiglu_forward checks its inputs
-        h = swiglu_forward(g, u, gate_term, up_term, wide=wide, activation=activation)
-        return (h if write_h else None), h @ down_a.t()
-    _check(g, u)
-    rows, cols = g.numel() // g.shape[-1], g.shape[-1]
-    if down_a.dim() != 2 or down_a.shape[1] != cols or down_a.dtype != g.dtype:
-        raise ValueError(f"swiglu: down_a must be (r, {cols}) in {g.dtype}; got {tuple(down_a.shape)} "
-                         f"{down_a.dtype}")
-    meta = meta or DOWN_A_META
-    block_m, block_n = interpreter_blocks(cols) if INTERPRETING else (meta["BLOCK_M"], meta["BLOCK_N"])
-    row_blocks, col_blocks = cdiv(rows, block_m), cdiv(cols, block_n)
-    chunks = min(col_blocks, cdiv(meta["PROGRAMS"], row_blocks))
-    chunk_cols = cdiv(col_blocks, chunks) * block_n
-    chunks, r_pad_a = cdiv(cols, chunk_cols), padded_rank(a_rank)
-    h = torch.empty_like(g) if write_h else g  # without write_h: a placeholder, never written
-    partial = torch.empty(chunks, rows, r_pad_a, dtype=torch.float32, device=g.device)
-    _swiglu_forward_down_a_kernel[(row_blocks, chunks)](
-        g, u, h, partial, rows, cols, chunk_cols, down_a, a_rank, *down_a.stride(), rank,
-        *term_args(gate_term, g), *term_args(up_term, u), GATE_TERM=gate_term is not None,
-        UP_TERM=up_term is not None, R=padded_rank(rank), RA=r_pad_a,
-        UPCAST_DOT=INTERPRETING or g.dtype == torch.float32, SOFTWARE_RTNE=INTERPRETING, WIDE=wide,
-        GELU=_is_gelu(activation), WRITE_H=write_h, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=meta["num_warps"])
-    ha = partial[0] if chunks == 1 else partial.sum(0)
-    return (h if write_h else None), ha[:, :a_rank].to(g.dtype)
 
 
 # The largest padded rank whose gradients swiglu_backward_ sums in the kernel; above it

@@ -3,13 +3,12 @@
 
 Saves x, the gate and up outputs g and u, and the rank-r products x @ A_gate^T, x @ A_up^T (one GEMM)
 and h @ A_down^T: never h = silu(g) * u, silu(g) or a dequantized weight. The six adapters are cast by
-one launch (ops/adapters.py). The LoRA terms of gate and up (forward and backward) and of the down
-projection's input gradient dh (backward) are added inside the SwiGLU kernels, not by an in-place GEMM
-over each (tokens x intermediate) tensor; with the candidate kernels/swiglu.py FORMS_DOWN_A the SwiGLU
-forward kernel also forms h @ A_down^T while h is in its registers (no GEMM reads h back). Backward
-recomputes h inside the SwiGLU backward kernel, which overwrites g and u with their gradients and, while
-dg, du and h are in its registers, sums the gate and up B gradients and the down A gradient
-(kernels/swiglu.py): h is never written and no GEMM reads dg, du or h back for them (up to rank 32; above, the kernel writes h over dh
+one launch (ops/adapters.py). The LoRA terms of gate and up (forward
+and backward) and of the down projection's input gradient dh (backward) are added inside the SwiGLU
+kernels, not by an in-place GEMM over each (tokens x intermediate) tensor. Backward recomputes h inside
+the SwiGLU backward kernel, which overwrites g and u with their gradients and, while dg, du and h are in
+its registers, sums the gate and up B gradients and the down A gradient (kernels/swiglu.py): h is never
+written and no GEMM reads dg, du or h back for them (up to rank 32; above, the kernel writes h over dh
 and three GEMMs form them, which is faster there); no (tokens x intermediate) tensor is allocated
 beyond dh. Above rank 32, where the input is in the compute dtype, the three terms ride in their base
 GEMMs instead (ops/terms_in_gemm.py, which says when a wider input's may): g and u are saved with theirs
@@ -23,18 +22,17 @@ x's dtype, base + term unrounded: what stock peft computes there (ops/adapters.p
 `out_dtype` is wider (x handed on narrowed, its stock dtype that one: patching/norms.py).
 
 With `output_needed=False` (a checkpoint's recompute of a layer that only adds the MLP output to its
-residual) forward skips the down projection's GEMM (and with FORMS_DOWN_A never writes h) and returns
-an unwritten tensor: backward needs only what forward saves, not y. With a `residual` (the layer's first
-pass, which adds the output to its residual stream) it returns residual + output, added where the down
-projection's LoRA term is (one pass over the output instead of two); the residual's gradient is the
-output's.
+residual) forward skips the down projection's GEMM and returns an unwritten tensor: backward needs
+only what forward saves, not y. With a `residual` (the layer's first pass, which adds the output to its
+residual stream) it returns residual + output, added where the down projection's LoRA term is (one pass
+over the output instead of two); the residual's gradient is the output's.
 """
 
 import torch
 
 from ..kernels.low_rank import LowRank
 from ..kernels.low_rank_add import low_rank_add_
-from ..kernels.swiglu import sums_in_kernel, swiglu_backward_, swiglu_backward_writing_h_, swiglu_forward_with_down_a
+from ..kernels.swiglu import sums_in_kernel, swiglu_backward_, swiglu_backward_writing_h_, swiglu_forward
 from ..nf4 import NF4Weight
 from .adapters import adapters_in, plus_low_rank_terms, stacked_rows, wider
 from .forward_only import apply
@@ -76,14 +74,14 @@ class LoRANF4MLPFunction(torch.autograd.Function):
             x2, xa_gate, xa_up, g, u = gate_up_with_terms(x.reshape(-1, x.shape[-1]), gate_up_a,
                                                           (gate_b, s_gate, w_gate), (up_b, s_up, w_up),
                                                           compute_dtype)
-            terms = ()
+            h = swiglu_forward(g, u, wide=ctx.wide, activation=activation)
         else:
             x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype)
             xa_gate, xa_up = (x2 @ gate_up_a.t()).split([gate_a.shape[0], up_a.shape[0]], 1)
             g, u = nf4_linear_forward(x2, w_gate), nf4_linear_forward(x2, w_up)
-            terms = LowRank(xa_gate, gate_b, s_gate), LowRank(xa_up, up_b, s_up)
-        h, ha_down = swiglu_forward_with_down_a(g, u, *terms, down_a=down_a, write_h=output_needed,
-                                                wide=ctx.wide, activation=activation)
+            h = swiglu_forward(g, u, LowRank(xa_gate, gate_b, s_gate), LowRank(xa_up, up_b, s_up),
+                               wide=ctx.wide, activation=activation)
+        ha_down = h @ down_a.t()
         ctx.has_residual = residual is not None
         if output_needed:
             residual2d = None if residual is None else residual.reshape(-1, residual.shape[-1])

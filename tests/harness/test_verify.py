@@ -58,8 +58,8 @@ MUTANTS = {  # name: (patch_model options, function replaced, mutant of it)
                              _dropped_terms),
     "linear, scaling doubled": ({"fused_mlp": False, "fused_qkv": False}, "lora_nf4_linear.plus_low_rank_terms",
                                 _doubled_terms),
-    "mlp, up term dropped": ({}, "lora_nf4_mlp.swiglu_forward_with_down_a", _dropped_up_term),
-    "mlp, gate scaling doubled": ({}, "lora_nf4_mlp.swiglu_forward_with_down_a", doubled_gate_term),
+    "mlp, up term dropped": ({}, "lora_nf4_mlp.swiglu_forward", _dropped_up_term),
+    "mlp, gate scaling doubled": ({}, "lora_nf4_mlp.swiglu_forward", doubled_gate_term),
     "qkv, terms dropped": ({}, "lora_nf4_qkv.plus_low_rank_terms", _dropped_terms),
     "qkv, scaling doubled": ({}, "lora_nf4_qkv.plus_low_rank_terms", _doubled_terms),
 }

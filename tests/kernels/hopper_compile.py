@@ -103,9 +103,7 @@ def main():
     from qlora_fast.kernels.rope import rope_backward, rope_forward, rope_plus_low_rank
     from qlora_fast.kernels.low_rank import CANDIDATE_META as TILE_META, LowRank
     from qlora_fast.kernels.low_rank_add import low_rank_add_
-    from qlora_fast.kernels import swiglu
-    from qlora_fast.kernels.swiglu import (DOWN_A_CANDIDATE_META, swiglu_backward_, swiglu_backward_writing_h_,
-                                           swiglu_forward, swiglu_forward_with_down_a)
+    from qlora_fast.kernels.swiglu import swiglu_backward_, swiglu_backward_writing_h_, swiglu_forward
     from qlora_fast.nf4 import nf4_weight_from_bnb
     from qlora_fast.testing import make_nf4_linear
 
@@ -137,14 +135,6 @@ def main():
                                    wide=True)
         swiglu_backward_(x.clone(), x.clone(), x.clone(), term, term, term, wide=True)
         swiglu_forward(x, x, term, term, activation="gelu_tanh")
-        down_a = torch.randn(16, 64, dtype=dtype)
-        swiglu.FORMS_DOWN_A = True  # the candidate's kernel (bench/recipes.py CANDIDATES)
-        swiglu_forward_with_down_a(x, x, term, term, down_a=down_a)
-        swiglu_forward_with_down_a(x, x, term, term, down_a=down_a, write_h=False, wide=True)
-        swiglu_forward_with_down_a(x, x, term, term, down_a=down_a, activation="gelu_tanh")
-        swiglu_forward_with_down_a(x, x, down_a=torch.randn(64, 64, dtype=dtype), wide=True)  # r=64, terms in GEMMs
-        swiglu_forward_with_down_a(x, x, large, large, down_a=torch.randn(64, 64, dtype=dtype), wide=True)
-        swiglu_forward_with_down_a(x, x, down_a=torch.randn(33, 64, dtype=dtype))  # rank 33: padded to 64
         swiglu_backward_(x.clone(), x.clone(), x.clone(), term, term, term, activation="gelu_tanh")
         swiglu_backward_(x.clone(), x.clone(), x.clone(), term, term, term, wide=True, activation="gelu_tanh")
         for rank in (64, 128) if dtype == torch.bfloat16 else []:  # the tiles narrowed to stay in registers
@@ -156,8 +146,6 @@ def main():
         low_rank_add_(x, term, out=torch.empty(8, 64), residual=torch.randn(8, 64))  # MLP output + residual
         for meta in TILE_META[1:] if dtype == torch.bfloat16 else []:  # what bench/kernel_timings.py times
             swiglu_forward(x, x, term, term, meta=meta)
-        for meta in DOWN_A_CANDIDATE_META[1:] if dtype == torch.bfloat16 else []:
-            swiglu_forward_with_down_a(x, x, term, term, down_a=down_a, meta=meta)
             low_rank_add_(x.clone(), term, meta)
         q, k, cos = torch.randn(2, 4, 8, 16, dtype=dtype), torch.randn(2, 2, 8, 16, dtype=dtype), torch.randn(2, 8, 16, dtype=dtype)
         rope_forward(q, k, cos, cos.clone())

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 KERNELS = {"_nf4_dequantize_kernel", "_nf4_dequantize_stacked_kernel", "_nf4_matmul_kernel", "_rms_norm_forward_kernel",
-           "_rms_norm_backward_kernel", "_swiglu_forward_kernel", "_swiglu_forward_down_a_kernel", "_swiglu_backward_kernel",
+           "_rms_norm_backward_kernel", "_swiglu_forward_kernel", "_swiglu_backward_kernel",
            "_rope_kernel",
            "_cross_entropy_kernel", "_low_rank_add_kernel", "_rope_lora_kernel"}
 
@@ -70,7 +70,7 @@ def test_streaming_dequantize_candidate_carries_its_cache_hints(ptx_ops):
 # The token count changes every step with packed (padding-free) batches: a kernel specialized on it (its
 # divisibility by 16) compiles again mid-training. The NF4 kernels see only weight shapes.
 TOKEN_COUNT_ARGS = {"_rms_norm_forward_kernel": {"n_rows"}, "_rms_norm_backward_kernel": {"n_rows"},
-                    "_swiglu_forward_kernel": {"n_rows"}, "_swiglu_forward_down_a_kernel": {"n_rows", "chunk_cols"},
+                    "_swiglu_forward_kernel": {"n_rows"},
                     "_swiglu_backward_kernel": {"n_rows", "chunk_rows"},
                     "_low_rank_add_kernel": {"n_rows"}, "_cross_entropy_kernel": {"n_rows"},
                     "_rope_kernel": {"n_rows", "seq_len", "qs_b", "ks_b", "qo_b", "ko_b", "cs_b"},

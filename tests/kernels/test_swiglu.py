@@ -4,8 +4,7 @@ import torch
 from qlora_fast.kernels.low_rank import LowRank
 from qlora_fast.kernels.low_rank_add import low_rank_add_
 from qlora_fast.kernels.swiglu import (SWIGLU_BACKWARD_META, _blocks_for_rank, _forward_meta, sums_in_kernel,
-                                      swiglu_backward_, swiglu_backward_writing_h_, swiglu_forward,
-                                      swiglu_forward_with_down_a)
+                                      swiglu_backward_, swiglu_backward_writing_h_, swiglu_forward)
 from tests.helpers import rel_err, same_up_to_fp32_sum_order
 
 
@@ -263,75 +262,3 @@ def test_backward_tiles_by_rank(rank, sums, blocks):
 def test_forward_tiles_by_rank(rank, tile):
     meta = _forward_meta([LowRank(torch.zeros(8, rank), torch.zeros(16, rank), 1.0)])
     assert (meta["BLOCK_M"], meta["BLOCK_N"]) == tile
-
-
-@pytest.fixture
-def forms_down_a(monkeypatch):
-    """The candidate on (kernels/swiglu.py FORMS_DOWN_A): the kernel forms h @ down_a^T."""
-    from qlora_fast.kernels import swiglu
-
-    monkeypatch.setattr(swiglu, "FORMS_DOWN_A", True)
-
-
-@pytest.mark.usefixtures("forms_down_a")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("rows, cols, rank, a_rank", [(37, 1337, 8, 16), (70, 300, 16, 5), (5, 2100, 3, 40)])
-@pytest.mark.parametrize("wide, activation", [(False, "silu"), (True, "silu"), (False, "gelu_tanh")])
-def test_forward_with_down_a_writes_forwards_h_and_its_product(dtype, rows, cols, rank, a_rank, wide, activation):
-    """h as swiglu_forward writes it, and h @ down_a^T as cuBLAS forms it from that h (float64 here: the
-    order of the fp32 sum aside, the same rounded value but for ties); columns in several chunks."""
-    gate_term, up_term, _ = _terms(rows, cols, rank, dtype)
-    g, u = (torch.randn(rows, cols) * 3).to(dtype), torch.randn(rows, cols).to(dtype)
-    down_a = (torch.randn(a_rank, cols) * 0.1).to(dtype)
-    options = dict(wide=wide, activation=activation)
-    h_ref = swiglu_forward(g, u, gate_term, up_term, **options)
-
-    h, ha = swiglu_forward_with_down_a(g, u, gate_term, up_term, down_a=down_a, **options)
-    assert same_up_to_fp32_sum_order(h, h_ref)
-    ha_ref = h_ref.double() @ down_a.double().t()
-    assert ha.dtype == dtype and ha.shape == (rows, a_rank)
-    assert rel_err(ha, ha_ref) < (1e-6 if dtype == torch.float32 else 2**-8)
-    unwritten, ha_alone = swiglu_forward_with_down_a(g, u, gate_term, up_term, down_a=down_a, write_h=False,
-                                                     **options)
-    assert unwritten is None and same_up_to_fp32_sum_order(ha_alone, ha)
-
-
-@pytest.mark.usefixtures("forms_down_a")
-@pytest.mark.parametrize("programs", [1, 2, 10**6])
-def test_forward_with_down_a_sums_every_column_chunk(programs):
-    """One chunk looping over every column block, and as many chunks as blocks: the same product."""
-    rows, cols = 9, 3000  # three column blocks under the interpreter
-    g, u = torch.randn(rows, cols), torch.randn(rows, cols)
-    down_a = torch.randn(16, cols)
-    meta = {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "PROGRAMS": programs}
-    _, ha = swiglu_forward_with_down_a(g, u, down_a=down_a, meta=meta)
-    assert rel_err(ha, swiglu_forward(g, u).double() @ down_a.double().t()) < 1e-6
-
-
-@pytest.mark.usefixtures("forms_down_a")
-def test_forward_with_down_a_rejects_a_down_a_of_the_wrong_shape_or_dtype():
-    g = torch.randn(4, 8)
-    for down_a in (torch.randn(2, 7), torch.randn(2, 8, dtype=torch.float16), torch.randn(8)):
-        with pytest.raises(ValueError, match="down_a must be"):
-            swiglu_forward_with_down_a(g, g, down_a=down_a)
-
-
-@pytest.mark.parametrize("rank, a_rank, candidate, fused", [(16, 16, True, True), (64, 40, True, True),
-                                                             (16, 65, True, False), (128, 16, True, False),
-                                                             (16, 16, False, False)])
-def test_forward_with_down_a_leaves_ranks_above_64_to_cublas(rank, a_rank, candidate, fused, monkeypatch):
-    """Above rank 64 the kernel's product and the terms' tiles would spill sm_90's registers, and while the
-    candidate is off the kernel forms none: the plain forward and a GEMM give the same h and product."""
-    from qlora_fast.kernels import swiglu
-
-    monkeypatch.setattr(swiglu, "FORMS_DOWN_A", candidate)
-    launched = []
-    real = swiglu._swiglu_forward_down_a_kernel
-    monkeypatch.setattr(swiglu, "_swiglu_forward_down_a_kernel",
-                        type("Recorder", (), {"__getitem__": lambda self, grid: launched.append(grid) or real[grid]})())
-    gate_term, up_term, _ = _terms(6, 70, rank, torch.float32)
-    g, u, down_a = torch.randn(6, 70), torch.randn(6, 70), torch.randn(a_rank, 70)
-    h, ha = swiglu_forward_with_down_a(g, u, gate_term, up_term, down_a=down_a)
-    assert bool(launched) is fused
-    h_ref = swiglu_forward(g, u, gate_term, up_term)
-    assert same_up_to_fp32_sum_order(h, h_ref) and rel_err(ha, h_ref.double() @ down_a.double().t()) < 1e-6

@@ -73,8 +73,8 @@ def test_mlp_of_large_rank_adds_no_term_in_its_kernels(dtype, monkeypatch):
     x, grad_out = torch.randn(2, 9, 64, dtype=dtype), torch.randn(2, 9, 64, dtype=dtype)
     y_ref, dx_ref, _, _ = forward_backward(mlp, x, grad_out)
     seen = []
-    forward, backward = swiglu.swiglu_forward_with_down_a, swiglu.swiglu_backward_writing_h_
-    monkeypatch.setattr(lora_nf4_mlp, "swiglu_forward_with_down_a", lambda g, u, *terms, **kw: seen.append(terms) or
+    forward, backward = swiglu.swiglu_forward, swiglu.swiglu_backward_writing_h_
+    monkeypatch.setattr(lora_nf4_mlp, "swiglu_forward", lambda g, u, *terms, **kw: seen.append(terms) or
                         forward(g, u, *terms, **kw))
     monkeypatch.setattr(lora_nf4_mlp, "swiglu_backward_writing_h_", lambda dh, g, u, *terms, **kw:
                         seen.append(terms) or backward(dh, g, u, *terms, **kw))
