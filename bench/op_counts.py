@@ -2,7 +2,7 @@
 elementwise kernels, for a machine without a GPU (counts, never timings).
 
   TRITON_INTERPRET=1 python bench/op_counts.py --shape tiny-phi3 --hidden 256 --recipe peft \
-      --stacks qlora_fast,qlora_fast:split_qkv_proj
+      --stacks stock,qlora_fast
 
 One training step of a tiny random model (`--recipe bare`: bf16 NF4 model; `peft`: peft's recipe, prepared
 with fp32 norms and embeddings, under bf16 autocast), checkpointed, after one warm-up step, under a

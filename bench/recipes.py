@@ -44,10 +44,7 @@ RECIPES = ("bare", "peft", "trl_padded", "trl_packed", "cli")
 PACKED_LENGTHS = {"trl_packed": 8192, "trl_packed16k": 16384, "trl_packed32k": 32768}  # tokens per packed row
 # Candidates a `qlora_fast:NAME` stack switches on before patching: NAME -> (module, its boolean switch).
 # Those timed and their outcome are in bench/NOTES.md.
-CANDIDATES: dict[str, tuple[str, str]] = {
-    "split_qkv_proj": ("qlora_fast.patching.qkv", "SPLIT_QKV_PROJ"),  # Phi-3's attention over the fused q/k/v
-    "down_a_in_swiglu": ("qlora_fast.kernels.swiglu", "FORMS_DOWN_A"),  # the MLP's h @ A_down^T in its SwiGLU kernel
-}
+CANDIDATES: dict[str, tuple[str, str]] = {}
 # LoRA on every projection of a block: Llama's seven, or Phi-3's four (its q/k/v and gate/up each one layer)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FUSED_TARGETS = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}

@@ -1,11 +1,12 @@
 """patch_model's `fused_qkv`: an attention's q, k and v projections as one Function: Llama-style q_proj,
-k_proj and v_proj, or (candidate, SPLIT_QKV_PROJ) Phi-3's qkv_proj as its q, k and v row blocks."""
+k_proj and v_proj, or Phi-3's qkv_proj as its q, k and v row blocks."""
 
 import sys
 
 import torch
 
 from ..kernels.nf4_dequantize import stackable
+from ..nf4 import cached_nf4_weight, nf4_rows
 from ..ops.adapters import wider
 from ..ops.lora_nf4_qkv import Rotary, lora_nf4_qkv
 from .architectures import has
@@ -99,16 +100,27 @@ def fused_qkv_forward(q_proj, siblings, x):
     return q
 
 
-# Candidate (bench/recipes.py CANDIDATES, "split_qkv_proj"): Phi-3's attention through the fused Function
-SPLIT_QKV_PROJ = False
+def _qkv_widths(attention) -> list:
+    """The q, k and v row blocks' heights in Phi-3's qkv_proj: whole heads of q, then of k, then of v."""
+    kv_width = attention.num_key_value_heads * attention.head_dim
+    return [attention.config.num_attention_heads * attention.head_dim, kv_width, kv_width]
+
+
+def _splits_on_blocks(attention) -> bool:
+    """Whether qkv_proj's NF4 weight has q, k and v row blocks that dequantize on their own (each starts on
+    a block of scales). Phi-3's do; a model whose rows do not keeps stock's forward and slicing."""
+    weight = cached_nf4_weight(attention._modules["qkv_proj"].base_layer.weight)
+    widths = _qkv_widths(attention)
+    bounds = [sum(widths[:i]) for i in range(len(widths) + 1)]
+    return weight is not None and all(nf4_rows(weight, start, stop) is not None
+                                      for start, stop in zip(bounds, bounds[1:]))
 
 
 def fusable_qkv_proj(model: torch.nn.Module):
     """Attentions that project q, k and v with one qkv_proj (Phi-3's) whose layer is a patchable LoRA NF4
-    one without base bias (none while the candidate is off)."""
-    if not SPLIT_QKV_PROJ:
-        return []
-    return [m for m in model.modules() if has(m, "qkv_proj_attention") and fusable(m._modules.get("qkv_proj"))]
+    one without base bias, split into row blocks on blocks of scales."""
+    return [m for m in model.modules() if has(m, "qkv_proj_attention") and fusable(m._modules.get("qkv_proj"))
+            and _splits_on_blocks(m)]
 
 
 def _qkv_proj_terms(attention, x) -> list | None:
@@ -118,9 +130,7 @@ def _qkv_proj_terms(attention, x) -> list | None:
     found = fused_group([layer], uncalled=[layer])
     if found is None:
         return None
-    q_width = attention.config.num_attention_heads * attention.head_dim
-    kv_width = attention.num_key_value_heads * attention.head_dim
-    blocks = row_blocks(layer, found[0], [q_width, kv_width, kv_width])
+    blocks = row_blocks(layer, found[0], _qkv_widths(attention))
     return blocks if blocks is not None and stackable([b[3] for b in blocks]) else None
 
 

@@ -53,13 +53,12 @@ def test_qkv_with_trainable_base_bias_or_dropout_takes_three_layers():
 
 
 @pytest.fixture
-def split_qkv_proj(monkeypatch):
-    """The candidate on: Phi-3's attention over the fused q/k/v Function; tiny-phi3 256 wide, so that q's,
-    k's and v's rows start on blocks of absmax codes (as Phi-3's do; tiny-phi3's 48-wide heads do not)."""
+def phi3_256_wide(monkeypatch):
+    """tiny-phi3 256 wide, so that q's, k's and v's rows in qkv_proj start on blocks of absmax codes (as
+    Phi-3's do; tiny-phi3's 48-wide heads do not); the qkv patching module, for mutants."""
     import qlora_fast.patching.qkv as qkv
     from qlora_fast.harness.models import MODEL_SHAPES
 
-    monkeypatch.setattr(qkv, "SPLIT_QKV_PROJ", True)
     family, config = MODEL_SHAPES["tiny-phi3"]
     monkeypatch.setitem(MODEL_SHAPES, "tiny-phi3", (family, {**config, "hidden_size": 256}))
     return qkv
@@ -71,9 +70,9 @@ def _swapped_k_and_v(qkv, monkeypatch):
     monkeypatch.setattr(qkv, "row_blocks", lambda *args: (lambda b: [b[0], b[2], b[1]])(blocks(*args)))
 
 
-def test_phi3_qkv_proj_as_q_k_and_v_blocks(split_qkv_proj, monkeypatch):
+def test_phi3_qkv_proj_as_q_k_and_v_blocks(phi3_256_wide, monkeypatch):
     """fp32 and bf16 loss and gradients as stock's, packed rows too; its q, k and v come from the fused
-    Function; swapping k's and v's blocks (the mutant) must show. Off by default (a candidate)."""
+    Function; swapping k's and v's blocks (the mutant) must show."""
     from qlora_fast.patch import CALLS
     from tests.helpers import loss_and_grads, rel_err
 
@@ -90,30 +89,27 @@ def test_phi3_qkv_proj_as_q_k_and_v_blocks(split_qkv_proj, monkeypatch):
     patch_model(model, verbose=False)
     loss, grads = loss_and_grads(model, ids)
     assert loss == pytest.approx(stock_loss, rel=1e-2) and max(rel_err(grads[n], stock[n]) for n in stock) < 5e-2
-    _swapped_k_and_v(split_qkv_proj, monkeypatch)
+    _swapped_k_and_v(phi3_256_wide, monkeypatch)
     _, swapped = loss_and_grads(model, ids)
     assert max(rel_err(swapped[n], stock[n]) for n in stock) > 0.1
 
 
-def test_phi3_qkv_proj_blocks_off_by_default_or_off_block_boundaries(monkeypatch):
-    """Off by default (a candidate); on, rows that do not start on a block of absmax codes (tiny-phi3's
-    48-wide heads) go through the stock forward, computing what it computes."""
-    import qlora_fast.patching.qkv as qkv
+def test_phi3_qkv_proj_off_block_boundaries_keeps_the_stock_forward():
+    """Rows that do not start on a block of absmax codes (tiny-phi3's 48-wide heads) cannot dequantize on
+    their own: the attention is not patched, and qkv_proj runs as one LoRA layer, computing what stock does."""
     from qlora_fast.patch import CALLS
     from tests.helpers import loss_and_grads
 
-    assert patch_model(tiny_qlora("tiny-phi3"), verbose=False).qkv == 0
-    monkeypatch.setattr(qkv, "SPLIT_QKV_PROJ", True)
     model = tiny_qlora("tiny-phi3").train()
     ids = torch.randint(0, 512, (2, 24))
-    assert patched_keeps_loss_and_grads(model, ids, verbose=False).qkv == 2
+    assert patched_keeps_loss_and_grads(model, ids, verbose=False).qkv == 0
     CALLS.clear()
     loss_and_grads(model, ids)
     assert CALLS["qkv"] == 0 and CALLS["linear"] == 4
 
 
 @pytest.mark.parametrize("mutant", [False, True], ids=["patched", "mutant: k and v blocks swapped"])
-def test_phi3_qkv_proj_blocks_on_a_prepared_checkpointed_model(split_qkv_proj, monkeypatch, mutant):
+def test_phi3_qkv_proj_blocks_on_a_prepared_checkpointed_model(phi3_256_wide, monkeypatch, mutant):
     """peft's recipe (prepared: fp32 norms and residual stream, autocast, checkpointing): v written in
     the dtype attention takes, q and k in stock's fp32 for RoPE; loss and every LoRA gradient as stock's."""
     from tests.test_prepared_model import _autocast_loss_and_grads, prepared_tiny
@@ -125,7 +121,7 @@ def test_phi3_qkv_proj_blocks_on_a_prepared_checkpointed_model(split_qkv_proj, m
     stock_loss, stock_grads = _autocast_loss_and_grads(model, ids)
     assert patch_model(model, verbose=False).qkv == 2
     if mutant:
-        _swapped_k_and_v(split_qkv_proj, monkeypatch)
+        _swapped_k_and_v(phi3_256_wide, monkeypatch)
     loss, grads = _autocast_loss_and_grads(model, ids)
     worst = min(torch.nn.functional.cosine_similarity(grads[n].float().flatten(), stock_grads[n].float().flatten(),
                                                       dim=0).item() for n in grads)
@@ -157,13 +153,12 @@ def _activation_sized_slice_backwards(model, ids) -> int:
     return len(seen)
 
 
-@pytest.mark.parametrize("split", [False, True], ids=["stock qkv_proj slices", "split_qkv_proj"])
-def test_phi3_qkv_proj_blocks_leave_no_zero_filled_qkv_gradients(split_qkv_proj, monkeypatch, split):
-    """What the candidate is for: stock slices one qkv output three times, so backward builds three
+@pytest.mark.parametrize("fused", [False, True], ids=["stock qkv_proj slices", "fused q/k/v"])
+def test_phi3_qkv_proj_blocks_leave_no_zero_filled_qkv_gradients(phi3_256_wide, fused):
+    """What the row blocks are for: stock slices one qkv output three times, so backward builds three
     zero-filled (tokens x 3 hidden) gradients and adds them; the fused Function writes one."""
-    monkeypatch.setattr(split_qkv_proj, "SPLIT_QKV_PROJ", split)
     model = tiny_qlora("tiny-phi3", torch.bfloat16).train()
-    patch_model(model, verbose=False)
+    patch_model(model, fused_qkv=fused, verbose=False)
     slices = _activation_sized_slice_backwards(model, torch.randint(0, 512, (2, 24)))
     layers = model.config.num_hidden_layers
-    assert slices == (0 if split else 3 * layers)
+    assert slices == (0 if fused else 3 * layers)
