@@ -436,34 +436,57 @@ def whole_models():
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         report = verify(model, batches(512), torch.bfloat16, autocast_dtype=torch.bfloat16)
         check(f"verify {shape} prepared r=64 under autocast, checkpoints offloaded", report.passed, report.verdict())
-    split_qkv_proj()
+    phi3_qkv_proj_row_blocks()
 
 
-def split_qkv_proj():
-    """Candidate split_qkv_proj (bench/recipes.py): Phi-3's attention over the fused q/k/v Function, on a
-    tiny Phi-3 256 wide (q's, k's and v's rows on blocks of absmax codes), bf16 and prepared."""
-    import qlora_fast.patching.qkv as qkv
+def phi3_qkv_proj_row_blocks():
+    """Phi-3's attention over the fused q/k/v Function (qkv_proj's row blocks), on a tiny Phi-3 256 wide
+    (q's, k's and v's rows on blocks of absmax codes, as Phi-3's are), bf16 and prepared."""
     from peft import prepare_model_for_kbit_training
     from qlora_fast.harness.models import MODEL_SHAPES
 
     family, config = MODEL_SHAPES["tiny-phi3"]
     MODEL_SHAPES["tiny-phi3-256"] = (family, {**config, "hidden_size": 256})
-    qkv.SPLIT_QKV_PROJ = True
     try:
         model = tiny(shape="tiny-phi3-256")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         report = verify(model, batches(512), torch.bfloat16)
-        check("verify tiny-phi3-256 bf16, split_qkv_proj", report.passed and report.calls.get("qkv", 0) > 0,
+        check("verify tiny-phi3-256 bf16, qkv_proj row blocks", report.passed and report.calls.get("qkv", 0) > 0,
               f"{report.verdict()} qkv calls {report.calls.get('qkv', 0)}")
         model = quantize_to_nf4_(random_causal_lm("tiny-phi3-256", torch.bfloat16, "cuda"))
         model = add_lora(prepare_model_for_kbit_training(model, use_gradient_checkpointing=False))
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         report = verify(model, batches(512), torch.bfloat16, autocast_dtype=torch.bfloat16)
-        check("verify tiny-phi3-256 prepared under autocast, split_qkv_proj",
+        check("verify tiny-phi3-256 prepared under autocast, qkv_proj row blocks",
               report.passed and report.calls.get("qkv", 0) > 0, report.verdict())
     finally:
-        qkv.SPLIT_QKV_PROJ = False
         del MODEL_SHAPES["tiny-phi3-256"]
+
+
+def pinned_buffers_across_lengths():
+    """Offloaded checkpoints over steps whose length changes (packed rows): a shorter step's copies reuse the
+    pinned buffers of a longer one, where their sizes fall below a power of two (64 wide: a layer input of
+    500 tokens is 64,000 bytes, of 200 tokens 25,600, of 100 tokens 12,800)."""
+    from qlora_fast.ops import offloaded_checkpoint
+
+    model = tiny().train()
+    model.enable_input_require_grads()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    report = patch_model(model, verbose=False)
+    pool = offloaded_checkpoint._pinned_buffers
+
+    def step(length):
+        ids = torch.randint(0, model.config.vocab_size, (1, length), device="cuda")
+        model(input_ids=ids, labels=ids).loss.backward()
+        torch.cuda.synchronize()
+
+    step(500)
+    made = pool.allocated
+    for length in (300, 200, 100, 500):
+        step(length)
+    check("offloaded copies reuse their pinned buffers as steps get shorter",
+          report.offloaded_checkpoints and made > 0 and pool.allocated == made,
+          f"buffers made after the first step {made}, after five {pool.allocated}")
 
 
 def main():
@@ -472,7 +495,8 @@ def main():
     torch.manual_seed(0)
     steps = (dequantize_and_in_gemm_matmul, stacked_dequantize, relaunch_paths, scaled_mm_outputs, low_rank_add_branches,
              cross_entropy, softcapped_cross_entropy, swiglu, geglu, swiglu_with_lora_terms, lora_layers_and_mlp,
-             packed_attention_kernels, kept_attention_kernels, trl_fused_head, whole_models)
+             packed_attention_kernels, kept_attention_kernels, trl_fused_head, whole_models,
+             pinned_buffers_across_lengths)
     chosen = sys.argv[1:] or [step.__name__ for step in steps]  # `gpu_checks.py stacked_dequantize ...`: those only
     for step in steps:
         if step.__name__ in chosen:

@@ -37,6 +37,7 @@ checks)
   # timeouts: both parts inside the call's 10 minutes, whatever a step costs
   timeout 400 python bench/gpu_checks.py dequantize_and_in_gemm_matmul stacked_dequantize relaunch_paths \
     cross_entropy softcapped_cross_entropy lora_layers_and_mlp kept_attention_kernels trl_fused_head whole_models \
+    pinned_buffers_across_lengths \
     > "$OUT/gpu_checks.txt" 2>&1 || true
   grep -v '^PASS' "$OUT/gpu_checks.txt" | tail -12
   timeout 170 python bench/seed_dequant.py --out "$OUT/seed_dequant.md" --repeats 3 > "$OUT/seed_dequant.log" 2>&1 || true

@@ -283,3 +283,40 @@ def test_the_loss_starts_bringing_back_the_last_layer(fused_head, monkeypatch):
     loss.backward()
     layers = len(model.base_model.model.model.layers)
     assert len(asked) == layers  # then each earlier layer's, during the backward of the one after it
+
+
+class _Read:
+    """A stand-in for the CUDA event after a buffer's last read."""
+
+    def __init__(self, done: bool):
+        self.done = done
+
+    def query(self) -> bool:
+        return self.done
+
+
+def test_pinned_buffers_serve_a_shorter_step_from_the_longer_steps_buffers():
+    """A packed step shorter than the last (151 -> 133 MB, in bytes here 300 -> 200) reuses its buffers,
+    though torch's pinned allocator would round 200 to another power of two (256) and pin anew."""
+    from qlora_fast.ops.offloaded_checkpoint import PinnedBuffers
+
+    pool = PinnedBuffers(allocate=lambda nbytes: torch.empty(nbytes, dtype=torch.uint8))
+    first = pool.take(300)
+    assert first.numel() == 512 and pool.allocated == 1
+    pool.give_back(first, _Read(True))
+    again = pool.take(200)
+    assert again.data_ptr() == first.data_ptr() and pool.allocated == 1
+
+
+def test_pinned_buffers_wait_for_the_last_read_and_fit_best():
+    from qlora_fast.ops.offloaded_checkpoint import PinnedBuffers
+
+    pool = PinnedBuffers(allocate=lambda nbytes: torch.empty(nbytes, dtype=torch.uint8))
+    large, small, busy = pool.take(1000), pool.take(100), pool.take(100)
+    pool.give_back(large)
+    pool.give_back(small, _Read(True))
+    pool.give_back(busy, _Read(False))  # its copy back to the GPU still running: not reused
+    assert pool.take(90).data_ptr() == small.data_ptr()  # the smallest that holds it
+    assert pool.take(90).data_ptr() == large.data_ptr()
+    assert pool.take(90).data_ptr() not in {b.data_ptr() for b in (large, small, busy)} and pool.allocated == 4
+    assert pool.take(0).numel() == 1
