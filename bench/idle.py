@@ -47,7 +47,24 @@ def idle_report(prof, min_ms: float = 0.5, top: int = 12) -> str:
     return "\n".join(lines) + "\n"
 
 
+LAYER_BACKWARD = "OffloadedCheckpointFunctionBackward"  # autograd's name for a checkpointed layer's backward
+
+
+def layer_backward_report(prof) -> str:
+    """One line: the checkpointed layers' backward calls, the host's time a call (the node's span, its
+    recompute and backward ops included) against the GPU time of the kernels it launched. Where the host's
+    is the longer, the GPU waits for the host between layers."""
+    calls = [e for e in prof.events() if e.name == LAYER_BACKWARD]
+    if not calls:
+        return ""
+    host_ms = sum(e.time_range.elapsed_us() for e in calls) / len(calls) / 1e3
+    gpu_ms = sum(e.device_time_total for e in calls) / len(calls) / 1e3
+    return (f"Checkpointed layers' backward: {len(calls)} calls, host {host_ms:.2f} ms a call, GPU {gpu_ms:.2f} "
+            f"ms a call (kernels it launched)\n")
+
+
 def step_report(prof, rows: int = 30) -> str:
-    """Markdown: the profiled step's kernels by device time (a fenced table), then `idle_report`."""
+    """Markdown: the profiled step's kernels by device time (a fenced table), then `idle_report` and
+    `layer_backward_report`."""
     table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=70)
-    return f"```\n{table}\n```\n\n{idle_report(prof)}"
+    return f"```\n{table}\n```\n\n{idle_report(prof)}\n{layer_backward_report(prof)}"
