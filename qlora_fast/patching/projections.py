@@ -123,16 +123,23 @@ def fusable(projection, frozen_bias_ok: bool = False) -> bool:
             and (frozen_bias_ok or projection.base_layer.bias is None))
 
 
+def nf4_row_blocks(weight: NF4Weight, widths: list) -> list | None:
+    """`weight`'s consecutive row blocks of these heights as NF4Weights of views, or None where one does not
+    start on a block of scales (it cannot dequantize on its own)."""
+    bounds = [sum(widths[:i]) for i in range(len(widths) + 1)]
+    blocks = [nf4_rows(weight, start, stop) for start, stop in zip(bounds, bounds[1:])]
+    return None if None in blocks else blocks
+
+
 def row_blocks(layer, projection: Projection, widths: list) -> list | None:
     """A fused projection (Phi-3's gate_up_proj, qkv_proj) as the projections it stacks, each (lora_a,
     lora_b, scaling, weight): its NF4 weight's row blocks of these widths (built once per weight and kept
     on the layer), its B's row blocks, and its one A (autograd sums the blocks' A gradients). None where
-    a block does not start on a block of scales (it cannot dequantize on its own)."""
+    a block does not start on a block of scales."""
     weight, bounds = projection.weight, [sum(widths[:i]) for i in range(len(widths) + 1)]
     cached = vars(layer).get(ROW_BLOCKS)
     if cached is None or cached[0] is not weight or cached[1] != widths:
-        blocks = [nf4_rows(weight, start, stop) for start, stop in zip(bounds, bounds[1:])]
-        cached = vars(layer)[ROW_BLOCKS] = (weight, list(widths), None if None in blocks else blocks)
+        cached = vars(layer)[ROW_BLOCKS] = (weight, list(widths), nf4_row_blocks(weight, widths))
     if cached[2] is None:
         return None
     return [(projection.lora_a, projection.lora_b[start:stop], projection.scaling, block)

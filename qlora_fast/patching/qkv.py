@@ -6,13 +6,13 @@ import sys
 import torch
 
 from ..kernels.nf4_dequantize import stackable
-from ..nf4 import cached_nf4_weight, nf4_rows
+from ..nf4 import cached_nf4_weight
 from ..ops.adapters import wider
 from ..ops.lora_nf4_qkv import Rotary, lora_nf4_qkv
 from .architectures import has
 from .core import (ATTENTION_INPUTS, CALLS, KEEP_OUTPUT, KV_SIBLINGS, STASHED, called_forward, has_hooks,
                    is_patched, previous_forward, stock_dtype, widened)
-from .projections import compute_dtype, fusable, fused_group, row_blocks
+from .projections import compute_dtype, fusable, fused_group, nf4_row_blocks, row_blocks
 from .rotary import rotates_through_drop_in
 
 
@@ -110,10 +110,7 @@ def _splits_on_blocks(attention) -> bool:
     """Whether qkv_proj's NF4 weight has q, k and v row blocks that dequantize on their own (each starts on
     a block of scales). Phi-3's do; a model whose rows do not keeps stock's forward and slicing."""
     weight = cached_nf4_weight(attention._modules["qkv_proj"].base_layer.weight)
-    widths = _qkv_widths(attention)
-    bounds = [sum(widths[:i]) for i in range(len(widths) + 1)]
-    return weight is not None and all(nf4_rows(weight, start, stop) is not None
-                                      for start, stop in zip(bounds, bounds[1:]))
+    return weight is not None and nf4_row_blocks(weight, _qkv_widths(attention)) is not None
 
 
 def fusable_qkv_proj(model: torch.nn.Module):
