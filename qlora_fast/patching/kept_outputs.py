@@ -18,10 +18,17 @@ from .attention import KEEPS, decoder_stacks, install, installed, stack_refusal
 from .core import KEEP_OUTPUT, is_patched
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
+# Candidate (bench/recipes.py CANDIDATES, "attention_results_only"): keep the attention's output and
+# logsumexp but not the projections' products (4/5 of the kept bytes), where a layer computes too little to
+# cover its copies: Phi-3.5-mini's backward waits between layers with every keep (bench/NOTES.md, session 26).
+ATTENTION_RESULTS_ONLY = False
 
 
 def mark_attention_outputs(model: torch.nn.Module) -> int:
-    """Marks each patched LoRA layer that is a module's q/k/v/o (or fused qkv) projection; returns how many."""
+    """Marks each patched LoRA layer that is a module's q/k/v/o (or fused qkv) projection; returns how many
+    (none while the candidate ATTENTION_RESULTS_ONLY is on)."""
+    if ATTENTION_RESULTS_ONLY:
+        return 0
     marked = 0
     for module in model.modules():
         for name in ATTENTION_PROJECTIONS:

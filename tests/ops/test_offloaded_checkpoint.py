@@ -320,3 +320,24 @@ def test_pinned_buffers_wait_for_the_last_read_and_fit_best():
     assert pool.take(90).data_ptr() == large.data_ptr()
     assert pool.take(90).data_ptr() not in {b.data_ptr() for b in (large, small, busy)} and pool.allocated == 4
     assert pool.take(0).numel() == 1
+
+
+def test_attention_results_only_candidate_keeps_the_attention_and_recomputes_the_projections(monkeypatch):
+    """The candidate (patching/kept_outputs.py): one kept tuple a layer (the attention's output and
+    logsumexp), the projections' base products computed again in the recompute, gradients bit for bit."""
+    from qlora_fast.patching import kept_outputs
+
+    model, _ = patched_tiny(torch.float32)
+    ids = torch.randint(0, 512, (2, 16))
+    loss, grads = loss_and_grads(model, ids)
+    unpatch_model(model)
+    monkeypatch.setattr(kept_outputs, "ATTENTION_RESULTS_ONLY", True)
+    report = patch_model(model, offload_checkpoints=True, verbose=False)
+    assert report.kept_outputs == 0 and report.kept_attention
+    calls = count_attention_gemms(monkeypatch)
+    keep_outcomes(reset=True)
+    only_attention_loss, only_attention_grads = loss_and_grads(model, ids)
+    layers = len(model.base_model.model.model.layers)
+    assert keep_outcomes(reset=True) == {"kept": layers}
+    assert calls["nf4_dequantize_stacked"] == calls["nf4_linear_forward"] == layers  # q/k/v stacked, and o
+    assert only_attention_loss == loss and all(torch.equal(grads[n], only_attention_grads[n]) for n in grads)
