@@ -15,6 +15,7 @@ compute stream runs several keeps ahead of the copies, nor beyond a host-memory 
 stream waits for copies that fall far behind, which bounds the GPU memory they hold.
 """
 
+import bisect
 import collections
 import functools
 import threading
@@ -59,23 +60,28 @@ class PinnedBuffers:
 
     def __init__(self, allocate=None):
         self._allocate = allocate or (lambda nbytes: torch.empty(nbytes, dtype=torch.uint8, pin_memory=True))
-        self._free: list = []  # (capacity in bytes, uint8 buffer, event of the copy last reading it or None)
+        # (capacity in bytes, uint8 buffer, event of the copy last reading it or None), by capacity
+        self._free: list = []
         self._lock = threading.Lock()  # buffers come back from the autograd thread
         self.allocated = 0  # buffers made so far
 
     def take(self, nbytes: int) -> torch.Tensor:
-        with self._lock:
-            fits = [(capacity, i) for i, (capacity, _, read) in enumerate(self._free)
-                    if capacity >= nbytes and (read is None or read.query())]
-            if fits:
-                return self._free.pop(min(fits)[1])[1]
-        self.allocated += 1
+        with self._lock:  # smallest first: the first that holds the copy and is no longer read is the fit
+            for i in range(bisect.bisect_left(self._free, nbytes, key=_capacity), len(self._free)):
+                read = self._free[i][2]
+                if read is None or read.query():
+                    return self._free.pop(i)[1]
+            self.allocated += 1
         return self._allocate(1 << max(nbytes - 1, 0).bit_length())
 
     def give_back(self, buffer: torch.Tensor, read=None) -> None:
         """`buffer` is free once `read` (an event after the last copy reading it; None: now) has passed."""
         with self._lock:
-            self._free.append((buffer.numel(), buffer, read))
+            bisect.insort(self._free, (buffer.numel(), buffer, read), key=_capacity)
+
+
+def _capacity(free_entry) -> int:
+    return free_entry[0]
 
 
 _pinned_buffers = PinnedBuffers()
