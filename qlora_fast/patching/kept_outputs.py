@@ -18,9 +18,10 @@ from .attention import KEEPS, decoder_stacks, install, installed, stack_refusal
 from .core import KEEP_OUTPUT, is_patched
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
-# Candidate (bench/recipes.py CANDIDATES, "attention_results_only"): keep the attention's output and
-# logsumexp but not the projections' products (4/5 of the kept bytes), where a layer computes too little to
-# cover its copies: Phi-3.5-mini's backward waits between layers with every keep (bench/NOTES.md, session 26).
+# Candidate (bench/recipes.py CANDIDATES, "attention_results_only"; its timings in bench/NOTES.md): keep the
+# attention's output and logsumexp but not the projections' products (4/5 of the kept bytes), for layers that
+# compute too little to cover their copies (a kept GB costs ~18 ms of copy each way over PCIe and saves ~4 ms
+# of GEMM, so keeps pay only while the copies hide behind the compute).
 ATTENTION_RESULTS_ONLY = False
 
 
