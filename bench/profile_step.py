@@ -20,6 +20,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from idle import step_report
+from recipes import switch_candidate
 from qlora_fast import patch_model, unpatch_model
 from qlora_fast.harness.models import add_lora, quantize_to_nf4_, random_causal_lm
 from qlora_fast.harness.run import packed_batch, random_batches
@@ -126,12 +127,37 @@ def gemm_table(prof, rows: int = 25) -> str:
     return "\n".join(lines + [line for _, line in sorted(found, reverse=True)[:rows]])
 
 
+def variant_rows(model, batch, size: str, name: str, args) -> tuple[list[str], str]:
+    """The summary rows of one variant at one size (its profiled step, then one a --chunk-log2), each
+    printed as it comes, and its report; a qlora_fast:CANDIDATE variant is the default with its switch on."""
+    options = VARIANTS["qlora_fast default" if ":" in name else name]
+    wall, kernel, attention, launches, (fwd_gib, bwd_gib), keeps, report = profile_variant(
+        model, batch, options, autocast=args.prepared)
+    kept = ", ".join(f"{why} {n}" for why, n in sorted(keeps.items())) or "-"
+    lines = [f"| {size} | {name} | {wall:.1f} | {kernel:.1f} | {attention:.0%} | {launches} | "
+             f"{wall / kernel:.2f} | {fwd_gib:.2f} | {bwd_gib:.2f} | {kept} |"]
+    print(lines[-1], flush=True)
+    for log2 in filter(None, args.chunk_log2.split(",")):
+        default, linear_cross_entropy.CHUNK_ELEMENTS = linear_cross_entropy.CHUNK_ELEMENTS, 2 ** int(log2)
+        try:
+            wall, *_, (fwd_gib, bwd_gib), kept, _ = profile_variant(
+                model, batch, options, autocast=args.prepared, profiled=False)
+        finally:
+            linear_cross_entropy.CHUNK_ELEMENTS = default
+        lines.append(f"| {size} | {name}, 2^{log2} logits a loss chunk | {wall:.1f} | | | | | "
+                     f"{fwd_gib:.2f} | {bwd_gib:.2f} | |")
+        print(lines[-1], flush=True)
+    return lines, f"### {size}, {name}\n\n{report}"
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="llama-3-8b")
     parser.add_argument("--sizes", default="4x512,4x2048,packed8192",
                         help="comma-separated: BATCHxSEQ, or packedN (one padding-free row of N tokens)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names from VARIANTS")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="comma-separated names from VARIANTS, or qlora_fast:CANDIDATE (bench/recipes.py's "
+                             "CANDIDATES: the default with that switch on)")
     parser.add_argument("--out", default="profile.md")
     parser.add_argument("--prepared", action="store_true",
                         help="peft's recipe: prepare_model_for_kbit_training, steps under autocast(bf16)")
@@ -156,23 +182,13 @@ def main():
     for size in args.sizes.split(","):
         batch = batch_for(size, model.config.vocab_size)
         for name in args.variants.split(","):
-            wall, kernel, attention, launches, (fwd_gib, bwd_gib), keeps, report = profile_variant(
-                model, batch, VARIANTS[name], autocast=args.prepared)
-            kept = ", ".join(f"{why} {n}" for why, n in sorted(keeps.items())) or "-"
-            summary.append(f"| {size} | {name} | {wall:.1f} | {kernel:.1f} | {attention:.0%} | {launches} | "
-                           f"{wall / kernel:.2f} | {fwd_gib:.2f} | {bwd_gib:.2f} | {kept} |")
-            print(summary[-1], flush=True)
-            tables.append(f"### {size}, {name}\n\n{report}")
-            for log2 in filter(None, args.chunk_log2.split(",")):
-                default, linear_cross_entropy.CHUNK_ELEMENTS = linear_cross_entropy.CHUNK_ELEMENTS, 2 ** int(log2)
-                try:
-                    wall, *_, (fwd_gib, bwd_gib), kept, _ = profile_variant(
-                        model, batch, VARIANTS[name], autocast=args.prepared, profiled=False)
-                finally:
-                    linear_cross_entropy.CHUNK_ELEMENTS = default
-                summary.append(f"| {size} | {name}, 2^{log2} logits a loss chunk | {wall:.1f} | | | | | "
-                               f"{fwd_gib:.2f} | {bwd_gib:.2f} | |")
-                print(summary[-1], flush=True)
+            switch_candidate(name)
+            try:
+                lines, table = variant_rows(model, batch, size, name, args)
+            finally:
+                switch_candidate(name, on=False)
+            summary += lines
+            tables.append(table)
     text = "\n".join(summary) + "\n\n" + "\n".join(tables)
     with open(args.out, "w") as f:
         f.write(text)
