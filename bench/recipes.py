@@ -44,10 +44,7 @@ RECIPES = ("bare", "peft", "trl_padded", "trl_packed", "cli")
 PACKED_LENGTHS = {"trl_packed": 8192, "trl_packed16k": 16384, "trl_packed32k": 32768}  # tokens per packed row
 # Candidates a `qlora_fast:NAME` stack switches on before patching: NAME -> (module, its boolean switch).
 # Those timed and their outcome are in bench/NOTES.md.
-CANDIDATES: dict[str, tuple[str, str]] = {
-    # the attention's output kept for the recompute, the projections' products recomputed
-    "attention_results_only": ("qlora_fast.patching.kept_outputs", "ATTENTION_RESULTS_ONLY"),
-}
+CANDIDATES: dict[str, tuple[str, str]] = {}
 # LoRA on every projection of a block: Llama's seven, or Phi-3's four (its q/k/v and gate/up each one layer)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FUSED_TARGETS = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}

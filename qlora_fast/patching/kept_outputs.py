@@ -9,7 +9,8 @@ instead of being computed again: the same values, so exact for any architecture.
   patching/attention.py's attention implementation): the attention's forward, ~1.7% of a Llama-3-8B step.
 The price is host traffic: per token and layer, q + k + v + o + the attention's output columns in the
 compute dtype (Llama-3-8B: 14,336 against the input's 4,096), copied while the GPU computes; a copy that
-falls behind is skipped and that product recomputed.
+falls behind is skipped and that product recomputed. The projections' products, 4/5 of those bytes, are kept
+only in layers that compute enough per copied byte to hide the copies (MIN_MACS_PER_COPIED_BYTE).
 """
 
 import torch
@@ -18,25 +19,52 @@ from .attention import KEEPS, decoder_stacks, install, installed, stack_refusal
 from .core import KEEP_OUTPUT, is_patched
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
-# Candidate (bench/recipes.py CANDIDATES, "attention_results_only"; its timings in bench/NOTES.md): keep the
-# attention's output and logsumexp but not the projections' products (4/5 of the kept bytes), for layers that
-# compute too little to cover their copies (a kept GB costs ~18 ms of copy each way over PCIe and saves ~4 ms
-# of GEMM, so keeps pay only while the copies hide behind the compute).
-ATTENTION_RESULTS_ONLY = False
+# A kept product pays only while its copy to the host hides behind the layer's compute: 2 * MACs / GEMM rate
+# >= copied bytes / copy rate. With an H100's ~600 TFLOP/s in our NF4 GEMMs and ~55 GB/s of pinned copies
+# that is ~5,400 multiply-adds per byte; copies that run late still overlap the next layers, so the measured
+# break-even is lower: keeping the projections made Llama-3-8B (5,900 per byte) 5% faster and Phi-3.5-mini
+# (3,100) 5-10% slower at 4x2048 (bench/NOTES.md, session 27).
+MIN_MACS_PER_COPIED_BYTE = 4500
+
+
+def macs_per_copied_byte(layer: torch.nn.Module) -> float:
+    """A decoder layer's multiply-adds a token (its linear layers, adapters aside) per byte a token that keeping
+    its attention projections' products copies to the host: the layer's input, q/k/v, o's output and the
+    attention's output, two bytes an element (the compute dtype)."""
+    linears = [m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in name]
+    macs = sum(m.in_features * m.out_features for m in linears)
+    projections = [m for m in layer.modules() for name in ATTENTION_PROJECTIONS if name in m._modules]
+    attention = projections[0] if projections else None
+    if attention is None or "o_proj" not in attention._modules:
+        return 0.0
+    o_proj = attention.o_proj
+    elements = 2 * o_proj.out_features + o_proj.in_features  # the input, o's output, the attention's output
+    elements += sum(getattr(attention, name).out_features for name in ("q_proj", "k_proj", "v_proj", "qkv_proj")
+                    if name in attention._modules)
+    return macs / (2 * elements)
+
+
+def _copies_to_host(layer: torch.nn.Module) -> bool:
+    """Whether what the layer keeps is copied to the host: on a GPU. Elsewhere a kept tensor stays where it is."""
+    return any(p.device.type == "cuda" for p in layer.parameters())
+
+
+def _keeps_projection_products(layer: torch.nn.Module) -> bool:
+    return not _copies_to_host(layer) or macs_per_copied_byte(layer) >= MIN_MACS_PER_COPIED_BYTE
 
 
 def mark_attention_outputs(model: torch.nn.Module) -> int:
-    """Marks each patched LoRA layer that is a module's q/k/v/o (or fused qkv) projection; returns how many
-    (none while the candidate ATTENTION_RESULTS_ONLY is on)."""
-    if ATTENTION_RESULTS_ONLY:
-        return 0
+    """Marks each patched LoRA layer that is the q/k/v/o (or fused qkv) projection of a decoder layer (an item
+    of a ModuleList) that keeps its projections' products; returns how many."""
     marked = 0
-    for module in model.modules():
-        for name in ATTENTION_PROJECTIONS:
-            projection = module._modules.get(name)
-            if projection is not None and is_patched(projection):
-                vars(projection)[KEEP_OUTPUT] = True
-                marked += 1
+    layers = [layer for m in model.modules() if isinstance(m, torch.nn.ModuleList) for layer in m]
+    for layer in filter(_keeps_projection_products, layers):
+        for module in layer.modules():
+            for name in ATTENTION_PROJECTIONS:
+                projection = module._modules.get(name)
+                if projection is not None and is_patched(projection) and not vars(projection).get(KEEP_OUTPUT):
+                    vars(projection)[KEEP_OUTPUT] = True
+                    marked += 1
     return marked
 
 

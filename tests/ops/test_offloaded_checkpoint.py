@@ -322,16 +322,17 @@ def test_pinned_buffers_wait_for_the_last_read_and_fit_best():
     assert pool.take(0).numel() == 1
 
 
-def test_attention_results_only_candidate_keeps_the_attention_and_recomputes_the_projections(monkeypatch):
-    """The candidate (patching/kept_outputs.py): one kept tuple a layer (the attention's output and
-    logsumexp), the projections' base products computed again in the recompute, gradients bit for bit."""
+def test_a_layer_computing_too_little_keeps_the_attention_and_recomputes_the_projections(monkeypatch):
+    """Where a layer computes too little per copied byte (patching/kept_outputs.py; a tiny model, copied to a
+    host as on a GPU): one kept tuple a layer (the attention's output and logsumexp), the projections' base
+    products computed again in the recompute, gradients bit for bit those of keeping them."""
     from qlora_fast.patching import kept_outputs
 
     model, _ = patched_tiny(torch.float32)
     ids = torch.randint(0, 512, (2, 16))
     loss, grads = loss_and_grads(model, ids)
     unpatch_model(model)
-    monkeypatch.setattr(kept_outputs, "ATTENTION_RESULTS_ONLY", True)
+    monkeypatch.setattr(kept_outputs, "_copies_to_host", lambda layer: True)
     report = patch_model(model, offload_checkpoints=True, verbose=False)
     assert report.kept_outputs == 0 and report.kept_attention
     calls = count_attention_gemms(monkeypatch)

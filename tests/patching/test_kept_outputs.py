@@ -109,3 +109,30 @@ def test_softcapped_attention_is_not_kept():
     model = checkpointed("tiny-gemma2")
     assert patch_model(model, verbose=False).kept_attention == 0
     assert marked(model, KEEPS) == 0
+
+
+@pytest.mark.parametrize("shape, keeps", [("llama-3-8b", True), ("qwen2.5-7b", True), ("gemma-2-9b", True),
+                                          ("phi-3.5-mini", False)])
+def test_projection_products_are_kept_where_the_layer_hides_their_copies(shape, keeps):
+    """Real shapes (on the meta device): Llama-3-8B keeps its projections' products (5,916 multiply-adds per
+    copied byte, timed faster kept) and Phi-3.5-mini does not (3,072, timed slower kept)."""
+    from qlora_fast.harness.models import random_causal_lm
+    from qlora_fast.patching.kept_outputs import MIN_MACS_PER_COPIED_BYTE, macs_per_copied_byte
+
+    layer = random_causal_lm(shape, device="meta").model.layers[0]
+    assert (macs_per_copied_byte(layer) >= MIN_MACS_PER_COPIED_BYTE) == keeps
+
+
+@pytest.mark.parametrize("shape, macs, elements", [
+    # q 128 + k, v 64 each, o 128 -> 64, gate/up 64 -> 192, down 192 -> 64
+    ("tiny-llama", 64 * (128 + 64 + 64) + 128 * 64 + 3 * 64 * 192, 2 * 64 + 128 + (128 + 64 + 64)),
+    # qkv 192 -> 384 (q 192, k and v 96 each), o 192 -> 192, gate_up 192 -> 512, down 256 -> 192
+    ("tiny-phi3", 192 * (384 + 192 + 512) + 256 * 192, 2 * 192 + 192 + 384)])
+def test_macs_per_copied_byte_counts_base_layers_not_adapters(shape, macs, elements):
+    """Counted by hand: the layer's linear layers' products a token over two bytes for each of the input, q/k/v
+    (or qkv), o's output and the attention's output; the same with NF4 base layers and LoRA adapters."""
+    from qlora_fast.harness.models import random_causal_lm
+    from qlora_fast.patching.kept_outputs import macs_per_copied_byte
+
+    assert macs_per_copied_byte(random_causal_lm(shape).model.layers[0]) == macs / (2 * elements)
+    assert macs_per_copied_byte(tiny_qlora(shape).base_model.model.model.layers[0]) == macs / (2 * elements)
