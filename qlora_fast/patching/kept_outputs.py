@@ -33,9 +33,8 @@ def macs_per_copied_byte(layer: torch.nn.Module) -> float:
     attention's output, two bytes an element (the compute dtype)."""
     linears = [m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in name]
     macs = sum(m.in_features * m.out_features for m in linears)
-    projections = [m for m in layer.modules() for name in ATTENTION_PROJECTIONS if name in m._modules]
-    attention = projections[0] if projections else None
-    if attention is None or "o_proj" not in attention._modules:
+    attention = next((m for m in layer.modules() if "o_proj" in m._modules), None)
+    if attention is None:
         return 0.0
     o_proj = attention.o_proj
     elements = 2 * o_proj.out_features + o_proj.in_features  # the input, o's output, the attention's output
