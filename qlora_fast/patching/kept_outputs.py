@@ -23,7 +23,7 @@ ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
 # >= copied bytes / copy rate. With an H100's ~600 TFLOP/s in our NF4 GEMMs and ~55 GB/s of pinned copies
 # that is ~5,400 multiply-adds per byte; copies that run late still overlap the next layers, so the measured
 # break-even is lower: keeping the projections made Llama-3-8B (5,900 per byte) 5% faster and Phi-3.5-mini
-# (3,100) 5-10% slower at 4x2048 (bench/NOTES.md, session 27).
+# (3,100) 5-10% slower at 4x2048 (bench/RESULTS.md, session 27).
 MIN_MACS_PER_COPIED_BYTE = 4500
 
 
@@ -36,10 +36,9 @@ def macs_per_copied_byte(layer: torch.nn.Module) -> float:
     attention = next((m for m in layer.modules() if "o_proj" in m._modules), None)
     if attention is None:
         return 0.0
-    o_proj = attention.o_proj
-    elements = 2 * o_proj.out_features + o_proj.in_features  # the input, o's output, the attention's output
-    elements += sum(getattr(attention, name).out_features for name in ("q_proj", "k_proj", "v_proj", "qkv_proj")
-                    if name in attention._modules)
+    outputs = sum(getattr(attention, name).out_features for name in ATTENTION_PROJECTIONS if name in attention._modules)
+    # the projections' outputs, then the layer's input (o's output width) and the attention's output (o's input)
+    elements = outputs + attention.o_proj.out_features + attention.o_proj.in_features
     return macs / (2 * elements)
 
 
